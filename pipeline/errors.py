@@ -1,0 +1,38 @@
+"""The errors tessera raises for bad input: each names the problem and the fix.
+
+Every class also inherits the built-in exception it resembles, so callers may catch either.
+"""
+
+from __future__ import annotations
+
+
+class TesseraError(Exception):
+    """Base class of every error tessera raises on purpose."""
+
+
+class SourceNotFoundError(TesseraError, FileNotFoundError):
+    """The source image does not exist."""
+
+
+class SourceReadError(TesseraError, OSError):
+    """The source exists but cannot be read (corrupt, truncated or unsupported)."""
+
+
+class ConfigError(TesseraError, ValueError):
+    """A setting is out of range or inconsistent with another."""
+
+
+class BandMismatchError(ConfigError):
+    """The source's bands do not match what the model expects."""
+
+
+class BundleError(TesseraError, ValueError):
+    """A model bundle is missing, corrupt or of an unknown format."""
+
+
+class OutputExistsError(TesseraError, FileExistsError):
+    """The output path exists and may not be replaced."""
+
+
+class MosaicError(TesseraError, ValueError):
+    """A path is not a tessera mosaic, or the mosaic is not in the expected state."""
