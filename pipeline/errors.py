@@ -36,3 +36,7 @@ class OutputExistsError(TesseraError, FileExistsError):
 
 class MosaicError(TesseraError, ValueError):
     """A path is not a tessera mosaic, or the mosaic is not in the expected state."""
+
+
+class BundleNotFoundError(BundleError, FileNotFoundError):
+    """The model bundle file does not exist."""
