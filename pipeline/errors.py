@@ -5,6 +5,10 @@ Every class also inherits the built-in exception it resembles, so callers may ca
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+
 
 class TesseraError(Exception):
     """Base class of every error tessera raises on purpose."""
@@ -40,3 +44,13 @@ class MosaicError(TesseraError, ValueError):
 
 class BundleNotFoundError(BundleError, FileNotFoundError):
     """The model bundle file does not exist."""
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """For front doors: a TesseraError becomes one line on stderr and exit status 2."""
+    try:
+        yield
+    except TesseraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,32 @@
+"""Segment job: `python -m jobs.segment source=... model=... output=...` (Hydra, conf/segment.yaml)."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.errors import user_errors
+from pipeline.execution import SegmentConfig, segment
+
+
+def to_config(cfg: DictConfig) -> SegmentConfig:
+    """The Hydra config as the library's frozen settings (the only place a DictConfig is read)."""
+    t, s, c = cfg.tiling, cfg.storage, cfg.cluster
+    return SegmentConfig(
+        source=str(cfg.source), model=str(cfg.model), output=str(cfg.output),
+        tile=t.tile, overlap=t.overlap, window=t.window, scores=t.scores, tta=t.tta,
+        batch_size=t.batch_size, level=t.level, block=t.block, skip_background=t.skip_background,
+        chunk=s.chunk, shard=s.shard, scores_dtype=s.scores_dtype,
+        workers=c.workers, threads=c.threads, device=c.device, ray_address=c.address,
+        overwrite=cfg.overwrite, progress=cfg.progress,
+    )
+
+
+@hydra.main(config_path="../conf", config_name="segment", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        print(segment(to_config(cfg)).describe())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The `tessera` command: thin front doors that parse, call one library function and print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.errors import user_errors
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment images too large for memory.")
+
+
+@app.command()
+def segment(
+    source: Annotated[Path, typer.Argument(help="GeoTIFF/COG, whole-slide image or OME-TIFF.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model bundle file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Mosaic folder to write (.zarr).")],
+    tile: Annotated[int | None, typer.Option(help="Tile size in px (default: the bundle's).")] = None,
+    overlap: Annotated[int | None, typer.Option(help="Minimum tile overlap in px (default: the bundle's).")] = None,
+    window: Annotated[str, typer.Option(help="Blend window: gaussian, cosine, linear, constant.")] = "gaussian",
+    scores: Annotated[str, typer.Option(help="Blend and store 'logits' or 'probabilities'.")] = "logits",
+    tta: Annotated[bool, typer.Option(help="D4 test-time augmentation (8x compute).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
+    level: Annotated[int | None, typer.Option(help="Source pyramid level (default: match the model).")] = None,
+    block: Annotated[int, typer.Option(help="Output block edge in px, a multiple of the shard.")] = 2048,
+    workers: Annotated[int | None, typer.Option(help="Model workers (default: per GPU / 4 cores).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch threads per CPU worker.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: embedded).")] = None,
+    skip_background: Annotated[bool, typer.Option(help="Skip tiles without foreground.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace a complete mosaic at --out.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Segment SOURCE into a blended Zarr mosaic with a pyramid, and print the job summary."""
+    from pipeline.execution import SegmentConfig
+    from pipeline.execution import segment as run_segment
+
+    with user_errors():
+        config = SegmentConfig(
+            source=str(source), model=str(model), output=str(out), tile=tile, overlap=overlap,
+            window=window, scores=scores, tta=tta, batch_size=batch_size, level=level, block=block,
+            shard=min(block, 2048), workers=workers, threads=threads, device=device,
+            ray_address=ray_address, skip_background=skip_background, overwrite=overwrite,
+            progress=not quiet,
+        )
+        typer.echo(run_segment(config).describe())
+
+
+@app.command()
+def info(mosaic: Annotated[Path, typer.Argument(help="A mosaic written by `tessera segment`.")]) -> None:
+    """Print a mosaic's state, layout and lineage as JSON."""
+    from pipeline.mosaic import Mosaic
+
+    with user_errors():
+        m = Mosaic.open(mosaic)
+        typer.echo(json.dumps({"complete": m.complete, "layout": m.layout.to_dict(), "lineage": m.lineage},
+                              indent=2, default=str))
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Folder for the scenes, model, mosaic and preview.")] = Path("demo"),
+    size: Annotated[int, typer.Option(help="Edge of the scene to segment, px.")] = 6000,
+) -> None:
+    """Generate a scene, fit a small model on another, segment the scene, print summary and mIoU."""
+    from pipeline.demo import run_demo
+
+    with user_errors():
+        run_demo(workdir, size=size)
+
+
+if __name__ == "__main__":
+    app()

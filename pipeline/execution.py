@@ -1,0 +1,470 @@
+"""Ray orchestration of a segment job: validate, plan, skip background, run blocks, pyramid, summary.
+
+The driver plans the job (`tiling.BlockPlan`), starts one `BlockWorker` actor per worker slot (each
+loads the model once and opens the source and mosaic itself), and feeds them two kinds of work:
+
+- seams: tiles that straddle blocks, computed once; their weighted sums go to each block they touch;
+- blocks: the tiles inside one block, plus the seams that feed it; the block is normalised and written
+  by exactly this task (one writer per block).
+
+A block is submitted only once every seam it needs has finished, so no actor ever waits on another.
+Seams are started in the order their first block needs them, which keeps the seam results alive at
+any time to about one row of blocks. The same code runs on an embedded Ray or on a cluster; only
+`ray_address` differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import resource
+import tempfile
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from pipeline import lineage as lineage_info
+from pipeline.blending import WINDOWS, Accumulator
+from pipeline.errors import BandMismatchError, ConfigError, TesseraError
+from pipeline.inference import InferenceOptions
+from pipeline.models.bundle import ModelBundle
+from pipeline.mosaic import Mosaic, MosaicLayout, check_output
+from pipeline.sources import RasterSource, open_source
+from pipeline.tiling import BlockId, BlockPlan, TileGrid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Everything a segment job needs; built once by a front door (CLI or Hydra job).
+
+    Args:
+        source: path of the image (GeoTIFF/COG, slide, OME-TIFF).
+        model: path of a model bundle.
+        output: path of the mosaic to write.
+        tile, overlap: tile size and minimum overlap in pixels; None takes the bundle's defaults.
+        window: blend weight window, one of gaussian, cosine, linear, constant.
+        scores: what is blended and stored: "logits" or "probabilities".
+        scores_dtype: stored dtype of the scores, float16 or float32.
+        tta: average the 8 flips/rotations of each tile (D4 test-time augmentation).
+        level: source pyramid level to segment; None picks the one matching the bundle's resolution.
+        chunk, shard: Zarr chunk and shard edges; block: output block edge (a multiple of shard).
+        workers: model actors; None means one per GPU, or one per 4 CPU cores.
+        threads: torch threads per worker on CPU; None divides the cores among the workers.
+        ray_address: None starts an embedded Ray; "auto" or "ray://host:10001" joins a cluster.
+        skip_background: do not compute tiles without foreground (nodata, or no tissue on slides).
+        overwrite: replace a complete mosaic at `output`.
+    """
+
+    source: str
+    model: str
+    output: str
+    tile: int | None = None
+    overlap: int | None = None
+    window: str = "gaussian"
+    scores: str = "logits"
+    scores_dtype: str = "float16"
+    tta: bool = False
+    batch_size: int = 8
+    device: str = "auto"
+    level: int | None = None
+    chunk: int = 512
+    shard: int = 2048
+    block: int = 2048
+    workers: int | None = None
+    threads: int | None = None
+    ray_address: str | None = None
+    skip_background: bool = True
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.window not in WINDOWS:
+            raise ConfigError(f"window={self.window!r}: choose one of {', '.join(WINDOWS)}")
+        if self.chunk <= 0 or self.shard % self.chunk:
+            raise ConfigError(f"shard {self.shard} must be a positive multiple of chunk {self.chunk}")
+        if self.block % self.shard:
+            raise ConfigError(
+                f"block {self.block} must be a multiple of shard {self.shard} (one writer per shard)"
+            )
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers={self.workers} must be >= 1")
+
+    @property
+    def inference(self) -> InferenceOptions:
+        return InferenceOptions(
+            device=self.device, batch_size=self.batch_size, tta=self.tta, scores=self.scores
+        )
+
+
+@dataclass(frozen=True)
+class SegmentSummary:
+    """What a finished job reports; also stored in the mosaic's lineage."""
+
+    output: str
+    height: int
+    width: int
+    level: int
+    tiles_total: int
+    tiles_computed: int
+    tiles_skipped: int
+    tiles_recomputed: int
+    blocks_total: int
+    blocks_written: int
+    workers: int
+    wall_seconds: float
+    pyramid_seconds: float
+    peak_rss_mib: float  # all processes of the job on this machine, sampled
+    worker_peak_rss_mib: float  # the largest single worker
+
+    @property
+    def megapixels(self) -> float:
+        return self.height * self.width / 1e6
+
+    @property
+    def mpix_per_second(self) -> float:
+        return self.megapixels / self.wall_seconds if self.wall_seconds > 0 else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(megapixels=self.megapixels, mpix_per_second=self.mpix_per_second)
+        return d
+
+    def describe(self) -> str:
+        def pct(n: int) -> str:
+            return f"{100 * n / max(self.tiles_total, 1):.1f}%"
+
+        return "\n".join([
+            f"mosaic      {self.output}",
+            f"image       {self.width} x {self.height} px at level {self.level} ({self.megapixels:.1f} MPix)",
+            f"tiles       {self.tiles_total} in grid: {self.tiles_computed} computed ({pct(self.tiles_computed)}), "
+            f"{self.tiles_skipped} skipped ({pct(self.tiles_skipped)}), "
+            f"{self.tiles_recomputed} recomputed ({pct(self.tiles_recomputed)})",
+            f"blocks      {self.blocks_written} written of {self.blocks_total}, {self.workers} worker(s)",
+            f"speed       {self.mpix_per_second:.2f} MPix/s, wall {self.wall_seconds:.1f} s "
+            f"(pyramid {self.pyramid_seconds:.1f} s)",
+            f"memory      peak {self.peak_rss_mib:.0f} MiB all processes, "
+            f"{self.worker_peak_rss_mib:.0f} MiB largest worker",
+        ])
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What every worker needs, shipped once through the object store."""
+
+    source: RasterSource  # pickles as (path, level); each worker opens its own handle
+    bundle_bytes: bytes
+    plan: BlockPlan
+    window: str
+    inference: InferenceOptions
+    mosaic: str
+    threads: int
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    tiles: int
+    seconds: float
+    peak_rss_mib: float
+
+
+class BlockWorker:
+    """Holds the model, the source handle and the mosaic; computes seams and blocks."""
+
+    def __init__(self, job: JobSpec) -> None:
+        import torch
+
+        from pipeline.inference import Predictor
+
+        torch.set_num_threads(job.threads)
+        self.job = job
+        with tempfile.NamedTemporaryFile(suffix=".bundle") as f:
+            f.write(job.bundle_bytes)
+            f.flush()
+            bundle = ModelBundle.load(f.name)
+        self.predictor = Predictor(bundle, job.inference)
+        self.mosaic = Mosaic.open(job.mosaic, mode="r+")
+
+    def compute_seam(self, index: int) -> tuple[Any, ...]:
+        """The seam's weighted sums, one accumulator per block it touches, then a report."""
+        from pipeline.stitching import blend_tiles
+
+        start = time.perf_counter()
+        plan, group = self.job.plan, self.job.plan.seams[index]
+        regions = [plan.footprint(group.tiles, b) for b in group.blocks]
+        accs = blend_tiles(group.tiles, regions, plan.grid, self.job.source, self.predictor, self.job.window)
+        return (*accs, self._report(len(group.tiles), start))
+
+    def compute_block(self, block: BlockId, *imports: Accumulator) -> UnitReport:
+        """Compute the block's own tiles, add the seams' sums, normalise and write the block."""
+        from pipeline.stitching import blend_tiles, finish_block
+
+        start = time.perf_counter()
+        plan = self.job.plan
+        region = plan.rect(block)
+        tiles = plan.interior.get(block, ())
+        (acc,) = blend_tiles(tiles, [region], plan.grid, self.job.source, self.predictor, self.job.window)
+        for part in imports:
+            acc.merge(part)
+        valid = self.job.source.valid(region.y0, region.x0, region.height, region.width)
+        self.mosaic.write_block(finish_block(acc, valid, self.job.inference.scores))
+        return self._report(len(tiles), start)
+
+    @staticmethod
+    def _report(tiles: int, start: float) -> UnitReport:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return UnitReport(tiles, time.perf_counter() - start, peak)
+
+
+class MemorySampler:
+    """Samples the summed RSS of this process and its descendants (embedded Ray's too)."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def sample(self) -> None:
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        self.peak = max(self.peak, total / 2**20)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+
+def worker_layout(config: SegmentConfig, device: str) -> tuple[int, int]:
+    """(workers, torch threads per worker): one per GPU, else one per 4 cores sharing the cores."""
+    cpus = os.cpu_count() or 1
+    if device == "cuda":
+        import torch
+
+        workers = config.workers or max(torch.cuda.device_count(), 1)
+        return workers, config.threads or max(1, min(4, cpus // workers))
+    workers = config.workers or max(1, cpus // 4)
+    return workers, config.threads or max(1, cpus // workers)
+
+
+def prepare(config: SegmentConfig) -> tuple[RasterSource, ModelBundle, TileGrid]:
+    """Open and check everything before anything is written; raises TesseraError on bad input."""
+    bundle = ModelBundle.load(config.model)
+    source = open_source(config.source)
+    spec = bundle.spec
+    level = config.level
+    if level is None:
+        level = 0
+        if spec.resolution is not None and spec.resolution_unit is not None:
+            try:
+                level = source.best_level(spec.resolution, spec.resolution_unit)
+            except ConfigError as e:
+                log.warning("level 0 used: %s", e)
+    if level != 0:
+        source = source.at_level(level)
+    if max(spec.bands) > source.bands:
+        raise BandMismatchError(
+            f"model expects bands {list(spec.bands)} but {config.source} has {source.bands} band(s): "
+            f"use a source with at least {max(spec.bands)} bands or a model trained on {source.bands}"
+        )
+    tile = config.tile or spec.tile_size
+    overlap = spec.overlap if config.overlap is None else config.overlap
+    grid = TileGrid(source.height, source.width, tile, overlap)
+    if config.block < tile:
+        raise ConfigError(f"block {config.block} is smaller than the tile {tile}: raise block or shard")
+    check_output(config.output, config.overwrite)
+    return source, bundle, grid
+
+
+def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | None = None) -> SegmentSummary:
+    """Segment `config.source` with `config.model` into the mosaic `config.output`.
+
+    Args:
+        config: the job settings.
+        on_progress: called with (blocks done, blocks to do) after each block.
+
+    Returns:
+        The job summary (also written into the mosaic's lineage).
+
+    Raises:
+        TesseraError: on bad input, before anything is written.
+    """
+    import ray
+
+    start = time.perf_counter()
+    source, bundle, grid = prepare(config)
+    fg, factor = source.foreground() if config.skip_background else (None, 1.0)
+    active = grid.active(fg, factor)
+    plan = BlockPlan(grid, config.block, active)
+    busy = plan.busy_blocks()
+    layout = MosaicLayout(
+        height=source.height, width=source.width, classes=bundle.spec.classes,
+        scores_kind=config.scores, scores_dtype=config.scores_dtype, chunk=config.chunk,
+        shard=config.shard, crs=source.crs,
+        transform=tuple(source.transform)[:6] if source.transform is not None else None,
+        mpp=source.mpp,
+    )
+    lineage = lineage_info.describe(config, source, bundle, grid)
+    Mosaic.create(config.output, layout, lineage)
+
+    device = InferenceOptions(device=config.device).device
+    device_type = "cuda" if device == "cuda" or (device == "auto" and _has_gpu()) else "cpu"
+    workers, threads = worker_layout(config, device_type)
+    workers = max(1, min(workers, len(busy) + len(plan.seams))) if busy else 1
+    started_ray = _connect(config.ray_address, workers)
+    try:
+        with MemorySampler() as memory:
+            reports = _run(plan, busy, JobSpec(
+                source=source, bundle_bytes=Path(config.model).read_bytes(), plan=plan,
+                window=config.window, inference=config.inference, mosaic=config.output, threads=threads,
+            ), workers, device_type, config.progress, on_progress)
+            mosaic = Mosaic.open(config.output, mode="r+")
+            pyramid_start = time.perf_counter()
+            mosaic.build_pyramid()
+            pyramid_seconds = time.perf_counter() - pyramid_start
+    finally:
+        if started_ray:
+            ray.shutdown()
+    computed = sum(r.tiles for r in reports)
+    summary = SegmentSummary(
+        output=config.output, height=source.height, width=source.width, level=source.level,
+        tiles_total=len(grid), tiles_computed=len(active), tiles_skipped=len(grid) - len(active),
+        tiles_recomputed=computed - len(active), blocks_total=len(list(plan)), blocks_written=len(busy),
+        workers=workers, wall_seconds=time.perf_counter() - start, pyramid_seconds=pyramid_seconds,
+        peak_rss_mib=memory.peak, worker_peak_rss_mib=max((r.peak_rss_mib for r in reports), default=0.0),
+    )
+    mosaic.finish({"summary": summary.as_dict(), "finished": lineage_info.now()})
+    return summary
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _connect(address: str | None, workers: int) -> bool:
+    """Join the given Ray cluster, or start an embedded one; True when this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    common: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **common)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False, **common)
+    return True
+
+
+def _run(
+    plan: BlockPlan,
+    busy: list[BlockId],
+    job: JobSpec,
+    workers: int,
+    device_type: str,
+    progress: bool,
+    on_progress: Callable[[int, int], None] | None,
+) -> list[UnitReport]:
+    """Dataflow over the actors: seams first, each block once all its seams are done."""
+    import ray
+    from tqdm import tqdm
+
+    if not busy:
+        return []
+    job_ref = ray.put(job)
+    actor_cls = ray.remote(BlockWorker).options(num_cpus=1, num_gpus=1 if device_type == "cuda" else 0)
+    actors = [actor_cls.remote(job_ref) for _ in range(workers)]
+    feeds = plan.seams_of()
+    seam_order: list[int] = []
+    for b in busy:  # seams in the order their first block needs them
+        seam_order.extend(k for k in feeds.get(b, []) if k not in seam_order)
+    seams_todo = deque(seam_order)
+    waiting = {b: len(feeds.get(b, [])) for b in busy}
+    consumers = {k: len(plan.seams[k].blocks) for k in seam_order}
+    seam_parts: dict[int, dict[BlockId, Any]] = {}
+    blocks_ready = deque(b for b in busy if waiting[b] == 0)
+    blocks_left = set(busy) - set(blocks_ready)
+    in_flight: dict[Any, tuple[str, Any, int]] = {}
+    load = defaultdict(int)
+    reports: list[UnitReport] = []
+    per_actor = 2  # one running, one queued, so an actor never idles between units
+    bar = tqdm(total=len(busy), desc="blocks", unit="block", disable=not progress, leave=False)
+    done_blocks = 0
+
+    def submit(a: int) -> bool:
+        actor = actors[a]
+        if blocks_ready:
+            b = blocks_ready.popleft()
+            refs = [seam_parts[k][b] for k in feeds.get(b, [])]
+            in_flight[actor.compute_block.remote(b, *refs)] = ("block", b, a)
+        elif seams_todo:
+            k = seams_todo.popleft()
+            group = plan.seams[k]
+            *parts, report = actor.compute_seam.options(num_returns=len(group.blocks) + 1).remote(k)
+            seam_parts[k] = dict(zip(group.blocks, parts, strict=True))
+            in_flight[report] = ("seam", k, a)
+        else:
+            return False
+        load[a] += 1
+        return True
+
+    try:
+        while blocks_ready or seams_todo or in_flight:
+            for a in sorted(range(workers), key=lambda i: load[i]):
+                while load[a] < per_actor and submit(a):
+                    pass
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            kind, key, a = in_flight.pop(ref)
+            load[a] -= 1
+            try:
+                report: UnitReport = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if isinstance(e.cause, TesseraError) else None
+                raise cause or e from None
+            reports.append(report)
+            if kind == "seam":
+                for b in plan.seams[key].blocks:
+                    if b in waiting:
+                        waiting[b] -= 1
+                        if waiting[b] == 0 and b in blocks_left:
+                            blocks_left.discard(b)
+                            blocks_ready.append(b)
+            else:
+                for k in feeds.get(key, []):
+                    consumers[k] -= 1
+                    seam_parts[k].pop(key, None)  # drop our reference so the object store frees it
+                    if consumers[k] == 0:
+                        del seam_parts[k]
+                done_blocks += 1
+                bar.update(1)
+                if on_progress is not None:
+                    on_progress(done_blocks, len(busy))
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    return reports

@@ -1,0 +1,378 @@
+"""The Zarr mosaic: create, write a block, build the pyramid, finish, open and read.
+
+Layout (docs/FORMAT.md has the full description)::
+
+    mosaic.zarr/                 attrs: tessera (format, classes, georef, lineage, complete), ome (multiscales)
+      0/ 1/ ... N/               one group per pyramid level, each opens with xarray.open_zarr(group="k")
+        scores      (c, y, x)    blended logits or probabilities, float16 (configurable), NaN = nodata
+        confidence  (y, x)       top-class probability, float16, NaN = nodata
+        y, x                     pixel-centre coordinates (CRS units, or micrometres for slides)
+        spatial_ref ()           CF grid mapping (crs_wkt, GeoTransform) for rioxarray; rasters only
+      labels/mask/0 ... N        class mask, uint8, 255 = nodata; OME-Zarr labels with class colours
+
+Every array is sharded; a block of the job is a whole number of shards and is written exactly once.
+The `ome` metadata and `tessera.complete = true` are written last, so a mosaic interrupted at any point
+is neither complete for tessera nor an image for OME readers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+from affine import Affine
+
+from pipeline.errors import MosaicError, OutputExistsError
+from pipeline.models.bundle import ClassInfo
+from pipeline.stitching import NODATA_CLASS, BlockOutput
+from pipeline.tiling import Rect
+
+FORMAT = "tessera.mosaic"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MosaicLayout:
+    """Everything that fixes a mosaic's arrays before any block is written."""
+
+    height: int
+    width: int
+    classes: tuple[ClassInfo, ...]
+    scores_kind: str = "logits"
+    scores_dtype: str = "float16"
+    chunk: int = 512
+    shard: int = 2048
+    crs: str | None = None  # WKT
+    transform: tuple[float, ...] | None = None  # affine (a, b, c, d, e, f) of level 0
+    mpp: float | None = None  # microns per pixel of level 0
+
+    def __post_init__(self) -> None:
+        if self.shard % self.chunk:
+            raise MosaicError(f"shard {self.shard} must be a multiple of chunk {self.chunk}")
+        if self.scores_dtype not in ("float16", "float32"):
+            raise MosaicError(f"scores_dtype {self.scores_dtype!r}: choose float16 or float32")
+
+    @property
+    def num_levels(self) -> int:
+        """Levels halve the size until the image fits in one chunk."""
+        return 1 + max(0, math.ceil(math.log2(max(self.height, self.width) / self.chunk)))
+
+    def level_shape(self, level: int) -> tuple[int, int]:
+        f = 2**level
+        return math.ceil(self.height / f), math.ceil(self.width / f)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["classes"] = [{"name": c.name, "color": list(c.color)} for c in self.classes]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MosaicLayout:
+        d = dict(d)
+        d["classes"] = tuple(ClassInfo(c["name"], tuple(c["color"])) for c in d["classes"])
+        if d.get("transform") is not None:
+            d["transform"] = tuple(d["transform"])
+        return cls(**d)
+
+
+def is_mosaic(path: str | Path) -> bool:
+    """Whether `path` holds a tessera mosaic (complete or not)."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return attrs.get("tessera", {}).get("format") == FORMAT
+
+
+def check_output(path: str | Path, overwrite: bool) -> None:
+    """Refuse an output path that would lose someone's data; call before any compute.
+
+    Raises:
+        OutputExistsError: the path exists and is not a tessera mosaic, or is a complete mosaic and
+            `overwrite` is false.
+    """
+    p = Path(path)
+    if not p.exists():
+        return
+    if not is_mosaic(p):
+        if p.is_dir() and not any(p.iterdir()):
+            return
+        raise OutputExistsError(
+            f"output {p} exists and is not a tessera mosaic: choose another output path or remove it"
+        )
+    if Mosaic.open(p).complete and not overwrite:
+        raise OutputExistsError(f"output {p} is a complete tessera mosaic: pass --overwrite to replace it")
+
+
+class Mosaic:
+    """A tessera mosaic on local disk. Use `create` or `open`, not the constructor."""
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path = path
+        self.group = group
+        meta = dict(group.attrs.get("tessera", {}))
+        if meta.get("format") != FORMAT:
+            raise MosaicError(f"{path} is not a tessera mosaic (no tessera metadata)")
+        self.layout = MosaicLayout.from_dict(meta["layout"])
+
+    # -- creation -------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | Path, layout: MosaicLayout, lineage: Mapping[str, Any]) -> Mosaic:
+        """Create an empty, incomplete mosaic with all levels' arrays, replacing a tessera mosaic there.
+
+        Call `check_output` first: this replaces whatever tessera mosaic is at `path`.
+        """
+        p = Path(path)
+        if p.exists() and is_mosaic(p):
+            shutil.rmtree(p)
+        group = zarr.open_group(str(p), mode="w", zarr_format=3)
+        group.attrs["tessera"] = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "complete": False,
+            "layout": layout.to_dict(),
+            "lineage": dict(lineage),
+        }
+        c = len(layout.classes)
+        for k in range(layout.num_levels):
+            h, w = layout.level_shape(k)
+            chunk, shard = min(layout.chunk, max(h, w)), layout.shard
+            level = group.create_group(str(k))
+            grid_attrs = {"grid_mapping": "spatial_ref"} if layout.crs else {}
+            scores = level.create_array(
+                "scores", shape=(c, h, w), dtype=layout.scores_dtype, chunks=(c, chunk, chunk),
+                shards=(c, shard, shard), fill_value=np.nan, dimension_names=("c", "y", "x"),
+            )
+            scores.attrs.update({**grid_attrs, "kind": layout.scores_kind,
+                                 "classes": [cl.name for cl in layout.classes]})
+            conf = level.create_array(
+                "confidence", shape=(h, w), dtype="float16", chunks=(chunk, chunk),
+                shards=(shard, shard), fill_value=np.nan, dimension_names=("y", "x"),
+            )
+            conf.attrs.update(grid_attrs)
+            group.create_array(
+                f"labels/mask/{k}", shape=(h, w), dtype="uint8", chunks=(chunk, chunk),
+                shards=(shard, shard), fill_value=NODATA_CLASS, dimension_names=("y", "x"),
+            )
+            _write_coordinates(level, layout, k)
+        return cls(p, group)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> Mosaic:
+        """Open an existing mosaic.
+
+        Raises:
+            MosaicError: when `path` is not a tessera mosaic.
+        """
+        p = Path(path)
+        if not is_mosaic(p):
+            raise MosaicError(f"{p} is not a tessera mosaic: expected a folder written by `tessera segment`")
+        return cls(p, zarr.open_group(str(p), mode=mode))  # type: ignore[arg-type]
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.group.attrs["tessera"])  # type: ignore[arg-type]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    @property
+    def lineage(self) -> dict[str, Any]:
+        return dict(self.meta.get("lineage", {}))
+
+    def array(self, name: str, level: int = 0) -> zarr.Array:
+        """One of `scores`, `confidence`, `mask` at a pyramid level."""
+        path = f"labels/mask/{level}" if name == "mask" else f"{level}/{name}"
+        return self.group[path]  # type: ignore[return-value]
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def write_block(self, out: BlockOutput) -> None:
+        """Write one block of level 0; the block must be shard-aligned (one writer per block)."""
+        r = out.region
+        if r.y0 % self.layout.shard or r.x0 % self.layout.shard:
+            raise MosaicError(f"block {r} is not aligned to the shard size {self.layout.shard}")
+        ys, xs = slice(r.y0, r.y1), slice(r.x0, r.x1)
+        self.array("scores")[:, ys, xs] = out.scores.astype(self.layout.scores_dtype)
+        self.array("confidence")[ys, xs] = out.confidence.astype(np.float16)
+        self.array("mask")[ys, xs] = out.mask
+
+    def build_pyramid(self, num_workers: int | None = None) -> None:
+        """Fill levels 1..N from level 0, out of core, one dask task per output shard.
+
+        Scores are averaged over 2x2 pixels (ignoring nodata); mask and confidence are derived from
+        the averaged scores exactly as for level 0, so every level is self-consistent.
+        """
+        shard = self.layout.shard
+        kind = self.layout.scores_kind
+        for k in range(1, self.layout.num_levels):
+            prev = da.from_zarr(self.array("scores", k - 1), chunks=(-1, 2 * shard, 2 * shard))
+            out_chunks = (prev.chunks[0], _halved(prev.chunks[1]), _halved(prev.chunks[2]))
+            pooled = prev.map_blocks(_pool2x2, chunks=out_chunks, dtype=np.float32)
+            mask = pooled.map_blocks(_mask_of, kind, drop_axis=0, dtype=np.uint8)
+            conf = pooled.map_blocks(_confidence_of, kind, drop_axis=0, dtype=np.float16)
+            da.store(
+                [pooled.astype(self.layout.scores_dtype), conf, mask],
+                [self.array("scores", k), self.array("confidence", k), self.array("mask", k)],
+                lock=False,
+                scheduler="threads",
+                num_workers=num_workers,
+            )
+
+    def finish(self, lineage: Mapping[str, Any]) -> None:
+        """Record the final lineage, write the OME metadata and mark the mosaic complete (last step)."""
+        self.group.attrs["ome"] = _ome_multiscales(self.layout, "scores", with_channel=True, path="{k}/scores")
+        labels = self.group["labels"]
+        labels.attrs["ome"] = {"version": "0.5", "labels": ["mask"]}
+        mask = self.group["labels/mask"]
+        mask.attrs["ome"] = {
+            **_ome_multiscales(self.layout, "mask", with_channel=False, path="{k}"),
+            "image-label": {
+                "version": "0.5",
+                "colors": [{"label-value": i, "rgba": [*c.color, 255]} for i, c in enumerate(self.layout.classes)]
+                + [{"label-value": NODATA_CLASS, "rgba": [0, 0, 0, 0]}],
+                "properties": [{"label-value": i, "class": c.name} for i, c in enumerate(self.layout.classes)],
+                "source": {"image": "../../"},
+            },
+        }
+        meta = self.meta
+        meta["lineage"] = {**meta.get("lineage", {}), **lineage}
+        meta["complete"] = True
+        self.group.attrs["tessera"] = meta
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def read(self, name: str, level: int = 0, rect: Rect | None = None) -> np.ndarray:
+        """Read `scores`, `confidence` or `mask` at a level, optionally a window of it."""
+        arr = self.array(name, level)
+        if rect is None:
+            return np.asarray(arr[...])
+        sl = (slice(rect.y0, rect.y1), slice(rect.x0, rect.x1))
+        return np.asarray(arr[(slice(None), *sl)] if name == "scores" else arr[sl])
+
+    def to_xarray(self, level: int = 0) -> Any:
+        """The level as an `xarray.Dataset` (lazy, dask-backed): scores, confidence and mask."""
+        import xarray as xr
+
+        ds = xr.open_zarr(str(self.path), group=str(level), consolidated=False)
+        mask = da.from_zarr(self.array("mask", level))
+        return ds.assign(mask=(("y", "x"), mask))
+
+
+def _halved(chunks: Sequence[int]) -> tuple[int, ...]:
+    return tuple(math.ceil(c / 2) for c in chunks)
+
+
+def _pool2x2(block: np.ndarray) -> np.ndarray:
+    """Mean over 2x2 pixels, ignoring NaN (nodata); odd edges are padded with nodata."""
+    c, h, w = block.shape
+    padded = np.full((c, h + h % 2, w + w % 2), np.nan, np.float32)
+    padded[:, :h, :w] = block
+    quads = padded.reshape(c, padded.shape[1] // 2, 2, padded.shape[2] // 2, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-nodata quads give NaN, as they should
+        return np.nanmean(quads, axis=(2, 4))
+
+
+def _mask_of(scores: np.ndarray, kind: str) -> np.ndarray:
+    nodata = np.isnan(scores[0])
+    mask = np.nan_to_num(scores, nan=-np.inf).argmax(0).astype(np.uint8)
+    mask[nodata] = NODATA_CLASS
+    return mask
+
+
+def _confidence_of(scores: np.ndarray, kind: str) -> np.ndarray:
+    filled = np.nan_to_num(scores, nan=0.0)
+    if kind == "logits":
+        e = np.exp(filled - filled.max(0, keepdims=True))
+        conf = e.max(0) / e.sum(0)
+    else:
+        conf = filled.max(0)
+    conf = conf.astype(np.float16)
+    conf[np.isnan(scores[0])] = np.nan
+    return conf
+
+
+def _pixel_size(layout: MosaicLayout) -> tuple[float, float, str | None]:
+    """Level-0 pixel height and width, and the OME unit name when one applies."""
+    if layout.transform is not None:
+        a, _, _, _, e, _ = layout.transform[:6]
+        unit = "meter" if layout.crs and _crs_in_metres(layout.crs) else None
+        return abs(e), abs(a), unit
+    if layout.mpp is not None:
+        return layout.mpp, layout.mpp, "micrometer"
+    return 1.0, 1.0, None
+
+
+def _crs_in_metres(wkt: str) -> bool:
+    from pyproj import CRS
+
+    try:
+        crs = CRS.from_wkt(wkt)
+    except Exception:
+        return False
+    return crs.is_projected and all(a.unit_name in ("metre", "meter") for a in crs.axis_info)
+
+
+def _ome_multiscales(layout: MosaicLayout, name: str, *, with_channel: bool, path: str) -> dict[str, Any]:
+    py, px, unit = _pixel_size(layout)
+    space = [{"name": ax, "type": "space", **({"unit": unit} if unit else {})} for ax in ("y", "x")]
+    axes = ([{"name": "c", "type": "channel"}] if with_channel else []) + space
+    datasets = []
+    for k in range(layout.num_levels):
+        f = 2**k
+        scale = [py * f, px * f]
+        shift = [py * (f - 1) / 2, px * (f - 1) / 2]  # keeps pixel centres aligned across levels
+        if with_channel:
+            scale, shift = [1.0, *scale], [0.0, *shift]
+        datasets.append({
+            "path": path.format(k=k),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": scale},
+                {"type": "translation", "translation": shift},
+            ],
+        })
+    return {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": datasets}]}
+
+
+def _write_coordinates(level: zarr.Group, layout: MosaicLayout, k: int) -> None:
+    """Pixel-centre coordinates and, for georeferenced mosaics, the CF grid mapping rioxarray reads."""
+    h, w = layout.level_shape(k)
+    f = 2**k
+    if layout.transform is not None:
+        t = Affine(*layout.transform[:6]) * Affine.scale(f)
+        xs = t.c + (np.arange(w) + 0.5) * t.a
+        ys = t.f + (np.arange(h) + 0.5) * t.e
+        units = "metre" if layout.crs and _crs_in_metres(layout.crs) else ""
+    else:
+        step = (layout.mpp or 1.0) * f
+        xs, ys = (np.arange(w) + 0.5) * step, (np.arange(h) + 0.5) * step
+        units = "micrometre" if layout.mpp else "pixel"
+    for name, values in (("y", ys), ("x", xs)):
+        arr = level.create_array(name, shape=values.shape, dtype="float64", dimension_names=(name,))
+        arr[:] = values
+        arr.attrs.update({"units": units, "axis": name.upper()})
+    if layout.crs is not None and layout.transform is not None:
+        t = Affine(*layout.transform[:6]) * Affine.scale(f)
+        ref = level.create_array("spatial_ref", shape=(), dtype="int64", fill_value=0)
+        ref.attrs.update({
+            "crs_wkt": layout.crs,
+            "spatial_ref": layout.crs,
+            "GeoTransform": " ".join(str(v) for v in (t.c, t.a, t.b, t.f, t.d, t.e)),
+        })
