@@ -149,9 +149,9 @@ class Mosaic:
         c = len(layout.classes)
         for k in range(layout.num_levels):
             h, w = layout.level_shape(k)
-            chunk, shard = min(layout.chunk, max(h, w)), layout.shard
+            chunk, shard = layout.chunk, layout.shard
             level = group.create_group(str(k))
-            grid_attrs = {"grid_mapping": "spatial_ref"} if layout.crs else {}
+            grid_attrs = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"} if layout.crs else {}
             scores = level.create_array(
                 "scores", shape=(c, h, w), dtype=layout.scores_dtype, chunks=(c, chunk, chunk),
                 shards=(c, shard, shard), fill_value=np.nan, dimension_names=("c", "y", "x"),
@@ -356,7 +356,7 @@ def _write_coordinates(level: zarr.Group, layout: MosaicLayout, k: int) -> None:
     h, w = layout.level_shape(k)
     f = 2**k
     if layout.transform is not None:
-        t = Affine(*layout.transform[:6]) * Affine.scale(f)
+        t = Affine(*layout.transform[:6]) @ Affine.scale(f)
         xs = t.c + (np.arange(w) + 0.5) * t.a
         ys = t.f + (np.arange(h) + 0.5) * t.e
         units = "metre" if layout.crs and _crs_in_metres(layout.crs) else ""
@@ -369,7 +369,7 @@ def _write_coordinates(level: zarr.Group, layout: MosaicLayout, k: int) -> None:
         arr[:] = values
         arr.attrs.update({"units": units, "axis": name.upper()})
     if layout.crs is not None and layout.transform is not None:
-        t = Affine(*layout.transform[:6]) * Affine.scale(f)
+        t = Affine(*layout.transform[:6]) @ Affine.scale(f)
         ref = level.create_array("spatial_ref", shape=(), dtype="int64", fill_value=0)
         ref.attrs.update({
             "crs_wkt": layout.crs,

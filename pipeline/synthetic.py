@@ -13,17 +13,19 @@ What the scene contains (sizes are in pixels and are meant for about 0.5 m per p
   px across, with some 60 px detail to make the shores irregular) at a quantile, so every scene has
   about 11% water, whatever its size. Turbid green-blue at the shore, dark blue in the deep
   interior, nearly untextured.
-- **road** (class 2): a few roads that cross the scene from edge to edge, straight or gently curved
-  (quadratic Bezier curves), 5 to 12 px wide. Dark asphalt or light concrete; the wider ones carry
-  a dashed centre line. Roads are drawn over water (bridges).
+- **road** (class 2): roads that cross the scene from edge to edge (one per 450 px of height plus
+  width, at least two), straight or gently curved (quadratic Bezier curves), 6 to 14 px wide.
+  Dark asphalt or light concrete; the wider ones carry a dashed centre line. Roads are drawn over
+  water (bridges).
 - **building** (class 3): axis-aligned and rotated rectangles, 8 to 36 px a side (a few large
   halls up to 90 px), clustered into settlements by a low-frequency "urban" field, with scattered
   farmhouses elsewhere. Never on water or roads, never touching each other. Roofs are terracotta,
   grey, white, brown or metal, each with its own jitter; most have a ridge that leaves one half
   brighter than the other, and every building casts a shadow to the south-east onto whatever is
   next to it.
-- **vegetation** (class 4): noisy patches from a second, thresholded noise field (about 40% of the
-  land). Grass to dark forest, with the strongest fine-scale texture of all classes (tree crowns).
+- **vegetation** (class 4): noisy patches from a second noise field (features about 100 px across
+  plus 16 px and 4 px detail for ragged edges) thresholded at a quantile: about 40% of the land.
+  Grass to dark forest, with the strongest fine-scale texture of all classes (tree crowns).
 
 How hard it is, and why: every class has its own colour distribution, but the distributions
 overlap a little (dark roofs look like asphalt, concrete roads like light roofs, forest like deep
@@ -52,7 +54,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import rasterio
-from rasterio.transform import from_origin
+from rasterio.transform import Affine
 from scipy import ndimage
 
 from pipeline.errors import ConfigError
@@ -78,8 +80,8 @@ BLOCK_SIZE = 256
 # Scene layout, in pixels (about 0.5 m each).
 _WATER_FRACTION = 0.11
 _VEGETATION_FRACTION = 0.40
-_ROAD_SPACING = 900  # one road per this many pixels of height + width
-_ROAD_WIDTH = (5.0, 12.0)
+_ROAD_SPACING = 450  # one road per this many pixels of height + width
+_ROAD_WIDTH = (6.0, 14.0)
 _BUILDING_CANDIDATE_AREA = 550  # one building candidate per this many square pixels
 _BUILDING_SIDE = (8.0, 36.0)
 _HALL_SIDE = (40.0, 90.0)
@@ -161,7 +163,8 @@ def generate_scene(height: int, width: int, seed: int) -> Scene:
     del water_field
 
     medium = _smooth_noise(rng, shape, 16)
-    vegetation_field = _smooth_noise(rng, shape, 96) + 0.45 * medium
+    fine = _smooth_noise(rng, shape, 4)
+    vegetation_field = _smooth_noise(rng, shape, 96) + 0.45 * medium + 0.2 * fine
     vegetation = vegetation_field >= _quantile(vegetation_field, 1.0 - _VEGETATION_FRACTION)
     del vegetation_field
 
@@ -179,7 +182,6 @@ def generate_scene(height: int, width: int, seed: int) -> Scene:
     shadow = _draw_buildings(rng, labels, object_rgb, blocked, urban)
     del blocked, urban
 
-    fine = _smooth_noise(rng, shape, 4)
     luminance = _TEXTURE_FINE[labels] * fine
     luminance += _TEXTURE_MEDIUM[labels] * medium
     del fine, medium
@@ -248,7 +250,7 @@ def write_scene(
         "width": width,
         "dtype": "uint8",
         "crs": crs,
-        "transform": from_origin(origin[0], origin[1], pixel_size, pixel_size),
+        "transform": Affine(pixel_size, 0.0, origin[0], 0.0, -pixel_size, origin[1]),
         "tiled": True,
         "blockxsize": BLOCK_SIZE,
         "blockysize": BLOCK_SIZE,
@@ -343,13 +345,13 @@ def _bezier(
     start: np.ndarray, control: np.ndarray, end: np.ndarray, *, spacing: float, length: float
 ) -> np.ndarray:
     """(n, 2) points on a quadratic Bezier curve, at most ``spacing`` apart."""
-    t = np.linspace(0.0, 1.0, max(2, int(math.ceil(length / spacing)) + 1))[:, None]
+    t = np.linspace(0.0, 1.0, max(2, math.ceil(length / spacing) + 1))[:, None]
     return (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t**2 * end
 
 
 def _stamp(points: np.ndarray, radius: float, height: int, width: int) -> np.ndarray:
     """Flat indices of the pixels within ``radius`` of any of ``points``, clipped to the scene."""
-    reach = int(math.ceil(radius))
+    reach = math.ceil(radius)
     dy, dx = np.mgrid[-reach : reach + 1, -reach : reach + 1]
     disc = dy**2 + dx**2 <= radius**2 + 0.25
     centres = np.rint(points).astype(np.int64)
@@ -382,7 +384,8 @@ def _draw_buildings(
 
     n = len(centres)
     hall = rng.random(n) < 0.05
-    side = np.where(hall, rng.uniform(*_HALL_SIDE, n), np.exp(rng.uniform(*np.log(_BUILDING_SIDE), n)))
+    house = np.exp(rng.uniform(math.log(_BUILDING_SIDE[0]), math.log(_BUILDING_SIDE[1]), n))
+    side = np.where(hall, rng.uniform(*_HALL_SIDE, n), house)
     aspect = rng.uniform(1.0, 2.2, n)
     half_long, half_short = side / 2, side / 2 / aspect
     angle = np.where(rng.random(n) < 0.5, 0.0, rng.uniform(0.0, np.pi / 2, n))
@@ -411,14 +414,13 @@ def _draw_buildings(
             continue
         blocked[top:bottom, left:right] |= margin
         labels[top:bottom, left:right][footprint] = BUILDING
+        # A ridge along the long axis: the two roof halves catch the sun differently.
         brightness = np.where(across > 0, 1.12, 0.9) if ridge[i] else np.ones_like(along)
         for band in range(3):
             colour = np.clip(roof[i, band] * brightness, 0, 255).astype(np.uint8)
-            object_rgb[band, top:bottom, left:right][footprint] = np.broadcast_to(
-                colour, footprint.shape
-            )[footprint]
+            object_rgb[band, top:bottom, left:right][footprint] = colour[footprint]
         # The shadow is the footprint moved towards the south-east, clipped to the scene.
-        offset = int(round(shadow_length[i]))
+        offset = round(float(shadow_length[i]))
         s_top, s_left = top + offset, left + offset
         s_bottom, s_right = min(height, bottom + offset), min(width, right + offset)
         if s_top < height and s_left < width:

@@ -324,9 +324,12 @@ class ModelBundle:
         sha256: Hex SHA-256 of the file this bundle was last saved to or loaded from, or None.
 
     Example:
-        >>> bundle = ModelBundle.create(spec)
-        >>> digest = bundle.save("model.bundle")
-        >>> ModelBundle.load("model.bundle").sha256 == digest
+        >>> import tempfile
+        >>> spec = BundleSpec("fcn", {"depth": 2}, (ClassInfo("bg", (0, 0, 0)), ClassInfo("fg", (255, 0, 0))),
+        ...                   bands=(1,), normalization=Normalization(1.0, (0.0,), (1.0,)))
+        >>> path = Path(tempfile.mkdtemp()) / "model.bundle"
+        >>> digest = ModelBundle.create(spec).save(path)
+        >>> ModelBundle.load(path).sha256 == digest
         True
     """
 

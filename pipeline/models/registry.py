@@ -50,7 +50,7 @@ class Architecture:
 
 
 def _smp(factory: Callable[..., nn.Module], encoder_name: str = "resnet18") -> Architecture:
-    """Register an smp architecture with a light default encoder and no pretrained weights."""
+    """Register an smp architecture with a light default encoder."""
     return Architecture(factory, MappingProxyType({"encoder_name": encoder_name}))
 
 
@@ -107,9 +107,12 @@ def build_model(architecture: str, *, in_channels: int, classes: int, **arch_arg
     _check_count("in_channels", in_channels)
     _check_count("classes", classes)
     kwargs = {**entry.defaults, **_without_weights(architecture, arch_args)}
-    _check_arg_names(architecture, entry, kwargs)
-    if entry.uses_encoder:
+    accepted = entry.accepted_args()
+    _check_arg_names(architecture, accepted, kwargs)
+    if "encoder_weights" in accepted:
+        # smp defaults to "imagenet", which would download weights.
         kwargs["encoder_weights"] = None
+    if entry.uses_encoder:
         _check_encoder_name(architecture, kwargs["encoder_name"])
     try:
         return entry.factory(in_channels=in_channels, classes=classes, **kwargs)
@@ -117,8 +120,8 @@ def build_model(architecture: str, *, in_channels: int, classes: int, **arch_arg
         raise
     except (ValueError, KeyError, TypeError, AssertionError) as exc:
         raise ConfigError(
-            f"Cannot build {architecture!r} with arguments {arch_args}: {exc}. Check these "
-            f"against the constructor of {entry.factory.__qualname__}."
+            f"Cannot build {architecture!r} with arguments {arch_args}: {str(exc).rstrip('.')}. "
+            f"Check them against the constructor of {entry.factory.__qualname__}."
         ) from exc
 
 
@@ -145,9 +148,8 @@ def _without_weights(architecture: str, arch_args: Mapping[str, Any]) -> dict[st
     return kwargs
 
 
-def _check_arg_names(architecture: str, entry: Architecture, kwargs: Mapping[str, Any]) -> None:
+def _check_arg_names(architecture: str, accepted: list[str], kwargs: Mapping[str, Any]) -> None:
     """Raise ConfigError naming any argument the architecture's constructor does not take."""
-    accepted = entry.accepted_args()
     for name in kwargs:
         if name not in accepted:
             # smp models swallow unknown keywords (**kwargs) and most encoders ignore them, so a
@@ -168,8 +170,8 @@ def _check_encoder_name(architecture: str, encoder_name: object) -> None:
     if encoder_name.startswith("tu-"):
         if timm.is_model(encoder_name[3:]):
             return
-        known: list[str] = timm.list_models()
-        hint = _did_you_mean(encoder_name[3:], known)
+        known = [f"tu-{name}" for name in timm.list_models()]
+        hint = _did_you_mean(encoder_name, known)
     else:
         known = smp.encoders.get_encoder_names()
         if encoder_name in known:

@@ -1,0 +1,134 @@
+"""`GeoTiffSource`: GeoTIFF, COG and any other raster GDAL reads, through rasterio."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, ClassVar
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.errors import CRSError, NotGeoreferencedWarning
+from rasterio.windows import Window
+
+from pipeline.errors import SourceReadError
+from pipeline.sources.base import Level, RasterSource, SourceInfo, grow_mask
+
+
+class GeoTiffSource(RasterSource):
+    """A raster read through rasterio (GDAL): GeoTIFF, COG, or any format GDAL opens.
+
+    Levels are level 0 plus the file's overviews (internal or ``.ovr``), in GDAL's order; a
+    working level above 0 is read from its overview directly. Validity is GDAL's dataset
+    mask, which combines nodata values, alpha bands and internal/external mask bands.
+    ``crs`` and ``transform`` come from the file (``transform`` is None when the file has no
+    geotransform); ``mpp`` is always None.
+
+    Args:
+        path: File path or GDAL-readable URL.
+        level: Working level (0 = full resolution, k = k-th overview).
+
+    Example:
+        >>> with GeoTiffSource("scene.tif") as source:
+        ...     tile = source.read(0, 0, 512, 512)
+    """
+
+    reader: ClassVar[str] = "rasterio"
+
+    def _open(self) -> tuple[Any, SourceInfo]:
+        with warnings.catch_warnings():
+            # Plain images (no geotransform) are legitimate here; `transform` reports None.
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            full = rasterio.open(self.path)
+            try:
+                info = self._describe(full)
+                self._require_level(info.levels)
+            except BaseException:
+                full.close()
+                raise
+            if self.level == 0:
+                return full, info
+            full.close()
+            return rasterio.open(self.path, overview_level=self.level - 1), info
+
+    def _describe(self, full: Any) -> SourceInfo:
+        """The file's levels, bands and georeferencing, read from the level-0 dataset."""
+        if len(set(full.dtypes)) != 1:
+            raise SourceReadError(
+                f"{self.path} has bands of different data types {full.dtypes}; tessera reads "
+                "all bands as one array. Convert it with e.g. `gdal_translate -ot Float32`."
+            )
+        levels = [Level(full.height, full.width, 1.0)]
+        for k in range(len(full.overviews(1))):
+            with rasterio.open(self.path, overview_level=k) as overview:
+                levels.append(
+                    Level(
+                        overview.height,
+                        overview.width,
+                        _mean_ratio(full.height, full.width, overview.height, overview.width),
+                    )
+                )
+        georeferenced = full.crs is not None or full.transform != Affine.identity()
+        return SourceInfo(
+            levels=tuple(levels),
+            bands=full.count,
+            dtype=np.dtype(full.dtypes[0]),
+            crs=full.crs.to_wkt() if full.crs is not None else None,
+            transform0=full.transform if georeferenced else None,
+            metres_per_unit=_metres_per_unit(full.crs),
+            nodata=None if full.nodata is None else float(full.nodata),
+        )
+
+    def _close_handle(self, handle: Any) -> None:
+        handle.close()
+
+    def _read_inbounds(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        assert self._handle is not None
+        return self._handle.read(window=Window(x0, y0, w, h))
+
+    def _valid_inbounds(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        assert self._handle is not None
+        return self._handle.dataset_mask(window=Window(x0, y0, w, h)) > 0
+
+    def foreground(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
+        """Where the raster has valid data, at low resolution.
+
+        The dataset mask (nodata, alpha, mask bands) is read decimated with ``out_shape``, so
+        GDAL serves it from the smallest sufficient overview and never reads the full image.
+        The result is grown by one mask pixel: decimation samples one pixel per cell, and a
+        cell with a little valid data must still count.
+
+        Args:
+            max_size: Longest side of the mask, in mask pixels.
+
+        Returns:
+            ``(mask, f)`` as described in `RasterSource.foreground`.
+
+        Raises:
+            ConfigError: `max_size` is smaller than 1.
+            SourceReadError: The file cannot be read.
+        """
+        factor, mh, mw = self._foreground_grid(max_size)
+        self._ensure_open()
+
+        def read_mask(y0: int, x0: int, h: int, w: int) -> np.ndarray:
+            assert self._handle is not None
+            return self._handle.dataset_mask(window=Window(x0, y0, w, h), out_shape=(mh, mw)) > 0
+
+        mask = self._guarded(read_mask, 0, 0, self.height, self.width)
+        return grow_mask(mask), float(factor)
+
+
+def _mean_ratio(height0: int, width0: int, height: int, width: int) -> float:
+    """A level's downsample as the mean of its two axis ratios (OpenSlide's convention)."""
+    return (height0 / height + width0 / width) / 2
+
+
+def _metres_per_unit(crs: Any) -> float | None:
+    """Metres per CRS unit for projected CRSs, None for geographic or missing ones."""
+    if crs is None or crs.is_geographic:
+        return None
+    try:
+        return float(crs.linear_units_factor[1])
+    except CRSError:
+        return None

@@ -1,0 +1,386 @@
+"""Training data: a labelled raster, its train/validation split, window sampling, augmentation.
+
+This minimal trainer reads the whole image and label raster into memory, which bounds it to
+rasters that fit in RAM (a 10 000 x 10 000 RGB uint8 image with its labels takes about 400 MB);
+larger data needs windowed reads, which a distributed trainer will add behind the same pieces.
+
+The split is by area: the bottom ``val_fraction`` of the rows is validation, the rest training.
+Training windows are sampled inside the training rows only, so no training window ever sees a
+validation pixel (neither its image nor its labels), and validation is inferred from the
+validation rows alone, reflect-padded at their edges.
+
+Example:
+    >>> raster = read_labelled_raster("scene.tif", "labels.tif")  # doctest: +SKIP
+    >>> split = split_by_area(raster.height, raster.width, val_fraction=0.2, window=256)
+    >>> batches = WindowBatches(raster, split, compute_normalization(raster.image[:, split.train]),
+    ...                         window=256, batch_size=8, rng=np.random.default_rng(0))
+    >>> x, y = next(batches)  # (8, C, 256, 256) float32 normalised, (8, 256, 256) int64
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.errors import RasterioIOError
+
+from pipeline.errors import ConfigError, SourceNotFoundError, SourceReadError
+from pipeline.models import Normalization
+from pipeline.training.metrics import IGNORE_INDEX
+
+__all__ = [
+    "AreaSplit",
+    "LabelledRaster",
+    "WindowBatches",
+    "WindowSampler",
+    "augment_d4",
+    "compute_normalization",
+    "jitter_colour",
+    "read_labelled_raster",
+    "split_by_area",
+]
+
+_STATISTICS_PIXELS = 1_000_000  # per band; enough for a mean/std to three digits
+
+
+@dataclass(frozen=True, eq=False)
+class LabelledRaster:
+    """An image and its per-pixel labels, in memory, on the same grid.
+
+    Attributes:
+        image: (C, H, W) raw values of the selected bands, in the file's dtype.
+        labels: (H, W) uint8 class ids; 255 marks unlabelled pixels.
+        bands: The 1-based band indices of ``image`` in the source file.
+        resolution: Pixel size in metres, or None if the raster has no projected CRS.
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+    bands: tuple[int, ...]
+    resolution: float | None
+
+    @property
+    def height(self) -> int:
+        """Rows."""
+        return int(self.labels.shape[0])
+
+    @property
+    def width(self) -> int:
+        """Columns."""
+        return int(self.labels.shape[1])
+
+
+@dataclass(frozen=True)
+class AreaSplit:
+    """Rows ``[0, val_start)`` are training, rows ``[val_start, height)`` validation.
+
+    Attributes:
+        height: Rows of the raster.
+        width: Columns of the raster.
+        val_start: First validation row.
+    """
+
+    height: int
+    width: int
+    val_start: int
+
+    @property
+    def train(self) -> slice:
+        """Row slice of the training area."""
+        return slice(0, self.val_start)
+
+    @property
+    def val(self) -> slice:
+        """Row slice of the validation area."""
+        return slice(self.val_start, self.height)
+
+
+def read_labelled_raster(
+    image_path: str | os.PathLike[str],
+    labels_path: str | os.PathLike[str],
+    bands: Sequence[int] | None = None,
+) -> LabelledRaster:
+    """Read an image and its label raster fully into memory and check they share a grid.
+
+    Args:
+        image_path: Any raster rasterio reads (GeoTIFF, COG...).
+        labels_path: Single-band integer raster of class ids (255 = unlabelled), same shape (and,
+            when both are georeferenced, same transform) as the image; only band 1 is read.
+        bands: 1-based image bands to read, in order; None reads all.
+
+    Returns:
+        The raster, with the pixel size in metres when the image has a projected CRS.
+
+    Raises:
+        SourceNotFoundError: If a file does not exist.
+        SourceReadError: If a file cannot be read as a raster.
+        ConfigError: If the grids differ, a band is out of range, or labels are not integers in
+            0..255.
+    """
+    with _open(image_path, "image") as src:
+        count = src.count
+        selected = tuple(range(1, count + 1)) if bands is None else tuple(bands)
+        bad = [b for b in selected if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= count]
+        if not selected or bad:
+            raise ConfigError(
+                f"bands={list(selected)} is invalid for {str(image_path)!r}, which has {count} "
+                f"band(s); give 1-based indices from 1 to {count}, or leave bands unset for all."
+            )
+        image = src.read(list(selected))
+        image_transform, image_crs = src.transform, src.crs
+        resolution = _resolution_in_metres(src)
+    with _open(labels_path, "labels") as src:
+        if src.shape != image.shape[1:]:
+            raise ConfigError(
+                f"Labels {str(labels_path)!r} are {src.height} x {src.width} pixels but image "
+                f"{str(image_path)!r} is {image.shape[1]} x {image.shape[2]}; the label raster must "
+                "be on the image's grid (rasterise or resample it onto the image first)."
+            )
+        moved = src.crs != image_crs or not src.transform.almost_equals(image_transform)
+        if src.crs and image_crs and moved:
+            raise ConfigError(
+                f"Labels {str(labels_path)!r} ({src.crs}, {tuple(src.transform)[:6]}) and image "
+                f"{str(image_path)!r} ({image_crs}, {tuple(image_transform)[:6]}) have the same "
+                "shape but different georeferencing; put both on the same grid."
+            )
+        labels = src.read(1)
+    return LabelledRaster(
+        image=image, labels=_as_class_ids(labels, labels_path), bands=selected, resolution=resolution
+    )
+
+
+def split_by_area(height: int, width: int, val_fraction: float, window: int) -> AreaSplit:
+    """Split a raster into a top training band and a bottom validation band.
+
+    Args:
+        height: Rows of the raster.
+        width: Columns of the raster.
+        val_fraction: Share of the rows that is validation, strictly between 0 and 1.
+        window: Side of the square training windows; the training band must fit one.
+
+    Returns:
+        The split; the validation band has at least one row.
+
+    Raises:
+        ConfigError: If ``val_fraction`` is out of range or the training band is too small.
+    """
+    if not 0 < val_fraction < 1:
+        raise ConfigError(
+            f"val_fraction={val_fraction!r} is invalid; expected a number strictly between 0 and "
+            "1, e.g. 0.2 for the bottom fifth of the raster."
+        )
+    val_rows = max(1, round(height * val_fraction))
+    train_rows = height - val_rows
+    if train_rows < window or width < window:
+        raise ConfigError(
+            f"The training area is {train_rows} x {width} pixels (a {height} x {width} raster less "
+            f"{val_rows} validation rows), smaller than one {window} x {window} training window; "
+            "lower tile_size or val_fraction, or use a larger raster."
+        )
+    return AreaSplit(height=height, width=width, val_start=train_rows)
+
+
+def compute_normalization(image: np.ndarray) -> Normalization:
+    """Per-band normalisation statistics of (a training area of) an image.
+
+    uint8 data are scaled by 1/255; any other dtype by 1 / (largest absolute value), so that
+    scaled values lie in [-1, 1] whatever the sensor's range. Mean and std are then taken per band
+    on a regular subsample of at most a million pixels. A constant band gets std 1.
+
+    Args:
+        image: (C, H, W) raw values.
+
+    Returns:
+        The normalisation to store in the model bundle.
+
+    Raises:
+        ConfigError: If the image is empty or not finite.
+    """
+    if image.ndim != 3 or image.shape[1] == 0 or image.shape[2] == 0:
+        raise ConfigError(f"Cannot compute normalisation of an image of shape {image.shape}.")
+    step = max(1, math.isqrt(image.shape[1] * image.shape[2] // _STATISTICS_PIXELS))
+    sample = image[:, ::step, ::step].reshape(image.shape[0], -1).astype(np.float64)
+    if not np.isfinite(sample).all():
+        raise ConfigError("The training image holds NaN or infinite values; mask or fill them first.")
+    if image.dtype == np.uint8:
+        scale = 1 / 255
+    else:
+        peak = float(np.abs(sample).max())
+        scale = 1 / peak if peak > 0 else 1.0
+    sample *= scale
+    std = sample.std(axis=1)
+    return Normalization(
+        scale=scale,
+        mean=tuple(float(m) for m in sample.mean(axis=1)),
+        std=tuple(float(s) if s > 1e-6 else 1.0 for s in std),
+    )
+
+
+class WindowSampler:
+    """Random top-left corners of square windows that lie wholly inside the training band.
+
+    Args:
+        split: The area split.
+        window: Window side in pixels.
+        rng: Source of randomness.
+    """
+
+    def __init__(self, split: AreaSplit, window: int, rng: np.random.Generator) -> None:
+        if split.val_start < window or split.width < window:
+            raise ConfigError(
+                f"A {window} px window does not fit the {split.val_start} x {split.width} training "
+                "area; lower tile_size."
+            )
+        self.split = split
+        self.window = window
+        self.rng = rng
+
+    def sample(self, count: int) -> np.ndarray:
+        """(count, 2) int64 (row, col) corners; every window ends at or above ``val_start``."""
+        rows = self.rng.integers(0, self.split.val_start - self.window, count, endpoint=True)
+        cols = self.rng.integers(0, self.split.width - self.window, count, endpoint=True)
+        return np.stack([rows, cols], axis=1)
+
+
+def augment_d4(
+    image: np.ndarray, labels: np.ndarray, rotation: int, flip: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply one of the 8 symmetries of the square to a window and its labels alike.
+
+    Args:
+        image: (C, S, S) window.
+        labels: (S, S) labels.
+        rotation: Number of 90-degree counter-clockwise turns (0..3).
+        flip: Mirror left-right after turning.
+
+    Returns:
+        The transformed (image, labels), as views where numpy allows.
+    """
+    image = np.rot90(image, rotation, axes=(1, 2))
+    labels = np.rot90(labels, rotation, axes=(0, 1))
+    if flip:
+        image, labels = image[:, :, ::-1], labels[:, ::-1]
+    return image, labels
+
+
+def jitter_colour(batch: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Random per-sample, per-band gain and offset on a normalised batch.
+
+    Args:
+        batch: (N, C, H, W) normalised values (unit variance per band).
+        strength: Gains are drawn from 1 +- strength and offsets from +- strength (in band
+            standard deviations); 0 returns the batch unchanged.
+        generator: Source of randomness.
+
+    Returns:
+        The jittered batch (a new tensor).
+    """
+    shape = (batch.shape[0], batch.shape[1], 1, 1)
+    gain = 1 + strength * (2 * torch.rand(shape, generator=generator) - 1)
+    offset = strength * (2 * torch.rand(shape, generator=generator) - 1)
+    return batch * gain + offset
+
+
+class WindowBatches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
+    """An endless stream of augmented, normalised training batches.
+
+    Each batch holds ``batch_size`` windows at random positions of the training band, each under a
+    random D4 symmetry, normalised with ``normalization`` and colour-jittered.
+
+    Args:
+        raster: The labelled raster.
+        split: Its area split; only rows above ``split.val_start`` are read.
+        normalization: Turns raw values into model input.
+        window: Window side in pixels.
+        batch_size: Windows per batch.
+        rng: Source of randomness (positions, symmetries and, through a derived seed, jitter).
+        jitter: Colour jitter strength, see :func:`jitter_colour`.
+
+    Yields:
+        (N, C, window, window) float32 inputs and (N, window, window) int64 labels.
+    """
+
+    def __init__(
+        self,
+        raster: LabelledRaster,
+        split: AreaSplit,
+        normalization: Normalization,
+        window: int,
+        batch_size: int,
+        rng: np.random.Generator,
+        jitter: float = 0.1,
+    ) -> None:
+        self.raster = raster
+        self.normalization = normalization
+        self.window = window
+        self.batch_size = batch_size
+        self.jitter = jitter
+        self.rng = rng
+        self.sampler = WindowSampler(split, window, rng)
+        self.generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.window
+        corners = self.sampler.sample(self.batch_size)
+        symmetries = self.rng.integers(0, 8, self.batch_size)
+        images = np.empty((self.batch_size, self.raster.image.shape[0], size, size), self.raster.image.dtype)
+        labels = np.empty((self.batch_size, size, size), np.uint8)
+        for i, ((row, col), symmetry) in enumerate(zip(corners, symmetries, strict=True)):
+            images[i], labels[i] = augment_d4(
+                self.raster.image[:, row : row + size, col : col + size],
+                self.raster.labels[row : row + size, col : col + size],
+                rotation=int(symmetry) % 4,
+                flip=bool(symmetry >= 4),
+            )
+        x = self.normalization.apply(torch.from_numpy(images).float())
+        if self.jitter:
+            x = jitter_colour(x, self.jitter, self.generator)
+        return x, torch.from_numpy(labels).long()
+
+
+def _open(path: str | os.PathLike[str], role: str) -> rasterio.DatasetReader:
+    """Open a raster, mapping rasterio's errors onto tessera's."""
+    if not os.path.exists(path):
+        raise SourceNotFoundError(
+            f"The {role} raster {str(path)!r} does not exist; check the path (relative paths are "
+            f"relative to {os.getcwd()!r})."
+        )
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as exc:
+        raise SourceReadError(
+            f"The {role} raster {str(path)!r} cannot be read ({exc}); expected a GeoTIFF or "
+            "another format GDAL reads."
+        ) from exc
+
+
+def _resolution_in_metres(src: rasterio.DatasetReader) -> float | None:
+    """The pixel size in metres, or None without a projected CRS (pixels in degrees or unknown)."""
+    if src.crs is None or not src.crs.is_projected:
+        return None
+    _, metres_per_unit = src.crs.linear_units_factor
+    # Non-square pixels: the side of the square of equal area.
+    return float(math.sqrt(abs(src.transform.determinant)) * metres_per_unit)
+
+
+def _as_class_ids(labels: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
+    """Labels as uint8, or ConfigError if they are not integers in 0..255."""
+    if labels.dtype == np.uint8:
+        return labels
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(
+            f"Labels {str(path)!r} have dtype {labels.dtype}; expected integer class ids (uint8, "
+            f"with {IGNORE_INDEX} for unlabelled pixels)."
+        )
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high > 255:
+        raise ConfigError(
+            f"Labels {str(path)!r} hold values {low}..{high}; expected class ids 0..254 and "
+            f"{IGNORE_INDEX} for unlabelled pixels."
+        )
+    return labels.astype(np.uint8)

@@ -1,0 +1,86 @@
+"""Shared fixtures: a real embedded Ray for the session, seeded rasters, small model bundles."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+from pipeline.models.bundle import BundleSpec, ClassInfo, ModelBundle, Normalization
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the repo; absent on a user's fresh clone, always present in CI."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real sample data not found at {SHARED_DATA} (CI always has it)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One real embedded Ray for the tests that run jobs in-process (started here, stopped after)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def write_geotiff(path: Path, image: np.ndarray, *, nodata: float | None = None, crs: str = "EPSG:32632",
+                  pixel: float = 2.0, origin: tuple[float, float] = (600000.0, 5100000.0)) -> Path:
+    """A tiled GeoTIFF with a real CRS and affine transform."""
+    bands, h, w = image.shape
+    with rasterio.open(
+        path, "w", driver="GTiff", height=h, width=w, count=bands, dtype=image.dtype, crs=crs,
+        transform=from_origin(*origin, pixel, pixel), nodata=nodata, tiled=True, blockxsize=128,
+        blockysize=128, compress="deflate",
+    ) as dst:
+        dst.write(image)
+    return path
+
+
+def smooth_image(h: int, w: int, bands: int = 3, seed: int = 0) -> np.ndarray:
+    """Seeded uint8 image with structure at several scales (so models give varied classes)."""
+    from scipy.ndimage import zoom
+
+    rng = np.random.default_rng(seed)
+    out = np.zeros((bands, h, w), np.float64)
+    for cells in (4, 16, 64):
+        coarse = rng.normal(size=(bands, cells, cells))
+        out += zoom(coarse, (1, h / cells, w / cells), order=1)[:, :h, :w] * (64 / cells) ** 0.5
+    out = (out - out.min()) / (out.max() - out.min())
+    return (out * 255).astype(np.uint8)
+
+
+def make_bundle(path: Path, *, bands: int = 3, classes: int = 3, tile: int = 128, overlap: int = 32,
+                architecture: str = "fcn", arch_args: dict | None = None, seed: int = 0,
+                resolution: float | None = None, unit: str | None = None) -> Path:
+    """A randomly initialised (seeded) bundle; nothing is downloaded."""
+    torch.manual_seed(seed)
+    palette = [(0, 0, 0), (220, 40, 40), (40, 160, 40), (40, 40, 220), (200, 200, 40)]
+    spec = BundleSpec(
+        architecture=architecture,
+        arch_args=arch_args if arch_args is not None else {"depth": 4, "width": 8},
+        classes=tuple(ClassInfo(f"class{i}", palette[i % len(palette)]) for i in range(classes)),
+        bands=tuple(range(1, bands + 1)),
+        normalization=Normalization(scale=1 / 255, mean=(0.5,) * bands, std=(0.25,) * bands),
+        resolution=resolution, resolution_unit=unit, tile_size=tile, overlap=overlap,
+    )
+    bundle = ModelBundle.create(spec)
+    bundle.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fcn_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-band, 3-class FCN (receptive field 9 px, reflect padding) with tile 128, overlap 32."""
+    return make_bundle(tmp_path_factory.mktemp("bundles") / "fcn.bundle",
+                       arch_args={"depth": 4, "width": 8, "padding_mode": "reflect"})
