@@ -52,5 +52,6 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except TesseraError as e:
-        print(f"error: {e}", file=sys.stderr)
+        parts = (line.strip() for line in str(e).splitlines())
+        print("error: " + " ".join(p for p in parts if p), file=sys.stderr)
         raise SystemExit(2) from None

@@ -96,7 +96,7 @@ class TrainConfig:
     inference_tile_size: int = 512
     overlap: int = 64
     batch_size: int = 16
-    steps: int = 300
+    steps: int = 200
     lr: float = 5e-3
     weight_decay: float = 1e-4
     val_fraction: float = 0.2

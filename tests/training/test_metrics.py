@@ -72,9 +72,9 @@ def test_nothing_counted_gives_nan() -> None:
 def test_shape_mismatch_and_out_of_range_ids_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="shape"):
         confusion_matrix(np.zeros(3, int), np.zeros(4, int), num_classes=2)
-    with pytest.raises(ConfigError, match="outside 0..1"):
+    with pytest.raises(ConfigError, match=r"outside 0\.\.1"):
         confusion_matrix(np.array([0, 2]), np.array([0, 1]), num_classes=2)
-    with pytest.raises(ConfigError, match="outside 0..1"):
+    with pytest.raises(ConfigError, match=r"outside 0\.\.1"):
         confusion_matrix(np.array([0, 1]), np.array([0, 5]), num_classes=2)
     with pytest.raises(ConfigError, match="num_classes"):
         confusion_matrix(np.zeros(2, int), np.zeros(2, int), num_classes=0)

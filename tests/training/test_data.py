@@ -1,0 +1,214 @@
+"""Training data: reading, the area split, window sampling, augmentation, normalisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rasterio.transform import Affine
+
+from pipeline.errors import ConfigError, SourceNotFoundError
+from pipeline.models import Normalization
+from pipeline.synthetic import generate_scene, write_scene
+from pipeline.training.data import (
+    LabelledRaster,
+    WindowBatches,
+    WindowSampler,
+    augment_d4,
+    compute_normalization,
+    jitter_colour,
+    read_labelled_raster,
+    split_by_area,
+)
+
+IDENTITY = Normalization(scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+@pytest.fixture(scope="module")
+def scene_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("scene")
+    image, labels = folder / "scene.tif", folder / "labels.tif"
+    write_scene(generate_scene(96, 128, seed=1), image, labels)
+    return image, labels
+
+
+def coded_raster(height: int, width: int, seed: int = 0) -> LabelledRaster:
+    """A raster whose label at every pixel is a function of the image there: label = red % 5."""
+    image = np.random.default_rng(seed).integers(0, 250, (3, height, width), dtype=np.uint8)
+    return LabelledRaster(image=image, labels=image[0] % 5, bands=(1, 2, 3), resolution=None)
+
+
+# Reading
+
+
+def test_read_gives_arrays_bands_and_resolution(scene_files: tuple[Path, Path]) -> None:
+    raster = read_labelled_raster(*scene_files)
+    assert raster.image.shape == (3, 96, 128) and raster.image.dtype == np.uint8
+    assert raster.labels.shape == (96, 128) and raster.labels.dtype == np.uint8
+    assert raster.bands == (1, 2, 3) and raster.resolution == 0.5
+    assert (raster.height, raster.width) == (96, 128)
+    picked = read_labelled_raster(*scene_files, bands=[3, 1])
+    np.testing.assert_array_equal(picked.image, raster.image[[2, 0]])
+    assert picked.bands == (3, 1)
+
+
+def test_missing_files_are_source_not_found(scene_files: tuple[Path, Path], tmp_path: Path) -> None:
+    image, labels = scene_files
+    with pytest.raises(SourceNotFoundError, match="image raster"):
+        read_labelled_raster(tmp_path / "nope.tif", labels)
+    with pytest.raises(FileNotFoundError, match="labels raster"):
+        read_labelled_raster(image, tmp_path / "nope.tif")
+
+
+def test_bad_bands_are_config_errors(scene_files: tuple[Path, Path]) -> None:
+    with pytest.raises(ConfigError, match="has 3 band"):
+        read_labelled_raster(*scene_files, bands=[4])
+    with pytest.raises(ConfigError, match="bands"):
+        read_labelled_raster(*scene_files, bands=[])
+
+
+def test_labels_on_another_grid_are_config_errors(scene_files: tuple[Path, Path], tmp_path: Path) -> None:
+    image, _ = scene_files
+    profile = {"driver": "GTiff", "count": 1, "dtype": "uint8", "crs": "EPSG:32632"}
+    smaller = tmp_path / "smaller.tif"
+    with rasterio.open(smaller, "w", height=90, width=128, transform=Affine(0.5, 0, 5e5, 0, -0.5, 52e5),
+                       **profile) as dst:
+        dst.write(np.zeros((1, 90, 128), np.uint8))
+    with pytest.raises(ConfigError, match=r"90 x 128 pixels but image .* is 96 x 128"):
+        read_labelled_raster(image, smaller)
+    shifted = tmp_path / "shifted.tif"
+    with rasterio.open(shifted, "w", height=96, width=128, transform=Affine(0.5, 0, 6e5, 0, -0.5, 52e5),
+                       **profile) as dst:
+        dst.write(np.zeros((1, 96, 128), np.uint8))
+    with pytest.raises(ConfigError, match="different georeferencing"):
+        read_labelled_raster(image, shifted)
+
+
+# The split and window sampling
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    height=st.integers(32, 400),
+    width=st.integers(32, 400),
+    val_fraction=st.floats(0.01, 0.9),
+    window=st.sampled_from([32, 64, 128]),
+    seed=st.integers(0, 1000),
+)
+def test_windows_never_cross_the_split(
+    height: int, width: int, val_fraction: float, window: int, seed: int
+) -> None:
+    try:
+        split = split_by_area(height, width, val_fraction, window)
+    except ConfigError:
+        assert height - max(1, round(height * val_fraction)) < window or width < window
+        return
+    assert split.height - split.val_start >= 1 and split.val_start >= window
+    corners = WindowSampler(split, window, np.random.default_rng(seed)).sample(200)
+    rows, cols = corners[:, 0], corners[:, 1]
+    assert (rows >= 0).all() and (rows + window <= split.val_start).all()
+    assert (cols >= 0).all() and (cols + window <= width).all()
+
+
+def test_windows_reach_every_corner_of_the_training_area() -> None:
+    split = split_by_area(100, 80, 0.2, 32)
+    corners = WindowSampler(split, 32, np.random.default_rng(0)).sample(5000)
+    assert corners[:, 0].min() == 0 and corners[:, 0].max() == split.val_start - 32
+    assert corners[:, 1].min() == 0 and corners[:, 1].max() == 80 - 32
+
+
+def test_batches_hold_no_validation_pixel() -> None:
+    raster = coded_raster(200, 100)
+    split = split_by_area(200, 100, 0.3, 64)
+    raster.labels[split.val] = 4  # a class that, below, occurs only in the validation rows
+    raster.labels[split.train][raster.labels[split.train] == 4] = 3
+    batches = WindowBatches(raster, split, IDENTITY, 64, 8, np.random.default_rng(0), jitter=0.0)
+    for _ in range(20):
+        _, y = next(batches)
+        assert not (y == 4).any()
+
+
+def test_split_rejects_bad_fractions_and_small_rasters() -> None:
+    for fraction in (0.0, 1.0, -0.1):
+        with pytest.raises(ConfigError, match="val_fraction"):
+            split_by_area(100, 100, fraction, 32)
+    with pytest.raises(ConfigError, match="smaller than one 64 x 64 training window"):
+        split_by_area(70, 100, 0.2, 64)
+    with pytest.raises(ConfigError, match="training window"):
+        split_by_area(200, 40, 0.2, 64)
+
+
+# Augmentation
+
+
+def test_the_eight_symmetries_are_distinct_and_keep_image_and_labels_aligned() -> None:
+    raster = coded_raster(16, 16)
+    seen = set()
+    for rotation in range(4):
+        for flip in (False, True):
+            image, labels = augment_d4(raster.image, raster.labels, rotation, flip)
+            np.testing.assert_array_equal(labels, image[0] % 5)
+            seen.add(image.tobytes())
+    assert len(seen) == 8
+
+
+def test_batches_keep_image_and_labels_aligned() -> None:
+    raster = coded_raster(120, 90, seed=2)
+    split = split_by_area(120, 90, 0.2, 32)
+    batches = WindowBatches(raster, split, IDENTITY, 32, 6, np.random.default_rng(1), jitter=0.0)
+    for _ in range(10):
+        x, y = next(batches)
+        assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32
+        assert y.shape == (6, 32, 32) and y.dtype == torch.int64
+        torch.testing.assert_close(y, x[:, 0].long() % 5)
+
+
+def test_batches_are_normalised_and_seeded() -> None:
+    raster = coded_raster(120, 90)
+    split = split_by_area(120, 90, 0.2, 32)
+    norm = compute_normalization(raster.image[:, split.train])
+
+    def first(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(WindowBatches(raster, split, norm, 32, 64, np.random.default_rng(seed)))
+
+    x, y = first(5)
+    assert abs(float(x.mean())) < 0.1 and abs(float(x.std()) - 1) < 0.1
+    again, other = first(5), first(6)
+    torch.testing.assert_close(again[0], x)
+    torch.testing.assert_close(again[1], y)
+    assert not torch.equal(other[0], x)
+
+
+def test_jitter_is_a_per_band_gain_and_offset() -> None:
+    batch = torch.randn(4, 3, 8, 8)
+    generator = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(jitter_colour(batch, 0.0, generator), batch)
+    jittered = jitter_colour(batch, 0.2, generator)
+    gain = jittered.std(dim=(2, 3)) / batch.std(dim=(2, 3))
+    assert ((gain > 0.79) & (gain < 1.21)).all()
+    assert not torch.allclose(jittered, batch)
+
+
+# Normalisation
+
+
+def test_uint8_normalisation_uses_1_over_255_and_band_statistics() -> None:
+    image = np.stack([np.full((10, 10), 51, np.uint8), np.tile(np.array([0, 255], np.uint8), (10, 5))])
+    norm = compute_normalization(image)
+    assert norm.scale == pytest.approx(1 / 255)
+    assert norm.mean == pytest.approx((0.2, 0.5))
+    assert norm.std == pytest.approx((1.0, 0.5))  # a constant band gets std 1
+
+
+def test_other_dtypes_are_scaled_by_their_largest_value() -> None:
+    image = np.array([[[0, 1000], [2000, 4000]]], np.uint16)
+    norm = compute_normalization(image)
+    assert norm.scale == pytest.approx(1 / 4000)
+    assert norm.mean == pytest.approx((7000 / 4 / 4000,))
+    floats = compute_normalization(np.array([[[-2.0, 1.0]]], np.float32))
+    assert floats.scale == pytest.approx(0.5)
