@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 
 from pipeline import lineage as lineage_info
@@ -397,7 +396,7 @@ def _run(
         return []
     job_ref = ray.put(job)
     actor_cls = ray.remote(BlockWorker).options(num_cpus=1, num_gpus=1 if device_type == "cuda" else 0)
-    actors = [actor_cls.remote(job_ref) for _ in range(workers)]
+    actors: list[Any] = [actor_cls.remote(job_ref) for _ in range(workers)]
     feeds = plan.seams_of()
     seam_order: list[int] = []
     for b in busy:  # seams in the order their first block needs them
@@ -409,7 +408,7 @@ def _run(
     blocks_ready = deque(b for b in busy if waiting[b] == 0)
     blocks_left = set(busy) - set(blocks_ready)
     in_flight: dict[Any, tuple[str, Any, int]] = {}
-    load = defaultdict(int)
+    load: dict[int, int] = defaultdict(int)
     reports: list[UnitReport] = []
     per_actor = 2  # one running, one queued, so an actor never idles between units
     bar = tqdm(total=len(busy), desc="blocks", unit="block", disable=not progress, leave=False)

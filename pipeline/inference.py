@@ -34,7 +34,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def d4_transforms(x: torch.Tensor) -> list[torch.Tensor]:
     """The 8 images of the dihedral group D4 (4 rotations, each with and without a flip)."""
-    out = []
+    out: list[torch.Tensor] = []
     for flip in (False, True):
         base = torch.flip(x, dims=(-1,)) if flip else x
         out.extend(torch.rot90(base, k, dims=(-2, -1)) for k in range(4))
@@ -43,7 +43,7 @@ def d4_transforms(x: torch.Tensor) -> list[torch.Tensor]:
 
 def d4_inverse(ys: list[torch.Tensor]) -> list[torch.Tensor]:
     """Undo `d4_transforms` on the model outputs, in the same order."""
-    out = []
+    out: list[torch.Tensor] = []
     for n, y in enumerate(ys):
         flip, k = divmod(n, 4)
         y = torch.rot90(y, -k, dims=(-2, -1))
@@ -102,8 +102,8 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        out = [self._batch(tiles[i : i + self.options.batch_size])
-               for i in range(0, len(tiles), self.options.batch_size)]
+        step = self.options.batch_size
+        out: list[np.ndarray] = [self._batch(tiles[i : i + step]) for i in range(0, len(tiles), step)]
         return np.concatenate(out) if out else np.zeros((0, self.num_classes, *tiles.shape[-2:]), np.float32)
 
     def _batch(self, tiles: np.ndarray) -> np.ndarray:
@@ -120,7 +120,8 @@ class Predictor:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scores at the input's resolution: lower-resolution outputs are upsampled bilinearly."""
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        use_amp = self.autocast_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=use_amp):
             y = self.model(x)
         y = y.float()
         if y.shape[-2:] != x.shape[-2:]:

@@ -122,7 +122,7 @@ class Mosaic:
     def __init__(self, path: Path, group: zarr.Group) -> None:
         self.path = path
         self.group = group
-        meta = dict(group.attrs.get("tessera", {}))
+        meta: dict[str, Any] = dict(group.attrs.get("tessera", {}))  # type: ignore[arg-type]
         if meta.get("format") != FORMAT:
             raise MosaicError(f"{path} is not a tessera mosaic (no tessera metadata)")
         self.layout = MosaicLayout.from_dict(meta["layout"])
@@ -227,9 +227,10 @@ class Mosaic:
             pooled = prev.map_blocks(_pool2x2, chunks=out_chunks, dtype=np.float32)
             mask = pooled.map_blocks(_mask_of, kind, drop_axis=0, dtype=np.uint8)
             conf = pooled.map_blocks(_confidence_of, kind, drop_axis=0, dtype=np.float16)
+            targets: list[Any] = [self.array("scores", k), self.array("confidence", k), self.array("mask", k)]
             da.store(
                 [pooled.astype(self.layout.scores_dtype), conf, mask],
-                [self.array("scores", k), self.array("confidence", k), self.array("mask", k)],
+                targets,
                 lock=False,
                 scheduler="threads",
                 num_workers=num_workers,

@@ -173,7 +173,7 @@ def test_slide_keeps_mpp_and_reads_in_ome_zarr(shared_data: Path, tmp_path: Path
     assert 0 < s["tiles_computed"] < s["tiles_total"], "tissue detection skips the glass"
     nodes = list(Reader(parse_url(str(out)))())
     image = nodes[0]
-    assert [d.shape for d in image.data][0] == (3, 2967, 2220)
+    assert next(d.shape for d in image.data) == (3, 2967, 2220)
     assert image.metadata["coordinateTransformations"][0][0]["scale"][1] == pytest.approx(0.499)
     labels = [n for n in nodes if "labels/mask" in str(n.zarr)]
     assert labels and len(labels[0].data) == mosaic.layout.num_levels
