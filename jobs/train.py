@@ -21,12 +21,15 @@ def to_config(cfg: DictConfig) -> TrainConfig:
         ConfigError: If a required value is missing, a key is unknown or a value has the wrong shape.
     """
     try:
-        values: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[assignment]
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "a setting"
         raise ConfigError(
             f"{key} is not set ({type(exc).__name__}); give it on the command line, e.g. {key}=..."
         ) from exc
+    if not isinstance(container, dict):
+        raise ConfigError(f"The train config must be a mapping of settings, got {container!r}.")
+    values: dict[str, Any] = {str(key): value for key, value in container.items()}
     values.pop("progress", None)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - fields)

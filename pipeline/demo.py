@@ -67,17 +67,26 @@ def write_preview(mosaic: Mosaic, image: Path, truth: Path, path: Path, max_size
     return path
 
 
-def run_demo(workdir: Path, size: int = 6000) -> tuple[SegmentSummary, float]:
-    """Run the demo end to end and print what it measured; returns the summary and the mIoU."""
+def run_demo(
+    workdir: Path, size: int = 6000, train_size: int = TRAIN_SIZE, steps: int | None = None
+) -> tuple[SegmentSummary, float]:
+    """Run the demo end to end and print what it measured; returns the summary and the mIoU.
+
+    Args:
+        workdir: folder for the scenes, bundle, mosaic and preview (scenes are reused if present).
+        size: edge of the scene to segment; train_size: edge of the training scene.
+        steps: training steps; None takes the trainer's default.
+    """
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"1/4 scenes: {TRAIN_SIZE} px training scene, {size} px scene to segment (synthetic, seeded)")
-    train_image, train_truth = ensure_scene(workdir, "train_scene", TRAIN_SIZE, TRAIN_SEED)
+    print(f"1/4 scenes: {train_size} px training scene, {size} px scene to segment (synthetic, seeded)")
+    train_image, train_truth = ensure_scene(workdir, "train_scene", train_size, TRAIN_SEED)
     image, truth = ensure_scene(workdir, "scene", size, SCENE_SEED)
 
     print("2/4 training a small model on the training scene")
     bundle = workdir / "model.bundle"
-    trained = train(TrainConfig(image=str(train_image), labels=str(train_truth), output=str(bundle)))
+    settings = {} if steps is None else {"steps": steps, "val_every": steps}
+    trained = train(TrainConfig(image=str(train_image), labels=str(train_truth), output=str(bundle), **settings))
     print(f"    validation mIoU {trained.val_miou:.3f} after {trained.seconds:.0f} s")
 
     print("3/4 segmenting the scene through the segment job (embedded Ray, Zarr mosaic)")

@@ -9,12 +9,14 @@ Training windows are sampled inside the training rows only, so no training windo
 validation pixel (neither its image nor its labels), and validation is inferred from the
 validation rows alone, reflect-padded at their edges.
 
-Example:
-    >>> raster = read_labelled_raster("scene.tif", "labels.tif")  # doctest: +SKIP
-    >>> split = split_by_area(raster.height, raster.width, val_fraction=0.2, window=256)
-    >>> batches = WindowBatches(raster, split, compute_normalization(raster.image[:, split.train]),
-    ...                         window=256, batch_size=8, rng=np.random.default_rng(0))
-    >>> x, y = next(batches)  # (8, C, 256, 256) float32 normalised, (8, 256, 256) int64
+Example (it needs the two rasters, so it is not a doctest)::
+
+    raster = read_labelled_raster("scene.tif", "labels.tif")
+    split = split_by_area(raster.height, raster.width, val_fraction=0.2, window=256)
+    normalization = compute_normalization(raster.image[:, split.train])
+    batches = WindowBatches(raster, split, normalization, window=256, batch_size=8,
+                            rng=np.random.default_rng(0))
+    x, y = next(batches)  # (8, C, 256, 256) float32 normalised, (8, 256, 256) int64
 """
 
 from __future__ import annotations
