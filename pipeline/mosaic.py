@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -286,9 +285,12 @@ def _pool2x2(block: np.ndarray) -> np.ndarray:
     padded = np.full((c, h + h % 2, w + w % 2), np.nan, np.float32)
     padded[:, :h, :w] = block
     quads = padded.reshape(c, padded.shape[1] // 2, 2, padded.shape[2] // 2, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-nodata quads give NaN, as they should
-        return np.nanmean(quads, axis=(2, 4))
+    valid = ~np.isnan(quads)
+    total = np.where(valid, quads, 0.0).sum(axis=(2, 4))
+    count = valid.sum(axis=(2, 4))
+    # np.nanmean warns on all-nodata quads through the (not thread-safe) warnings module; divide instead.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (total / count).astype(np.float32)
 
 
 def _mask_of(scores: np.ndarray, kind: str) -> np.ndarray:
