@@ -6,6 +6,7 @@ file, and segmentation is the real `segment` job (embedded Ray, blocks, Zarr mos
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -85,8 +86,10 @@ def run_demo(
 
     print("2/4 training a small model on the training scene")
     bundle = workdir / "model.bundle"
-    settings = {} if steps is None else {"steps": steps, "val_every": steps}
-    trained = train(TrainConfig(image=str(train_image), labels=str(train_truth), output=str(bundle), **settings))
+    config = TrainConfig(image=str(train_image), labels=str(train_truth), output=str(bundle))
+    if steps is not None:
+        config = dataclasses.replace(config, steps=steps, val_every=steps)
+    trained = train(config)
     print(f"    validation mIoU {trained.val_miou:.3f} after {trained.seconds:.0f} s")
 
     print("3/4 segmenting the scene through the segment job (embedded Ray, Zarr mosaic)")

@@ -121,9 +121,13 @@ class SegmentSummary:
     blocks_written: int
     workers: int
     wall_seconds: float
-    pyramid_seconds: float
+    phases: dict[str, float]  # seconds: prepare (open, plan, create), startup (Ray, workers), blocks, pyramid
     peak_rss_mib: float  # all processes of the job on this machine, sampled
     worker_peak_rss_mib: float  # the largest single worker
+
+    @property
+    def pyramid_seconds(self) -> float:
+        return self.phases.get("pyramid", 0.0)
 
     @property
     def megapixels(self) -> float:
@@ -149,8 +153,8 @@ class SegmentSummary:
             f"{self.tiles_skipped} skipped ({pct(self.tiles_skipped)}), "
             f"{self.tiles_recomputed} recomputed ({pct(self.tiles_recomputed)})",
             f"blocks      {self.blocks_written} written of {self.blocks_total}, {self.workers} worker(s)",
-            f"speed       {self.mpix_per_second:.2f} MPix/s, wall {self.wall_seconds:.1f} s "
-            f"(pyramid {self.pyramid_seconds:.1f} s)",
+            f"speed       {self.mpix_per_second:.2f} MPix/s, wall {self.wall_seconds:.1f} s ("
+            + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()) + ")",
             f"memory      peak {self.peak_rss_mib:.0f} MiB all processes, "
             f"{self.worker_peak_rss_mib:.0f} MiB largest worker",
         ])
@@ -192,6 +196,10 @@ class BlockWorker:
             bundle = ModelBundle.load(f.name)
         self.predictor = Predictor(bundle, job.inference)
         self.mosaic = Mosaic.open(job.mosaic, mode="r+")
+
+    def ready(self) -> bool:
+        """Answers once the model is loaded, so start-up is timed apart from compute."""
+        return True
 
     def compute_seam(self, index: int) -> tuple[Any, ...]:
         """The seam's weighted sums, one accumulator per block it touches, then a report."""
@@ -333,17 +341,21 @@ def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | Non
     device_type = "cuda" if device == "cuda" or (device == "auto" and _has_gpu()) else "cpu"
     workers, threads = worker_layout(config, device_type)
     workers = max(1, min(workers, len(busy) + len(plan.seams))) if busy else 1
-    started_ray = _connect(config.ray_address, workers)
+    phases = {"prepare": time.perf_counter() - start}
+    started_ray = False
     try:
         with MemorySampler() as memory:
+            tick = time.perf_counter()
+            started_ray = _connect(config.ray_address, workers)
+            phases["startup"] = time.perf_counter() - tick
             reports = _run(plan, busy, JobSpec(
                 source=source, bundle_bytes=Path(config.model).read_bytes(), plan=plan,
                 window=config.window, inference=config.inference, mosaic=config.output, threads=threads,
-            ), workers, device_type, config.progress, on_progress)
+            ), workers, device_type, config.progress, on_progress, phases)
             mosaic = Mosaic.open(config.output, mode="r+")
-            pyramid_start = time.perf_counter()
+            tick = time.perf_counter()
             mosaic.build_pyramid()
-            pyramid_seconds = time.perf_counter() - pyramid_start
+            phases["pyramid"] = time.perf_counter() - tick
     finally:
         if started_ray:
             ray.shutdown()
@@ -352,7 +364,7 @@ def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | Non
         output=config.output, height=source.height, width=source.width, level=source.level,
         tiles_total=len(grid), tiles_computed=len(active), tiles_skipped=len(grid) - len(active),
         tiles_recomputed=computed - len(active), blocks_total=len(list(plan)), blocks_written=len(busy),
-        workers=workers, wall_seconds=time.perf_counter() - start, pyramid_seconds=pyramid_seconds,
+        workers=workers, wall_seconds=time.perf_counter() - start, phases=phases,
         peak_rss_mib=memory.peak, worker_peak_rss_mib=max((r.peak_rss_mib for r in reports), default=0.0),
     )
     mosaic.finish({"summary": summary.as_dict(), "finished": lineage_info.now()})
@@ -387,8 +399,12 @@ def _run(
     device_type: str,
     progress: bool,
     on_progress: Callable[[int, int], None] | None,
+    phases: dict[str, float],
 ) -> list[UnitReport]:
-    """Dataflow over the actors: seams first, each block once all its seams are done."""
+    """Dataflow over the actors: seams first, each block once all its seams are done.
+
+    Adds the workers' start-up time to `phases["startup"]` and the compute time as `phases["blocks"]`.
+    """
     import ray
     from tqdm import tqdm
 
@@ -396,7 +412,11 @@ def _run(
         return []
     job_ref = ray.put(job)
     actor_cls = ray.remote(BlockWorker).options(num_cpus=1, num_gpus=1 if device_type == "cuda" else 0)
+    tick = time.perf_counter()
     actors: list[Any] = [actor_cls.remote(job_ref) for _ in range(workers)]
+    ray.get([a.ready.remote() for a in actors])
+    phases["startup"] = phases.get("startup", 0.0) + time.perf_counter() - tick
+    tick = time.perf_counter()
     feeds = plan.seams_of()
     seam_order: list[int] = []
     for b in busy:  # seams in the order their first block needs them
@@ -466,4 +486,5 @@ def _run(
         bar.close()
         for actor in actors:
             ray.kill(actor)
+    phases["blocks"] = time.perf_counter() - tick
     return reports

@@ -32,7 +32,7 @@ from affine import Affine
 
 from pipeline.errors import MosaicError, OutputExistsError
 from pipeline.models.bundle import ClassInfo
-from pipeline.stitching import NODATA_CLASS, BlockOutput
+from pipeline.stitching import NODATA_CLASS, BlockOutput, class_mask, confidence
 from pipeline.tiling import Rect
 
 FORMAT = "tessera.mosaic"
@@ -64,6 +64,19 @@ class MosaicLayout:
     def num_levels(self) -> int:
         """Levels halve the size until the image fits in one chunk."""
         return 1 + max(0, math.ceil(math.log2(max(self.height, self.width) / self.chunk)))
+
+    @property
+    def block_levels(self) -> int:
+        """Levels 1..block_levels are written by the block tasks themselves (see `level_shard`)."""
+        return min(int(math.log2(self.shard // self.chunk)), self.num_levels - 1)
+
+    def level_shard(self, level: int) -> int:
+        """Shard edge at a level: halved per level down to one chunk.
+
+        So a level-0 block of whole shards covers whole shards of the levels below it, and the task
+        that writes the block can write its part of those levels too, still as their only writer.
+        """
+        return max(self.shard >> level, self.chunk)
 
     def level_shape(self, level: int) -> tuple[int, int]:
         f = 2**level
@@ -148,7 +161,7 @@ class Mosaic:
         c = len(layout.classes)
         for k in range(layout.num_levels):
             h, w = layout.level_shape(k)
-            chunk, shard = layout.chunk, layout.shard
+            chunk, shard = layout.chunk, layout.level_shard(k)
             level = group.create_group(str(k))
             grid_attrs = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"} if layout.crs else {}
             scores = level.create_array(
@@ -203,29 +216,43 @@ class Mosaic:
     # -- writing --------------------------------------------------------------------------------
 
     def write_block(self, out: BlockOutput) -> None:
-        """Write one block of level 0; the block must be shard-aligned (one writer per block)."""
+        """Write one shard-aligned block of level 0 and its part of levels 1..`block_levels`.
+
+        The lower levels are pooled from the block's float32 scores in memory, so most of the pyramid
+        is built in parallel by the block tasks; `build_pyramid` only adds the small levels below.
+        """
         r = out.region
         if r.y0 % self.layout.shard or r.x0 % self.layout.shard:
             raise MosaicError(f"block {r} is not aligned to the shard size {self.layout.shard}")
-        ys, xs = slice(r.y0, r.y1), slice(r.x0, r.x1)
-        self.array("scores")[:, ys, xs] = out.scores.astype(self.layout.scores_dtype)
-        self.array("confidence")[ys, xs] = out.confidence.astype(np.float16)
-        self.array("mask")[ys, xs] = out.mask
+        self._write_level(0, r.y0, r.x0, out.scores, out.confidence, out.mask)
+        scores = out.scores
+        for k in range(1, self.layout.block_levels + 1):
+            scores = _pool2x2(scores)
+            kind = self.layout.scores_kind
+            self._write_level(k, r.y0 >> k, r.x0 >> k, scores, confidence(scores, kind), class_mask(scores))
+
+    def _write_level(
+        self, level: int, y0: int, x0: int, scores: np.ndarray, confidence: np.ndarray, mask: np.ndarray
+    ) -> None:
+        ys, xs = slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1])
+        self.array("scores", level)[:, ys, xs] = scores.astype(self.layout.scores_dtype)
+        self.array("confidence", level)[ys, xs] = confidence.astype(np.float16)
+        self.array("mask", level)[ys, xs] = mask
 
     def build_pyramid(self, num_workers: int | None = None) -> None:
-        """Fill levels 1..N from level 0, out of core, one dask task per output shard.
+        """Fill the levels below `block_levels` out of core, one dask task per output shard.
 
         Scores are averaged over 2x2 pixels (ignoring nodata); mask and confidence are derived from
         the averaged scores exactly as for level 0, so every level is self-consistent.
         """
-        shard = self.layout.shard
         kind = self.layout.scores_kind
-        for k in range(1, self.layout.num_levels):
+        for k in range(self.layout.block_levels + 1, self.layout.num_levels):
+            shard = self.layout.level_shard(k)
             prev = da.from_zarr(self.array("scores", k - 1), chunks=(-1, 2 * shard, 2 * shard))
             out_chunks = (prev.chunks[0], _halved(prev.chunks[1]), _halved(prev.chunks[2]))
             pooled = prev.map_blocks(_pool2x2, chunks=out_chunks, dtype=np.float32)
-            mask = pooled.map_blocks(_mask_of, kind, drop_axis=0, dtype=np.uint8)
-            conf = pooled.map_blocks(_confidence_of, kind, drop_axis=0, dtype=np.float16)
+            mask = pooled.map_blocks(class_mask, drop_axis=0, dtype=np.uint8)
+            conf = pooled.map_blocks(confidence, kind, drop_axis=0, dtype=np.float32)
             targets: list[Any] = [self.array("scores", k), self.array("confidence", k), self.array("mask", k)]
             da.store(
                 [pooled.astype(self.layout.scores_dtype), conf, mask],
@@ -291,25 +318,6 @@ def _pool2x2(block: np.ndarray) -> np.ndarray:
     # np.nanmean warns on all-nodata quads through the (not thread-safe) warnings module; divide instead.
     with np.errstate(invalid="ignore", divide="ignore"):
         return (total / count).astype(np.float32)
-
-
-def _mask_of(scores: np.ndarray, kind: str) -> np.ndarray:
-    nodata = np.isnan(scores[0])
-    mask = np.nan_to_num(scores, nan=-np.inf).argmax(0).astype(np.uint8)
-    mask[nodata] = NODATA_CLASS
-    return mask
-
-
-def _confidence_of(scores: np.ndarray, kind: str) -> np.ndarray:
-    filled = np.nan_to_num(scores, nan=0.0)
-    if kind == "logits":
-        e = np.exp(filled - filled.max(0, keepdims=True))
-        conf = e.max(0) / e.sum(0)
-    else:
-        conf = filled.max(0)
-    conf = conf.astype(np.float16)
-    conf[np.isnan(scores[0])] = np.nan
-    return conf
 
 
 def _pixel_size(layout: MosaicLayout) -> tuple[float, float, str | None]:

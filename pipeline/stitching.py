@@ -55,8 +55,33 @@ def blend_tiles(
     return accs
 
 
+def class_mask(scores: np.ndarray) -> np.ndarray:
+    """Argmax class per pixel (uint8), NODATA_CLASS where the scores are NaN."""
+    mask = np.nan_to_num(scores, nan=-np.inf).argmax(0).astype(np.uint8)
+    mask[np.isnan(scores[0])] = NODATA_CLASS
+    return mask
+
+
+def confidence(scores: np.ndarray, kind: str) -> np.ndarray:
+    """Top-class probability per pixel (float32), NaN where the scores are NaN.
+
+    Args:
+        scores: (C, h, w) blended logits or probabilities.
+        kind: "logits" (softmax is taken) or "probabilities" (used as they are).
+    """
+    filled = np.nan_to_num(scores, nan=0.0)
+    if kind == "logits":
+        e = np.exp(filled - filled.max(0, keepdims=True))
+        top = e.max(0) / e.sum(0)
+    else:
+        top = filled.max(0)
+    top = top.astype(np.float32)
+    top[np.isnan(scores[0])] = np.nan
+    return top
+
+
 def finish_block(acc: Accumulator, valid: np.ndarray, scores_kind: str) -> BlockOutput:
-    """Normalise a block's sums; mask is the argmax, confidence the top class probability.
+    """Normalise a block's sums; NaN where the source has no data or no tile contributed.
 
     Args:
         acc: every contribution to the block, merged.
@@ -64,15 +89,5 @@ def finish_block(acc: Accumulator, valid: np.ndarray, scores_kind: str) -> Block
         scores_kind: "logits" or "probabilities", what was blended.
     """
     scores = acc.normalised()
-    nodata = ~valid | (acc.weight <= 0)
-    scores[:, nodata] = np.nan
-    filled = np.nan_to_num(scores, nan=0.0)
-    mask = filled.argmax(0).astype(np.uint8)
-    mask[nodata] = NODATA_CLASS
-    if scores_kind == "logits":
-        shifted = np.exp(filled - filled.max(0, keepdims=True))
-        confidence = (shifted.max(0) / shifted.sum(0)).astype(np.float32)
-    else:
-        confidence = filled.max(0)
-    confidence[nodata] = np.nan
-    return BlockOutput(acc.region, scores, mask, confidence)
+    scores[:, ~valid] = np.nan
+    return BlockOutput(acc.region, scores, class_mask(scores), confidence(scores, scores_kind))
