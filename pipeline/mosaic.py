@@ -32,7 +32,7 @@ from affine import Affine
 
 from pipeline.errors import MosaicError, OutputExistsError
 from pipeline.models.bundle import ClassInfo
-from pipeline.stitching import NODATA_CLASS, BlockOutput, class_mask, confidence
+from pipeline.stitching import NODATA_CLASS, BlockOutput, summarise
 from pipeline.tiling import Rect
 
 FORMAT = "tessera.mosaic"
@@ -228,8 +228,8 @@ class Mosaic:
         scores = out.scores
         for k in range(1, self.layout.block_levels + 1):
             scores = _pool2x2(scores)
-            kind = self.layout.scores_kind
-            self._write_level(k, r.y0 >> k, r.x0 >> k, scores, confidence(scores, kind), class_mask(scores))
+            mask, top = summarise(scores, self.layout.scores_kind)
+            self._write_level(k, r.y0 >> k, r.x0 >> k, scores, top, mask)
 
     def _write_level(
         self, level: int, y0: int, x0: int, scores: np.ndarray, confidence: np.ndarray, mask: np.ndarray
@@ -251,8 +251,8 @@ class Mosaic:
             prev = da.from_zarr(self.array("scores", k - 1), chunks=(-1, 2 * shard, 2 * shard))
             out_chunks = (prev.chunks[0], _halved(prev.chunks[1]), _halved(prev.chunks[2]))
             pooled = prev.map_blocks(_pool2x2, chunks=out_chunks, dtype=np.float32)
-            mask = pooled.map_blocks(class_mask, drop_axis=0, dtype=np.uint8)
-            conf = pooled.map_blocks(confidence, kind, drop_axis=0, dtype=np.float32)
+            mask = pooled.map_blocks(lambda b: summarise(b, kind)[0], drop_axis=0, dtype=np.uint8)
+            conf = pooled.map_blocks(lambda b: summarise(b, kind)[1], drop_axis=0, dtype=np.float32)
             targets: list[Any] = [self.array("scores", k), self.array("confidence", k), self.array("mask", k)]
             da.store(
                 [pooled.astype(self.layout.scores_dtype), conf, mask],
@@ -307,17 +307,22 @@ def _halved(chunks: Sequence[int]) -> tuple[int, ...]:
 
 
 def _pool2x2(block: np.ndarray) -> np.ndarray:
-    """Mean over 2x2 pixels, ignoring NaN (nodata); odd edges are padded with nodata."""
+    """Mean over 2x2 pixels, ignoring nodata (NaN); odd edges are padded with nodata."""
     c, h, w = block.shape
-    padded = np.full((c, h + h % 2, w + w % 2), np.nan, np.float32)
-    padded[:, :h, :w] = block
-    quads = padded.reshape(c, padded.shape[1] // 2, 2, padded.shape[2] // 2, 2)
-    valid = ~np.isnan(quads)
-    total = np.where(valid, quads, 0.0).sum(axis=(2, 4))
-    count = valid.sum(axis=(2, 4))
-    # np.nanmean warns on all-nodata quads through the (not thread-safe) warnings module; divide instead.
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (total / count).astype(np.float32)
+    if h % 2 or w % 2:
+        padded = np.full((c, h + h % 2, w + w % 2), np.nan, np.float32)
+        padded[:, :h, :w] = block
+        block = padded
+    valid = ~np.isnan(block[0])  # nodata is NaN in every class at once
+    filled = np.where(valid, block, np.float32(0))
+    quads = ((slice(None), slice(dy, None, 2), slice(dx, None, 2)) for dy in (0, 1) for dx in (0, 1))
+    total = np.zeros((c, block.shape[1] // 2, block.shape[2] // 2), np.float32)
+    count = np.zeros(total.shape[1:], np.float32)
+    for q in quads:
+        total += filled[q]
+        count += valid[q[1:]]
+    with np.errstate(invalid="ignore", divide="ignore"):  # all-nodata quads give NaN, as they should
+        return total / count
 
 
 def _pixel_size(layout: MosaicLayout) -> tuple[float, float, str | None]:

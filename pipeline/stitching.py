@@ -55,29 +55,31 @@ def blend_tiles(
     return accs
 
 
-def class_mask(scores: np.ndarray) -> np.ndarray:
-    """Argmax class per pixel (uint8), NODATA_CLASS where the scores are NaN."""
-    mask = np.nan_to_num(scores, nan=-np.inf).argmax(0).astype(np.uint8)
-    mask[np.isnan(scores[0])] = NODATA_CLASS
-    return mask
+def summarise(scores: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Class mask (uint8 argmax) and confidence (float32 top-class probability) of blended scores.
 
-
-def confidence(scores: np.ndarray, kind: str) -> np.ndarray:
-    """Top-class probability per pixel (float32), NaN where the scores are NaN.
+    Nodata pixels (NaN scores) get NODATA_CLASS and NaN. One running max over the classes gives both:
+    contiguous per-class passes are several times faster than argmax along the class axis.
 
     Args:
         scores: (C, h, w) blended logits or probabilities.
-        kind: "logits" (softmax is taken) or "probabilities" (used as they are).
+        kind: "logits" (confidence is the softmax's top probability) or "probabilities".
     """
-    filled = np.nan_to_num(scores, nan=0.0)
+    best = scores[0].astype(np.float32, copy=True)
+    mask = np.zeros(best.shape, np.uint8)
+    for c in range(1, len(scores)):
+        better = scores[c] > best
+        mask[better] = c
+        np.maximum(best, scores[c], out=best)
+    nodata = np.isnan(best)
+    mask[nodata] = NODATA_CLASS
     if kind == "logits":
-        e = np.exp(filled - filled.max(0, keepdims=True))
-        top = e.max(0) / e.sum(0)
-    else:
-        top = filled.max(0)
-    top = top.astype(np.float32)
-    top[np.isnan(scores[0])] = np.nan
-    return top
+        # softmax top = exp(top - top) / sum exp(s - top) = 1 / sum exp(s - top); NaN stays NaN.
+        total = np.zeros_like(best)
+        for c in range(len(scores)):
+            total += np.exp(scores[c] - best)
+        return mask, (1.0 / total).astype(np.float32)
+    return mask, best
 
 
 def finish_block(acc: Accumulator, valid: np.ndarray, scores_kind: str) -> BlockOutput:
@@ -90,4 +92,5 @@ def finish_block(acc: Accumulator, valid: np.ndarray, scores_kind: str) -> Block
     """
     scores = acc.normalised()
     scores[:, ~valid] = np.nan
-    return BlockOutput(acc.region, scores, class_mask(scores), confidence(scores, scores_kind))
+    mask, top = summarise(scores, scores_kind)
+    return BlockOutput(acc.region, scores, mask, top)
