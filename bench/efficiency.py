@@ -86,7 +86,10 @@ def main() -> None:
             rows.append({
                 "size": args.size, "workers": workers, "threads_per_worker": threads, "tiles": tiles,
                 "job_seconds_median": wall, "job_mpix_per_s": mpix / wall,
+                "startup_seconds_median": statistics.median(s.phases["startup"] for s in job),
+                "blocks_seconds_median": statistics.median(s.phases["blocks"] for s in job),
                 "bare_seconds_median": bare, "bare_mpix_per_s": mpix / bare, "efficiency": bare / wall,
+                "steady_efficiency": bare / statistics.median(s.phases["blocks"] for s in job),
                 "recomputed_fraction": job[0].tiles_recomputed / max(job[0].tiles_computed, 1),
                 "pyramid_seconds_median": statistics.median(s.pyramid_seconds for s in job),
                 "peak_rss_mib_max": max(s.peak_rss_mib for s in job),
@@ -101,7 +104,8 @@ def main() -> None:
                 f"| efficiency | {time.strftime('%Y-%m-%d')} | {machine} | {r['size']}² px, {r['tiles']} tiles, "
                 f"{r['workers']} worker(s) x {r['threads_per_worker']} threads | job {r['job_mpix_per_s']:.2f} MPix/s "
                 f"({r['job_seconds_median']:.1f} s) vs bare forward {r['bare_mpix_per_s']:.2f} MPix/s "
-                f"({r['bare_seconds_median']:.1f} s): efficiency {r['efficiency']:.2f}; "
+                f"({r['bare_seconds_median']:.1f} s): efficiency {r['efficiency']:.2f} end to end, "
+                f"{r['steady_efficiency']:.2f} bare/blocks phase (start-up {r['startup_seconds_median']:.1f} s); "
                 f"recomputed {100 * r['recomputed_fraction']:.1f}%; peak {r['peak_rss_mib_max']:.0f} MiB |\n"
             )
 

@@ -25,7 +25,7 @@ def segment(
     tta: Annotated[bool, typer.Option(help="D4 test-time augmentation (8x compute).")] = False,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
     level: Annotated[int | None, typer.Option(help="Source pyramid level (default: match the model).")] = None,
-    block: Annotated[int, typer.Option(help="Output block edge in px, a multiple of the shard.")] = 2048,
+    block: Annotated[int, typer.Option(help="Output block edge in px: 512 x a power of two (shards <= 2048).")] = 2048,
     workers: Annotated[int | None, typer.Option(help="Model workers (default: per GPU / 4 cores).")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch threads per CPU worker.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -42,7 +42,7 @@ def segment(
         config = SegmentConfig(
             source=str(source), model=str(model), output=str(out), tile=tile, overlap=overlap,
             window=window, scores=scores, tta=tta, batch_size=batch_size, level=level, block=block,
-            shard=min(block, 2048), workers=workers, threads=threads, device=device,
+            chunk=min(512, block), shard=min(block, 2048), workers=workers, threads=threads, device=device,
             ray_address=ray_address, skip_background=skip_background, overwrite=overwrite,
             progress=not quiet,
         )

@@ -33,13 +33,15 @@ import psutil
 from pipeline import lineage as lineage_info
 from pipeline.blending import WINDOWS, Accumulator
 from pipeline.errors import BandMismatchError, ConfigError, TesseraError
-from pipeline.inference import InferenceOptions
+from pipeline.inference import InferenceOptions, pick_device
 from pipeline.models.bundle import ModelBundle
-from pipeline.mosaic import Mosaic, MosaicLayout, check_output
+from pipeline.mosaic import Mosaic, MosaicLayout, check_output, check_storage
 from pipeline.sources import RasterSource, open_source
 from pipeline.tiling import BlockId, BlockPlan, TileGrid
 
 log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT = 600.0  # seconds for workers to load the model; a cluster may need to scale up first
 
 
 @dataclass(frozen=True)
@@ -89,20 +91,21 @@ class SegmentConfig:
     def __post_init__(self) -> None:
         if self.window not in WINDOWS:
             raise ConfigError(f"window={self.window!r}: choose one of {', '.join(WINDOWS)}")
-        if self.chunk <= 0 or self.shard % self.chunk:
-            raise ConfigError(f"shard {self.shard} must be a positive multiple of chunk {self.chunk}")
-        if self.block % self.shard:
+        check_storage(self.chunk, self.shard)
+        if self.block <= 0 or self.block % self.shard:
             raise ConfigError(
-                f"block {self.block} must be a multiple of shard {self.shard} (one writer per shard)"
+                f"block {self.block} must be a multiple of shard {self.shard} (one writer per shard): "
+                f"use block={self.shard} or a multiple of it"
             )
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"workers={self.workers} must be >= 1")
+        for name in ("workers", "threads", "tile", "level"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "level" else 1):
+                raise ConfigError(f"{name}={value} is out of range: use a positive number or leave it unset")
+        self.inference  # noqa: B018  (validates scores, batch size and device before anything is written)
 
     @property
     def inference(self) -> InferenceOptions:
-        return InferenceOptions(
-            device=self.device, batch_size=self.batch_size, tta=self.tta, scores=self.scores
-        )
+        return InferenceOptions(device=self.device, batch_size=self.batch_size, tta=self.tta, scores=self.scores)
 
 
 @dataclass(frozen=True)
@@ -266,12 +269,20 @@ class MemorySampler:
 
 
 def worker_layout(config: SegmentConfig, device: str) -> tuple[int, int]:
-    """(workers, torch threads per worker): one per GPU, else one per 4 cores sharing the cores."""
+    """(workers, torch threads per worker): one per GPU, else one per 4 cores sharing the cores.
+
+    Raises:
+        ConfigError: more GPU workers than this machine has GPUs, on an embedded Ray.
+    """
     cpus = os.cpu_count() or 1
     if device == "cuda":
         import torch
 
-        workers = config.workers or max(torch.cuda.device_count(), 1)
+        gpus = torch.cuda.device_count()
+        workers = config.workers or max(gpus, 1)
+        if config.ray_address is None and workers > gpus:
+            raise ConfigError(f"{workers} GPU workers asked for, but this machine has {gpus} GPU(s): "
+                              f"use --workers {max(gpus, 1)} or a Ray cluster")
         return workers, config.threads or max(1, min(4, cpus // workers))
     workers = config.workers or max(1, cpus // 4)
     return workers, config.threads or max(1, cpus // workers)
@@ -279,6 +290,7 @@ def worker_layout(config: SegmentConfig, device: str) -> tuple[int, int]:
 
 def prepare(config: SegmentConfig) -> tuple[RasterSource, ModelBundle, TileGrid]:
     """Open and check everything before anything is written; raises TesseraError on bad input."""
+    pick_device(config.device)  # a GPU asked for and not visible fails here, not in a worker
     bundle = ModelBundle.load(config.model)
     source = open_source(config.source)
     spec = bundle.spec
@@ -334,13 +346,12 @@ def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | Non
         transform=tuple(source.transform)[:6] if source.transform is not None else None,
         mpp=source.mpp,
     )
+    device_type = pick_device(config.device).type
+    workers, threads = worker_layout(config, device_type)
+    workers = max(1, min(workers, len(busy) + len(plan.seams))) if busy else 1
     lineage = lineage_info.describe(config, source, bundle, grid)
     Mosaic.create(config.output, layout, lineage)
 
-    device = InferenceOptions(device=config.device).device
-    device_type = "cuda" if device == "cuda" or (device == "auto" and _has_gpu()) else "cpu"
-    workers, threads = worker_layout(config, device_type)
-    workers = max(1, min(workers, len(busy) + len(plan.seams))) if busy else 1
     phases = {"prepare": time.perf_counter() - start}
     started_ray = False
     try:
@@ -371,10 +382,11 @@ def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | Non
     return summary
 
 
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def _first_line(error: Exception) -> str:
+    """The innermost message of a Ray error, on one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if "Error:" in line and not line.startswith(("File", "ray."))]
+    return (causes[-1] if causes else lines[0] if lines else type(error).__name__)[:500]
 
 
 def _connect(address: str | None, workers: int) -> bool:
@@ -414,13 +426,25 @@ def _run(
     actor_cls = ray.remote(BlockWorker).options(num_cpus=1, num_gpus=1 if device_type == "cuda" else 0)
     tick = time.perf_counter()
     actors: list[Any] = [actor_cls.remote(job_ref) for _ in range(workers)]
-    ray.get([a.ready.remote() for a in actors])
+    try:
+        ray.get([a.ready.remote() for a in actors], timeout=STARTUP_TIMEOUT)
+    except ray.exceptions.GetTimeoutError:
+        raise TesseraError(
+            f"{workers} worker(s) needing {'a GPU' if device_type == 'cuda' else 'a CPU'} each could not start "
+            f"within {STARTUP_TIMEOUT:.0f} s: the cluster lacks the resources; use fewer --workers"
+        ) from None
+    except ray.exceptions.RayActorError as e:
+        raise TesseraError(f"a worker failed to start: {_first_line(e)}") from None
     phases["startup"] = phases.get("startup", 0.0) + time.perf_counter() - tick
     tick = time.perf_counter()
     feeds = plan.seams_of()
     seam_order: list[int] = []
+    ordered: set[int] = set()
     for b in busy:  # seams in the order their first block needs them
-        seam_order.extend(k for k in feeds.get(b, []) if k not in seam_order)
+        for k in feeds.get(b, []):
+            if k not in ordered:
+                ordered.add(k)
+                seam_order.append(k)
     seams_todo = deque(seam_order)
     waiting = {b: len(feeds.get(b, [])) for b in busy}
     consumers = {k: len(plan.seams[k].blocks) for k in seam_order}

@@ -30,7 +30,7 @@ import numpy as np
 import zarr
 from affine import Affine
 
-from pipeline.errors import MosaicError, OutputExistsError
+from pipeline.errors import ConfigError, MosaicError, OutputExistsError
 from pipeline.models.bundle import ClassInfo
 from pipeline.stitching import NODATA_CLASS, BlockOutput, summarise
 from pipeline.tiling import Rect
@@ -55,8 +55,7 @@ class MosaicLayout:
     mpp: float | None = None  # microns per pixel of level 0
 
     def __post_init__(self) -> None:
-        if self.shard % self.chunk:
-            raise MosaicError(f"shard {self.shard} must be a multiple of chunk {self.chunk}")
+        check_storage(self.chunk, self.shard)
         if self.scores_dtype not in ("float16", "float32"):
             raise MosaicError(f"scores_dtype {self.scores_dtype!r}: choose float16 or float32")
 
@@ -94,6 +93,19 @@ class MosaicLayout:
         if d.get("transform") is not None:
             d["transform"] = tuple(d["transform"])
         return cls(**d)
+
+
+def check_storage(chunk: int, shard: int) -> None:
+    """Chunk and shard edges a mosaic can use: shard = chunk * 2^n (the shard halves per level).
+
+    Raises:
+        ConfigError: otherwise, naming a valid choice.
+    """
+    if chunk <= 0 or shard < chunk or shard % chunk or (shard // chunk) & (shard // chunk - 1):
+        raise ConfigError(
+            f"shard {shard} must be chunk {chunk} times a power of two (e.g. {max(chunk, 1) * 4}): "
+            "pyramid levels halve the shard down to one chunk"
+        )
 
 
 def is_mosaic(path: str | Path) -> bool:
@@ -264,7 +276,6 @@ class Mosaic:
 
     def finish(self, lineage: Mapping[str, Any]) -> None:
         """Record the final lineage, write the OME metadata and mark the mosaic complete (last step)."""
-        self.group.attrs["ome"] = _ome_multiscales(self.layout, "scores", with_channel=True, path="{k}/scores")
         labels = self.group["labels"]
         labels.attrs["ome"] = {"version": "0.5", "labels": ["mask"]}
         mask = self.group["labels/mask"]
@@ -281,7 +292,11 @@ class Mosaic:
         meta = self.meta
         meta["lineage"] = {**meta.get("lineage", {}), **lineage}
         meta["complete"] = True
-        self.group.attrs["tessera"] = meta
+        # One metadata write makes the mosaic an OME image and complete at the same instant.
+        self.group.attrs.update({
+            "tessera": meta,
+            "ome": _ome_multiscales(self.layout, "scores", with_channel=True, path="{k}/scores"),
+        })
 
     # -- reading --------------------------------------------------------------------------------
 

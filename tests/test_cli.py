@@ -113,3 +113,25 @@ def test_info_prints_lineage(inputs: dict[str, Path], tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert '"complete": true' in result.stdout and "sha256" in result.stdout
     assert np.isfinite(Mosaic.open(out).lineage["summary"]["mpix_per_second"])
+
+
+def test_bad_settings_never_touch_an_existing_mosaic(inputs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "m.zarr"
+    base = ["segment", str(inputs["good"]), "--model", str(inputs["bundle"]), "--out", str(out), "--quiet"]
+    assert CliRunner().invoke(app, [*base, "--block", "512"]).exit_code == 0
+    before = Mosaic.open(out).lineage["summary"]
+    for bad, expected in ((["--scores", "prob"], "logits"), (["--block", "1536"], "power of two"),
+                          (["--batch-size", "0"], "batch_size"), (["--workers", "0"], "workers")):
+        result = CliRunner().invoke(app, [*base, "--overwrite", *bad])
+        assert result.exit_code == 2 and expected in result.stderr, (bad, result.stderr)
+        mosaic = Mosaic.open(out)
+        assert mosaic.complete and mosaic.lineage["summary"] == before
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
+def test_asking_for_a_gpu_without_one_fails_up_front(inputs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "m.zarr"
+    result = CliRunner().invoke(app, ["segment", str(inputs["good"]), "--model", str(inputs["bundle"]),
+                                      "--out", str(out), "--device", "cuda", "--quiet"])
+    assert result.exit_code == 2 and "no GPU" in result.stderr
+    assert not out.exists()
