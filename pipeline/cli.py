@@ -26,7 +26,7 @@ def segment(
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
     level: Annotated[int | None, typer.Option(help="Source pyramid level (default: match the model).")] = None,
     block: Annotated[int, typer.Option(help="Output block edge in px: 512 x a power of two (shards <= 2048).")] = 2048,
-    workers: Annotated[int | None, typer.Option(help="Model workers (default: per GPU / 4 cores).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Model workers (default: one per GPU, or per core).")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch threads per CPU worker.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: embedded).")] = None,

@@ -59,7 +59,7 @@ class SegmentConfig:
         tta: average the 8 flips/rotations of each tile (D4 test-time augmentation).
         level: source pyramid level to segment; None picks the one matching the bundle's resolution.
         chunk, shard: Zarr chunk and shard edges; block: output block edge (a multiple of shard).
-        workers: model actors; None means one per GPU, or one per 4 CPU cores.
+        workers: model actors; None means one per GPU, or one per CPU core as memory allows.
         threads: torch threads per worker on CPU; None divides the cores among the workers.
         ray_address: None starts an embedded Ray; "auto" or "ray://host:10001" joins a cluster.
         skip_background: do not compute tiles without foreground (nodata, or no tissue on slides).
@@ -268,8 +268,15 @@ class MemorySampler:
             self.sample()
 
 
+WORKER_MEMORY = 2 * 2**30  # measured peak of one CPU worker with the demo model (docs/benchmarks.md)
+
+
 def worker_layout(config: SegmentConfig, device: str) -> tuple[int, int]:
-    """(workers, torch threads per worker): one per GPU, else one per 4 cores sharing the cores.
+    """(workers, torch threads per worker): one per GPU; on CPU one per core, as memory allows.
+
+    On CPU, single-threaded workers beat one multi-threaded worker (2 x 1 thread was 22% faster
+    end to end than 1 x 2 threads on 2 cores): while one worker runs the model, another reads,
+    blends and writes. Each worker holds its own copy of torch and the model, hence the memory cap.
 
     Raises:
         ConfigError: more GPU workers than this machine has GPUs, on an embedded Ray.
@@ -284,7 +291,7 @@ def worker_layout(config: SegmentConfig, device: str) -> tuple[int, int]:
             raise ConfigError(f"{workers} GPU workers asked for, but this machine has {gpus} GPU(s): "
                               f"use --workers {max(gpus, 1)} or a Ray cluster")
         return workers, config.threads or max(1, min(4, cpus // workers))
-    workers = config.workers or max(1, cpus // 4)
+    workers = config.workers or max(1, min(cpus, psutil.virtual_memory().available // WORKER_MEMORY))
     return workers, config.threads or max(1, cpus // workers)
 
 
