@@ -98,15 +98,7 @@ class GeoTiffSource(RasterSource):
         The result is grown by one mask pixel: decimation samples one pixel per cell, and a
         cell with a little valid data must still count.
 
-        Args:
-            max_size: Longest side of the mask, in mask pixels.
-
-        Returns:
-            ``(mask, f)`` as described in `RasterSource.foreground`.
-
-        Raises:
-            ConfigError: `max_size` is smaller than 1.
-            SourceReadError: The file cannot be read.
+        Arguments, result and errors as in `RasterSource.foreground`.
         """
         factor, mh, mw = self._foreground_grid(max_size)
         self._ensure_open()

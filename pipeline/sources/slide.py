@@ -100,15 +100,7 @@ class SlideSource(RasterSource):
         to [0.05, 0.15]), drops specks and fills holes; the mask is then grown by one cell so
         tissue edges are not cut.
 
-        Args:
-            max_size: Longest side of the mask, in mask pixels.
-
-        Returns:
-            ``(mask, f)`` as described in `RasterSource.foreground`.
-
-        Raises:
-            ConfigError: `max_size` is smaller than 1.
-            SourceReadError: The slide cannot be read.
+        Arguments, result and errors as in `RasterSource.foreground`.
         """
         factor, mh, mw = self._foreground_grid(max_size)
         thumbnail = self._guarded(lambda _y, _x, h, w: self._thumbnail(factor, h, w), 0, 0, mh, mw)

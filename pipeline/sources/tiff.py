@@ -137,14 +137,7 @@ class TiffSource(RasterSource):
     def foreground(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
         """All True: a generic TIFF carries no mask, and its content is unknown.
 
-        Args:
-            max_size: Longest side of the mask, in mask pixels.
-
-        Returns:
-            ``(mask, f)`` as described in `RasterSource.foreground`.
-
-        Raises:
-            ConfigError: `max_size` is smaller than 1.
+        Arguments, result and errors as in `RasterSource.foreground`.
         """
         factor, mh, mw = self._foreground_grid(max_size)
         return np.ones((mh, mw), dtype=bool), float(factor)
