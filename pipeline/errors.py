@@ -38,6 +38,10 @@ class OutputExistsError(TesseraError, FileExistsError):
     """The output path exists and may not be replaced."""
 
 
+class OutputLockedError(TesseraError, FileExistsError):
+    """Another live job is writing the same output."""
+
+
 class MosaicError(TesseraError, ValueError):
     """A path is not a tessera mosaic, or the mosaic is not in the expected state."""
 

@@ -34,6 +34,7 @@ from pipeline import lineage as lineage_info
 from pipeline.blending import WINDOWS, Accumulator
 from pipeline.errors import BandMismatchError, ConfigError, TesseraError
 from pipeline.inference import InferenceOptions, pick_device
+from pipeline.locking import OutputLock
 from pipeline.models.bundle import ModelBundle
 from pipeline.mosaic import Mosaic, MosaicLayout, check_output, check_storage
 from pipeline.sources import RasterSource, open_source
@@ -41,6 +42,7 @@ from pipeline.tiling import BlockId, BlockPlan, TileGrid
 
 log = logging.getLogger(__name__)
 
+WORKER_RESTARTS = 3  # per worker, for processes that die; errors raised by tessera are never retried
 STARTUP_TIMEOUT = 600.0  # seconds for workers to load the model; a cluster may need to scale up first
 
 
@@ -122,6 +124,7 @@ class SegmentSummary:
     tiles_recomputed: int
     blocks_total: int
     blocks_written: int
+    blocks_resumed: int  # found written and verified from an earlier run of the same job
     workers: int
     wall_seconds: float
     phases: dict[str, float]  # seconds: prepare (open, plan, create), startup (Ray, workers), blocks, pyramid
@@ -155,7 +158,9 @@ class SegmentSummary:
             f"tiles       {self.tiles_total} in grid: {self.tiles_computed} computed ({pct(self.tiles_computed)}), "
             f"{self.tiles_skipped} skipped ({pct(self.tiles_skipped)}), "
             f"{self.tiles_recomputed} recomputed ({pct(self.tiles_recomputed)})",
-            f"blocks      {self.blocks_written} written of {self.blocks_total}, {self.workers} worker(s)",
+            f"blocks      {self.blocks_written} written of {self.blocks_total}"
+            + (f" ({self.blocks_resumed} verified from an earlier run)" if self.blocks_resumed else "")
+            + f", {self.workers} worker(s)",
             f"speed       {self.mpix_per_second:.2f} MPix/s, wall {self.wall_seconds:.1f} s ("
             + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()) + ")",
             f"memory      peak {self.peak_rss_mib:.0f} MiB all processes, "
@@ -227,6 +232,7 @@ class BlockWorker:
             acc.merge(part)
         valid = self.job.source.valid(region.y0, region.x0, region.height, region.width)
         self.mosaic.write_block(finish_block(acc, valid, self.job.inference.scores))
+        self.mosaic.mark_done(block, region)
         return self._report(len(tiles), start)
 
     @staticmethod
@@ -321,7 +327,6 @@ def prepare(config: SegmentConfig) -> tuple[RasterSource, ModelBundle, TileGrid]
     grid = TileGrid(source.height, source.width, tile, overlap)
     if config.block < tile:
         raise ConfigError(f"block {config.block} is smaller than the tile {tile}: raise block or shard")
-    check_output(config.output, config.overwrite)
     return source, bundle, grid
 
 
@@ -338,26 +343,58 @@ def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | Non
     Raises:
         TesseraError: on bad input, before anything is written.
     """
-    import ray
-
     start = time.perf_counter()
     source, bundle, grid = prepare(config)
+    job = job_fingerprint(config, source, bundle, grid)
+    check_output(config.output, config.overwrite, job)  # refuse early, before taking the lock
+    device_type = pick_device(config.device).type
+    workers, threads = worker_layout(config, device_type)
+    with OutputLock(config.output):
+        resume = check_output(config.output, config.overwrite, job)  # authoritative, under the lock
+        return _execute(config, source, bundle, grid, job, resume, device_type, workers, threads,
+                        start, on_progress)
+
+
+def job_fingerprint(config: SegmentConfig, source: RasterSource, bundle: ModelBundle, grid: TileGrid) -> dict[str, Any]:
+    """The settings that fix a mosaic's content: a rerun with the same ones resumes it."""
+    return {
+        "source": str(Path(source.path).resolve()) if "://" not in source.path else source.path,
+        "level": source.level, "height": source.height, "width": source.width, "model_sha256": bundle.sha256,
+        "tile": grid.tile, "overlap": grid.overlap, "window": config.window, "scores": config.scores,
+        "scores_dtype": config.scores_dtype, "tta": config.tta, "chunk": config.chunk, "shard": config.shard,
+        "block": config.block, "skip_background": config.skip_background,
+    }
+
+
+def _execute(
+    config: SegmentConfig, source: RasterSource, bundle: ModelBundle, grid: TileGrid, job: dict[str, Any],
+    resume: bool, device_type: str, workers: int, threads: int, start: float,
+    on_progress: Callable[[int, int], None] | None,
+) -> SegmentSummary:
+    """Plan, create or reopen the mosaic, run the blocks not yet done, pyramid, finish."""
+    import ray
+
     fg, factor = source.foreground() if config.skip_background else (None, 1.0)
     active = grid.active(fg, factor)
     plan = BlockPlan(grid, config.block, active)
     busy = plan.busy_blocks()
-    layout = MosaicLayout(
-        height=source.height, width=source.width, classes=bundle.spec.classes,
-        scores_kind=config.scores, scores_dtype=config.scores_dtype, chunk=config.chunk,
-        shard=config.shard, crs=source.crs,
-        transform=tuple(source.transform)[:6] if source.transform is not None else None,
-        mpp=source.mpp,
-    )
-    device_type = pick_device(config.device).type
-    workers, threads = worker_layout(config, device_type)
-    workers = max(1, min(workers, len(busy) + len(plan.seams))) if busy else 1
-    lineage = lineage_info.describe(config, source, bundle, grid)
-    Mosaic.create(config.output, layout, lineage)
+    if resume:
+        done = Mosaic.open(config.output).done_blocks() & set(busy)
+    else:
+        layout = MosaicLayout(
+            height=source.height, width=source.width, classes=bundle.spec.classes,
+            scores_kind=config.scores, scores_dtype=config.scores_dtype, chunk=config.chunk,
+            shard=config.shard, crs=source.crs,
+            transform=tuple(source.transform)[:6] if source.transform is not None else None,
+            mpp=source.mpp,
+        )
+        Mosaic.create(config.output, layout, lineage_info.describe(config, source, bundle, grid), job)
+        done = set()
+    todo = [b for b in busy if b not in done]
+    # Seam tiles shared by a block done in an earlier run and one still to do are computed again.
+    recomputed = sum(len(g.tiles) for g in plan.seams
+                     if any(b in done for b in g.blocks) and any(b not in done for b in g.blocks))
+    workers = max(1, min(workers, len(todo) + len(plan.seams))) if todo else 1
 
     phases = {"prepare": time.perf_counter() - start}
     started_ray = False
@@ -366,7 +403,7 @@ def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | Non
             tick = time.perf_counter()
             started_ray = _connect(config.ray_address, workers)
             phases["startup"] = time.perf_counter() - tick
-            reports = _run(plan, busy, JobSpec(
+            reports = _run(plan, todo, JobSpec(
                 source=source, bundle_bytes=Path(config.model).read_bytes(), plan=plan,
                 window=config.window, inference=config.inference, mosaic=config.output, threads=threads,
             ), workers, device_type, config.progress, on_progress, phases)
@@ -377,12 +414,11 @@ def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | Non
     finally:
         if started_ray:
             ray.shutdown()
-    computed = sum(r.tiles for r in reports)
     summary = SegmentSummary(
         output=config.output, height=source.height, width=source.width, level=source.level,
-        tiles_total=len(grid), tiles_computed=len(active), tiles_skipped=len(grid) - len(active),
-        tiles_recomputed=computed - len(active), blocks_total=len(list(plan)), blocks_written=len(busy),
-        workers=workers, wall_seconds=time.perf_counter() - start, phases=phases,
+        tiles_total=len(grid), tiles_computed=sum(r.tiles for r in reports), tiles_skipped=len(grid) - len(active),
+        tiles_recomputed=recomputed, blocks_total=len(list(plan)), blocks_written=len(todo),
+        blocks_resumed=len(done), workers=workers, wall_seconds=time.perf_counter() - start, phases=phases,
         peak_rss_mib=memory.peak, worker_peak_rss_mib=max((r.peak_rss_mib for r in reports), default=0.0),
     )
     mosaic.finish({"summary": summary.as_dict(), "finished": lineage_info.now()})
@@ -430,7 +466,12 @@ def _run(
     if not busy:
         return []
     job_ref = ray.put(job)
-    actor_cls = ray.remote(BlockWorker).options(num_cpus=1, num_gpus=1 if device_type == "cuda" else 0)
+    # A worker process that dies (killed, node lost) is restarted and its unfinished units retried;
+    # that is safe because every unit is idempotent. Exceptions raised by our code are not retried.
+    actor_cls = ray.remote(BlockWorker).options(
+        num_cpus=1, num_gpus=1 if device_type == "cuda" else 0, max_restarts=WORKER_RESTARTS,
+        max_task_retries=WORKER_RESTARTS,
+    )
     tick = time.perf_counter()
     actors: list[Any] = [actor_cls.remote(job_ref) for _ in range(workers)]
     try:
@@ -454,7 +495,7 @@ def _run(
                 seam_order.append(k)
     seams_todo = deque(seam_order)
     waiting = {b: len(feeds.get(b, [])) for b in busy}
-    consumers = {k: len(plan.seams[k].blocks) for k in seam_order}
+    consumers = {k: sum(b in waiting for b in plan.seams[k].blocks) for k in seam_order}
     seam_parts: dict[int, dict[BlockId, Any]] = {}
     blocks_ready = deque(b for b in busy if waiting[b] == 0)
     blocks_left = set(busy) - set(blocks_ready)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from pipeline.stitching import NODATA_CLASS, BlockOutput, summarise
 from pipeline.tiling import Rect
 
 FORMAT = "tessera.mosaic"
+BLOCKS = "_tessera/blocks"  # one small group per finished block: its checksum, for resume
 FORMAT_VERSION = 1
 
 
@@ -120,24 +122,43 @@ def is_mosaic(path: str | Path) -> bool:
     return attrs.get("tessera", {}).get("format") == FORMAT
 
 
-def check_output(path: str | Path, overwrite: bool) -> None:
+def check_output(path: str | Path, overwrite: bool, job: Mapping[str, Any] | None = None) -> bool:
     """Refuse an output path that would lose someone's data; call before any compute.
 
+    Args:
+        path: the mosaic to write.
+        overwrite: a complete mosaic, or one started with other settings, may be replaced.
+        job: the settings that fix the mosaic's content (see `execution.job_fingerprint`).
+
+    Returns:
+        True when `path` holds an incomplete mosaic of the same job, to be resumed.
+
     Raises:
-        OutputExistsError: the path exists and is not a tessera mosaic, or is a complete mosaic and
-            `overwrite` is false.
+        OutputExistsError: the path exists and is not a tessera mosaic, or is complete, or was
+            started with other settings, and `overwrite` is false.
     """
     p = Path(path)
     if not p.exists():
-        return
+        return False
     if not is_mosaic(p):
         if p.is_dir() and not any(p.iterdir()):
-            return
+            return False
         raise OutputExistsError(
             f"output {p} exists and is not a tessera mosaic: choose another output path or remove it"
         )
-    if Mosaic.open(p).complete and not overwrite:
+    if overwrite:
+        return False
+    mosaic = Mosaic.open(p)
+    if mosaic.complete:
         raise OutputExistsError(f"output {p} is a complete tessera mosaic: pass --overwrite to replace it")
+    before = mosaic.meta.get("job", {})
+    if job is not None and before != dict(job):
+        changed = sorted(k for k in set(before) | set(job) if before.get(k) != job.get(k))
+        raise OutputExistsError(
+            f"output {p} is an unfinished mosaic started with other settings ({', '.join(changed)}): "
+            "run the same command to resume it, or pass --overwrite to start over"
+        )
+    return True
 
 
 class Mosaic:
@@ -154,7 +175,9 @@ class Mosaic:
     # -- creation -------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | Path, layout: MosaicLayout, lineage: Mapping[str, Any]) -> Mosaic:
+    def create(
+        cls, path: str | Path, layout: MosaicLayout, lineage: Mapping[str, Any], job: Mapping[str, Any] | None = None
+    ) -> Mosaic:
         """Create an empty, incomplete mosaic with all levels' arrays, replacing a tessera mosaic there.
 
         Call `check_output` first: this replaces whatever tessera mosaic is at `path`.
@@ -169,7 +192,9 @@ class Mosaic:
             "complete": False,
             "layout": layout.to_dict(),
             "lineage": dict(lineage),
+            "job": dict(job or {}),
         }
+        group.create_group(BLOCKS)
         c = len(layout.classes)
         for k in range(layout.num_levels):
             h, w = layout.level_shape(k)
@@ -242,6 +267,31 @@ class Mosaic:
             scores = _pool2x2(scores)
             mask, top = summarise(scores, self.layout.scores_kind)
             self._write_level(k, r.y0 >> k, r.x0 >> k, scores, top, mask)
+
+    def checksum(self, region: Rect) -> str:
+        """CRC-32 of a level-0 block as stored (mask and scores): what resume verifies."""
+        crc = zlib.crc32(np.ascontiguousarray(self.read("mask", 0, region)).tobytes())
+        crc = zlib.crc32(np.ascontiguousarray(self.read("scores", 0, region)).tobytes(), crc)
+        return f"{crc:08x}"
+
+    def mark_done(self, block: tuple[int, int], region: Rect) -> None:
+        """Record a written block (its own marker group, so the block's writer is the only writer)."""
+        marker = self.group.require_group(f"{BLOCKS}/{block[0]}_{block[1]}")
+        marker.attrs.update({"region": [region.y0, region.x0, region.y1, region.x1],
+                             "checksum": self.checksum(region)})
+
+    def done_blocks(self) -> set[tuple[int, int]]:
+        """Blocks with a marker whose checksum still matches what is stored."""
+        if BLOCKS not in self.group:
+            return set()
+        done = set()
+        for name, marker in self.group[BLOCKS].groups():  # type: ignore[union-attr]
+            attrs = dict(marker.attrs)
+            region = Rect(*attrs.get("region", (0, 0, 0, 0)))
+            if not region.empty and attrs.get("checksum") == self.checksum(region):
+                r, c = name.split("_")
+                done.add((int(r), int(c)))
+        return done
 
     def _write_level(
         self, level: int, y0: int, x0: int, scores: np.ndarray, confidence: np.ndarray, mask: np.ndarray

@@ -1,0 +1,159 @@
+"""Resume, the exclusive output lock, and surviving a worker killed mid-job (real Ray, real kills)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from pipeline.errors import OutputExistsError, OutputLockedError
+from pipeline.execution import SegmentConfig, segment
+from pipeline.locking import OutputLock, lock_path
+from pipeline.mosaic import BLOCKS, Mosaic
+from tests.conftest import make_bundle, smooth_image, write_geotiff
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("resume")
+    source = write_geotiff(d / "scene.tif", smooth_image(1536, 1536, seed=4))
+    bundle = make_bundle(d / "slow.bundle", tile=128, overlap=32, arch_args={"depth": 6, "width": 32})
+    return source, bundle
+
+
+def config(source: Path, bundle: Path, out: Path, **kw: object) -> SegmentConfig:
+    settings: dict[str, object] = {"scores_dtype": "float32", "chunk": 128, "shard": 256, "block": 256,
+                                   "workers": 2, "progress": False, **kw}
+    return SegmentConfig(source=str(source), model=str(bundle), output=str(out), **settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def undisturbed(job_inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> Mosaic:
+    out = tmp_path_factory.mktemp("clean") / "m.zarr"
+    segment(config(*job_inputs, out))
+    return Mosaic.open(out)
+
+
+def assert_same_mosaic(a: Mosaic, b: Mosaic) -> None:
+    assert b.complete
+    for level in range(a.layout.num_levels):
+        np.testing.assert_array_equal(a.read("mask", level), b.read("mask", level))
+        np.testing.assert_allclose(a.read("scores", level), b.read("scores", level), atol=1e-5, equal_nan=True)
+
+
+def test_second_job_on_the_same_output_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "m.zarr"
+    with OutputLock(out):
+        with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
+            OutputLock(out).acquire()
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
+    assert not lock_path(out).exists()
+
+
+def test_lock_of_a_dead_owner_is_broken(tmp_path: Path) -> None:
+    out = tmp_path / "m.zarr"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_path(out).write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "token": "x",
+                                          "started": time.time(), "heartbeat": time.time()}))
+    with OutputLock(out) as lock:
+        assert json.loads(lock_path(out).read_text())["token"] == lock.owner["token"]
+
+
+def test_lock_without_heartbeat_is_broken_after_stale_after(tmp_path: Path) -> None:
+    out = tmp_path / "m.zarr"
+    lock_path(out).write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "x", "started": 0,
+                                          "heartbeat": time.time() - 5}))
+    with pytest.raises(OutputLockedError):
+        OutputLock(out, stale_after=60).acquire()
+    with OutputLock(out, stale_after=2):
+        assert json.loads(lock_path(out).read_text())["host"] != "elsewhere"
+
+
+@pytest.mark.slow
+def test_job_killed_hard_is_incomplete_then_resumes_to_the_same_mosaic(
+    job_inputs: tuple[Path, Path], undisturbed: Mosaic, tmp_path: Path
+) -> None:
+    source, bundle = job_inputs
+    out = tmp_path / "m.zarr"
+    cmd = [sys.executable, "-m", "jobs.segment", f"source={source}", f"model={bundle}", f"output={out}",
+           "progress=false", "storage.chunk=128", "storage.shard=256", "storage.scores_dtype=float32",
+           "tiling.block=256", "cluster.workers=2"]
+    job = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    markers = out / BLOCKS
+    deadline = time.monotonic() + 240
+    while not (markers.is_dir() and len(list(markers.glob("*_*"))) >= 2):
+        assert job.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # the driver and its embedded Ray, at once
+    job.wait()
+
+    interrupted = Mosaic.open(out)
+    assert not interrupted.complete
+    assert "ome" not in dict(interrupted.group.attrs)
+    assert lock_path(out).exists(), "the dead driver's lock is left behind..."
+    summary = segment(config(source, bundle, out))  # ...and broken, since its owner is gone
+    assert summary.blocks_resumed >= 2
+    assert summary.blocks_written + summary.blocks_resumed == undisturbed.lineage["summary"]["blocks_written"]
+    assert 0 < summary.tiles_computed < undisturbed.lineage["summary"]["tiles_computed"]
+    assert_same_mosaic(undisturbed, Mosaic.open(out))
+    assert not lock_path(out).exists()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_resume_verifies_blocks_and_refuses_other_settings(
+    job_inputs: tuple[Path, Path], undisturbed: Mosaic, tmp_path: Path
+) -> None:
+    source, bundle = job_inputs
+    out = tmp_path / "m.zarr"
+
+    def stop_after_four(done: int, total: int) -> None:
+        if done == 4:
+            raise KeyboardInterrupt  # the driver stopped by a user
+
+    with pytest.raises(KeyboardInterrupt):
+        segment(config(source, bundle, out), on_progress=stop_after_four)
+    partial = Mosaic.open(out, mode="r+")
+    assert not partial.complete and len(partial.done_blocks()) >= 4
+    with pytest.raises(OutputExistsError, match="tile"):
+        segment(config(source, bundle, out, tile=256, overlap=32))
+    # A finished block whose data no longer matches its checksum is not trusted.
+    tampered = sorted(partial.done_blocks())[0]
+    r, c = tampered
+    partial.array("mask")[r * 256 : r * 256 + 8, c * 256 : c * 256 + 8] = 0
+    assert tampered not in partial.done_blocks()
+    summary = segment(config(source, bundle, out))
+    assert summary.blocks_resumed >= 3 and summary.tiles_recomputed > 0
+    assert_same_mosaic(undisturbed, Mosaic.open(out))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_worker_killed_mid_job_is_retried_to_the_same_mosaic(
+    job_inputs: tuple[Path, Path], undisturbed: Mosaic, tmp_path: Path
+) -> None:
+    killed: list[int] = []
+
+    def kill_a_worker(done: int, total: int) -> None:
+        if done == 3 and not killed:
+            workers = [p for p in psutil.Process().children(recursive=True)
+                       if "BlockWorker" in " ".join(p.cmdline())]
+            assert workers, "the block workers are found by their process title"
+            workers[0].send_signal(signal.SIGKILL)
+            killed.append(workers[0].pid)
+
+    out = tmp_path / "m.zarr"
+    summary = segment(config(*job_inputs, out), on_progress=kill_a_worker)
+    assert killed and not psutil.pid_exists(killed[0])
+    assert summary.blocks_written == undisturbed.lineage["summary"]["blocks_written"]
+    assert_same_mosaic(undisturbed, Mosaic.open(out))
