@@ -157,3 +157,25 @@ def test_worker_killed_mid_job_is_retried_to_the_same_mosaic(
     assert killed and not psutil.pid_exists(killed[0])
     assert summary.blocks_written == undisturbed.lineage["summary"]["blocks_written"]
     assert_same_mosaic(undisturbed, Mosaic.open(out))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_corrupt_region_fails_fast_with_the_cause_and_leaves_it_incomplete(tmp_path: Path) -> None:
+    import tifffile
+
+    from pipeline.errors import SourceReadError
+
+    source = write_geotiff(tmp_path / "scene.tif", smooth_image(1024, 1024, seed=1))
+    with tifffile.TiffFile(source) as tif:  # garble one tile in the middle; the corners still read
+        page = tif.pages[0]
+        index = len(page.dataoffsets) // 2 + 4
+        offset, size = page.dataoffsets[index], page.databytecounts[index]
+    with source.open("r+b") as f:
+        f.seek(offset)
+        f.write(np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8).tobytes())
+    bundle = make_bundle(tmp_path / "b.bundle", tile=128, overlap=32)
+    out = tmp_path / "m.zarr"
+    with pytest.raises(SourceReadError, match="scene.tif"):
+        segment(config(source, bundle, out))
+    assert not Mosaic.open(out).complete
+    assert not lock_path(out).exists()
