@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from pipeline.errors import user_errors
 from pipeline.execution import SegmentConfig, segment
+from pipeline.tracking import Tracking
 
 
 def to_config(cfg: DictConfig) -> SegmentConfig:
@@ -19,6 +20,7 @@ def to_config(cfg: DictConfig) -> SegmentConfig:
         chunk=s.chunk, shard=s.shard, scores_dtype=s.scores_dtype,
         workers=c.workers, threads=c.threads, device=c.device, ray_address=c.address,
         overwrite=cfg.overwrite, progress=cfg.progress,
+        tracking=Tracking(enabled=cfg.tracking.enabled, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment),
     )
 
 

@@ -33,10 +33,14 @@ def segment(
     skip_background: Annotated[bool, typer.Option(help="Skip tiles without foreground.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace a complete mosaic at --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    track: Annotated[bool, typer.Option(help="Track the job as an MLflow run.")] = True,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: ./mlflow.db).")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "tessera-segment",
 ) -> None:
     """Segment SOURCE into a blended Zarr mosaic with a pyramid, and print the job summary."""
     from pipeline.execution import SegmentConfig
     from pipeline.execution import segment as run_segment
+    from pipeline.tracking import Tracking
 
     with user_errors():
         config = SegmentConfig(
@@ -44,7 +48,7 @@ def segment(
             window=window, scores=scores, tta=tta, batch_size=batch_size, level=level, block=block,
             chunk=min(512, block), shard=min(block, 2048), workers=workers, threads=threads, device=device,
             ray_address=ray_address, skip_background=skip_background, overwrite=overwrite,
-            progress=not quiet,
+            progress=not quiet, tracking=Tracking(enabled=track, uri=tracking_uri, experiment=experiment),
         )
         typer.echo(run_segment(config).describe())
 

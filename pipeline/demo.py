@@ -17,6 +17,7 @@ from rasterio.enums import Resampling
 from pipeline.execution import SegmentConfig, SegmentSummary, segment
 from pipeline.mosaic import Mosaic
 from pipeline.synthetic import CLASSES, generate_scene, write_scene
+from pipeline.tracking import Tracking
 from pipeline.training import TrainConfig, train
 from pipeline.training.metrics import confusion_matrix, iou_per_class, mean_iou
 
@@ -51,11 +52,9 @@ def write_preview(mosaic: Mosaic, image: Path, truth: Path, path: Path, max_size
     """A PNG of image | truth | prediction, from the coarsest pyramid level that is at least max_size/2."""
     from PIL import Image
 
-    level = 0
-    while level + 1 < mosaic.layout.num_levels and max(mosaic.layout.level_shape(level)) > max_size:
-        level += 1
-    pred = mosaic.read("mask", level)
-    h, w = pred.shape
+    level = mosaic.preview_level(max_size)
+    pred = mosaic.render_mask(level)
+    h, w = pred.shape[:2]
     palette = np.zeros((256, 3), np.uint8)
     for i, c in enumerate(mosaic.layout.classes):
         palette[i] = c.color
@@ -64,7 +63,7 @@ def write_preview(mosaic: Mosaic, image: Path, truth: Path, path: Path, max_size
     with rasterio.open(truth) as src:
         t = src.read(1, out_shape=(h, w), resampling=Resampling.nearest)
     gap = np.full((h, 8, 3), 255, np.uint8)
-    Image.fromarray(np.hstack([rgb, gap, palette[t], gap, palette[pred]])).save(path)
+    Image.fromarray(np.hstack([rgb, gap, palette[t], gap, pred])).save(path)
     return path
 
 
@@ -93,8 +92,9 @@ def run_demo(
     print(f"    validation mIoU {trained.val_miou:.3f} after {trained.seconds:.0f} s")
 
     print("3/4 segmenting the scene through the segment job (embedded Ray, Zarr mosaic)")
-    summary = segment(SegmentConfig(source=str(image), model=str(bundle),
-                                    output=str(workdir / "scene.zarr"), overwrite=True))
+    tracking = Tracking(uri=f"sqlite:///{(workdir / 'mlflow.db').resolve()}")
+    summary = segment(SegmentConfig(source=str(image), model=str(bundle), output=str(workdir / "scene.zarr"),
+                                    overwrite=True, tracking=tracking))
     print(summary.describe())
 
     print("4/4 scoring the mosaic against the known truth")

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from pipeline.models.bundle import ModelBundle
 from pipeline.mosaic import Mosaic, MosaicLayout, check_output, check_storage
 from pipeline.sources import RasterSource, open_source
 from pipeline.tiling import BlockId, BlockPlan, TileGrid
+from pipeline.tracking import SegmentRun, Tracking, flat_params, segment_run
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class SegmentConfig:
         threads: torch threads per worker on CPU; None divides the cores among the workers.
         ray_address: None starts an embedded Ray; "auto" or "ray://host:10001" joins a cluster.
         skip_background: do not compute tiles without foreground (nodata, or no tissue on slides).
-        overwrite: replace a complete mosaic at `output`.
+        overwrite: replace a complete mosaic at `output`, or start an unfinished one over.
+        tracking: the MLflow run of the job (default: MLFLOW_TRACKING_URI or ./mlflow.db).
     """
 
     source: str
@@ -89,6 +91,7 @@ class SegmentConfig:
     skip_background: bool = True
     overwrite: bool = False
     progress: bool = True
+    tracking: Tracking = field(default_factory=Tracking)
 
     def __post_init__(self) -> None:
         if self.window not in WINDOWS:
@@ -130,6 +133,7 @@ class SegmentSummary:
     phases: dict[str, float]  # seconds: prepare (open, plan, create), startup (Ray, workers), blocks, pyramid
     peak_rss_mib: float  # all processes of the job on this machine, sampled
     worker_peak_rss_mib: float  # the largest single worker
+    run_id: str | None = None  # the MLflow run that tracked the job
 
     @property
     def pyramid_seconds(self) -> float:
@@ -165,6 +169,7 @@ class SegmentSummary:
             + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()) + ")",
             f"memory      peak {self.peak_rss_mib:.0f} MiB all processes, "
             f"{self.worker_peak_rss_mib:.0f} MiB largest worker",
+            *([f"tracking    MLflow run {self.run_id}"] if self.run_id else []),
         ])
 
 
@@ -351,8 +356,11 @@ def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | Non
     workers, threads = worker_layout(config, device_type)
     with OutputLock(config.output):
         resume = check_output(config.output, config.overwrite, job)  # authoritative, under the lock
-        return _execute(config, source, bundle, grid, job, resume, device_type, workers, threads,
-                        start, on_progress)
+        with segment_run(config.tracking, flat_params(config, job), config.output) as run:
+            summary = _execute(config, source, bundle, grid, job, resume, device_type, workers, threads,
+                               start, on_progress, run)
+            run.log_result(summary.as_dict(), dataclasses.asdict(config), Mosaic.open(config.output).preview_png())
+            return summary
 
 
 def job_fingerprint(config: SegmentConfig, source: RasterSource, bundle: ModelBundle, grid: TileGrid) -> dict[str, Any]:
@@ -369,7 +377,7 @@ def job_fingerprint(config: SegmentConfig, source: RasterSource, bundle: ModelBu
 def _execute(
     config: SegmentConfig, source: RasterSource, bundle: ModelBundle, grid: TileGrid, job: dict[str, Any],
     resume: bool, device_type: str, workers: int, threads: int, start: float,
-    on_progress: Callable[[int, int], None] | None,
+    on_progress: Callable[[int, int], None] | None, run: SegmentRun,
 ) -> SegmentSummary:
     """Plan, create or reopen the mosaic, run the blocks not yet done, pyramid, finish."""
     import ray
@@ -388,7 +396,8 @@ def _execute(
             transform=tuple(source.transform)[:6] if source.transform is not None else None,
             mpp=source.mpp,
         )
-        Mosaic.create(config.output, layout, lineage_info.describe(config, source, bundle, grid), job)
+        lineage = {**lineage_info.describe(config, source, bundle, grid), "mlflow": run.lineage()}
+        Mosaic.create(config.output, layout, lineage, job)
         done = set()
     todo = [b for b in busy if b not in done]
     # Seam tiles shared by a block done in an earlier run and one still to do are computed again.
@@ -420,8 +429,9 @@ def _execute(
         tiles_recomputed=recomputed, blocks_total=len(list(plan)), blocks_written=len(todo),
         blocks_resumed=len(done), workers=workers, wall_seconds=time.perf_counter() - start, phases=phases,
         peak_rss_mib=memory.peak, worker_peak_rss_mib=max((r.peak_rss_mib for r in reports), default=0.0),
+        run_id=run.run_id,
     )
-    mosaic.finish({"summary": summary.as_dict(), "finished": lineage_info.now()})
+    mosaic.finish({"summary": summary.as_dict(), "finished": lineage_info.now(), "mlflow": run.lineage()})
     return summary
 
 

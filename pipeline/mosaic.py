@@ -358,6 +358,30 @@ class Mosaic:
         sl = (slice(rect.y0, rect.y1), slice(rect.x0, rect.x1))
         return np.asarray(arr[(slice(None), *sl)] if name == "scores" else arr[sl])
 
+    def render_mask(self, level: int) -> np.ndarray:
+        """The mask at a level in the class colours, (h, w, 3) uint8; nodata is black."""
+        palette = np.zeros((256, 3), np.uint8)
+        for i, c in enumerate(self.layout.classes):
+            palette[i] = c.color
+        return palette[self.read("mask", level)]
+
+    def preview_level(self, max_size: int) -> int:
+        """The finest level whose longer side is at most `max_size` (the coarsest if none is)."""
+        level = 0
+        while level + 1 < self.layout.num_levels and max(self.layout.level_shape(level)) > max_size:
+            level += 1
+        return level
+
+    def preview_png(self, max_size: int = 1024) -> bytes:
+        """A PNG of the class mask at the preview level."""
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(self.render_mask(self.preview_level(max_size))).save(buffer, format="PNG")
+        return buffer.getvalue()
+
     def to_xarray(self, level: int = 0) -> Any:
         """The level as an `xarray.Dataset` (lazy, dask-backed): scores, confidence and mask."""
         import xarray as xr

@@ -175,7 +175,7 @@ def test_corrupt_region_fails_fast_with_the_cause_and_leaves_it_incomplete(tmp_p
         f.write(np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8).tobytes())
     bundle = make_bundle(tmp_path / "b.bundle", tile=128, overlap=32)
     out = tmp_path / "m.zarr"
-    with pytest.raises(SourceReadError, match="scene.tif"):
+    with pytest.raises(SourceReadError, match=r"scene\.tif"):
         segment(config(source, bundle, out))
     assert not Mosaic.open(out).complete
     assert not lock_path(out).exists()

@@ -1,0 +1,131 @@
+"""MLflow for segment jobs: one run per job with its settings, summary figures, preview and config.
+
+The run id is written into the mosaic's lineage and the mosaic's path is a tag of the run, so each can
+be found from the other. With no tracking URI set (argument or MLFLOW_TRACKING_URI), runs go to the
+sqlite file MLflow 3 uses by default, `mlflow.db` in the working directory, with artefacts beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+OUTPUT_TAG = "tessera.output"
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where segment jobs are tracked; `enabled=False` tracks nothing."""
+
+    enabled: bool = True
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+    experiment: str = "tessera-segment"
+
+    def resolved_uri(self) -> str:
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+@dataclass
+class SegmentRun:
+    """An open MLflow run of a segment job (or a stand-in that records nothing)."""
+
+    run_id: str | None = None
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+
+    def lineage(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id}
+
+    def log_result(self, summary: Mapping[str, Any], config: Mapping[str, Any], preview_png: bytes | None) -> None:
+        """Summary figures as metrics; config, lineage summary and preview as artefacts."""
+        if self.run_id is None:
+            return
+        import mlflow
+        from mlflow.entities import Metric
+
+        metrics = {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        metrics.update({f"seconds_{k}": float(v) for k, v in summary.get("phases", {}).items()})
+        client = mlflow.MlflowClient(self.tracking_uri)
+        now = int(time.time() * 1000)
+        client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {"config.json": json.dumps(dict(config), indent=2, default=str).encode(),
+                     "summary.json": json.dumps(dict(summary), indent=2, default=str).encode()}
+            if preview_png is not None:
+                files["preview.png"] = preview_png
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+                client.log_artifact(self.run_id, str(Path(tmp) / name))
+
+
+@contextlib.contextmanager
+def segment_run(tracking: Tracking, params: Mapping[str, Any], output: str) -> Iterator[SegmentRun]:
+    """Open a run for a segment job; it ends FINISHED, or FAILED if the job raises.
+
+    Args:
+        tracking: where to track; disabled gives a run that records nothing.
+        params: flat settings of the job (logged as parameters).
+        output: the mosaic path (a tag, to find the run from the mosaic's side).
+    """
+    if not tracking.enabled:
+        yield SegmentRun()
+        return
+    import mlflow
+
+    uri = tracking.resolved_uri()
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    experiment_id = (
+        experiment.experiment_id if experiment is not None
+        else client.create_experiment(tracking.experiment, artifact_location=_artifact_root(uri))
+    )
+    run = client.create_run(
+        experiment_id, run_name=Path(output).name,
+        tags={OUTPUT_TAG: str(Path(output).resolve()) if "://" not in output else output},
+    )
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    status = "FAILED"
+    try:
+        yield SegmentRun(run_id, uri, experiment_id)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status=status)
+
+
+def find_runs(output: str | Path, tracking: Tracking = Tracking()) -> list[str]:
+    """Ids of the runs that wrote the mosaic at `output`, newest first."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking.resolved_uri())
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is None:
+        return []
+    path = str(Path(output).resolve()) if "://" not in str(output) else str(output)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{OUTPUT_TAG}` = '{path}'",
+                              order_by=["attributes.start_time DESC"])
+    return [r.info.run_id for r in runs]
+
+
+def flat_params(config: Any, job: Mapping[str, Any]) -> dict[str, Any]:
+    """The job's settings and fingerprint as one flat dict of parameters."""
+    params = {f"config.{k}": v for k, v in dataclasses.asdict(config).items()}
+    params.update({f"job.{k}": v for k, v in job.items()})
+    return params
+
+
+def _artifact_root(uri: str) -> str | None:
+    """For a local sqlite store, artefacts go beside the database file; servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return (db.resolve().parent / "mlruns").as_uri()
+    return None

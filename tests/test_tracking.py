@@ -1,0 +1,51 @@
+"""Every segment job is an MLflow run; the mosaic and the run each name the other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline.errors import SourceNotFoundError
+from pipeline.execution import SegmentConfig, segment
+from pipeline.models.bundle import file_sha256
+from pipeline.mosaic import Mosaic
+from pipeline.tracking import Tracking, find_runs, segment_run
+from tests.conftest import make_bundle, smooth_image, write_geotiff
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def test_job_is_tracked_and_each_finds_the_other(tmp_path: Path, mlflow_store: str) -> None:
+    source = write_geotiff(tmp_path / "s.tif", smooth_image(300, 500, seed=2))
+    bundle = make_bundle(tmp_path / "b.bundle", tile=128, overlap=32)
+    out = tmp_path / "m.zarr"
+    summary = segment(SegmentConfig(source=str(source), model=str(bundle), output=str(out), progress=False,
+                                    chunk=128, shard=256, block=256, workers=1))
+    mosaic = Mosaic.open(out)
+    run_id = mosaic.lineage["mlflow"]["run_id"]
+    assert run_id == summary.run_id
+    assert find_runs(out)[0] == run_id
+    client = mlflow.MlflowClient(mlflow_store)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["job.model_sha256"] == file_sha256(bundle)
+    assert run.data.metrics["tiles_computed"] == summary.tiles_computed
+    assert run.data.metrics["mpix_per_second"] == pytest.approx(summary.mpix_per_second)
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"preview.png", "config.json", "summary.json"} <= artifacts
+    preview = Path(client.download_artifacts(run_id, "preview.png", str(tmp_path)))
+    assert preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_job_ends_its_run_failed(tmp_path: Path, mlflow_store: str) -> None:
+    tracking = Tracking(experiment="failures")
+    with pytest.raises(SourceNotFoundError), segment_run(tracking, {"a": 1}, str(tmp_path / "x.zarr")) as run:
+        raise SourceNotFoundError("gone")
+    assert mlflow.MlflowClient(mlflow_store).get_run(run.run_id).info.status == "FAILED"
+
+
+def test_tracking_can_be_switched_off(tmp_path: Path) -> None:
+    with segment_run(Tracking(enabled=False), {}, str(tmp_path / "x.zarr")) as run:
+        assert run.run_id is None and run.lineage()["run_id"] is None
