@@ -76,5 +76,70 @@ def demo(
         run_demo(workdir, size=size)
 
 
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster (the Ray Jobs API).")
+app.add_typer(jobs_app, name="jobs")
+ADDRESS = typer.Option("--address", help="Ray dashboard address, e.g. http://head:8265 (default: RAY_ADDRESS).")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="segment or train.")],
+    address: Annotated[str | None, ADDRESS] = None,
+    working_dir: Annotated[str | None, typer.Option(help="Folder shipped as the job's working directory.")] = None,
+    python: Annotated[str, typer.Option(help="Interpreter on the cluster with tessera installed.")] = "python",
+    wait: Annotated[bool, typer.Option(help="Wait for the job to end; exit 1 unless it succeeds.")] = False,
+) -> None:
+    """Submit JOB with Hydra overrides (key=value ...) to a Ray cluster; prints the job id."""
+    from pipeline import submission
+
+    with user_errors():
+        job_id = submission.submit(address, job, list(ctx.args), working_dir=working_dir, python=python)
+        typer.echo(job_id)
+        if wait:
+            state = submission.wait(address, job_id)
+            typer.echo(f"{state.job_id} {state.status} {state.message}".rstrip())
+            if state.status != "SUCCEEDED":
+                raise typer.Exit(1)
+
+
+@jobs_app.command("list")
+def jobs_list(address: Annotated[str | None, ADDRESS] = None) -> None:
+    """The cluster's jobs, oldest first: id, status, entry point."""
+    from pipeline import submission
+
+    with user_errors():
+        for j in submission.list_jobs(address):
+            typer.echo(f"{j.job_id}\t{j.status}\t{j.entrypoint}")
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: Annotated[str | None, ADDRESS] = None) -> None:
+    """One job's status and message."""
+    from pipeline import submission
+
+    with user_errors():
+        j = submission.info(address, job_id)
+        typer.echo(f"{j.job_id} {j.status} {j.message}".rstrip())
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: Annotated[str | None, ADDRESS] = None) -> None:
+    """A job's output so far."""
+    from pipeline import submission
+
+    with user_errors():
+        typer.echo(submission.logs(address, job_id), nl=False)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: Annotated[str | None, ADDRESS] = None) -> None:
+    """Stop a running job (its mosaic stays incomplete; submit it again to resume)."""
+    from pipeline import submission
+
+    with user_errors():
+        typer.echo("stopping" if submission.stop(address, job_id) else "already ended")
+
+
 if __name__ == "__main__":
     app()

@@ -443,18 +443,22 @@ def _first_line(error: Exception) -> str:
 
 
 def _connect(address: str | None, workers: int) -> bool:
-    """Join the given Ray cluster, or start an embedded one; True when this call started Ray."""
+    """Join a Ray cluster, or start an embedded one; True when this call started Ray.
+
+    No address means a new embedded Ray, even if a `ray start` head runs on this machine, except
+    inside a job submitted through the Ray Jobs API, where RAY_ADDRESS names the job's cluster.
+    """
     import ray
 
     if ray.is_initialized():
         return False
     common: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **common)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False, **common)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False, **common)
     return True
-
 
 def _run(
     plan: BlockPlan,

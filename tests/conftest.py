@@ -44,7 +44,7 @@ def ray_session() -> Iterator[None]:
     """One real embedded Ray for the tests that run jobs in-process (started here, stopped after)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
