@@ -18,6 +18,7 @@ from pipeline.errors import ConfigError, TesseraError
 
 ENTRY_POINTS = {"segment": "jobs.segment", "train": "jobs.train"}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,16 @@ def submit(
     if env:
         runtime_env["env_vars"] = dict(env)
     command = entrypoint(job, overrides, python)
-    return str(client(address).submit_job(entrypoint=command, runtime_env=runtime_env or None))
+    jobs = client(address)
+    deadline = time.monotonic() + AGENT_WAIT_SECONDS
+    while True:
+        try:
+            return str(jobs.submit_job(entrypoint=command, runtime_env=runtime_env or None))
+        except RuntimeError as e:
+            # A head that has just started answers before its job agent is up; it says so.
+            if "try again later" not in str(e) or time.monotonic() > deadline:
+                raise TesseraError(f"the cluster refused the job: {str(e).splitlines()[0]}") from None
+            time.sleep(1.0)
 
 
 def info(address: str | None, job_id: str) -> JobInfo:
