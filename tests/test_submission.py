@@ -34,13 +34,16 @@ def free_port() -> int:
 def ray_head() -> Iterator[str]:
     """A Ray head with its dashboard, in its own process group and temp dir, so that stopping it
     touches nothing else (`ray stop` would stop every Ray on the machine)."""
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
     temp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths are length-limited
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+         # Every port of its own: the suite's embedded Ray already holds the default agent ports.
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
          "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
