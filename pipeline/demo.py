@@ -55,9 +55,7 @@ def write_preview(mosaic: Mosaic, image: Path, truth: Path, path: Path, max_size
     level = mosaic.preview_level(max_size)
     pred = mosaic.render_mask(level)
     h, w = pred.shape[:2]
-    palette = np.zeros((256, 3), np.uint8)
-    for i, c in enumerate(mosaic.layout.classes):
-        palette[i] = c.color
+    palette = mosaic.palette
     with rasterio.open(image) as src:
         rgb = src.read((1, 2, 3), out_shape=(3, h, w), resampling=Resampling.average).transpose(1, 2, 0)
     with rasterio.open(truth) as src:

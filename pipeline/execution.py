@@ -236,8 +236,9 @@ class BlockWorker:
         for part in imports:
             acc.merge(part)
         valid = self.job.source.valid(region.y0, region.x0, region.height, region.width)
-        self.mosaic.write_block(finish_block(acc, valid, self.job.inference.scores))
-        self.mosaic.mark_done(block, region)
+        out = finish_block(acc, valid, self.job.inference.scores)
+        self.mosaic.write_block(out)
+        self.mosaic.mark_done(block, out)
         return self._report(len(tiles), start)
 
     @staticmethod

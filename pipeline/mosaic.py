@@ -270,15 +270,18 @@ class Mosaic:
 
     def checksum(self, region: Rect) -> str:
         """CRC-32 of a level-0 block as stored (mask and scores): what resume verifies."""
-        crc = zlib.crc32(np.ascontiguousarray(self.read("mask", 0, region)).tobytes())
-        crc = zlib.crc32(np.ascontiguousarray(self.read("scores", 0, region)).tobytes(), crc)
-        return f"{crc:08x}"
+        return _crc(self.read("mask", 0, region), self.read("scores", 0, region))
 
-    def mark_done(self, block: tuple[int, int], region: Rect) -> None:
-        """Record a written block (its own marker group, so the block's writer is the only writer)."""
+    def mark_done(self, block: tuple[int, int], out: BlockOutput) -> None:
+        """Record a block written by `write_block` (its own marker group: the block's writer is its only writer).
+
+        The checksum is taken from `out` cast to the stored dtypes, byte for byte what was written,
+        so the block is not read back.
+        """
+        r = out.region
         marker = self.group.require_group(f"{BLOCKS}/{block[0]}_{block[1]}")
-        marker.attrs.update({"region": [region.y0, region.x0, region.y1, region.x1],
-                             "checksum": self.checksum(region)})
+        marker.attrs.update({"region": [r.y0, r.x0, r.y1, r.x1],
+                             "checksum": _crc(out.mask, out.scores.astype(self.layout.scores_dtype))})
 
     def done_blocks(self) -> set[tuple[int, int]]:
         """Blocks with a marker whose checksum still matches what is stored."""
@@ -358,12 +361,17 @@ class Mosaic:
         sl = (slice(rect.y0, rect.y1), slice(rect.x0, rect.x1))
         return np.asarray(arr[(slice(None), *sl)] if name == "scores" else arr[sl])
 
-    def render_mask(self, level: int) -> np.ndarray:
-        """The mask at a level in the class colours, (h, w, 3) uint8; nodata is black."""
+    @property
+    def palette(self) -> np.ndarray:
+        """(256, 3) uint8 lookup table from class id to its colour; nodata (255) is black."""
         palette = np.zeros((256, 3), np.uint8)
         for i, c in enumerate(self.layout.classes):
             palette[i] = c.color
-        return palette[self.read("mask", level)]
+        return palette
+
+    def render_mask(self, level: int) -> np.ndarray:
+        """The mask at a level in the class colours, (h, w, 3) uint8; nodata is black."""
+        return self.palette[self.read("mask", level)]
 
     def preview_level(self, max_size: int) -> int:
         """The finest level whose longer side is at most `max_size` (the coarsest if none is)."""
@@ -389,6 +397,11 @@ class Mosaic:
         ds = xr.open_zarr(str(self.path), group=str(level), consolidated=False)
         mask = da.from_zarr(self.array("mask", level))
         return ds.assign(mask=(("y", "x"), mask))
+
+
+def _crc(mask: np.ndarray, scores: np.ndarray) -> str:
+    crc = zlib.crc32(np.ascontiguousarray(mask).tobytes())
+    return f"{zlib.crc32(np.ascontiguousarray(scores).tobytes(), crc):08x}"
 
 
 def _halved(chunks: Sequence[int]) -> tuple[int, ...]:

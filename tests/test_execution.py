@@ -137,6 +137,17 @@ def test_pyramid_levels_are_consistent(scene: Path, fcn_bundle: Path, tmp_path: 
     assert s1.shape == (3, 350, 450)
     np.testing.assert_allclose(s1[:, 10, 20], s0[:, 20:22, 40:42].mean(axis=(1, 2)), atol=1e-5)
     np.testing.assert_array_equal(mosaic.read("mask", 1), s1.argmax(0))
+    # Every level, everywhere (block edges, the odd image edge): the 2x2 mean of the level above.
+    # Level 1 is written by the block tasks, the levels below by dask.
+    assert mosaic.layout.block_levels == 1
+    for k in range(1, mosaic.layout.num_levels):
+        above = mosaic.read("scores", k - 1)
+        c, h, w = above.shape
+        padded = np.full((c, h + h % 2, w + w % 2), np.nan, np.float32)
+        padded[:, :h, :w] = above
+        expected = np.nanmean(padded.reshape(c, padded.shape[1] // 2, 2, padded.shape[2] // 2, 2), axis=(2, 4))
+        np.testing.assert_allclose(mosaic.read("scores", k), expected, atol=1e-5)
+        np.testing.assert_array_equal(mosaic.read("mask", k), expected.argmax(0))
     top = mosaic.layout.num_levels - 1
     assert max(mosaic.read("mask", top).shape) <= 128
 
