@@ -29,6 +29,11 @@ def segment(
     workers: Annotated[int | None, typer.Option(help="Model workers (default: one per GPU, or per core).")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch threads per CPU worker.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    actors_per_gpu: Annotated[int, typer.Option(help="Model workers sharing each GPU.")] = 1,
+    pipelined: Annotated[bool | None, typer.Option(
+        "--pipelined/--no-pipelined", help="Read ahead and write behind in each worker (default: on GPU).",
+        show_default=False)] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model in each worker.")] = False,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: embedded).")] = None,
     skip_background: Annotated[bool, typer.Option(help="Skip tiles without foreground.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace a complete mosaic at --out.")] = False,
@@ -47,6 +52,7 @@ def segment(
             source=str(source), model=str(model), output=str(out), tile=tile, overlap=overlap,
             window=window, scores=scores, tta=tta, batch_size=batch_size, level=level, block=block,
             chunk=min(512, block), shard=min(block, 2048), workers=workers, threads=threads, device=device,
+            actors_per_gpu=actors_per_gpu, pipelined=pipelined, compile=compile,
             ray_address=ray_address, skip_background=skip_background, overwrite=overwrite,
             progress=not quiet, tracking=Tracking(enabled=track, uri=tracking_uri, experiment=experiment),
         )

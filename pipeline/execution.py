@@ -15,6 +15,7 @@ any time to about one row of blocks. The same code runs on an embedded Ray or on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -24,6 +25,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 WORKER_RESTARTS = 3  # per worker, for processes that die; errors raised by tessera are never retried
 STARTUP_TIMEOUT = 600.0  # seconds for workers to load the model; a cluster may need to scale up first
+FLUSH_TIMEOUT = 60.0  # seconds for workers to finish writing blocks already computed when a job stops
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,10 @@ class SegmentConfig:
         threads: torch threads per worker on CPU; None divides the cores among the workers.
         ray_address: None starts an embedded Ray; "auto" or "ray://host:10001" joins a cluster.
         skip_background: do not compute tiles without foreground (nodata, or no tissue on slides).
+        pipelined: read ahead and write behind in each worker's helper threads; None means on GPU only.
+        actors_per_gpu: model actors sharing each GPU (more than 1 helps when one actor's CPU work
+            leaves the GPU idle; each holds its own copy of the model in GPU memory).
+        compile: torch.compile the model in each worker (slower start, faster steady state on GPU).
         overwrite: replace a complete mosaic at `output`, or start an unfinished one over.
         tracking: the MLflow run of the job (default: MLFLOW_TRACKING_URI or ./mlflow.db).
     """
@@ -89,6 +96,9 @@ class SegmentConfig:
     threads: int | None = None
     ray_address: str | None = None
     skip_background: bool = True
+    pipelined: bool | None = None
+    actors_per_gpu: int = 1
+    compile: bool = False
     overwrite: bool = False
     progress: bool = True
     tracking: Tracking = field(default_factory=Tracking)
@@ -102,7 +112,7 @@ class SegmentConfig:
                 f"block {self.block} must be a multiple of shard {self.shard} (one writer per shard): "
                 f"use block={self.shard} or a multiple of it"
             )
-        for name in ("workers", "threads", "tile", "level"):
+        for name in ("workers", "threads", "tile", "level", "actors_per_gpu"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "level" else 1):
                 raise ConfigError(f"{name}={value} is out of range: use a positive number or leave it unset")
@@ -110,7 +120,8 @@ class SegmentConfig:
 
     @property
     def inference(self) -> InferenceOptions:
-        return InferenceOptions(device=self.device, batch_size=self.batch_size, tta=self.tta, scores=self.scores)
+        return InferenceOptions(device=self.device, batch_size=self.batch_size, tta=self.tta, scores=self.scores,
+                                compile=self.compile)
 
 
 @dataclass(frozen=True)
@@ -184,6 +195,8 @@ class JobSpec:
     inference: InferenceOptions
     mosaic: str
     threads: int
+    pipelined: bool = False  # read ahead and write behind in helper threads (GPU workers: the CPU is free)
+    actors_per_gpu: int = 1
 
 
 @dataclass(frozen=True)
@@ -194,7 +207,15 @@ class UnitReport:
 
 
 class BlockWorker:
-    """Holds the model, the source handle and the mosaic; computes seams and blocks."""
+    """Holds the model, the source handle and the mosaic; computes seams and blocks.
+
+    When pipelined (GPU workers), two helper threads keep the model busy: a reader decodes the next
+    batch of tiles while the model runs on this one, and a writer finishes and stores a block while the
+    next unit starts. At most one block waits for the writer; its error, if any, is raised by the next
+    unit or by `flush`. A block whose write is lost with its process has no done-marker, and the driver
+    computes it again. CPU workers do all of it in line: every core already runs a worker, and the
+    helper threads were measured to slow the job down there (docs/benchmarks.md).
+    """
 
     def __init__(self, job: JobSpec) -> None:
         import torch
@@ -209,6 +230,9 @@ class BlockWorker:
             bundle = ModelBundle.load(f.name)
         self.predictor = Predictor(bundle, job.inference)
         self.mosaic = Mosaic.open(job.mosaic, mode="r+")
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="tessera-read") if job.pipelined else None
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="tessera-write") if job.pipelined else None
+        self.pending: Future[None] | None = None
 
     def ready(self) -> bool:
         """Answers once the model is loaded, so start-up is timed apart from compute."""
@@ -221,25 +245,43 @@ class BlockWorker:
         start = time.perf_counter()
         plan, group = self.job.plan, self.job.plan.seams[index]
         regions = [plan.footprint(group.tiles, b) for b in group.blocks]
-        accs = blend_tiles(group.tiles, regions, plan.grid, self.job.source, self.predictor, self.job.window)
+        accs = blend_tiles(group.tiles, regions, plan.grid, self.job.source, self.predictor, self.job.window,
+                           self.reader)
         return (*accs, self._report(len(group.tiles), start))
 
     def compute_block(self, block: BlockId, *imports: Accumulator) -> UnitReport:
-        """Compute the block's own tiles, add the seams' sums, normalise and write the block."""
-        from pipeline.stitching import blend_tiles, finish_block
+        """Compute the block's own tiles and add the seams' sums; the writer normalises and stores it."""
+        from pipeline.stitching import blend_tiles
 
         start = time.perf_counter()
         plan = self.job.plan
-        region = plan.rect(block)
         tiles = plan.interior.get(block, ())
-        (acc,) = blend_tiles(tiles, [region], plan.grid, self.job.source, self.predictor, self.job.window)
+        (acc,) = blend_tiles(tiles, [plan.rect(block)], plan.grid, self.job.source, self.predictor,
+                             self.job.window, self.reader)
         for part in imports:
             acc.merge(part)
+        region = acc.region  # read here: the source handle is not shared between threads at once
         valid = self.job.source.valid(region.y0, region.x0, region.height, region.width)
+        self.flush()  # one block at a time in the writer, so memory stays at two blocks
+        if self.writer is None:
+            self._store(block, acc, valid)
+        else:
+            self.pending = self.writer.submit(self._store, block, acc, valid)
+        return self._report(len(tiles), start)
+
+    def flush(self) -> bool:
+        """Wait for the block in the writer; raises its error."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+        return True
+
+    def _store(self, block: BlockId, acc: Accumulator, valid: Any) -> None:
+        from pipeline.stitching import finish_block
+
         out = finish_block(acc, valid, self.job.inference.scores)
         self.mosaic.write_block(out)
         self.mosaic.mark_done(block, out)
-        return self._report(len(tiles), start)
 
     @staticmethod
     def _report(tiles: int, start: float) -> UnitReport:
@@ -298,10 +340,12 @@ def worker_layout(config: SegmentConfig, device: str) -> tuple[int, int]:
         import torch
 
         gpus = torch.cuda.device_count()
-        workers = config.workers or max(gpus, 1)
-        if config.ray_address is None and workers > gpus:
-            raise ConfigError(f"{workers} GPU workers asked for, but this machine has {gpus} GPU(s): "
-                              f"use --workers {max(gpus, 1)} or a Ray cluster")
+        slots = max(gpus, 1) * config.actors_per_gpu
+        workers = config.workers or slots
+        if config.ray_address is None and workers > gpus * config.actors_per_gpu:
+            raise ConfigError(f"{workers} GPU workers asked for, but this machine has {gpus} GPU(s) with "
+                              f"{config.actors_per_gpu} actor(s) each: use --workers {slots}, raise "
+                              f"actors_per_gpu, or use a Ray cluster")
         return workers, config.threads or max(1, min(4, cpus // workers))
     workers = config.workers or max(1, min(cpus, psutil.virtual_memory().available // WORKER_MEMORY))
     return workers, config.threads or max(1, cpus // workers)
@@ -413,11 +457,25 @@ def _execute(
             tick = time.perf_counter()
             started_ray = _connect(config.ray_address, workers)
             phases["startup"] = time.perf_counter() - tick
-            reports = _run(plan, todo, JobSpec(
+            spec = JobSpec(
                 source=source, bundle_bytes=Path(config.model).read_bytes(), plan=plan,
                 window=config.window, inference=config.inference, mosaic=config.output, threads=threads,
-            ), workers, device_type, config.progress, on_progress, phases)
+                pipelined=config.pipelined if config.pipelined is not None else device_type == "cuda",
+                actors_per_gpu=config.actors_per_gpu,
+            )
+            reports = _run(plan, todo, spec, workers, device_type, config.progress, on_progress, phases)
             mosaic = Mosaic.open(config.output, mode="r+")
+            for _ in range(WORKER_RESTARTS):  # a worker lost with a block in its writer leaves no marker
+                lost = [b for b in todo if b not in mosaic.marked_blocks()]
+                if not lost:
+                    break
+                log.warning("%d block(s) lost with a worker process are computed again", len(lost))
+                reports += _run(plan, lost, spec, workers, device_type, False, None, phases)
+            else:
+                lost = [b for b in todo if b not in mosaic.marked_blocks()]
+            if lost:
+                raise TesseraError(f"{len(lost)} block(s) were lost with their worker processes {WORKER_RESTARTS + 1} "
+                                   f"times: check the workers' logs; rerunning the job resumes it")
             tick = time.perf_counter()
             mosaic.build_pyramid()
             phases["pyramid"] = time.perf_counter() - tick
@@ -484,7 +542,7 @@ def _run(
     # A worker process that dies (killed, node lost) is restarted and its unfinished units retried;
     # that is safe because every unit is idempotent. Exceptions raised by our code are not retried.
     actor_cls = ray.remote(BlockWorker).options(
-        num_cpus=1, num_gpus=1 if device_type == "cuda" else 0, max_restarts=WORKER_RESTARTS,
+        num_cpus=1, num_gpus=1 / job.actors_per_gpu if device_type == "cuda" else 0, max_restarts=WORKER_RESTARTS,
         max_task_retries=WORKER_RESTARTS,
     )
     tick = time.perf_counter()
@@ -569,9 +627,21 @@ def _run(
                 bar.update(1)
                 if on_progress is not None:
                     on_progress(done_blocks, len(busy))
+        for ref in [a.flush.remote() for a in actors]:  # the last block of each worker is still writing
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                raise (e.cause if isinstance(e.cause, TesseraError) else e) from None
+    except BaseException:
+        # Stopped or failed: keep the blocks already computed (their writes finish), drop the rest.
+        for ref in in_flight:
+            with contextlib.suppress(Exception):  # already finished, or its worker gone
+                ray.cancel(ref)
+        ray.wait([a.flush.remote() for a in actors], num_returns=len(actors), timeout=FLUSH_TIMEOUT)
+        raise
     finally:
         bar.close()
         for actor in actors:
             ray.kill(actor)
-    phases["blocks"] = time.perf_counter() - tick
+    phases["blocks"] = phases.get("blocks", 0.0) + time.perf_counter() - tick
     return reports

@@ -61,6 +61,7 @@ class InferenceOptions:
     scores: str = "logits"  # what is blended: "logits" or "probabilities"
     amp: bool = True  # bf16/fp16 autocast on GPU; ignored on CPU, where float32 keeps results exact
     channels_last: bool = True  # on GPU only
+    compile: bool = False  # torch.compile the model: slower first batches, faster after
 
     def __post_init__(self) -> None:
         if self.scores not in SCORES:
@@ -86,6 +87,8 @@ class Predictor:
         on_gpu = self.device.type == "cuda"
         if on_gpu and options.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if options.compile:
+            self.model = torch.compile(self.model)  # type: ignore[assignment]
         self.autocast_dtype = (
             (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
             if on_gpu and options.amp

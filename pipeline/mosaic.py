@@ -283,6 +283,12 @@ class Mosaic:
         marker.attrs.update({"region": [r.y0, r.x0, r.y1, r.x1],
                              "checksum": _crc(out.mask, out.scores.astype(self.layout.scores_dtype))})
 
+    def marked_blocks(self) -> set[tuple[int, int]]:
+        """Blocks with a done-marker, not verified (see `done_blocks`)."""
+        if BLOCKS not in self.group:
+            return set()
+        return {_block_id(name) for name in self.group[BLOCKS].group_keys()}  # type: ignore[union-attr]
+
     def done_blocks(self) -> set[tuple[int, int]]:
         """Blocks with a marker whose checksum still matches what is stored."""
         if BLOCKS not in self.group:
@@ -292,8 +298,7 @@ class Mosaic:
             attrs = dict(marker.attrs)
             region = Rect(*attrs.get("region", (0, 0, 0, 0)))
             if not region.empty and attrs.get("checksum") == self.checksum(region):
-                r, c = name.split("_")
-                done.add((int(r), int(c)))
+                done.add(_block_id(name))
         return done
 
     def _write_level(
@@ -494,3 +499,8 @@ def _write_coordinates(level: zarr.Group, layout: MosaicLayout, k: int) -> None:
             "spatial_ref": layout.crs,
             "GeoTransform": " ".join(str(v) for v in (t.c, t.a, t.b, t.f, t.d, t.e)),
         })
+
+
+def _block_id(marker: str) -> tuple[int, int]:
+    r, c = marker.split("_")
+    return int(r), int(c)

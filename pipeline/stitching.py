@@ -6,8 +6,10 @@ them directly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -29,9 +31,28 @@ class BlockOutput:
     confidence: np.ndarray  # (h, w) float32
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
 def _batches(tiles: Sequence[TileId], size: int) -> Iterator[Sequence[TileId]]:
     for i in range(0, len(tiles), size):
         yield tiles[i : i + size]
+
+
+def prefetched(load: Callable[[T], R], items: Iterable[T], executor: Executor | None) -> Iterator[R]:
+    """`load(item)` for each item in order; with an executor, the next item loads while this one is used."""
+    if executor is None:
+        yield from map(load, items)
+        return
+    pending: Future[R] | None = None
+    for item in items:
+        ahead = executor.submit(load, item)
+        if pending is not None:
+            yield pending.result()
+        pending = ahead
+    if pending is not None:
+        yield pending.result()
 
 
 def blend_tiles(
@@ -41,12 +62,20 @@ def blend_tiles(
     source: RasterSource,
     predictor: Predictor,
     window: str,
+    reader: Executor | None = None,
 ) -> list[Accumulator]:
-    """Compute `tiles` once and accumulate their weighted scores into one accumulator per region."""
+    """Compute `tiles` once and accumulate their weighted scores into one accumulator per region.
+
+    With a `reader` executor, the next batch is read and decoded while the model runs on this one.
+    """
     accs = [Accumulator.zeros(r, predictor.num_classes) for r in regions]
-    for batch in _batches(tiles, predictor.options.batch_size):
+
+    def load(batch: Sequence[TileId]) -> tuple[Sequence[TileId], list[Rect], np.ndarray]:
         rects = [grid.rect(t) for t in batch]
         raw = np.stack([predictor.select_bands(source.read(r.y0, r.x0, r.height, r.width)) for r in rects])
+        return batch, rects, raw
+
+    for batch, rects, raw in prefetched(load, _batches(tiles, predictor.options.batch_size), reader):
         scores = predictor(raw)
         for tile, rect, values in zip(batch, rects, scores, strict=True):
             weights = tile_window(window, grid.tile, grid.edges(tile))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.blending import tile_window
-from pipeline.execution import SegmentConfig, prepare, segment
+from pipeline.errors import ConfigError
+from pipeline.execution import SegmentConfig, prepare, segment, worker_layout
 from pipeline.inference import InferenceOptions, Predictor
 from pipeline.models.bundle import ModelBundle
 from pipeline.mosaic import Mosaic
@@ -55,11 +56,13 @@ def reference(scene: Path, fcn_bundle: Path) -> np.ndarray:
     return reference_blend(scene, fcn_bundle, 128, 32)
 
 
-@pytest.mark.parametrize(("workers", "block"), [(1, 256), (2, 512), (3, 256)])
+@pytest.mark.parametrize(("workers", "block", "pipelined"),
+                         [(1, 256, False), (2, 512, False), (3, 256, False), (2, 256, True)])
 def test_mosaic_equals_single_process_reference(
-    scene: Path, fcn_bundle: Path, reference: np.ndarray, tmp_path: Path, workers: int, block: int
+    scene: Path, fcn_bundle: Path, reference: np.ndarray, tmp_path: Path, workers: int, block: int, pipelined: bool
 ) -> None:
-    mosaic = run(scene, fcn_bundle, tmp_path / "m.zarr", workers=workers, block=block)
+    """Also with the GPU workers' read-ahead and write-behind threads, run here on CPU."""
+    mosaic = run(scene, fcn_bundle, tmp_path / "m.zarr", workers=workers, block=block, pipelined=pipelined)
     scores = mosaic.read("scores")
     assert mosaic.complete
     assert np.abs(scores - reference).max() <= 1e-4
@@ -190,3 +193,13 @@ def test_slide_keeps_mpp_and_reads_in_ome_zarr(shared_data: Path, tmp_path: Path
     assert labels and len(labels[0].data) == mosaic.layout.num_levels
     assert labels[0].metadata["color"][1] == pytest.approx([220 / 255, 40 / 255, 40 / 255, 1.0])
     assert labels[0].metadata["color"][255][3] == 0, "nodata is transparent"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without enough GPUs")
+def test_more_gpu_workers_than_gpu_slots_are_refused(scene: Path, fcn_bundle: Path) -> None:
+    config = SegmentConfig(source=str(scene), model=str(fcn_bundle), output="/nonexistent.zarr", workers=3,
+                           actors_per_gpu=2)
+    with pytest.raises(ConfigError, match="actors_per_gpu"):
+        worker_layout(config, "cuda")
+    with pytest.raises(ConfigError, match="actors_per_gpu"):
+        SegmentConfig(source=str(scene), model=str(fcn_bundle), output="/nonexistent.zarr", actors_per_gpu=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -79,3 +81,12 @@ def test_bad_options_are_refused() -> None:
             pick_device("cuda")
 
 
+def test_compiled_model_gives_the_eager_scores(bundle: ModelBundle, tmp_path: Path) -> None:
+    """torch.compile (inductor, here on CPU) changes speed, not results; batches of 3 then 1."""
+    raw = np.random.default_rng(4).integers(0, 255, (4, 2, 64, 64), dtype=np.uint8)
+    eager = Predictor(bundle, InferenceOptions(device="cpu", batch_size=3))(raw)
+    bundle.save(tmp_path / "copy.bundle")
+    fresh = ModelBundle.load(tmp_path / "copy.bundle")
+    compiled = Predictor(fresh, InferenceOptions(device="cpu", batch_size=3, compile=True))(raw)
+    assert compiled.shape == eager.shape
+    np.testing.assert_allclose(compiled, eager, atol=1e-4)
