@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/mypy pipeline jobs
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.efficiency
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf demo .pytest_cache .mypy_cache .ruff_cache

@@ -1,51 +1,42 @@
-"""Efficiency of the segment job: the bare model forward over the same tiles vs the whole job.
+"""Throughput of the segment job against the bare model and against MONAI, for 1 and 2 workers.
 
-    python -m bench.efficiency [--size 4096] [--workers 1 2]
+    python -m bench.efficiency [--size 4096] [--workers 1 2] [--repeats 3]
 
-The bare figure is the model alone on tensors already in memory, in the same batches, with the same
-torch threads: no reading, no blending, no Zarr, no Ray, no pyramid. The job figure is GeoTIFF in,
-finished mosaic with pyramid out, including starting the embedded Ray. Both are measured in this run,
-on this machine. Results go to bench/results/efficiency.json and a row in docs/benchmarks.md.
+All on one GeoTIFF with the demo's architecture (U-Net, MobileNetV3 encoder, 512 tiles, overlap 64),
+medians of `repeats` runs, in this process:
+
+- job: `segment` end to end (GeoTIFF in, finished mosaic with pyramid out, embedded Ray started);
+- bare: the model alone on tensors already in memory, over as many tiles, same batch size, all
+  cores; no reading, blending, Zarr, Ray or pyramid. Efficiency is bare / job;
+- MONAI: read the GeoTIFF into memory, `sliding_window_inference` (gaussian, same model, tile,
+  overlap and batch), argmax, write scores and mask to Zarr (`bench.job.run_monai`).
+
+Results go to bench/results/efficiency.json, rows in docs/benchmarks.md, docs/bench-throughput.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from bench.common import CPUS, DOCS, demo_like_bundle, save, table_row
+from bench.job import run_monai
 from pipeline.execution import SegmentConfig, prepare, segment
 from pipeline.inference import InferenceOptions, Predictor
-from pipeline.models.bundle import BundleSpec, ModelBundle, Normalization
-from pipeline.synthetic import CLASSES, generate_scene, write_scene
-from pipeline.training.loop import DEFAULT_ARCH_ARGS
-
-RESULTS = Path(__file__).parent / "results"
-TABLE = Path(__file__).parents[1] / "docs" / "benchmarks.md"
+from pipeline.synthetic import generate_scene, write_scene
+from pipeline.tracking import Tracking
 
 
-def demo_like_bundle(path: Path) -> Path:
-    """The demo's architecture, freshly initialised (speed does not depend on the weights)."""
-    spec = BundleSpec(
-        architecture="unet",
-        arch_args=DEFAULT_ARCH_ARGS,
-        classes=CLASSES, bands=(1, 2, 3), normalization=Normalization(), tile_size=512, overlap=64,
-    )
-    ModelBundle.create(spec).save(path)
-    return path
-
-
-def bare_forward_seconds(config: SegmentConfig, threads: int, repeats: int) -> tuple[float, int]:
+def bare_forward_seconds(config: SegmentConfig, repeats: int) -> tuple[float, int]:
     """Median time of the model alone over the job's tiles, and the number of tiles."""
     source, bundle, grid = prepare(config)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(CPUS)
     predictor = Predictor(bundle, InferenceOptions(device="cpu", batch_size=config.batch_size))
     n = len(grid)
     batch = torch.from_numpy(
@@ -63,51 +54,80 @@ def bare_forward_seconds(config: SegmentConfig, threads: int, repeats: int) -> t
     return statistics.median(times), n
 
 
+def plot(rows: list[dict[str, Any]], bare: float, monai: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    workers = [r["workers"] for r in rows]
+    ax.plot(workers, [r["job_mpix_per_s"] for r in rows], "o-", label="tessera job, end to end")
+    ax.plot(workers, [r["blocks_mpix_per_s"] for r in rows], "s--", label="tessera, blocks phase")
+    ax.axhline(bare, color="grey", linestyle=":", label="bare model forward (all cores)")
+    ax.axhline(monai, color="tab:red", linestyle="-.", label="MONAI sliding window, end to end")
+    ax.set_xticks(workers)
+    ax.set_xlabel(f"workers (torch threads each = {CPUS} cores / workers)")
+    ax.set_ylabel("MPix/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"Throughput on {rows[0]['size']}² px, {CPUS} CPU cores")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    cpus = os.cpu_count() or 1
+    mpix = args.size**2 / 1e6
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        write_scene(generate_scene(args.size, args.size, 11), d / "scene.tif", d / "truth.tif")
+        scene = d / "scene.tif"
+        write_scene(generate_scene(args.size, args.size, 11), scene, d / "truth.tif")
         bundle = demo_like_bundle(d / "model.bundle")
         rows = []
         for workers in args.workers:
-            threads = max(1, cpus // workers)
-            config = SegmentConfig(source=str(d / "scene.tif"), model=str(bundle), output=str(d / "m.zarr"),
-                                   workers=workers, threads=threads, device="cpu", progress=False, overwrite=True)
-            job = [segment(config) for _ in range(args.repeats)]
-            wall = statistics.median(s.wall_seconds for s in job)
-            bare, tiles = bare_forward_seconds(config, cpus, args.repeats)
-            mpix = args.size**2 / 1e6
+            config = SegmentConfig(source=str(scene), model=str(bundle), output=str(d / "m.zarr"), workers=workers,
+                                   device="cpu", progress=False, overwrite=True,
+                                   tracking=Tracking(uri=f"sqlite:///{d / 'mlflow.db'}"))
+            jobs = [segment(config) for _ in range(args.repeats)]
+            wall = statistics.median(s.wall_seconds for s in jobs)
+            blocks = statistics.median(s.phases["blocks"] for s in jobs)
             rows.append({
-                "size": args.size, "workers": workers, "threads_per_worker": threads, "tiles": tiles,
-                "job_seconds_median": wall, "job_mpix_per_s": mpix / wall,
-                "startup_seconds_median": statistics.median(s.phases["startup"] for s in job),
-                "blocks_seconds_median": statistics.median(s.phases["blocks"] for s in job),
-                "bare_seconds_median": bare, "bare_mpix_per_s": mpix / bare, "efficiency": bare / wall,
-                "steady_efficiency": bare / statistics.median(s.phases["blocks"] for s in job),
-                "recomputed_fraction": job[0].tiles_recomputed / max(job[0].tiles_computed, 1),
-                "pyramid_seconds_median": statistics.median(s.pyramid_seconds for s in job),
-                "peak_rss_mib_max": max(s.peak_rss_mib for s in job),
+                "size": args.size, "workers": workers, "threads_per_worker": max(1, CPUS // workers),
+                "tiles": jobs[0].tiles_computed, "job_seconds_median": wall, "job_mpix_per_s": mpix / wall,
+                "startup_seconds_median": statistics.median(s.phases["startup"] for s in jobs),
+                "blocks_seconds_median": blocks, "blocks_mpix_per_s": mpix / blocks,
+                "pyramid_seconds_median": statistics.median(s.pyramid_seconds for s in jobs),
+                "recomputed_fraction": jobs[0].tiles_recomputed / max(jobs[0].tiles_computed, 1),
             })
-            print(json.dumps(rows[-1]))
-    RESULTS.mkdir(exist_ok=True)
-    machine = f"{platform.machine()}, {cpus} cores, torch {torch.__version__}, CPU"
-    (RESULTS / "efficiency.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    with TABLE.open("a") as f:
-        for r in rows:
-            f.write(
-                f"| efficiency | {time.strftime('%Y-%m-%d')} | {machine} | {r['size']}² px, {r['tiles']} tiles, "
-                f"{r['workers']} worker(s) x {r['threads_per_worker']} threads | job {r['job_mpix_per_s']:.2f} MPix/s "
-                f"({r['job_seconds_median']:.1f} s) vs bare forward {r['bare_mpix_per_s']:.2f} MPix/s "
-                f"({r['bare_seconds_median']:.1f} s): efficiency {r['efficiency']:.2f} end to end, "
-                f"{r['steady_efficiency']:.2f} bare/blocks phase (start-up {r['startup_seconds_median']:.1f} s); "
-                f"recomputed {100 * r['recomputed_fraction']:.1f}%; peak {r['peak_rss_mib_max']:.0f} MiB |\n"
-            )
+            print(rows[-1], flush=True)
+        bare, tiles = bare_forward_seconds(config, args.repeats)
+        monai = statistics.median(run_monai(str(scene), str(bundle), str(d / f"monai{i}.zarr"))["seconds"]
+                                  for i in range(args.repeats))
+    for r in rows:
+        r.update(bare_seconds_median=bare, bare_mpix_per_s=mpix / bare, efficiency=bare / r["job_seconds_median"],
+                 steady_efficiency=bare / r["blocks_seconds_median"], monai_seconds_median=monai,
+                 monai_mpix_per_s=mpix / monai, vs_monai=monai / r["job_seconds_median"])
+    save("efficiency", rows)
+    plot(rows, mpix / bare, mpix / monai, DOCS / "bench-throughput.png")
+    workload = f"{args.size}² px, {tiles} tiles of 512, demo U-Net"
+    for r in rows:
+        layout = f"{r['workers']} worker(s) x {r['threads_per_worker']} threads"
+        table_row("efficiency", f"{workload}, {layout}",
+                  f"job {r['job_mpix_per_s']:.2f} MPix/s ({r['job_seconds_median']:.1f} s) vs bare forward "
+                  f"{r['bare_mpix_per_s']:.2f} MPix/s ({bare:.1f} s): efficiency {r['efficiency']:.2f} end to end, "
+                  f"{r['steady_efficiency']:.2f} bare/blocks phase (start-up {r['startup_seconds_median']:.1f} s, "
+                  f"pyramid {r['pyramid_seconds_median']:.1f} s); recomputed {100 * r['recomputed_fraction']:.1f}%")
+        table_row("vs MONAI", f"{workload}, {layout}",
+                  f"tessera {r['job_mpix_per_s']:.2f} MPix/s ({r['job_seconds_median']:.1f} s) vs MONAI "
+                  f"sliding_window_inference {r['monai_mpix_per_s']:.2f} MPix/s ({monai:.1f} s), end to end: "
+                  f"{r['vs_monai']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ any time to about one row of blocks. The same code runs on an embedded Ray or on
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import os
@@ -48,6 +50,11 @@ log = logging.getLogger(__name__)
 WORKER_RESTARTS = 3  # per worker, for processes that die; errors raised by tessera are never retried
 STARTUP_TIMEOUT = 600.0  # seconds for workers to load the model; a cluster may need to scale up first
 FLUSH_TIMEOUT = 60.0  # seconds for workers to finish writing blocks already computed when a job stops
+# Tiles are read about once, so a small GDAL block cache loses nothing; GDAL's default (5% of RAM in
+# each process) let every worker grow with the image (docs/benchmarks.md, peak memory).
+WORKER_GDAL_CACHE_MB = 64
+OBJECT_STORE_MIN = 256 * 2**20
+IN_FLIGHT = 2  # units per worker: one running, one queued, so a worker never idles between units
 
 
 @dataclass(frozen=True)
@@ -222,6 +229,7 @@ class BlockWorker:
 
         from pipeline.inference import Predictor
 
+        os.environ.setdefault("GDAL_CACHEMAX", str(WORKER_GDAL_CACHE_MB))  # read by GDAL at its first read
         torch.set_num_threads(job.threads)
         self.job = job
         with tempfile.NamedTemporaryFile(suffix=".bundle") as f:
@@ -242,6 +250,7 @@ class BlockWorker:
         """The seam's weighted sums, one accumulator per block it touches, then a report."""
         from pipeline.stitching import blend_tiles
 
+        release_memory()
         start = time.perf_counter()
         plan, group = self.job.plan, self.job.plan.seams[index]
         regions = [plan.footprint(group.tiles, b) for b in group.blocks]
@@ -253,6 +262,7 @@ class BlockWorker:
         """Compute the block's own tiles and add the seams' sums; the writer normalises and stores it."""
         from pipeline.stitching import blend_tiles
 
+        release_memory()
         start = time.perf_counter()
         plan = self.job.plan
         tiles = plan.interior.get(block, ())
@@ -287,6 +297,27 @@ class BlockWorker:
     def _report(tiles: int, start: float) -> UnitReport:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return UnitReport(tiles, time.perf_counter() - start, peak)
+
+
+def release_memory() -> None:
+    """Hand the heap that the last unit freed back to the OS.
+
+    glibc keeps freed memory of mid-sized arrays in its heap, fragmented: without this a worker grew
+    by about 25 MB per block and memory rose with the image size. malloc_trim costs about a millisecond.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
 
 
 class MemorySampler:
@@ -455,7 +486,8 @@ def _execute(
     try:
         with MemorySampler() as memory:
             tick = time.perf_counter()
-            started_ray = _connect(config.ray_address, workers)
+            started_ray = _connect(config.ray_address, workers,
+                                   object_store_bytes(plan, bundle.spec.num_classes, workers))
             phases["startup"] = time.perf_counter() - tick
             spec = JobSpec(
                 source=source, bundle_bytes=Path(config.model).read_bytes(), plan=plan,
@@ -501,11 +533,28 @@ def _first_line(error: Exception) -> str:
     return (causes[-1] if causes else lines[0] if lines else type(error).__name__)[:500]
 
 
-def _connect(address: str | None, workers: int) -> bool:
+def object_store_bytes(plan: BlockPlan, channels: int, workers: int) -> int:
+    """Room in an embedded Ray's object store for the seam sums that the units in flight use.
+
+    Seam sums wait in the object store until the blocks on both sides are written: about one row of
+    blocks, so their total grows with the image's width. Sized for the units in flight (and twice that
+    for those being made), the store spills the waiting ones to disk and memory stays flat.
+    """
+    feeds = plan.seams_of()
+
+    def imports(b: BlockId) -> int:
+        return sum((channels + 1) * 4 * plan.footprint(plan.seams[k].tiles, b).area for k in feeds.get(b, []))
+
+    largest = max((imports(b) for b in plan.busy_blocks()), default=0)
+    return max(OBJECT_STORE_MIN, 2 * IN_FLIGHT * workers * largest)
+
+
+def _connect(address: str | None, workers: int, object_store: int | None = None) -> bool:
     """Join a Ray cluster, or start an embedded one; True when this call started Ray.
 
     No address means a new embedded Ray, even if a `ray start` head runs on this machine, except
     inside a job submitted through the Ray Jobs API, where RAY_ADDRESS names the job's cluster.
+    `object_store` bytes bound an embedded Ray's object store (a cluster's is set by `ray start`).
     """
     import ray
 
@@ -516,7 +565,8 @@ def _connect(address: str | None, workers: int) -> bool:
     if address:
         ray.init(address=address, **common)
     else:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False, **common)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False,
+                 object_store_memory=object_store, **common)
     return True
 
 def _run(
@@ -575,7 +625,6 @@ def _run(
     in_flight: dict[Any, tuple[str, Any, int]] = {}
     load: dict[int, int] = defaultdict(int)
     reports: list[UnitReport] = []
-    per_actor = 2  # one running, one queued, so an actor never idles between units
     bar = tqdm(total=len(busy), desc="blocks", unit="block", disable=not progress, leave=False)
     done_blocks = 0
 
@@ -599,7 +648,7 @@ def _run(
     try:
         while blocks_ready or seams_todo or in_flight:
             for a in sorted(range(workers), key=lambda i: load[i]):
-                while load[a] < per_actor and submit(a):
+                while load[a] < IN_FLIGHT and submit(a):
                     pass
             [ref], _ = ray.wait(list(in_flight), num_returns=1)
             kind, key, a = in_flight.pop(ref)

@@ -1,0 +1,43 @@
+"""`make bench`: every benchmark in turn, each appending its rows to docs/benchmarks.md.
+
+    python -m bench [--quick]
+
+`--quick` runs each at a small size to check that they work (rows still written: drop them).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import torch
+
+FULL = [
+    ["bench.efficiency"],
+    ["bench.memory"],
+    ["bench.background"],
+]
+QUICK = [
+    ["bench.efficiency", "--size", "1024", "--repeats", "1"],
+    ["bench.memory", "--sizes", "1024", "2048"],
+    ["bench.background", "--size", "1024", "--fractions", "1", "0.5"],
+]
+
+
+def main() -> None:
+    plan = QUICK if "--quick" in sys.argv else FULL
+    if torch.cuda.is_available():
+        plan = [*plan, ["bench.gpu"]]
+    else:
+        print("no GPU here: bench.gpu skipped (run it on a GPU machine)")
+    start = time.perf_counter()
+    for args in plan:
+        tick = time.perf_counter()
+        subprocess.run([sys.executable, "-m", *args], check=True)
+        print(f"{args[0]}: {time.perf_counter() - tick:.0f} s", flush=True)
+    print(f"all benchmarks: {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

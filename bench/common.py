@@ -1,0 +1,147 @@
+"""What every benchmark shares: the machine line, scenes and models, peak memory, results and table rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import rasterio
+import torch
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+from pipeline.models.bundle import BundleSpec, ClassInfo, ModelBundle, Normalization
+from pipeline.synthetic import CLASSES, generate_scene
+from pipeline.training.loop import DEFAULT_ARCH_ARGS
+
+RESULTS = Path(__file__).parent / "results"
+TABLE = Path(__file__).parents[1] / "docs" / "benchmarks.md"
+DOCS = Path(__file__).parents[1] / "docs"
+CPUS = os.cpu_count() or 1
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return f"{platform.machine()}, {CPUS} cores, torch {torch.__version__}, {gpu}"
+
+
+def demo_like_bundle(path: Path) -> Path:
+    """The demo's architecture, freshly initialised (speed does not depend on the weights)."""
+    spec = BundleSpec(
+        architecture="unet", arch_args=DEFAULT_ARCH_ARGS, classes=CLASSES, bands=(1, 2, 3),
+        normalization=Normalization(), tile_size=512, overlap=64,
+    )
+    ModelBundle.create(spec).save(path)
+    return path
+
+
+def tiny_bundle(path: Path) -> Path:
+    """A 2-layer, 4-channel FCN with 2 classes: the job's own costs dominate, not the model's."""
+    torch.manual_seed(0)
+    spec = BundleSpec(
+        architecture="fcn", arch_args={"depth": 2, "width": 4, "padding_mode": "reflect"},
+        classes=(ClassInfo("background", (0, 0, 0)), ClassInfo("object", (230, 60, 60))), bands=(1, 2, 3),
+        normalization=Normalization(), tile_size=512, overlap=64,
+    )
+    ModelBundle.create(spec).save(path)
+    return path
+
+
+def write_large_scene(path: Path, size: int, *, foreground: float = 1.0, seed: int = 11, motif: int = 2048) -> Path:
+    """A size x size RGB GeoTIFF built from one generated motif, mirrored so that it has no edges.
+
+    Written window by window (never whole in memory), tiled 512, uncompressed so that writing it is
+    quick. Rows below `foreground` x size are nodata (0), for the background-skipping benchmark.
+    """
+    image = generate_scene(min(motif, size), min(motif, size), seed).image
+    m = image.shape[-1]
+    fg_rows = round(foreground * size)
+    profile = {
+        "driver": "GTiff", "height": size, "width": size, "count": 3, "dtype": "uint8", "tiled": True,
+        "blockxsize": 512, "blockysize": 512, "crs": "EPSG:32632", "nodata": 0,
+        "transform": from_origin(500000.0, 5200000.0, 0.5, 0.5), "BIGTIFF": "YES",
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        for i, y0 in enumerate(range(0, size, m)):
+            for j, x0 in enumerate(range(0, size, m)):
+                block = image[:, :: -1 if i % 2 else 1, :: -1 if j % 2 else 1]
+                h, w = min(m, size - y0), min(m, size - x0)
+                block = np.ascontiguousarray(block[:, :h, :w])
+                valid_rows = max(0, min(h, fg_rows - y0))
+                np.maximum(block[:, :valid_rows], 1, out=block[:, :valid_rows])  # no valid pixel reads as 0
+                block[:, valid_rows:] = 0
+                dst.write(block, window=Window(x0, y0, w, h))
+    return path
+
+
+class PeakMemory:
+    """Peak of the summed PSS of a process and all its descendants, sampled in a thread.
+
+    PSS (proportional set size) shares each shared page among the processes that map it, so the
+    sum does not count torch's libraries or Ray's object store once per worker, as summed RSS does.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> None:
+        total = 0
+        try:
+            processes = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in processes:
+            try:
+                total += p.memory_full_info().pss
+            except psutil.Error:
+                continue
+        self.peak_mib = max(self.peak_mib, total / 2**20)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+
+def run_sampled(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], float]:
+    """Run `python -m bench.job ARGS` in a fresh process; its JSON result and its peak PSS in MiB."""
+    cmd = [sys.executable, "-m", "bench.job", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parents[1], env={**os.environ, **(env or {})})
+    with PeakMemory(proc.pid) as memory:
+        out, err = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    return result, memory.peak_mib
+
+
+def save(name: str, rows: list[dict[str, Any]]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                                                      "rows": rows}, indent=2))
+
+
+def table_row(benchmark: str, workload: str, result: str) -> None:
+    with TABLE.open("a") as f:
+        f.write(f"| {benchmark} | {time.strftime('%Y-%m-%d')} | {machine()} | {workload} | {result} |\n")
