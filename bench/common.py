@@ -27,6 +27,7 @@ RESULTS = Path(__file__).parent / "results"
 TABLE = Path(__file__).parents[1] / "docs" / "benchmarks.md"
 DOCS = Path(__file__).parents[1] / "docs"
 CPUS = os.cpu_count() or 1
+QUICK = os.environ.get("TESSERA_BENCH_QUICK") == "1"  # `python -m bench --quick`: check only, record nothing
 
 
 def machine() -> str:
@@ -137,11 +138,16 @@ def run_sampled(args: list[str], env: dict[str, str] | None = None) -> tuple[dic
 
 
 def save(name: str, rows: list[dict[str, Any]]) -> None:
+    if QUICK:
+        return
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"),
                                                       "rows": rows}, indent=2))
 
 
 def table_row(benchmark: str, workload: str, result: str) -> None:
+    if QUICK:
+        print(f"(quick, not recorded) {benchmark} | {workload} | {result}")
+        return
     with TABLE.open("a") as f:
         f.write(f"| {benchmark} | {time.strftime('%Y-%m-%d')} | {machine()} | {workload} | {result} |\n")

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench.common import CPUS, DOCS, demo_like_bundle, save, table_row
+from bench.common import CPUS, DOCS, QUICK, demo_like_bundle, save, table_row
 from bench.job import run_monai
 from pipeline.execution import SegmentConfig, prepare, segment
 from pipeline.inference import InferenceOptions, Predictor
@@ -115,7 +115,8 @@ def main() -> None:
                  steady_efficiency=bare / r["blocks_seconds_median"], monai_seconds_median=monai,
                  monai_mpix_per_s=mpix / monai, vs_monai=monai / r["job_seconds_median"])
     save("efficiency", rows)
-    plot(rows, mpix / bare, mpix / monai, DOCS / "bench-throughput.png")
+    if not QUICK:
+        plot(rows, mpix / bare, mpix / monai, DOCS / "bench-throughput.png")
     workload = f"{args.size}² px, {tiles} tiles of 512, demo U-Net"
     for r in rows:
         layout = f"{r['workers']} worker(s) x {r['threads_per_worker']} threads"

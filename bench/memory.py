@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import DOCS, run_sampled, save, table_row, tiny_bundle, write_large_scene
+from bench.common import DOCS, QUICK, run_sampled, save, table_row, tiny_bundle, write_large_scene
 
 
 def monai_need_mib(size: int, bands: int = 3, classes: int = 2) -> float:
@@ -77,7 +77,8 @@ def main() -> None:
     for r in rows:
         r["tessera_peak_vs_first"] = r["tessera_peak_mib"] / base
     save("memory", rows)
-    plot(rows, DOCS / "bench-memory.png")
+    if not QUICK:
+        plot(rows, DOCS / "bench-memory.png")
     for r in rows:
         peer = (f"MONAI {r['monai_peak_mib'] / 1024:.2f} GiB in {r['monai_seconds']:.1f} s"
                  if "monai_peak_mib" in r else
