@@ -7,18 +7,17 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import rasterio
 import torch
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
+from pipeline.memory import PeakMemory
 from pipeline.models.bundle import BundleSpec, ClassInfo, ModelBundle, Normalization
 from pipeline.synthetic import CLASSES, generate_scene
 from pipeline.training.loop import DEFAULT_ARCH_ARGS
@@ -84,52 +83,12 @@ def write_large_scene(path: Path, size: int, *, foreground: float = 1.0, seed: i
     return path
 
 
-class PeakMemory:
-    """Peak of the summed PSS of a process and all its descendants, sampled in a thread.
-
-    PSS (proportional set size) shares each shared page among the processes that map it, so the
-    sum does not count torch's libraries or Ray's object store once per worker, as summed RSS does.
-    """
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        self.root = psutil.Process(pid)
-        self.interval = interval
-        self.peak_mib = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def sample(self) -> None:
-        total = 0
-        try:
-            processes = [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            return
-        for p in processes:
-            try:
-                total += p.memory_full_info().pss
-            except psutil.Error:
-                continue
-        self.peak_mib = max(self.peak_mib, total / 2**20)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-
 def run_sampled(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], float]:
     """Run `python -m bench.job ARGS` in a fresh process; its JSON result and its peak PSS in MiB."""
     cmd = [sys.executable, "-m", "bench.job", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).parents[1], env={**os.environ, **(env or {})})
-    with PeakMemory(proc.pid) as memory:
+    with PeakMemory(proc.pid, interval=0.2) as memory:
         out, err = proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")

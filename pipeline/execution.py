@@ -16,14 +16,11 @@ any time to about one row of blocks. The same code runs on an embedded Ray or on
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import logging
 import os
 import resource
 import tempfile
-import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -39,6 +36,7 @@ from pipeline.blending import WINDOWS, Accumulator
 from pipeline.errors import BandMismatchError, ConfigError, TesseraError
 from pipeline.inference import InferenceOptions, pick_device
 from pipeline.locking import OutputLock
+from pipeline.memory import PeakMemory, release_memory
 from pipeline.models.bundle import ModelBundle
 from pipeline.mosaic import Mosaic, MosaicLayout, check_output, check_storage
 from pipeline.sources import RasterSource, open_source
@@ -149,7 +147,7 @@ class SegmentSummary:
     workers: int
     wall_seconds: float
     phases: dict[str, float]  # seconds: prepare (open, plan, create), startup (Ray, workers), blocks, pyramid
-    peak_rss_mib: float  # all processes of the job on this machine, sampled
+    peak_memory_mib: float  # PSS summed over all processes of the job on this machine, sampled
     worker_peak_rss_mib: float  # the largest single worker
     run_id: str | None = None  # the MLflow run that tracked the job
 
@@ -185,7 +183,7 @@ class SegmentSummary:
             + f", {self.workers} worker(s)",
             f"speed       {self.mpix_per_second:.2f} MPix/s, wall {self.wall_seconds:.1f} s ("
             + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()) + ")",
-            f"memory      peak {self.peak_rss_mib:.0f} MiB all processes, "
+            f"memory      peak {self.peak_memory_mib:.0f} MiB all processes (PSS), "
             f"{self.worker_peak_rss_mib:.0f} MiB largest worker",
             *([f"tracking    MLflow run {self.run_id}"] if self.run_id else []),
         ])
@@ -297,60 +295,6 @@ class BlockWorker:
     def _report(tiles: int, start: float) -> UnitReport:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return UnitReport(tiles, time.perf_counter() - start, peak)
-
-
-def release_memory() -> None:
-    """Hand the heap that the last unit freed back to the OS.
-
-    glibc keeps freed memory of mid-sized arrays in its heap, fragmented: without this a worker grew
-    by about 25 MB per block and memory rose with the image size. malloc_trim costs about a millisecond.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> Any:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-_LIBC = _load_libc()
-
-
-class MemorySampler:
-    """Samples the summed RSS of this process and its descendants (embedded Ray's too)."""
-
-    def __init__(self, interval: float = 0.25) -> None:
-        self.interval = interval
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-
-    def sample(self) -> None:
-        me = psutil.Process()
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                continue
-        self.peak = max(self.peak, total / 2**20)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
 
 
 WORKER_MEMORY = 2 * 2**30  # measured peak of one CPU worker with the demo model (docs/benchmarks.md)
@@ -484,7 +428,7 @@ def _execute(
     phases = {"prepare": time.perf_counter() - start}
     started_ray = False
     try:
-        with MemorySampler() as memory:
+        with PeakMemory() as memory:
             tick = time.perf_counter()
             started_ray = _connect(config.ray_address, workers,
                                    object_store_bytes(plan, bundle.spec.num_classes, workers))
@@ -519,7 +463,7 @@ def _execute(
         tiles_total=len(grid), tiles_computed=sum(r.tiles for r in reports), tiles_skipped=len(grid) - len(active),
         tiles_recomputed=recomputed, blocks_total=len(list(plan)), blocks_written=len(todo),
         blocks_resumed=len(done), workers=workers, wall_seconds=time.perf_counter() - start, phases=phases,
-        peak_rss_mib=memory.peak, worker_peak_rss_mib=max((r.peak_rss_mib for r in reports), default=0.0),
+        peak_memory_mib=memory.peak_mib, worker_peak_rss_mib=max((r.peak_rss_mib for r in reports), default=0.0),
         run_id=run.run_id,
     )
     mosaic.finish({"summary": summary.as_dict(), "finished": lineage_info.now(), "mlflow": run.lineage()})

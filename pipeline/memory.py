@@ -1,0 +1,76 @@
+"""Memory of a job: its peak over all processes, and handing freed heap back to the OS."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import threading
+from typing import Any
+
+import psutil
+
+
+class PeakMemory:
+    """Peak of the summed PSS of a process and all its descendants (embedded Ray's too), sampled in a thread.
+
+    PSS (proportional set size) shares each shared page among the processes that map it, so the sum
+    does not count torch's libraries or Ray's object store once per worker, as summed RSS does.
+
+    Args:
+        pid: the root process; None means this one.
+        interval: seconds between samples.
+    """
+
+    def __init__(self, pid: int | None = None, interval: float = 0.25) -> None:
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def sample(self) -> None:
+        try:
+            processes = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:  # the root has ended
+            return
+        total = 0
+        for p in processes:
+            try:
+                total += p.memory_full_info().pss
+            except psutil.Error:
+                continue
+        self.peak_mib = max(self.peak_mib, total / 2**20)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+
+def release_memory() -> None:
+    """Hand the heap that the last unit of work freed back to the OS.
+
+    glibc keeps freed memory of mid-sized arrays in its heap, fragmented: without this a worker grew
+    by about 25 MB per block and memory rose with the image size. malloc_trim costs about a millisecond.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
