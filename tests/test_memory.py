@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from pipeline.memory import PeakMemory, release_memory
+from pipeline.memory import PeakMemory
 
 
 def test_peak_counts_descendants_and_shares_pages() -> None:
