@@ -45,10 +45,10 @@ def demo_like_bundle(path: Path) -> Path:
 
 
 def tiny_bundle(path: Path) -> Path:
-    """A 2-layer, 4-channel FCN with 2 classes: the job's own costs dominate, not the model's."""
+    """A 1-layer, 4-channel FCN with 2 classes: the job's own costs dominate, not the model's."""
     torch.manual_seed(0)
     spec = BundleSpec(
-        architecture="fcn", arch_args={"depth": 2, "width": 4, "padding_mode": "reflect"},
+        architecture="fcn", arch_args={"depth": 1, "width": 4, "padding_mode": "reflect"},
         classes=(ClassInfo("background", (0, 0, 0)), ClassInfo("object", (230, 60, 60))), bands=(1, 2, 3),
         normalization=Normalization(), tile_size=512, overlap=64,
     )

@@ -85,7 +85,7 @@ def main() -> None:
                  f"MONAI not run: needs at least {r['monai_need_mib'] / 1024:.1f} GiB"
                  + (", over half this machine's RAM" if r["monai_need_mib"] >= budget
                     else f" (skipped: --monai-max {args.monai_max})"))
-        table_row("peak memory", f"{r['size']}² px RGB, tiny FCN (2 classes), {r['workers']} workers",
+        table_row("peak memory", f"{r['size']}² px RGB, tiny FCN (1 layer, 2 classes), {r['workers']} workers",
                   f"tessera {r['tessera_peak_mib'] / 1024:.2f} GiB PSS all processes "
                   f"({r['tessera_peak_vs_first']:.2f}x the {args.sizes[0]}² peak) in {r['tessera_seconds']:.1f} s; "
                   f"{peer}")
