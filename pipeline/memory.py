@@ -5,9 +5,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
+import time
 from typing import Any
 
 import psutil
+
+COST_RATIO = 10  # PeakMemory waits this many times as long as a sample took
 
 
 class PeakMemory:
@@ -16,9 +19,13 @@ class PeakMemory:
     PSS (proportional set size) shares each shared page among the processes that map it, so the sum
     does not count torch's libraries or Ray's object store once per worker, as summed RSS does.
 
+    Reading a process's PSS makes the kernel walk its page tables (about 30 ms for a worker of
+    1 GB), so the sampler waits at least `COST_RATIO` times as long as its last sample took: it never
+    takes more than about a tenth of one core from the job it measures.
+
     Args:
         pid: the root process; None means this one.
-        interval: seconds between samples.
+        interval: seconds between samples, at the least.
     """
 
     def __init__(self, pid: int | None = None, interval: float = 0.25) -> None:
@@ -51,8 +58,11 @@ class PeakMemory:
         self.peak_mib = max(self.peak_mib, total / 2**20)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        wait = self.interval
+        while not self._stop.wait(wait):
+            start = time.perf_counter()
             self.sample()
+            wait = max(self.interval, COST_RATIO * (time.perf_counter() - start))
 
 
 def release_memory() -> None:
