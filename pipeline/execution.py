@@ -441,17 +441,17 @@ def _execute(
             )
             reports = _run(plan, todo, spec, workers, device_type, config.progress, on_progress, phases)
             mosaic = Mosaic.open(config.output, mode="r+")
-            for _ in range(WORKER_RESTARTS):  # a worker lost with a block in its writer leaves no marker
-                lost = [b for b in todo if b not in mosaic.marked_blocks()]
+            # A worker lost with a block in its writer leaves that block without a marker.
+            lost = sorted(set(todo) - mosaic.marked_blocks())
+            for _ in range(WORKER_RESTARTS):
                 if not lost:
                     break
                 log.warning("%d block(s) lost with a worker process are computed again", len(lost))
                 reports += _run(plan, lost, spec, workers, device_type, False, None, phases)
-            else:
-                lost = [b for b in todo if b not in mosaic.marked_blocks()]
+                lost = sorted(set(todo) - mosaic.marked_blocks())
             if lost:
-                raise TesseraError(f"{len(lost)} block(s) were lost with their worker processes {WORKER_RESTARTS + 1} "
-                                   f"times: check the workers' logs; rerunning the job resumes it")
+                raise TesseraError(f"{len(lost)} block(s) were still lost with their worker processes after "
+                                   f"{WORKER_RESTARTS} reruns: check the workers' logs; rerunning the job resumes it")
             tick = time.perf_counter()
             mosaic.build_pyramid()
             phases["pyramid"] = time.perf_counter() - tick
