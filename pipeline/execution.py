@@ -440,18 +440,8 @@ def _execute(
                 actors_per_gpu=config.actors_per_gpu,
             )
             reports = _run(plan, todo, spec, workers, device_type, config.progress, on_progress, phases)
+            reports += _rerun_lost(plan, todo, spec, workers, device_type, phases)
             mosaic = Mosaic.open(config.output, mode="r+")
-            # A worker lost with a block in its writer leaves that block without a marker.
-            lost = sorted(set(todo) - mosaic.marked_blocks())
-            for _ in range(WORKER_RESTARTS):
-                if not lost:
-                    break
-                log.warning("%d block(s) lost with a worker process are computed again", len(lost))
-                reports += _run(plan, lost, spec, workers, device_type, False, None, phases)
-                lost = sorted(set(todo) - mosaic.marked_blocks())
-            if lost:
-                raise TesseraError(f"{len(lost)} block(s) were still lost with their worker processes after "
-                                   f"{WORKER_RESTARTS} reruns: check the workers' logs; rerunning the job resumes it")
             tick = time.perf_counter()
             mosaic.build_pyramid()
             phases["pyramid"] = time.perf_counter() - tick
@@ -468,6 +458,29 @@ def _execute(
     )
     mosaic.finish({"summary": summary.as_dict(), "finished": lineage_info.now(), "mlflow": run.lineage()})
     return summary
+
+
+def _rerun_lost(
+    plan: BlockPlan, todo: list[BlockId], job: JobSpec, workers: int, device_type: str, phases: dict[str, float],
+    reruns: int = WORKER_RESTARTS,
+) -> list[UnitReport]:
+    """Compute again the blocks of `todo` that have no done-marker; raises TesseraError after `reruns` tries.
+
+    A worker process that dies with a block in its writer thread has already reported the block, but
+    the block was never stored: it is found here by its missing marker.
+    """
+    mosaic = Mosaic.open(job.mosaic)
+    reports: list[UnitReport] = []
+    for attempt in range(reruns + 1):
+        lost = sorted(set(todo) - mosaic.marked_blocks())
+        if not lost:
+            return reports
+        if attempt == reruns:
+            break
+        log.warning("%d block(s) lost with a worker process are computed again", len(lost))
+        reports += _run(plan, lost, job, workers, device_type, False, None, phases)
+    raise TesseraError(f"{len(lost)} block(s) were still lost with their worker processes after {reruns} "
+                       f"rerun(s): check the workers' logs; rerunning the job resumes it")
 
 
 def _first_line(error: Exception) -> str:
