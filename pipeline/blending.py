@@ -116,9 +116,12 @@ class Accumulator:
         s = part.relative_to(self.region)
         return Accumulator(part, self.total[(slice(None), *s)].copy(), self.weight[s].copy())
 
-    def normalised(self) -> np.ndarray:
-        """The blended values (C, h, w) float32; NaN where no tile contributed."""
+    def normalised(self, in_place: bool = False) -> np.ndarray:
+        """The blended values (C, h, w) float32; NaN where no tile contributed.
+
+        `in_place` divides the sums themselves (no second block-sized array): the accumulator is spent.
+        """
         with np.errstate(invalid="ignore", divide="ignore"):
-            out = self.total / self.weight
+            out = np.divide(self.total, self.weight, out=self.total if in_place else None)
         out[:, self.weight <= 0] = np.nan
         return out

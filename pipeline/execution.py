@@ -50,8 +50,8 @@ STARTUP_TIMEOUT = 600.0  # seconds for workers to load the model; a cluster may 
 FLUSH_TIMEOUT = 60.0  # seconds for workers to finish writing blocks already computed when a job stops
 # Tiles are read about once, so a small GDAL block cache loses nothing; GDAL's default (5% of RAM in
 # each process) let every worker grow with the image (docs/benchmarks.md, peak memory).
-WORKER_GDAL_CACHE_MB = 64
-OBJECT_STORE_MIN = 256 * 2**20
+WORKER_GDAL_CACHE_MB = 32  # a block's tiles touch about 12 GeoTIFF blocks of 512² at a time
+OBJECT_STORE_MIN = 128 * 2**20
 IN_FLIGHT = 2  # units per worker: one running, one queued, so a worker never idles between units
 
 
@@ -522,8 +522,10 @@ def _connect(address: str | None, workers: int, object_store: int | None = None)
     if address:
         ray.init(address=address, **common)
     else:
+        # One process each to spill and restore the waiting seam sums: each is a Python process of
+        # about 80 MB, and Ray's default of up to 4 of each made peak memory grow with the image.
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False,
-                 object_store_memory=object_store, **common)
+                 object_store_memory=object_store, _system_config={"max_io_workers": 1}, **common)
     return True
 
 def _run(

@@ -112,14 +112,14 @@ def summarise(scores: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def finish_block(acc: Accumulator, valid: np.ndarray, scores_kind: str) -> BlockOutput:
-    """Normalise a block's sums; NaN where the source has no data or no tile contributed.
+    """Normalise a block's sums, in place (`acc` is spent); NaN where the source has no data or no tile contributed.
 
     Args:
         acc: every contribution to the block, merged.
         valid: (h, w) bool, where the source has data.
         scores_kind: "logits" or "probabilities", what was blended.
     """
-    scores = acc.normalised()
+    scores = acc.normalised(in_place=True)
     scores[:, ~valid] = np.nan
     mask, top = summarise(scores, scores_kind)
     return BlockOutput(acc.region, scores, mask, top)

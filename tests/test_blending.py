@@ -79,3 +79,6 @@ def test_normalised_is_weighted_mean_and_nan_where_uncovered() -> None:
     assert out[0, 0, 2] == pytest.approx((2 + 12) / 4)
     assert out[0, 0, 5] == 4.0
     assert np.isnan(out[0, 0, 7])
+    spent = acc.normalised(in_place=True)
+    assert spent is acc.total
+    np.testing.assert_array_equal(spent, out)
