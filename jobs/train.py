@@ -1,4 +1,4 @@
-"""Train job: `python -m jobs.train image=... labels=... output=model.bundle` (Hydra, conf/train.yaml)."""
+"""Train job: `python -m jobs.train image=... labels=...|polygons=... output=model.bundle` (Hydra, conf/train.yaml)."""
 
 from __future__ import annotations
 
@@ -43,8 +43,11 @@ def to_config(cfg: DictConfig) -> TrainConfig:
                 f"classes={values['classes']!r} is malformed; expected a list of "
                 "{name: ..., color: [r, g, b]}."
             ) from exc
-    for key in ("image", "labels", "output"):
-        values[key] = str(values[key])
+    for key in ("image", "labels", "polygons", "output"):
+        if values.get(key) is not None:
+            values[key] = str(values[key])
+    if isinstance(values.get("class_weights"), list):
+        values["class_weights"] = tuple(float(w) for w in values["class_weights"])
     return TrainConfig(**values)
 
 

@@ -10,7 +10,9 @@ from pipeline.memory import PeakMemory
 
 def test_peak_counts_descendants_and_shares_pages() -> None:
     """A child holding 300 MB raises the peak by about that much; torch-free, so the base is small."""
-    code = "import numpy as np, time; a = np.ones(300 * 2**20, np.uint8); time.sleep(1.5)"
+    # 4 s: the sampler waits 10x as long as a sample takes, and in a busy suite (an embedded Ray
+    # among this process's children) a sample can take a few hundred milliseconds.
+    code = "import numpy as np, time; a = np.ones(300 * 2**20, np.uint8); time.sleep(4)"
     with PeakMemory(interval=0.05) as idle:
         pass
     with PeakMemory(interval=0.05) as busy:

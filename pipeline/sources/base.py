@@ -367,6 +367,11 @@ class RasterSource(ABC):
             return 0
         return max(fitting, key=lambda k: self.levels[k].downsample)
 
+    def pixel_size(self, unit: str) -> float | None:
+        """Pixel size at the working level in `unit` ("m" or "um"), or None when the file does not define it."""
+        size0 = self._level0_pixel_size(unit)
+        return None if size0 is None else size0 * self.levels[self.level].downsample
+
     def _level0_pixel_size(self, unit: str) -> float | None:
         """Level-0 pixel size in `unit`, or None if the file does not define it."""
         info = self._described

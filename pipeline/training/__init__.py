@@ -1,13 +1,11 @@
-"""Training: labelled-raster windows, the loss, metrics and the single-process loop."""
+"""Training: the catalog of labelled pairs, windows and augmentation, losses, metrics and the loop."""
 
 from pipeline.training.data import (
     AreaSplit,
     LabelledRaster,
     WindowBatches,
     WindowSampler,
-    augment_d4,
     compute_normalization,
-    jitter_colour,
     read_labelled_raster,
     split_by_area,
 )
@@ -15,7 +13,7 @@ from pipeline.training.loop import (
     DEFAULT_ARCH_ARGS,
     TrainConfig,
     TrainResult,
-    evaluate,
+    balanced_weights,
     predict_area,
     train,
 )
@@ -38,12 +36,10 @@ __all__ = [
     "TrainResult",
     "WindowBatches",
     "WindowSampler",
-    "augment_d4",
+    "balanced_weights",
     "compute_normalization",
     "confusion_matrix",
-    "evaluate",
     "iou_per_class",
-    "jitter_colour",
     "mean_iou",
     "pixel_accuracy",
     "predict_area",

@@ -33,6 +33,7 @@ from rasterio.errors import RasterioIOError
 
 from pipeline.errors import ConfigError, SourceNotFoundError, SourceReadError
 from pipeline.models import Normalization
+from pipeline.training.augment import Augmenter
 from pipeline.training.metrics import IGNORE_INDEX
 
 __all__ = [
@@ -40,9 +41,7 @@ __all__ = [
     "LabelledRaster",
     "WindowBatches",
     "WindowSampler",
-    "augment_d4",
     "compute_normalization",
-    "jitter_colour",
     "read_labelled_raster",
     "split_by_area",
 ]
@@ -79,17 +78,23 @@ class LabelledRaster:
 
 @dataclass(frozen=True)
 class AreaSplit:
-    """Rows ``[0, val_start)`` are training, rows ``[val_start, height)`` validation.
+    """Rows ``[0, val_start)`` are training, ``[val_start, holdout_start)`` validation, the rest holdout.
 
     Attributes:
         height: Rows of the raster.
         width: Columns of the raster.
         val_start: First validation row.
+        holdout_start: First holdout row (``height`` when there is no holdout band).
     """
 
     height: int
     width: int
     val_start: int
+    holdout_start: int = -1
+
+    def __post_init__(self) -> None:
+        if self.holdout_start < 0:
+            object.__setattr__(self, "holdout_start", self.height)
 
     @property
     def train(self) -> slice:
@@ -99,7 +104,12 @@ class AreaSplit:
     @property
     def val(self) -> slice:
         """Row slice of the validation area."""
-        return slice(self.val_start, self.height)
+        return slice(self.val_start, self.holdout_start)
+
+    @property
+    def holdout(self) -> slice:
+        """Row slice of the holdout area (empty without one): never trained on nor used to choose a model."""
+        return slice(self.holdout_start, self.height)
 
 
 def read_labelled_raster(
@@ -156,35 +166,43 @@ def read_labelled_raster(
     )
 
 
-def split_by_area(height: int, width: int, val_fraction: float, window: int) -> AreaSplit:
-    """Split a raster into a top training band and a bottom validation band.
+def split_by_area(
+    height: int, width: int, val_fraction: float, window: int, holdout_fraction: float = 0.0
+) -> AreaSplit:
+    """Split a raster into bands of rows: training at the top, then validation, then holdout.
+
+    The bands depend only on the raster's size and the fractions, so the holdout of a raster stays
+    the same from run to run (the nightly job compares models on it).
 
     Args:
         height: Rows of the raster.
         width: Columns of the raster.
         val_fraction: Share of the rows that is validation, strictly between 0 and 1.
         window: Side of the square training windows; the training band must fit one.
+        holdout_fraction: Share of the rows at the bottom kept for the final comparison, 0 for none.
 
     Returns:
-        The split; the validation band has at least one row.
+        The split; the validation band (and the holdout band, when asked for) has at least one row.
 
     Raises:
-        ConfigError: If ``val_fraction`` is out of range or the training band is too small.
+        ConfigError: If a fraction is out of range or the training band is too small.
     """
-    if not 0 < val_fraction < 1:
-        raise ConfigError(
-            f"val_fraction={val_fraction!r} is invalid; expected a number strictly between 0 and "
-            "1, e.g. 0.2 for the bottom fifth of the raster."
-        )
+    for name, value, low in (("val_fraction", val_fraction, 0.0), ("holdout_fraction", holdout_fraction, -1.0)):
+        if not low < value < 1:
+            raise ConfigError(
+                f"{name}={value!r} is invalid; expected a number from {max(low, 0):g} to below 1, e.g. 0.2 "
+                "for a fifth of the raster's rows."
+            )
+    holdout_rows = max(1, round(height * holdout_fraction)) if holdout_fraction > 0 else 0
     val_rows = max(1, round(height * val_fraction))
-    train_rows = height - val_rows
+    train_rows = height - val_rows - holdout_rows
     if train_rows < window or width < window:
         raise ConfigError(
-            f"The training area is {train_rows} x {width} pixels (a {height} x {width} raster less "
-            f"{val_rows} validation rows), smaller than one {window} x {window} training window; "
-            "lower tile_size or val_fraction, or use a larger raster."
+            f"The training area is {max(train_rows, 0)} x {width} pixels (a {height} x {width} raster less "
+            f"{val_rows} validation and {holdout_rows} holdout rows), smaller than one {window} x {window} "
+            "training window; lower tile_size, val_fraction or holdout_fraction, or use a larger raster."
         )
-    return AreaSplit(height=height, width=width, val_start=train_rows)
+    return AreaSplit(height=height, width=width, val_start=train_rows, holdout_start=train_rows + val_rows)
 
 
 def compute_normalization(image: np.ndarray) -> Normalization:
@@ -226,73 +244,65 @@ def compute_normalization(image: np.ndarray) -> Normalization:
 class WindowSampler:
     """Random top-left corners of square windows that lie wholly inside the training band.
 
+    With `labels`, a share `balance` of the windows is class-balanced: a class is drawn uniformly
+    among those present in the training band, then a pixel of that class, and the window is placed
+    at random around that pixel. Rare classes (a few per cent of buildings) are then seen as often
+    as common ones; the rest of the windows are uniform, so the background's variety is kept.
+
     Args:
         split: The area split.
         window: Window side in pixels.
         rng: Source of randomness.
+        labels: (H, W) class ids of the whole raster, or None for uniform windows only.
+        balance: Share of class-balanced windows, 0..1.
     """
 
-    def __init__(self, split: AreaSplit, window: int, rng: np.random.Generator) -> None:
+    _STRIDE = 4  # class pixels are indexed on a 4 px grid: 1/16 of the memory, windows are far larger
+
+    def __init__(
+        self, split: AreaSplit, window: int, rng: np.random.Generator, labels: np.ndarray | None = None,
+        balance: float = 0.5,
+    ) -> None:
         if split.val_start < window or split.width < window:
             raise ConfigError(
                 f"A {window} px window does not fit the {split.val_start} x {split.width} training "
                 "area; lower tile_size."
             )
+        if not 0 <= balance <= 1:
+            raise ConfigError(f"balance={balance!r} is invalid; expected a share from 0 to 1.")
         self.split = split
         self.window = window
         self.rng = rng
+        self.balance = balance if labels is not None else 0.0
+        self.class_pixels: list[np.ndarray] = []
+        if labels is not None:
+            grid = labels[: split.val_start : self._STRIDE, :: self._STRIDE]
+            for c in np.unique(grid):
+                if c != IGNORE_INDEX:
+                    self.class_pixels.append(np.argwhere(grid == c) * self._STRIDE)
 
     def sample(self, count: int) -> np.ndarray:
         """(count, 2) int64 (row, col) corners; every window ends at or above ``val_start``."""
-        rows = self.rng.integers(0, self.split.val_start - self.window, count, endpoint=True)
-        cols = self.rng.integers(0, self.split.width - self.window, count, endpoint=True)
+        last_row, last_col = self.split.val_start - self.window, self.split.width - self.window
+        rows = self.rng.integers(0, last_row, count, endpoint=True)
+        cols = self.rng.integers(0, last_col, count, endpoint=True)
+        if self.class_pixels:
+            balanced = np.flatnonzero(self.rng.random(count) < self.balance)
+            for i in balanced:
+                pixels = self.class_pixels[self.rng.integers(len(self.class_pixels))]
+                y, x = pixels[self.rng.integers(len(pixels))]
+                rows[i] = np.clip(y - self.rng.integers(self.window), 0, last_row)
+                cols[i] = np.clip(x - self.rng.integers(self.window), 0, last_col)
         return np.stack([rows, cols], axis=1)
-
-
-def augment_d4(
-    image: np.ndarray, labels: np.ndarray, rotation: int, flip: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Apply one of the 8 symmetries of the square to a window and its labels alike.
-
-    Args:
-        image: (C, S, S) window.
-        labels: (S, S) labels.
-        rotation: Number of 90-degree counter-clockwise turns (0..3).
-        flip: Mirror left-right after turning.
-
-    Returns:
-        The transformed (image, labels), as views where numpy allows.
-    """
-    image = np.rot90(image, rotation, axes=(1, 2))
-    labels = np.rot90(labels, rotation, axes=(0, 1))
-    if flip:
-        image, labels = image[:, :, ::-1], labels[:, ::-1]
-    return image, labels
-
-
-def jitter_colour(batch: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
-    """Random per-sample, per-band gain and offset on a normalised batch.
-
-    Args:
-        batch: (N, C, H, W) normalised values (unit variance per band).
-        strength: Gains are drawn from 1 +- strength and offsets from +- strength (in band
-            standard deviations); 0 returns the batch unchanged.
-        generator: Source of randomness.
-
-    Returns:
-        The jittered batch (a new tensor).
-    """
-    shape = (batch.shape[0], batch.shape[1], 1, 1)
-    gain = 1 + strength * (2 * torch.rand(shape, generator=generator) - 1)
-    offset = strength * (2 * torch.rand(shape, generator=generator) - 1)
-    return batch * gain + offset
 
 
 class WindowBatches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
     """An endless stream of augmented, normalised training batches.
 
-    Each batch holds ``batch_size`` windows at random positions of the training band, each under a
-    random D4 symmetry, normalised with ``normalization`` and colour-jittered.
+    Each batch holds ``batch_size`` windows of the training band, placed by a `WindowSampler`
+    (class-balanced for a share ``balance`` of them), then augmented by an `Augmenter`: a random
+    symmetry of the square, elastic deformation with probability ``elastic``, colour jitter, and the
+    normalisation.
 
     Args:
         raster: The labelled raster.
@@ -300,8 +310,10 @@ class WindowBatches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
         normalization: Turns raw values into model input.
         window: Window side in pixels.
         batch_size: Windows per batch.
-        rng: Source of randomness (positions, symmetries and, through a derived seed, jitter).
-        jitter: Colour jitter strength, see :func:`jitter_colour`.
+        rng: Source of randomness (positions and, through derived seeds, the augmentation).
+        jitter: Brightness and contrast jitter strength, 0 for none.
+        elastic: Probability of an elastic deformation per window.
+        balance: Share of class-balanced windows.
 
     Yields:
         (N, C, window, window) float32 inputs and (N, window, window) int64 labels.
@@ -316,33 +328,24 @@ class WindowBatches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
         batch_size: int,
         rng: np.random.Generator,
         jitter: float = 0.1,
+        elastic: float = 0.0,
+        balance: float = 0.0,
     ) -> None:
         self.raster = raster
-        self.normalization = normalization
         self.window = window
         self.batch_size = batch_size
-        self.jitter = jitter
         self.rng = rng
-        self.sampler = WindowSampler(split, window, rng)
-        self.generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        self.sampler = WindowSampler(split, window, rng, labels=raster.labels if balance else None, balance=balance)
+        self.augment = Augmenter(normalization, jitter=jitter, elastic=elastic)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.window
         corners = self.sampler.sample(self.batch_size)
-        symmetries = self.rng.integers(0, 8, self.batch_size)
-        images = np.empty((self.batch_size, self.raster.image.shape[0], size, size), self.raster.image.dtype)
-        labels = np.empty((self.batch_size, size, size), np.uint8)
-        for i, ((row, col), symmetry) in enumerate(zip(corners, symmetries, strict=True)):
-            images[i], labels[i] = augment_d4(
-                self.raster.image[:, row : row + size, col : col + size],
-                self.raster.labels[row : row + size, col : col + size],
-                rotation=int(symmetry) % 4,
-                flip=bool(symmetry >= 4),
-            )
-        x = self.normalization.apply(torch.from_numpy(images).float())
-        if self.jitter:
-            x = jitter_colour(x, self.jitter, self.generator)
-        return x, torch.from_numpy(labels).long()
+        raw = np.stack([self.raster.image[:, r : r + size, c : c + size] for r, c in corners])
+        labels = np.stack([self.raster.labels[r : r + size, c : c + size] for r, c in corners])
+        with torch.random.fork_rng(devices=[]):  # kornia draws from torch's generator: seed it from ours
+            torch.manual_seed(int(self.rng.integers(2**62)))
+            return self.augment(torch.from_numpy(raw.astype(np.float32)), torch.from_numpy(labels.astype(np.int64)))
 
 
 def _open(path: str | os.PathLike[str], role: str) -> rasterio.DatasetReader:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from pipeline.errors import ConfigError
 from pipeline.models import BundleSpec, ClassInfo, ModelBundle, Normalization
 from pipeline.synthetic import CLASSES as SYNTHETIC_CLASSES
+from pipeline.training.catalog import LabelledPair, read_pair
 from pipeline.training.data import (
     LabelledRaster,
     WindowBatches,
@@ -41,9 +42,9 @@ from pipeline.training.data import (
     split_by_area,
 )
 from pipeline.training.losses import SegmentationLoss
-from pipeline.training.metrics import IGNORE_INDEX, confusion_matrix, iou_per_class, mean_iou
+from pipeline.training.metrics import IGNORE_INDEX, SegmentationMetrics
 
-__all__ = ["DEFAULT_ARCH_ARGS", "TrainConfig", "TrainResult", "evaluate", "predict_area", "train"]
+__all__ = ["DEFAULT_ARCH_ARGS", "TrainConfig", "TrainResult", "balanced_weights", "predict_area", "train"]
 
 DEFAULT_ARCH_ARGS: Mapping[str, Any] = MappingProxyType(
     {
@@ -66,6 +67,8 @@ class TrainConfig:
         image: Image raster path.
         labels: Label raster path (class ids, 255 unlabelled), on the image's grid.
         output: Where the best model bundle is written (replaced if it exists).
+        polygons: GeoJSON of class polygons in any CRS, in place of ``labels`` (rasterised onto
+            the image's grid; every polygon is class 1 unless ``classes`` and the catalog say more).
         architecture: A registry name, e.g. ``"unet"`` or ``"unet3plus"``.
         arch_args: Keyword arguments of the architecture (not in_channels/classes); None takes
             ``DEFAULT_ARCH_ARGS`` for ``"unet"`` and the registry's defaults for the others.
@@ -80,16 +83,25 @@ class TrainConfig:
         steps: Optimiser steps.
         lr: Peak learning rate of the one-cycle schedule (AdamW).
         weight_decay: AdamW weight decay.
-        val_fraction: Share of the raster's rows, at the bottom, used for validation only.
+        val_fraction: Share of the raster's rows, below the training band, used for validation only.
+        holdout_fraction: Share of the rows at the bottom never trained on nor used to pick the
+            best model; the best model is scored there at the end (0: no holdout).
         val_every: Validate every this many steps (and after the last step).
-        jitter: Colour jitter strength (gain and offset, in band standard deviations).
+        jitter: Brightness and contrast jitter strength (0.1: +-10%).
+        elastic: Probability of an elastic deformation per training window.
+        balance: Share of class-balanced training windows (centred on a pixel of a class drawn
+            uniformly among those present).
+        loss: A preset of `pipeline.training.losses.LOSS_PRESETS` or a mapping of terms to weights.
+        class_weights: Per-class loss weights, "balanced" (inverse frequency in the training band,
+            scaled to mean 1), or None for equal weights.
         seed: Seeds window sampling, augmentation and model initialisation.
         threads: torch CPU threads during training; None leaves torch's setting alone.
     """
 
     image: str
-    labels: str
+    labels: str | None
     output: str
+    polygons: str | None = None
     architecture: str = "unet"
     arch_args: Mapping[str, Any] | None = None
     classes: tuple[ClassInfo, ...] | None = None
@@ -102,12 +114,22 @@ class TrainConfig:
     lr: float = 5e-3
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
+    holdout_fraction: float = 0.0
     val_every: int = 50
     jitter: float = 0.1
+    elastic: float = 0.25
+    balance: float = 0.5
+    loss: str | Mapping[str, float] = "ce_dice"
+    class_weights: str | tuple[float, ...] | None = None
     seed: int = 0
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        if (self.labels is None) == (self.polygons is None):
+            raise ConfigError("Give exactly one of labels (a label raster) and polygons (GeoJSON) for the image.")
+        if isinstance(self.class_weights, str) and self.class_weights != "balanced":
+            raise ConfigError(f"class_weights={self.class_weights!r} is invalid; use 'balanced', a list, or null.")
+        SegmentationLoss(self.loss)  # unknown presets and terms fail here, before any data is read
         for name in ("tile_size", "inference_tile_size"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0 or value % _TILE_MULTIPLE:
@@ -126,7 +148,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}={value!r} is invalid; expected an integer >= 1.")
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise ConfigError(f"threads={self.threads!r} is invalid; expected an integer >= 1 or None.")
-        for name in ("lr", "weight_decay", "jitter"):
+        for name in ("lr", "weight_decay", "jitter", "elastic", "balance", "holdout_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
                 raise ConfigError(f"{name}={value!r} is invalid; expected a finite number >= 0.")
@@ -136,6 +158,13 @@ class TrainConfig:
             raise ConfigError(
                 f"val_fraction={self.val_fraction!r} is invalid; expected a number strictly "
                 "between 0 and 1, e.g. 0.2."
+            )
+        if not 0 <= self.holdout_fraction < 1:
+            raise ConfigError(f"holdout_fraction={self.holdout_fraction!r} is invalid; expected 0 (none) to below 1.")
+        if self.val_fraction + self.holdout_fraction >= 1:
+            raise ConfigError(
+                f"val_fraction {self.val_fraction} and holdout_fraction {self.holdout_fraction} leave no training "
+                "rows; keep their sum well below 1, e.g. 0.2 and 0.2."
             )
         if self.arch_args is None:
             default = DEFAULT_ARCH_ARGS if self.architecture == "unet" else {}
@@ -159,6 +188,8 @@ class TrainResult:
         val_iou: Per-class validation IoU of the best model (NaN for classes absent from both the
             validation truth and the prediction).
         seconds: Wall time of the whole run.
+        holdout: The best model's scores on the holdout band (miou, iou and dice per class,
+            pixel_accuracy), or None without a holdout.
     """
 
     bundle_path: str
@@ -167,6 +198,7 @@ class TrainResult:
     val_miou: float
     val_iou: tuple[float, ...]
     seconds: float
+    holdout: dict[str, Any] | None = None
 
 
 def train(config: TrainConfig, progress: bool = True) -> TrainResult:
@@ -212,13 +244,14 @@ class _Run:
         self.progress = progress
         self.start = start
         rng = np.random.default_rng(config.seed)
-        self.raster = read_labelled_raster(config.image, config.labels, config.bands)
+        self.raster, classes = _read(config)
         self.split = split_by_area(
-            self.raster.height, self.raster.width, config.val_fraction, config.tile_size
+            self.raster.height, self.raster.width, config.val_fraction, config.tile_size, config.holdout_fraction
         )
-        classes = _resolve_classes(config.classes, self.raster.labels)
         _check_labelled(self.raster, self.split.train, "training")
         _check_labelled(self.raster, self.split.val, "validation")
+        if config.holdout_fraction:
+            _check_labelled(self.raster, self.split.holdout, "holdout")
         normalization = compute_normalization(self.raster.image[:, self.split.train])
         spec = BundleSpec(
             architecture=config.architecture,
@@ -227,16 +260,19 @@ class _Run:
             bands=self.raster.bands,
             normalization=normalization,
             resolution=self.raster.resolution,
-            resolution_unit="m" if self.raster.resolution is not None else None,
+            resolution_unit=("m" if config.polygons or config.labels else "um") if self.raster.resolution else None,
             tile_size=config.inference_tile_size,
             overlap=config.overlap,
         )
         self.bundle = ModelBundle.create(spec)
         self.batches = WindowBatches(
             self.raster, self.split, normalization, config.tile_size, config.batch_size, rng,
-            jitter=config.jitter,
+            jitter=config.jitter, elastic=config.elastic, balance=config.balance,
         )
-        self.loss = SegmentationLoss()
+        weights = config.class_weights
+        if isinstance(weights, str):  # "balanced", checked in TrainConfig
+            weights = balanced_weights(self.raster.labels[self.split.train], len(classes))
+        self.loss = SegmentationLoss(config.loss, class_weights=weights)
         self.optimizer = torch.optim.AdamW(
             self.bundle.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -269,6 +305,11 @@ class _Run:
                 losses = []
                 bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}", val_miou=f"{miou:.3f}")
         bar.close()
+        holdout = None
+        if config.holdout_fraction:
+            best = ModelBundle.load(config.output)
+            holdout = self._score(best.model, self.split.holdout)
+            holdout.pop("confusion")
         return TrainResult(
             bundle_path=str(config.output),
             sha256=self.sha256,
@@ -276,20 +317,21 @@ class _Run:
             val_miou=self.best_miou,
             val_iou=self.best_iou,
             seconds=time.perf_counter() - self.start,
+            holdout=holdout,
         )
+
+    def _score(self, model: nn.Module, rows: slice) -> dict[str, Any]:
+        """torchmetrics scores of `model` on a band of rows, inferred tile by tile."""
+        spec = self.bundle.spec
+        metrics = SegmentationMetrics(spec.num_classes)
+        metrics.update(predict_area(model, self.raster.image[:, rows], spec.normalization, spec.tile_size),
+                       self.raster.labels[rows])
+        return metrics.compute()
 
     def _validate(self, step: int, loss: float, lr: float) -> float:
         """Score the validation band, record it, save the bundle if it is the best so far."""
-        spec = self.bundle.spec
-        cm = evaluate(
-            self.bundle.model,
-            self.raster.image[:, self.split.val],
-            self.raster.labels[self.split.val],
-            spec.normalization,
-            spec.num_classes,
-            tile=spec.tile_size,
-        )
-        miou = mean_iou(cm)
+        scores = self._score(self.bundle.model, self.split.val)
+        miou = scores["miou"]
         self.history.append(
             {
                 "step": float(step),
@@ -301,33 +343,21 @@ class _Run:
         )
         if miou > self.best_miou:
             self.best_miou = miou
-            self.best_iou = tuple(float(v) for v in iou_per_class(cm))
+            self.best_iou = tuple(scores["iou"])
             self.sha256 = self.bundle.save(self.config.output)
         return miou
 
 
-def evaluate(
-    model: nn.Module,
-    image: np.ndarray,
-    labels: np.ndarray,
-    normalization: Normalization,
-    num_classes: int,
-    tile: int = 512,
-) -> np.ndarray:
-    """Confusion matrix of a model's predictions on an area.
+def balanced_weights(labels: np.ndarray, num_classes: int) -> tuple[float, ...]:
+    """Class weights inversely proportional to each class's pixel count, with mean 1 over present classes.
 
-    Args:
-        model: The model; it is put in eval mode.
-        image: (C, H, W) raw values.
-        labels: (H, W) true class ids (255 = unlabelled).
-        normalization: Turns raw values into model input.
-        num_classes: Number of classes K.
-        tile: Largest tile side for inference, a multiple of 32.
-
-    Returns:
-        (K, K) int64 confusion matrix, truth on rows.
+    Classes absent from `labels` get weight 1 (they add nothing to the loss anyway).
     """
-    return confusion_matrix(predict_area(model, image, normalization, tile), labels, num_classes)
+    counts = np.bincount(labels[labels != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes].astype(float)
+    present = counts > 0
+    inverse = np.where(present, counts.sum() / np.maximum(counts, 1), 0.0)
+    inverse[present] /= inverse[present].mean()
+    return tuple(float(w) if p else 1.0 for w, p in zip(inverse, present, strict=True))
 
 
 def predict_area(
@@ -362,6 +392,16 @@ def predict_area(
                 logits = model(x)
                 prediction[row : row + h, col : col + w] = logits[0, :, :h, :w].argmax(0).numpy()
     return prediction
+
+
+def _read(config: TrainConfig) -> tuple[LabelledRaster, tuple[ClassInfo, ...]]:
+    """The image and its labels (a raster, or polygons rasterised onto the image), and the classes."""
+    if config.labels is not None:
+        raster = read_labelled_raster(config.image, config.labels, config.bands)
+        return raster, _resolve_classes(config.classes, raster.labels)
+    classes = config.classes or (ClassInfo("background", (0, 0, 0)), ClassInfo("object", (230, 60, 60)))
+    pair = LabelledPair(image=config.image, polygons=config.polygons)
+    return read_pair(pair, classes, config.bands), classes
 
 
 def _resolve_classes(classes: tuple[ClassInfo, ...] | None, labels: np.ndarray) -> tuple[ClassInfo, ...]:

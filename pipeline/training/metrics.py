@@ -1,4 +1,4 @@
-"""Segmentation metrics from a confusion matrix, in plain numpy.
+"""Segmentation metrics: torchmetrics for training (`SegmentationMetrics`), a numpy confusion matrix for mosaics.
 
 The trainer's validation and the demo both use these. The confusion matrix is the one sufficient
 statistic: accumulate it over tiles, images or workers by adding, then derive IoU from the sum
@@ -16,11 +16,13 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from pipeline.errors import ConfigError
 
-__all__ = ["IGNORE_INDEX", "confusion_matrix", "iou_per_class", "mean_iou", "pixel_accuracy"]
+__all__ = ["IGNORE_INDEX", "SegmentationMetrics", "confusion_matrix", "iou_per_class", "mean_iou", "pixel_accuracy"]
 
 IGNORE_INDEX = 255
 """Label value meaning "no truth here": such pixels count in no metric and no loss."""
@@ -107,3 +109,61 @@ def pixel_accuracy(cm: np.ndarray) -> float:
     cm = np.asarray(cm)
     total = cm.sum()
     return float(np.trace(cm) / total) if total else float("nan")
+
+
+class SegmentationMetrics:
+    """Per-class IoU and Dice, pixel accuracy and mIoU, accumulated batch by batch with torchmetrics.
+
+    The torchmetrics states add up across batches and, under DDP, across workers (`sync` when
+    computing), so every worker reports the same figures. Classes that occur in neither the truth
+    nor the prediction have no IoU or Dice (NaN, not 0) and are left out of the mean.
+
+    Example:
+        >>> metrics = SegmentationMetrics(num_classes=3)
+        >>> metrics.update(np.array([[0, 1], [0, 1]]), np.array([[0, 1], [1, 255]]))
+        >>> metrics.compute()["miou"]
+        0.5
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import (
+            MulticlassAccuracy,
+            MulticlassConfusionMatrix,
+            MulticlassF1Score,
+            MulticlassJaccardIndex,
+        )
+
+        self.num_classes = num_classes
+        self.metrics = MetricCollection({
+            "iou": MulticlassJaccardIndex(num_classes, average="none", ignore_index=ignore_index),
+            "dice": MulticlassF1Score(num_classes, average="none", ignore_index=ignore_index),
+            "pixel_accuracy": MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore_index),
+            "confusion": MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index),
+        })
+
+    def update(self, pred: Any, truth: Any) -> None:
+        """Add (N, H, W) or (H, W) predicted and true class ids (tensors or arrays)."""
+        import torch
+
+        p, t = torch.as_tensor(np.asarray(pred)).long(), torch.as_tensor(np.asarray(truth)).long()
+        t = torch.where(p == IGNORE_INDEX, IGNORE_INDEX, t)  # no prediction there (outside a mosaic)
+        self.metrics.update(p.clamp(0, self.num_classes - 1), t)
+
+    def compute(self) -> dict[str, Any]:
+        """{"miou", "iou" (per class), "dice" (per class), "pixel_accuracy", "confusion" (K x K)}."""
+        values = self.metrics.compute()
+        cm = values["confusion"].cpu().numpy().astype(np.int64)
+        present = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
+        iou = np.where(present, values["iou"].cpu().numpy(), np.nan)
+        dice = np.where(present, values["dice"].cpu().numpy(), np.nan)
+        return {
+            "miou": float(np.nanmean(iou)) if present.any() else float("nan"),
+            "iou": [float(v) for v in iou],
+            "dice": [float(v) for v in dice],
+            "pixel_accuracy": float(values["pixel_accuracy"]) if cm.sum() else float("nan"),
+            "confusion": cm,
+        }
+
+    def reset(self) -> None:
+        self.metrics.reset()

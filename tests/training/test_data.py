@@ -15,13 +15,12 @@ from rasterio.transform import Affine
 from pipeline.errors import ConfigError, SourceNotFoundError
 from pipeline.models import Normalization
 from pipeline.synthetic import generate_scene, write_scene
+from pipeline.training.augment import Augmenter
 from pipeline.training.data import (
     LabelledRaster,
     WindowBatches,
     WindowSampler,
-    augment_d4,
     compute_normalization,
-    jitter_colour,
     read_labelled_raster,
     split_by_area,
 )
@@ -133,6 +132,33 @@ def test_batches_hold_no_validation_pixel() -> None:
         assert not (y == 4).any()
 
 
+def test_holdout_band_is_below_validation_and_never_sampled() -> None:
+    split = split_by_area(1000, 300, 0.2, 64, holdout_fraction=0.15)
+    assert (split.train, split.val, split.holdout) == (slice(0, 650), slice(650, 850), slice(850, 1000))
+    corners = WindowSampler(split, 64, np.random.default_rng(0)).sample(2000)
+    assert (corners[:, 0] + 64 <= split.val_start).all()
+    assert split_by_area(1000, 300, 0.2, 64).holdout == slice(1000, 1000)  # none asked for: empty
+    with pytest.raises(ConfigError, match="holdout_fraction"):
+        split_by_area(1000, 300, 0.2, 64, holdout_fraction=1.0)
+
+
+def test_class_balanced_windows_see_a_rare_class_far_more_often() -> None:
+    labels = np.zeros((600, 600), np.uint8)
+    labels[100:110, 400:410] = 1  # 0.03% of the pixels
+    labels[300:, :] = 255  # unlabelled rows do not count as a class
+    split = split_by_area(600, 600, 0.3, 64)
+
+    def share_with_rare_class(balance: float) -> float:
+        sampler = WindowSampler(split, 64, np.random.default_rng(1), labels=labels, balance=balance)
+        corners = sampler.sample(2000)
+        assert (corners[:, 0] + 64 <= split.val_start).all() and (corners >= 0).all()
+        return float(np.mean([(labels[r : r + 64, c : c + 64] == 1).any() for r, c in corners]))
+
+    uniform, balanced = share_with_rare_class(0.0), share_with_rare_class(1.0)
+    assert uniform < 0.05
+    assert balanced == pytest.approx(0.5, abs=0.06)  # two classes present in the training band: half each
+
+
 def test_split_rejects_bad_fractions_and_small_rasters() -> None:
     for fraction in (0.0, 1.0, -0.1):
         with pytest.raises(ConfigError, match="val_fraction"):
@@ -146,26 +172,39 @@ def test_split_rejects_bad_fractions_and_small_rasters() -> None:
 # Augmentation
 
 
-def test_the_eight_symmetries_are_distinct_and_keep_image_and_labels_aligned() -> None:
+def test_augmenter_draws_all_eight_symmetries_and_keeps_labels_aligned() -> None:
     raster = coded_raster(16, 16)
-    seen = set()
-    for rotation in range(4):
-        for flip in (False, True):
-            image, labels = augment_d4(raster.image, raster.labels, rotation, flip)
-            np.testing.assert_array_equal(labels, image[0] % 5)
-            seen.add(image.tobytes())
-    assert len(seen) == 8
+    raw = torch.from_numpy(raster.image[None].astype(np.float32)).repeat(64, 1, 1, 1)
+    labels = torch.from_numpy(raster.labels[None].astype(np.int64)).repeat(64, 1, 1)
+    torch.manual_seed(0)
+    x, y = Augmenter(IDENTITY, jitter=0.0, elastic=0.0)(raw, labels)
+    torch.testing.assert_close(y, x[:, 0].round().long() % 5)  # label = red % 5 still holds everywhere
+    assert len({bytes(x[i].numpy().tobytes()) for i in range(64)}) == 8
+
+
+def test_elastic_deformation_moves_pixels_but_invents_no_class() -> None:
+    raster = coded_raster(64, 64)
+    labels = torch.from_numpy(raster.labels[None].astype(np.int64)).repeat(8, 1, 1)
+    labels[:, :10] = 255
+    raw = torch.from_numpy(raster.image[None].astype(np.float32)).repeat(8, 1, 1, 1)
+    torch.manual_seed(1)
+    _, plain = Augmenter(IDENTITY, jitter=0.0, elastic=0.0)(raw, labels)
+    torch.manual_seed(1)
+    _, bent = Augmenter(IDENTITY, jitter=0.0, elastic=1.0, elastic_alpha=2.0, elastic_sigma=4.0)(raw, labels)
+    assert set(bent.unique().tolist()) <= {0, 1, 2, 3, 4, 255}
+    assert 0.02 < float((bent != plain).float().mean()) < 0.9
+    assert abs(float((bent == 255).float().mean()) - float((plain == 255).float().mean())) < 0.05
 
 
 def test_batches_keep_image_and_labels_aligned() -> None:
     raster = coded_raster(120, 90, seed=2)
     split = split_by_area(120, 90, 0.2, 32)
-    batches = WindowBatches(raster, split, IDENTITY, 32, 6, np.random.default_rng(1), jitter=0.0)
+    batches = WindowBatches(raster, split, IDENTITY, 32, 6, np.random.default_rng(1), jitter=0.0, elastic=0.0)
     for _ in range(10):
         x, y = next(batches)
         assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32
         assert y.shape == (6, 32, 32) and y.dtype == torch.int64
-        torch.testing.assert_close(y, x[:, 0].long() % 5)
+        torch.testing.assert_close(y, x[:, 0].round().long() % 5)
 
 
 def test_batches_are_normalised_and_seeded() -> None:
@@ -184,14 +223,17 @@ def test_batches_are_normalised_and_seeded() -> None:
     assert not torch.equal(other[0], x)
 
 
-def test_jitter_is_a_per_band_gain_and_offset() -> None:
-    batch = torch.randn(4, 3, 8, 8)
-    generator = torch.Generator().manual_seed(0)
-    torch.testing.assert_close(jitter_colour(batch, 0.0, generator), batch)
-    jittered = jitter_colour(batch, 0.2, generator)
-    gain = jittered.std(dim=(2, 3)) / batch.std(dim=(2, 3))
-    assert ((gain > 0.79) & (gain < 1.21)).all()
-    assert not torch.allclose(jittered, batch)
+def test_colour_jitter_scales_brightness_and_contrast_within_its_strength() -> None:
+    norm = Normalization(scale=1 / 255, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    raw = torch.full((32, 3, 8, 8), 128.0)  # uniform, so the random symmetries change nothing
+    labels = torch.zeros(32, 8, 8, dtype=torch.long)
+    torch.manual_seed(0)
+    plain, _ = Augmenter(norm, jitter=0.0, elastic=0.0)(raw, labels)
+    jittered, _ = Augmenter(norm, jitter=0.2, elastic=0.0)(raw, labels)
+    torch.testing.assert_close(plain, torch.full_like(plain, 128 / 255))
+    per_sample = jittered.mean(dim=(1, 2, 3))
+    assert float(per_sample.std()) > 0.02  # each window gets its own draw
+    assert float((jittered - plain).abs().max()) < 0.35  # +-20% brightness and contrast of a 0.5 grey
 
 
 # Normalisation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,19 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from rasterio.transform import from_origin
 
 from jobs.train import to_config
 from pipeline.errors import ConfigError, SourceNotFoundError
-from pipeline.models import ClassInfo, DeepSupervisionOutput, ModelBundle, Normalization, build_model
+from pipeline.models import ClassInfo, ModelBundle, Normalization, build_model
 from pipeline.synthetic import CLASSES, generate_scene, write_scene
 from pipeline.training import (
     DEFAULT_ARCH_ARGS,
-    SegmentationLoss,
     TrainConfig,
+    balanced_weights,
     compute_normalization,
     predict_area,
     read_labelled_raster,
@@ -133,11 +135,67 @@ def test_unlabelled_validation_area_is_a_config_error(tmp_path: Path) -> None:
         ({"lr": 0.0}, "lr=0.0"),
         ({"val_fraction": 1.0}, "val_fraction=1.0"),
         ({"threads": 0}, "threads=0"),
+        ({"polygons": "p.geojson"}, "exactly one of labels"),
+        ({"class_weights": "inverse"}, "class_weights='inverse'"),
+        ({"loss": "hybrid"}, "Unknown loss preset"),
+        ({"holdout_fraction": 1.5}, "holdout_fraction=1.5"),
+        ({"holdout_fraction": 0.5, "val_fraction": 0.5}, "leave no training rows"),
     ],
 )
 def test_config_is_validated(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         TrainConfig(image="i.tif", labels="l.tif", output="m.bundle", **overrides)  # type: ignore[arg-type]
+
+
+def bright_squares(folder: Path, size: int = 256) -> tuple[str, str]:
+    """A GeoTIFF of bright squares on a noisy dark ground, and the squares as GeoJSON in its CRS."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 60, (1, size, size)).astype(np.uint16)
+    features = []
+    origin_x, origin_y, pixel = 500_000.0, 4_000_000.0, 0.5
+    for _ in range(40):
+        y, x = rng.integers(0, size - 12, 2)
+        image[0, y : y + 12, x : x + 12] += 150
+        x0, y0 = origin_x + x * pixel, origin_y - y * pixel
+        ring = [[x0, y0], [x0 + 6, y0], [x0 + 6, y0 - 6], [x0, y0 - 6], [x0, y0]]
+        features.append({"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}})
+    path = folder / "squares.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=size, width=size, count=1, dtype="uint16",
+                       crs="EPSG:32616", transform=from_origin(origin_x, origin_y, pixel, pixel)) as dst:
+        dst.write(image)
+    geojson = folder / "squares.geojson"
+    geojson.write_text(json.dumps({"type": "FeatureCollection", "features": features,
+                                   "crs": {"type": "name", "properties": {"name": "EPSG:32616"}}}))
+    return str(path), str(geojson)
+
+
+def test_polygons_train_and_the_best_model_is_scored_on_the_holdout(tmp_path: Path) -> None:
+    image, polygons = bright_squares(tmp_path)
+    config = TrainConfig(
+        image=image, labels=None, polygons=polygons, output=str(tmp_path / "m.bundle"), architecture="fcn",
+        arch_args=TINY_FCN, tile_size=64, inference_tile_size=128, overlap=16, batch_size=8, steps=40, lr=0.02,
+        val_every=20, threads=1, val_fraction=0.25, holdout_fraction=0.25, loss="unet3plus_hybrid",
+        class_weights="balanced",
+    )
+    result = train(config, progress=False)
+    assert ModelBundle.load(result.bundle_path).spec.classes[1].name == "object"
+    assert result.holdout is not None and set(result.holdout) == {"miou", "iou", "dice", "pixel_accuracy"}
+    # All-background scores 0 on the object class; bright squares are easy to find.
+    assert result.holdout["iou"][1] > 0.5
+
+
+def test_balanced_weights_are_inverse_frequency_with_mean_one() -> None:
+    labels = np.zeros((10, 10), np.uint8)
+    labels[:2] = 1  # class 1 in the top 2 rows, class 0 below, class 2 absent
+    labels[0, 0] = 255  # one unlabelled pixel: counts are 80 and 19
+    w0, w1, w2 = balanced_weights(labels, 3)
+    assert w1 / w0 == pytest.approx(80 / 19)
+    assert (w0 + w1) / 2 == pytest.approx(1.0) and w2 == 1.0
+
+
+def test_a_truth_is_required() -> None:
+    with pytest.raises(ConfigError, match="exactly one of labels"):
+        TrainConfig(image="i.tif", labels=None, output="m.bundle")
 
 
 def test_default_arch_args_depend_on_the_architecture() -> None:
@@ -160,41 +218,6 @@ def test_area_prediction_is_independent_of_the_tiling() -> None:
     whole = model.eval()(norm.apply(torch.from_numpy(image)[None])).argmax(1)[0].numpy()
     for tile in (32, 64, 512):
         np.testing.assert_array_equal(predict_area(model, image, norm, tile), whole)
-
-
-# The loss
-
-
-def test_loss_is_cross_entropy_plus_dice_and_ignores_255() -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(2, 3, 8, 8)
-    target = torch.randint(0, 3, (2, 8, 8))
-    loss = SegmentationLoss()
-    plain = SegmentationLoss(dice_weight=0.0)
-    assert float(plain(logits, target)) == pytest.approx(float(F.cross_entropy(logits, target)))
-    assert float(loss(logits, target)) > float(plain(logits, target))
-    ignored = target.clone()
-    ignored[:, :4] = 255
-    changed = logits.clone()
-    changed[:, :, :4] = 100.0  # whatever the model says on unlabelled pixels does not matter
-    assert float(loss(changed, ignored)) == pytest.approx(float(loss(logits, ignored)))
-    assert float(loss(logits, torch.full_like(target, 255))) == 0.0
-
-
-def test_deep_supervision_loss_is_the_mask_mean_plus_label_bce() -> None:
-    torch.manual_seed(0)
-    masks = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)]
-    labels = torch.randn(2, 1)
-    target = torch.zeros(2, 8, 8, dtype=torch.long)
-    target[1, 2, 2] = 2  # image 0 is all background, image 1 holds foreground
-    loss = SegmentationLoss(label_weight=0.5)
-    expected = (loss(masks[0], target) + loss(masks[1], target)) / 2
-    expected = expected + 0.5 * F.binary_cross_entropy_with_logits(labels[:, 0], torch.tensor([0.0, 1.0]))
-    actual = loss(DeepSupervisionOutput(masks=masks, labels=labels), target)
-    assert float(actual) == pytest.approx(float(expected))
-    without_labels = loss(DeepSupervisionOutput(masks=masks, labels=None), target)
-    mask_mean = (loss(masks[0], target) + loss(masks[1], target)) / 2
-    assert float(without_labels) == pytest.approx(float(mask_mean))
 
 
 # The job

@@ -1,0 +1,125 @@
+"""The training catalog: label rasters, GeoJSON polygons in any CRS, slide masks; and its errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio.warp
+from PIL import Image
+
+from pipeline.errors import ConfigError
+from pipeline.models import ClassInfo
+from pipeline.training.catalog import Catalog, LabelledPair, read_pair
+
+BUILDINGS = (ClassInfo("background", (0, 0, 0)), ClassInfo("building", (230, 60, 60)))
+
+
+@pytest.fixture(scope="module")
+def atlanta(shared_data: Path) -> Path:
+    return shared_data / "geo" / "spacenet_atlanta"
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def test_geojson_buildings_are_rasterised_onto_the_image_grid(atlanta: Path) -> None:
+    """SpaceNet's own mask of the same footprints (solaris) is the truth for our rasterisation."""
+    raster = read_pair(LabelledPair(image=str(atlanta / "sample_geotiff.tif"),
+                                    polygons=str(atlanta / "geotiff_labels.geojson")), BUILDINGS)
+    with rasterio.open(atlanta / "sample_fp_mask_from_geojson.tif") as src:
+        truth = src.read(1) > 0
+    assert raster.labels.shape == truth.shape == raster.image.shape[1:]
+    assert set(np.unique(raster.labels)) == {0, 1}
+    assert iou(raster.labels == 1, truth) > 0.95
+    assert raster.resolution == pytest.approx(0.5, abs=0.01)
+
+
+def test_polygons_in_another_crs_are_reprojected(atlanta: Path, tmp_path: Path) -> None:
+    collection = json.loads((atlanta / "geotiff_labels.geojson").read_text())
+    for feature in collection["features"]:
+        feature["geometry"] = rasterio.warp.transform_geom("EPSG:32616", "EPSG:4326", feature["geometry"])
+    del collection["crs"]  # RFC 7946: no crs member means WGS84
+    wgs84 = tmp_path / "wgs84.geojson"
+    wgs84.write_text(json.dumps(collection))
+    image = str(atlanta / "sample_geotiff.tif")
+    native = read_pair(LabelledPair(image=image, polygons=str(atlanta / "geotiff_labels.geojson")), BUILDINGS)
+    moved = read_pair(LabelledPair(image=image, polygons=str(wgs84)), BUILDINGS)
+    assert iou(native.labels == 1, moved.labels == 1) > 0.98
+
+
+def test_polygons_elsewhere_or_with_unknown_classes_are_refused(atlanta: Path, tmp_path: Path) -> None:
+    collection = json.loads((atlanta / "geotiff_labels.geojson").read_text())
+    far = json.loads(json.dumps(collection))
+    for feature in far["features"]:  # 50 km east: right CRS, wrong place
+        feature["geometry"]["coordinates"] = [[[x + 50_000, y] for x, y, *_ in ring]
+                                              for ring in feature["geometry"]["coordinates"]]
+    (tmp_path / "far.geojson").write_text(json.dumps(far))
+    image = str(atlanta / "sample_geotiff.tif")
+    with pytest.raises(ConfigError, match="do not overlap"):
+        read_pair(LabelledPair(image=image, polygons=str(tmp_path / "far.geojson")), BUILDINGS)
+    collection["features"][3]["properties"]["kind"] = 7
+    for feature in collection["features"]:
+        feature["properties"].setdefault("kind", "building")
+    (tmp_path / "kinds.geojson").write_text(json.dumps(collection))
+    with pytest.raises(ConfigError, match="class id 7, outside the 2 configured classes"):
+        read_pair(LabelledPair(image=image, polygons=str(tmp_path / "kinds.geojson"), class_property="kind"),
+                  BUILDINGS)
+
+
+def test_slide_with_a_mask_at_another_size(shared_data: Path, tmp_path: Path) -> None:
+    slide = shared_data / "slides" / "cmu-1-small-region.svs"
+    mask = np.zeros((200, 100), np.uint8)  # a quarter-ish of the slide's size, any size works
+    mask[50:150, 25:75] = 1
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    tissue = (ClassInfo("background", (255, 255, 255)), ClassInfo("tumour", (200, 0, 0)))
+    raster = read_pair(LabelledPair(image=str(slide), mask=str(tmp_path / "mask.png")), tissue)
+    h, w = raster.image.shape[1:]
+    assert raster.labels.shape == (h, w)
+    assert raster.labels.mean() == pytest.approx(mask.mean(), abs=0.01)
+    assert raster.labels[h // 2, w // 2] == 1 and raster.labels[5, 5] == 0
+    assert raster.resolution == pytest.approx(0.499, abs=0.001)
+
+
+def test_catalog_from_mapping_and_new_pairs_since_a_date(atlanta: Path) -> None:
+    image, polygons = str(atlanta / "sample_geotiff.tif"), str(atlanta / "geotiff_labels.geojson")
+    catalog = Catalog.from_mapping({
+        "task": "buildings",
+        "classes": [{"name": "background", "color": [0, 0, 0]}, {"name": "building", "color": [230, 60, 60]}],
+        "pairs": [{"image": image, "polygons": polygons, "added": "2026-11-01"},
+                  {"image": image, "polygons": polygons, "added": "2026-11-20"}],
+    })
+    assert catalog.task == "buildings" and len(catalog.pairs) == 2
+    newer = catalog.since(dt.datetime(2026, 11, 10, tzinfo=dt.UTC))
+    assert [p.added for p in newer] == ["2026-11-20"]
+    assert [r.labels.shape for r in catalog.read(newer)] == [(900, 900)]
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"task": "t", "classes": [{"name": "a", "color": [0, 0, 0]}, {"name": "b", "color": [1, 1, 1]}], "pairs": []},
+     "has no labelled pairs"),
+    ({"task": "t", "classes": [{"name": "a"}], "pairs": []}, "malformed"),
+    ({"task": "t", "klasses": []}, "Unknown catalog keys"),
+    ({"task": "t", "classes": [{"name": "a", "color": [0, 0, 0]}, {"name": "b", "color": [1, 1, 1]}],
+      "pairs": [{"image": "x.tif", "labels": "l.tif", "polygons": "p.geojson"}]}, "exactly one of"),
+])
+def test_bad_catalogs_are_refused_with_the_fix(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Catalog.from_mapping(data)
+
+
+def test_the_spacenet_catalog_in_conf_reads(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from omegaconf import OmegaConf
+
+    from pipeline.training.catalog import catalog_path
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)  # the catalog's paths are relative to where the job runs
+    catalog = Catalog.from_mapping(OmegaConf.to_container(OmegaConf.load(catalog_path("spacenet_atlanta"))))
+    (raster,) = catalog.read()
+    assert catalog.task == "buildings" and [c.name for c in catalog.classes] == ["background", "building"]
+    assert 0.03 < float((raster.labels == 1).mean()) < 0.06  # 43 footprints cover about 4% of the image
