@@ -47,7 +47,11 @@ def to_config(cfg: DictConfig) -> TrainConfig:
         if values.get(key) is not None:
             values[key] = str(values[key])
     if isinstance(values.get("class_weights"), list):
-        values["class_weights"] = tuple(float(w) for w in values["class_weights"])
+        try:
+            values["class_weights"] = tuple(float(w) for w in values["class_weights"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"class_weights={values['class_weights']!r} must be numbers, one per class, "
+                              "or 'balanced'.") from None
     return TrainConfig(**values)
 
 
@@ -60,6 +64,9 @@ def main(cfg: DictConfig) -> None:
             f"wrote {result.bundle_path} (sha256 {result.sha256[:12]}): validation mIoU "
             f"{result.val_miou:.3f} (per class {ious}) in {result.seconds:.0f} s"
         )
+        if result.holdout is not None:
+            held = ", ".join(f"{v:.3f}" for v in result.holdout["iou"])
+            print(f"holdout mIoU {result.holdout['miou']:.3f} (per class {held}), scored once with the best model")
 
 
 if __name__ == "__main__":

@@ -462,25 +462,24 @@ def _execute(
 
 def _rerun_lost(
     plan: BlockPlan, todo: list[BlockId], job: JobSpec, workers: int, device_type: str, phases: dict[str, float],
-    reruns: int = WORKER_RESTARTS,
 ) -> list[UnitReport]:
-    """Compute again the blocks of `todo` that have no done-marker; raises TesseraError after `reruns` tries.
+    """Compute again the blocks of `todo` that have no done-marker; raises TesseraError after WORKER_RESTARTS tries.
 
     A worker process that dies with a block in its writer thread has already reported the block, but
     the block was never stored: it is found here by its missing marker.
     """
     mosaic = Mosaic.open(job.mosaic)
     reports: list[UnitReport] = []
-    for attempt in range(reruns + 1):
+    for attempt in range(WORKER_RESTARTS + 1):
         lost = sorted(set(todo) - mosaic.marked_blocks())
         if not lost:
             return reports
-        if attempt == reruns:
+        if attempt == WORKER_RESTARTS:
             break
         log.warning("%d block(s) lost with a worker process are computed again", len(lost))
         reports += _run(plan, lost, job, workers, device_type, False, None, phases)
-    raise TesseraError(f"{len(lost)} block(s) were still lost with their worker processes after {reruns} "
-                       f"rerun(s): check the workers' logs; rerunning the job resumes it")
+    raise TesseraError(f"{len(lost)} block(s) were still lost with their worker processes after {WORKER_RESTARTS} "
+                       f"reruns: check the workers' logs; rerunning the job resumes it")
 
 
 def _first_line(error: Exception) -> str:

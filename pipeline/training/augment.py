@@ -17,6 +17,7 @@ the deformation are reflected, not padded with a class.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import kornia.augmentation as K
@@ -41,7 +42,7 @@ class Augmenter(nn.Module):
     """
 
     def __init__(
-        self, normalization: Normalization, jitter: float = 0.1, elastic: float = 0.5,
+        self, normalization: Normalization, jitter: float = 0.0, elastic: float = 0.0,
         elastic_alpha: float = 1.0, elastic_sigma: float = 12.0,
     ) -> None:
         super().__init__()
@@ -67,7 +68,10 @@ class Augmenter(nn.Module):
     @torch.no_grad()
     def forward(self, raw: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Augmented, normalised (N, C, S, S) float32 input and (N, S, S) int64 labels."""
-        x, y = self.geometric(self.normalization.apply(raw.float()), labels.float().unsqueeze(1))
+        with warnings.catch_warnings():
+            # kornia resamples masks with align_corners=None, which makes torch warn on every batch.
+            warnings.filterwarnings("ignore", message="Default grid_sample and affine_grid behavior")
+            x, y = self.geometric(self.normalization.apply(raw.float()), labels.float().unsqueeze(1))
         if self.colour is not None:
             x = self.colour(x)
         return x, y.squeeze(1).round().long()

@@ -43,7 +43,7 @@ from rasterio.errors import CRSError
 from pipeline.errors import ConfigError, SourceNotFoundError, SourceReadError
 from pipeline.models import ClassInfo
 from pipeline.sources import open_source
-from pipeline.training.data import LabelledRaster, read_labelled_raster
+from pipeline.training.data import LabelledRaster, as_class_ids, read_labelled_raster
 from pipeline.training.metrics import IGNORE_INDEX
 
 __all__ = ["Catalog", "LabelledPair", "read_pair"]
@@ -95,9 +95,9 @@ class LabelledPair:
     def arrived(self) -> dt.datetime:
         """When the pair arrived (UTC): ``added`` at midnight, else the newest file's mtime."""
         if self.added is not None:
-            return dt.datetime.combine(dt.date.fromisoformat(str(self.added)), dt.time(), dt.UTC)
+            return dt.datetime.combine(dt.date.fromisoformat(str(self.added)), dt.time(), dt.timezone.utc)
         newest = max(_require(p).stat().st_mtime for p in (self.image, self.truth))
-        return dt.datetime.fromtimestamp(newest, dt.UTC)
+        return dt.datetime.fromtimestamp(newest, dt.timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,8 @@ class Catalog:
 
     def read(self, pairs: Sequence[LabelledPair] | None = None) -> list[LabelledRaster]:
         """Read `pairs` (default: all) onto their images' grids, checking every class id."""
-        return [read_pair(p, self.classes, self.bands, self.resolution) for p in (pairs or self.pairs)]
+        chosen = self.pairs if pairs is None else pairs
+        return [read_pair(p, self.classes, self.bands, self.resolution) for p in chosen]
 
 
 def read_pair(
@@ -286,23 +287,25 @@ def _rasterise(
 
 
 def _scaled_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """A single-band class-id image scaled by nearest neighbour to `shape` (rows, cols)."""
+    """A single-band class-id image scaled by nearest neighbour (pixel centres) to `shape` (rows, cols)."""
     try:
         with rasterio.open(path) as src:
-            mask = src.read(1)
+            mask = src.read()
     except rasterio.errors.RasterioIOError:
         try:
             with Image.open(path) as im:
-                mask = np.asarray(im.convert("L") if im.mode not in ("L", "P", "I", "I;16") else im)
+                mask = np.asarray(im)
         except OSError as exc:
             raise SourceReadError(f"{path} cannot be read as a mask image ({exc}); expected a PNG or TIFF.") from exc
-    if not np.issubdtype(mask.dtype, np.integer):
-        raise ConfigError(f"Mask {path} has dtype {mask.dtype}; expected integer class ids, {IGNORE_INDEX} unlabelled.")
+    mask = mask[0] if mask.ndim == 3 and mask.shape[0] == 1 else mask
+    if mask.ndim != 2:
+        raise ConfigError(f"Mask {path} is a colour image; expected one band of class ids, {IGNORE_INDEX} unlabelled.")
+    mask = as_class_ids(mask, path)
     if mask.shape != shape:
-        rows = (np.arange(shape[0]) * mask.shape[0] // shape[0]).clip(0, mask.shape[0] - 1)
-        cols = (np.arange(shape[1]) * mask.shape[1] // shape[1]).clip(0, mask.shape[1] - 1)
+        rows = ((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0]).astype(np.int64)
+        cols = ((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1]).astype(np.int64)
         mask = mask[rows[:, None], cols[None, :]]
-    return mask.astype(np.uint8)
+    return mask
 
 
 def _check_classes(labels: np.ndarray, classes: Sequence[ClassInfo], path: str) -> None:

@@ -90,11 +90,7 @@ class AreaSplit:
     height: int
     width: int
     val_start: int
-    holdout_start: int = -1
-
-    def __post_init__(self) -> None:
-        if self.holdout_start < 0:
-            object.__setattr__(self, "holdout_start", self.height)
+    holdout_start: int
 
     @property
     def train(self) -> slice:
@@ -162,7 +158,7 @@ def read_labelled_raster(
             )
         labels = src.read(1)
     return LabelledRaster(
-        image=image, labels=_as_class_ids(labels, labels_path), bands=selected, resolution=resolution
+        image=image, labels=as_class_ids(labels, labels_path), bands=selected, resolution=resolution
     )
 
 
@@ -187,11 +183,11 @@ def split_by_area(
     Raises:
         ConfigError: If a fraction is out of range or the training band is too small.
     """
-    for name, value, low in (("val_fraction", val_fraction, 0.0), ("holdout_fraction", holdout_fraction, -1.0)):
-        if not low < value < 1:
+    for name, value, low_ok in (("val_fraction", val_fraction, False), ("holdout_fraction", holdout_fraction, True)):
+        if not (value >= 0 if low_ok else value > 0) or not value < 1:
             raise ConfigError(
-                f"{name}={value!r} is invalid; expected a number from {max(low, 0):g} to below 1, e.g. 0.2 "
-                "for a fifth of the raster's rows."
+                f"{name}={value!r} is invalid; expected a share of the rows from {'0' if low_ok else 'above 0'} "
+                "to below 1, e.g. 0.2 for a fifth of the raster's rows."
             )
     holdout_rows = max(1, round(height * holdout_fraction)) if holdout_fraction > 0 else 0
     val_rows = max(1, round(height * val_fraction))
@@ -261,7 +257,7 @@ class WindowSampler:
 
     def __init__(
         self, split: AreaSplit, window: int, rng: np.random.Generator, labels: np.ndarray | None = None,
-        balance: float = 0.5,
+        balance: float = 0.0,
     ) -> None:
         if split.val_start < window or split.width < window:
             raise ConfigError(
@@ -327,7 +323,7 @@ class WindowBatches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
         window: int,
         batch_size: int,
         rng: np.random.Generator,
-        jitter: float = 0.1,
+        jitter: float = 0.0,
         elastic: float = 0.0,
         balance: float = 0.0,
     ) -> None:
@@ -373,7 +369,7 @@ def _resolution_in_metres(src: rasterio.DatasetReader) -> float | None:
     return float(math.sqrt(abs(src.transform.determinant)) * metres_per_unit)
 
 
-def _as_class_ids(labels: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
+def as_class_ids(labels: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
     """Labels as uint8, or ConfigError if they are not integers in 0..255."""
     if labels.dtype == np.uint8:
         return labels

@@ -148,7 +148,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}={value!r} is invalid; expected an integer >= 1.")
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise ConfigError(f"threads={self.threads!r} is invalid; expected an integer >= 1 or None.")
-        for name in ("lr", "weight_decay", "jitter", "elastic", "balance", "holdout_fraction"):
+        for name in ("lr", "weight_decay", "jitter"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
                 raise ConfigError(f"{name}={value!r} is invalid; expected a finite number >= 0.")
@@ -159,7 +159,11 @@ class TrainConfig:
                 f"val_fraction={self.val_fraction!r} is invalid; expected a number strictly "
                 "between 0 and 1, e.g. 0.2."
             )
-        if not 0 <= self.holdout_fraction < 1:
+        for name in ("elastic", "balance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ConfigError(f"{name}={value!r} is invalid; expected a probability from 0 to 1.")
+        if isinstance(self.holdout_fraction, bool) or not 0 <= self.holdout_fraction < 1:
             raise ConfigError(f"holdout_fraction={self.holdout_fraction!r} is invalid; expected 0 (none) to below 1.")
         if self.val_fraction + self.holdout_fraction >= 1:
             raise ConfigError(
@@ -260,7 +264,7 @@ class _Run:
             bands=self.raster.bands,
             normalization=normalization,
             resolution=self.raster.resolution,
-            resolution_unit=("m" if config.polygons or config.labels else "um") if self.raster.resolution else None,
+            resolution_unit="m" if self.raster.resolution is not None else None,
             tile_size=config.inference_tile_size,
             overlap=config.overlap,
         )
@@ -272,6 +276,9 @@ class _Run:
         weights = config.class_weights
         if isinstance(weights, str):  # "balanced", checked in TrainConfig
             weights = balanced_weights(self.raster.labels[self.split.train], len(classes))
+        elif weights is not None and (len(weights) != len(classes) or not all(0 <= w < math.inf for w in weights)):
+            raise ConfigError(f"class_weights {list(weights)} are invalid; give one number >= 0 per class, "
+                              f"{len(classes)} in all ({[c.name for c in classes]}), or 'balanced'.")
         self.loss = SegmentationLoss(config.loss, class_weights=weights)
         self.optimizer = torch.optim.AdamW(
             self.bundle.model.parameters(), lr=config.lr, weight_decay=config.weight_decay

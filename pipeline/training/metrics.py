@@ -112,11 +112,12 @@ def pixel_accuracy(cm: np.ndarray) -> float:
 
 
 class SegmentationMetrics:
-    """Per-class IoU and Dice, pixel accuracy and mIoU, accumulated batch by batch with torchmetrics.
+    """Per-class IoU and Dice, pixel accuracy and mIoU, accumulated batch by batch.
 
-    The torchmetrics states add up across batches and, under DDP, across workers (`sync` when
-    computing), so every worker reports the same figures. Classes that occur in neither the truth
-    nor the prediction have no IoU or Dice (NaN, not 0) and are left out of the mean.
+    The state is a torchmetrics confusion matrix, which adds up over batches and, when training runs
+    on several DDP workers, over workers (torchmetrics syncs it when computing); every figure is
+    derived from that one matrix. Classes that occur in neither the truth nor the prediction have
+    no IoU or Dice (NaN, not 0) and are left out of the mean.
 
     Example:
         >>> metrics = SegmentationMetrics(num_classes=3)
@@ -126,44 +127,37 @@ class SegmentationMetrics:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
-        from torchmetrics import MetricCollection
-        from torchmetrics.classification import (
-            MulticlassAccuracy,
-            MulticlassConfusionMatrix,
-            MulticlassF1Score,
-            MulticlassJaccardIndex,
-        )
+        from torchmetrics.classification import MulticlassConfusionMatrix
 
         self.num_classes = num_classes
-        self.metrics = MetricCollection({
-            "iou": MulticlassJaccardIndex(num_classes, average="none", ignore_index=ignore_index),
-            "dice": MulticlassF1Score(num_classes, average="none", ignore_index=ignore_index),
-            "pixel_accuracy": MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore_index),
-            "confusion": MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index),
-        })
+        self.ignore_index = ignore_index
+        self.confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False)
 
     def update(self, pred: Any, truth: Any) -> None:
-        """Add (N, H, W) or (H, W) predicted and true class ids (tensors or arrays)."""
+        """Add predicted and true class ids of any shape; ids are checked as in `confusion_matrix`.
+
+        Raises:
+            ConfigError: An id outside 0..K-1 (other than the ignored ones).
+        """
         import torch
 
-        p, t = torch.as_tensor(np.asarray(pred)).long(), torch.as_tensor(np.asarray(truth)).long()
-        t = torch.where(p == IGNORE_INDEX, IGNORE_INDEX, t)  # no prediction there (outside a mosaic)
-        self.metrics.update(p.clamp(0, self.num_classes - 1), t)
+        p, t = np.asarray(pred), np.asarray(truth)
+        confusion_matrix(p, t, self.num_classes, self.ignore_index)  # the checks, with their messages
+        t = np.where(p == IGNORE_INDEX, self.ignore_index, t)  # no prediction there (outside a mosaic)
+        p = np.where(p == IGNORE_INDEX, 0, p)
+        self.confusion.update(torch.as_tensor(p.astype(np.int64)), torch.as_tensor(t.astype(np.int64)))
 
     def compute(self) -> dict[str, Any]:
         """{"miou", "iou" (per class), "dice" (per class), "pixel_accuracy", "confusion" (K x K)}."""
-        values = self.metrics.compute()
-        cm = values["confusion"].cpu().numpy().astype(np.int64)
-        present = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
-        iou = np.where(present, values["iou"].cpu().numpy(), np.nan)
-        dice = np.where(present, values["dice"].cpu().numpy(), np.nan)
+        cm = self.confusion.compute().cpu().numpy().astype(np.int64)
+        iou = iou_per_class(cm)
         return {
-            "miou": float(np.nanmean(iou)) if present.any() else float("nan"),
+            "miou": mean_iou(cm),
             "iou": [float(v) for v in iou],
-            "dice": [float(v) for v in dice],
-            "pixel_accuracy": float(values["pixel_accuracy"]) if cm.sum() else float("nan"),
+            "dice": [float(v) for v in 2 * iou / (1 + iou)],  # Dice = 2 IoU / (1 + IoU), class by class
+            "pixel_accuracy": pixel_accuracy(cm),
             "confusion": cm,
         }
 
     def reset(self) -> None:
-        self.metrics.reset()
+        self.confusion.reset()

@@ -92,11 +92,19 @@ def test_boundary_cross_entropy_weighs_gap_pixels_most() -> None:
     assert float(loss(gap_wrong, target)) > 5 * float(loss(far_wrong, target))
 
 
-def test_ms_ssim_term_runs_on_small_and_odd_windows() -> None:
+def test_ms_ssim_term_ranks_right_below_wrong_on_small_and_odd_windows() -> None:
     loss = SegmentationLoss({"ms_ssim": 1.0})
     for size in (24, 64, 100, 128):
         target = blobs(1, size, seed=size)
-        assert 0 <= float(loss(torch.randn(1, 3, size, size), target)) <= 2
+        right, wrong = confident(target), confident((target + 1) % 3)
+        assert float(loss(right, target)) < 0.05 < 0.5 < float(loss(wrong, target)), size
+
+
+def test_boundary_weights_treat_touching_objects_of_two_classes_as_two() -> None:
+    labels = np.zeros((30, 30), np.uint8)
+    labels[5:25, 5:15] = 1
+    labels[5:25, 15:25] = 2  # touching, another class
+    assert boundary_weights(labels)[15, 14] > 5
 
 
 def test_deep_supervision_loss_is_the_mask_mean_plus_label_bce() -> None:
@@ -115,7 +123,7 @@ def test_deep_supervision_loss_is_the_mask_mean_plus_label_bce() -> None:
     assert float(without_labels) == pytest.approx(float(mask_mean))
 
 
-@pytest.mark.parametrize("terms", ["hybrid", {"crossentropy": 1.0}, {"dice": -1.0}, {}])
+@pytest.mark.parametrize("terms", ["hybrid", {"crossentropy": 1.0}, {"dice": -1.0}, {}, {"dice": 0.0}, {"dice": "a"}])
 def test_unknown_or_negative_terms_are_refused(terms: object) -> None:
     with pytest.raises(ConfigError, match=r"expected|give non-negative"):
         SegmentationLoss(terms)  # type: ignore[arg-type]

@@ -102,3 +102,26 @@ def test_matrix_counts_every_labelled_pixel_once(data: st.DataObject, num_classe
     perfect = iou_per_class(confusion_matrix(truth, truth, num_classes))
     present = np.bincount(truth[truth != IGNORE_INDEX], minlength=num_classes) > 0
     assert (perfect[present] == 1).all() and np.isnan(perfect[~present]).all()
+
+
+def test_segmentation_metrics_agree_with_the_confusion_matrix_and_skip_absent_classes() -> None:
+    from pipeline.training.metrics import SegmentationMetrics
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, (2, 40, 40))  # class 3 of 4 never occurs
+    pred = np.where(rng.random((2, 40, 40)) < 0.8, truth, rng.integers(0, 3, (2, 40, 40)))
+    truth[0, :5] = 255  # unlabelled
+    pred[1, :3] = 255  # no prediction (outside a mosaic)
+    metrics = SegmentationMetrics(4)
+    for p, t in zip(pred, truth, strict=True):  # two batches add up
+        metrics.update(p, t)
+    scores = metrics.compute()
+    cm = confusion_matrix(pred, truth, 4)
+    np.testing.assert_array_equal(scores["confusion"], cm)
+    np.testing.assert_allclose(scores["iou"], iou_per_class(cm))
+    assert np.isnan(scores["iou"][3]) and np.isnan(scores["dice"][3])
+    assert scores["miou"] == pytest.approx(mean_iou(cm))
+    tp, fp, fn = np.diag(cm), cm.sum(0) - np.diag(cm), cm.sum(1) - np.diag(cm)
+    np.testing.assert_allclose(scores["dice"][:3], (2 * tp / (2 * tp + fp + fn))[:3])
+    with pytest.raises(ConfigError, match=r"outside 0\.\.3"):
+        metrics.update(np.zeros((2, 2), int), np.full((2, 2), 7))
