@@ -288,8 +288,7 @@ class BlockWorker:
         from pipeline.stitching import finish_block
 
         out = finish_block(acc, valid, self.job.inference.scores)
-        self.mosaic.write_block(out)
-        self.mosaic.mark_done(block, out)
+        self.mosaic.mark_done(block, out.region, self.mosaic.write_block(out))
 
     @staticmethod
     def _report(tiles: int, start: float) -> UnitReport:

@@ -256,36 +256,36 @@ class Mosaic:
 
     # -- writing --------------------------------------------------------------------------------
 
-    def write_block(self, out: BlockOutput) -> None:
+    def write_block(self, out: BlockOutput) -> str:
         """Write one shard-aligned block of level 0 and its part of levels 1..`block_levels`.
 
         The lower levels are pooled from the block's float32 scores in memory, so most of the pyramid
         is built in parallel by the block tasks; `build_pyramid` only adds the small levels below.
+
+        Returns:
+            The level-0 checksum for `mark_done`, taken from the very arrays written (no read-back).
         """
         r = out.region
         if r.y0 % self.layout.shard or r.x0 % self.layout.shard:
             raise MosaicError(f"block {r} is not aligned to the shard size {self.layout.shard}")
-        self._write_level(0, r.y0, r.x0, out.scores, out.confidence, out.mask)
+        stored = self._write_level(0, r.y0, r.x0, out.scores, out.confidence, out.mask)
         scores = out.scores
         for k in range(1, self.layout.block_levels + 1):
             scores = _pool2x2(scores)
             mask, top = summarise(scores, self.layout.scores_kind)
             self._write_level(k, r.y0 >> k, r.x0 >> k, scores, top, mask)
+        return _crc(out.mask, stored)
 
     def checksum(self, region: Rect) -> str:
         """CRC-32 of a level-0 block as stored (mask and scores): what resume verifies."""
         return _crc(self.read("mask", 0, region), self.read("scores", 0, region))
 
-    def mark_done(self, block: tuple[int, int], out: BlockOutput) -> None:
-        """Record a block written by `write_block` (its own marker group: the block's writer is its only writer).
-
-        The checksum is taken from `out` cast to the stored dtypes, byte for byte what was written,
-        so the block is not read back.
-        """
-        r = out.region
+    def mark_done(self, block: tuple[int, int], region: Rect, checksum: str) -> None:
+        """Record a block written by `write_block`, with the checksum it returned (its own marker group:
+        the block's writer is its only writer)."""
+        r = region
         marker = self.group.require_group(f"{BLOCKS}/{block[0]}_{block[1]}")
-        marker.attrs.update({"region": [r.y0, r.x0, r.y1, r.x1],
-                             "checksum": _crc(out.mask, out.scores.astype(self.layout.scores_dtype))})
+        marker.attrs.update({"region": [r.y0, r.x0, r.y1, r.x1], "checksum": checksum})
 
     def marked_blocks(self) -> set[tuple[int, int]]:
         """Blocks with a done-marker, not verified (see `done_blocks`)."""
@@ -307,11 +307,14 @@ class Mosaic:
 
     def _write_level(
         self, level: int, y0: int, x0: int, scores: np.ndarray, confidence: np.ndarray, mask: np.ndarray
-    ) -> None:
+    ) -> np.ndarray:
+        """Write one level's part of a block; returns the scores as stored (cast to `scores_dtype`)."""
         ys, xs = slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1])
-        self.array("scores", level)[:, ys, xs] = scores.astype(self.layout.scores_dtype)
+        stored = scores.astype(self.layout.scores_dtype)
+        self.array("scores", level)[:, ys, xs] = stored
         self.array("confidence", level)[ys, xs] = confidence.astype(np.float16)
         self.array("mask", level)[ys, xs] = mask
+        return stored
 
     def build_pyramid(self, num_workers: int | None = None) -> None:
         """Fill the levels below `block_levels` out of core, one dask task per output shard.
