@@ -85,7 +85,7 @@ def run_demo(
     bundle = workdir / "model.bundle"
     config = TrainConfig(image=str(train_image), labels=str(train_truth), output=str(bundle))
     if steps is not None:
-        config = dataclasses.replace(config, steps=steps, val_every=steps)
+        config = dataclasses.replace(config, steps=steps, steps_per_epoch=steps)
     trained = train(config)
     print(f"    validation mIoU {trained.val_miou:.3f} after {trained.seconds:.0f} s")
 

@@ -429,7 +429,7 @@ def _execute(
     try:
         with PeakMemory() as memory:
             tick = time.perf_counter()
-            started_ray = _connect(config.ray_address, workers,
+            started_ray = connect_ray(config.ray_address, workers,
                                    object_store_bytes(plan, bundle.spec.num_classes, workers))
             phases["startup"] = time.perf_counter() - tick
             spec = JobSpec(
@@ -504,7 +504,7 @@ def object_store_bytes(plan: BlockPlan, channels: int, workers: int) -> int:
     return max(OBJECT_STORE_MIN, 2 * IN_FLIGHT * workers * largest)
 
 
-def _connect(address: str | None, workers: int, object_store: int | None = None) -> bool:
+def connect_ray(address: str | None, workers: int, object_store: int | None = None) -> bool:
     """Join a Ray cluster, or start an embedded one; True when this call started Ray.
 
     No address means a new embedded Ray, even if a `ray start` head runs on this machine, except

@@ -1,8 +1,13 @@
-"""MLflow for segment jobs: one run per job with its settings, summary figures, preview and config.
+"""MLflow runs: one per segment job and one per training run.
 
-The run id is written into the mosaic's lineage and the mosaic's path is a tag of the run, so each can
-be found from the other. With no tracking URI set (argument or MLFLOW_TRACKING_URI), runs go to the
-sqlite file MLflow 3 uses by default, `mlflow.db` in the working directory, with artefacts beside it.
+A segment job's run holds its settings, summary figures, preview and config; its id is written into
+the mosaic's lineage and the mosaic's path is a tag of the run, so each can be found from the other.
+A training run's holds its settings, per-epoch figures, the resolved config, the best model's
+validation confusion matrix and predictions beside the truth, and its holdout scores.
+
+With no tracking URI set (argument or MLFLOW_TRACKING_URI), runs go to the sqlite file MLflow 3 uses
+by default, `mlflow.db` in the working directory, with artefacts beside it. A server named by an
+http(s) URI is checked first, so an unreachable one fails at once with what to do.
 """
 
 from __future__ import annotations
@@ -13,10 +18,14 @@ import json
 import os
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import ConfigError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 OUTPUT_TAG = "tessera.output"
@@ -79,27 +88,113 @@ def segment_run(tracking: Tracking, params: Mapping[str, Any], output: str) -> I
     if not tracking.enabled:
         yield SegmentRun()
         return
+    tags = {OUTPUT_TAG: str(Path(output).resolve()) if "://" not in output else output}
+    with open_run(tracking, Path(output).name, params, tags) as (run_id, uri, experiment_id):
+        yield SegmentRun(run_id, uri, experiment_id)
+
+
+@contextlib.contextmanager
+def open_run(
+    tracking: Tracking, name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, str, str]]:
+    """Start a run in the tracking's experiment (created if new); it ends FINISHED, or FAILED on an error.
+
+    Yields:
+        The run id, the tracking URI and the experiment id.
+
+    Raises:
+        ConfigError: If the tracking server cannot be reached.
+    """
     import mlflow
 
     uri = tracking.resolved_uri()
+    check_reachable(uri)
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(tracking.experiment)
     experiment_id = (
         experiment.experiment_id if experiment is not None
         else client.create_experiment(tracking.experiment, artifact_location=_artifact_root(uri))
     )
-    run = client.create_run(
-        experiment_id, run_name=Path(output).name,
-        tags={OUTPUT_TAG: str(Path(output).resolve()) if "://" not in output else output},
-    )
-    run_id = run.info.run_id
+    run_id = client.create_run(experiment_id, run_name=name, tags=dict(tags or {})).info.run_id
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
     status = "FAILED"
     try:
-        yield SegmentRun(run_id, uri, experiment_id)
+        yield run_id, uri, experiment_id
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status=status)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """ConfigError naming the fix when the tracking server at an http(s) `uri` does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as answer:
+            if answer.status == 200:
+                return
+            reason = f"HTTP {answer.status}"
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise ConfigError(
+        f"The MLflow tracking server at {uri} cannot be reached ({reason}). Start it (e.g. `mlflow server "
+        f"--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`), fix the tracking URI, or leave "
+        "it unset to track into ./mlflow.db."
+    )
+
+
+@dataclass(frozen=True)
+class RunLogger:
+    """Logs a training run's figures and pictures from wherever rank 0 runs (it is pickled there)."""
+
+    run_id: str
+    uri: str
+
+    def log_epoch(self, epoch: int, figures: Mapping[str, float]) -> None:
+        import mlflow
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, epoch) for k, v in figures.items() if k != "epoch" and v == v]
+        mlflow.MlflowClient(self.uri).log_batch(self.run_id, metrics=metrics)
+
+    def log_final(self, report: Any) -> None:
+        """The best model's validation confusion matrix and predictions (a `FinalReport`)."""
+        from pipeline.training.figures import confusion_png, prediction_grid_png
+
+        names = [c.name for c in report.classes]
+        self.log_files({
+            "validation_confusion.png": confusion_png(report.confusion, names),
+            "validation_confusion.json": json.dumps({"classes": names,
+                                                     "counts": report.confusion.tolist()}).encode(),
+            "validation_predictions.png": prediction_grid_png(report),
+        })
+
+    def log_files(self, files: Mapping[str, bytes]) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient(self.uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+                client.log_artifact(self.run_id, str(Path(tmp) / name))
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        import mlflow
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        client = mlflow.MlflowClient(self.uri)
+        client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient(self.uri)
+        for key, value in tags.items():
+            client.set_tag(self.run_id, key, value)
 
 
 def find_runs(output: str | Path, tracking: Tracking = Tracking()) -> list[str]:

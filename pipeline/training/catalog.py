@@ -323,3 +323,21 @@ def catalog_path(name: str) -> Path:
     if os.path.exists(name):
         return Path(name)
     return Path(__file__).resolve().parents[2] / "conf" / "data" / f"{name}.yaml"
+
+
+def load_catalog(name: str) -> Catalog:
+    """The catalog in a YAML file, or in `conf/data/<name>.yaml`.
+
+    Raises:
+        ConfigError: The file does not exist or is malformed.
+    """
+    import yaml
+
+    path = catalog_path(name)
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"No catalog {name!r}: {path} does not exist; give a YAML file or one of {known}.")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"The catalog {path} is not a mapping of task, classes and pairs.")
+    return Catalog.from_mapping(data)

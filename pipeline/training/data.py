@@ -334,6 +334,10 @@ class WindowBatches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
         self.sampler = WindowSampler(split, window, rng, labels=raster.labels if balance else None, balance=balance)
         self.augment = Augmenter(normalization, jitter=jitter, elastic=elastic)
 
+    def reseed(self, rng: np.random.Generator) -> None:
+        """Draw positions and augmentations from `rng` from now on."""
+        self.rng = self.sampler.rng = rng
+
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.window
         corners = self.sampler.sample(self.batch_size)

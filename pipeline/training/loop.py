@@ -1,11 +1,15 @@
-"""The single-process training loop: fit a model on a labelled raster, keep the best bundle.
+"""The training loop: fit a model on a labelled raster in epochs, keep the best bundle.
 
 :func:`train` reads the raster (see :mod:`pipeline.training.data` for the in-memory limit), splits
 it by area, derives the normalisation from the training band, builds a fresh model from the
 registry, and runs AdamW with a one-cycle learning-rate schedule on random augmented windows.
-Every ``val_every`` steps, and after the last, the whole validation band is inferred tile by tile
-and its mean IoU computed; whenever it beats the best so far, the bundle is saved to
-``config.output``, so the file always holds the best model seen.
+After each epoch (``steps_per_epoch`` steps) the whole validation band is inferred tile by tile
+and its mean IoU computed; whenever it beats the best so far, the bundle is saved, so the file
+always holds the best model seen; ``patience`` stops the run early.
+
+The same loop runs on each worker of a distributed run (`pipeline.training.distributed`): a
+`Session` tells it its rank, wraps the model in DDP, restores the last checkpoint and takes each
+epoch's report. Rank 0 validates, keeps the best bundle and writes the checkpoints.
 
 Window size versus bundle tile size: the model learns on ``tile_size`` windows (small windows
 make more, cheaper, more varied steps), while the bundle records ``inference_tile_size`` and
@@ -13,17 +17,19 @@ make more, cheaper, more varied steps), while the bundle records ``inference_til
 on larger tiles than they were trained on. 512 px tiles with 64 px overlap recompute the same
 share of pixels as 256/32 (about 23%), but their margin is twice as wide, so more of each tile's
 border, where the model sees the least context, is blended away; and fewer, larger tiles keep an
-accelerator busier.
-"""
+accelerator busier."""
 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,7 +39,7 @@ from tqdm import tqdm
 from pipeline.errors import ConfigError
 from pipeline.models import BundleSpec, ClassInfo, ModelBundle, Normalization
 from pipeline.synthetic import CLASSES as SYNTHETIC_CLASSES
-from pipeline.training.catalog import LabelledPair, read_pair
+from pipeline.training.catalog import LabelledPair, load_catalog, read_pair
 from pipeline.training.data import (
     LabelledRaster,
     WindowBatches,
@@ -41,10 +47,14 @@ from pipeline.training.data import (
     read_labelled_raster,
     split_by_area,
 )
+from pipeline.training.figures import FinalReport, display_rgb
 from pipeline.training.losses import SegmentationLoss
 from pipeline.training.metrics import IGNORE_INDEX, SegmentationMetrics
 
-__all__ = ["DEFAULT_ARCH_ARGS", "TrainConfig", "TrainResult", "balanced_weights", "predict_area", "train"]
+__all__ = [
+    "DEFAULT_ARCH_ARGS", "LocalSession", "Session", "TrainConfig", "TrainResult", "balanced_weights", "predict_area",
+    "result_from_metrics", "run_loop", "train",
+]
 
 DEFAULT_ARCH_ARGS: Mapping[str, Any] = MappingProxyType(
     {
@@ -57,6 +67,8 @@ DEFAULT_ARCH_ARGS: Mapping[str, Any] = MappingProxyType(
 decoder, small enough to learn the synthetic scene in a couple of CPU minutes."""
 
 _TILE_MULTIPLE = 32
+CHECKPOINT_STATE = "state.pt"
+CHECKPOINT_BUNDLE = "best.bundle"
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,9 @@ class TrainConfig:
         output: Where the best model bundle is written (replaced if it exists).
         polygons: GeoJSON of class polygons in any CRS, in place of ``labels`` (rasterised onto
             the image's grid; every polygon is class 1 unless ``classes`` and the catalog say more).
+        catalog: In place of image and labels: a catalog of labelled pairs, a YAML file or the
+            name of one in ``conf/data`` (its classes, unless ``classes`` is given). Each pair is split
+            into bands of rows by area; each batch comes from one pair, drawn by training area.
         architecture: A registry name, e.g. ``"unet"`` or ``"unet3plus"``.
         arch_args: Keyword arguments of the architecture (not in_channels/classes); None takes
             ``DEFAULT_ARCH_ARGS`` for ``"unet"`` and the registry's defaults for the others.
@@ -80,13 +95,15 @@ class TrainConfig:
             used for validation), a multiple of 32.
         overlap: Default inference overlap stored in the bundle, 0..inference_tile_size / 2.
         batch_size: Windows per step.
-        steps: Optimiser steps.
+        steps: Optimiser steps in all (the global batch is ``batch_size`` whatever the number of workers).
         lr: Peak learning rate of the one-cycle schedule (AdamW).
         weight_decay: AdamW weight decay.
         val_fraction: Share of the raster's rows, below the training band, used for validation only.
         holdout_fraction: Share of the rows at the bottom never trained on nor used to pick the
             best model; the best model is scored there at the end (0: no holdout).
-        val_every: Validate every this many steps (and after the last step).
+        steps_per_epoch: Steps per epoch. Windows are drawn at random, so an epoch is a period:
+            after each, the validation band is scored, the best bundle kept and a checkpoint made.
+        patience: Stop early after this many epochs without a better validation mIoU; None: never.
         jitter: Brightness and contrast jitter strength (0.1: +-10%).
         elastic: Probability of an elastic deformation per training window.
         balance: Share of class-balanced training windows (centred on a pixel of a class drawn
@@ -98,10 +115,11 @@ class TrainConfig:
         threads: torch CPU threads during training; None leaves torch's setting alone.
     """
 
-    image: str
+    image: str | None
     labels: str | None
     output: str
     polygons: str | None = None
+    catalog: str | None = None
     architecture: str = "unet"
     arch_args: Mapping[str, Any] | None = None
     classes: tuple[ClassInfo, ...] | None = None
@@ -115,7 +133,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
     holdout_fraction: float = 0.0
-    val_every: int = 50
+    steps_per_epoch: int = 50
+    patience: int | None = None
     jitter: float = 0.1
     elastic: float = 0.25
     balance: float = 0.5
@@ -125,8 +144,12 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if (self.labels is None) == (self.polygons is None):
-            raise ConfigError("Give exactly one of labels (a label raster) and polygons (GeoJSON) for the image.")
+        if self.catalog is not None:
+            if self.image is not None or self.labels is not None or self.polygons is not None:
+                raise ConfigError("Give either a catalog or an image with labels or polygons, not both.")
+        elif self.image is None or (self.labels is None) == (self.polygons is None):
+            raise ConfigError("Give an image and exactly one of labels (a label raster) and polygons (GeoJSON), "
+                              "or a catalog of labelled pairs (catalog=NAME for conf/data/NAME.yaml).")
         if isinstance(self.class_weights, str) and self.class_weights != "balanced":
             raise ConfigError(f"class_weights={self.class_weights!r} is invalid; use 'balanced', a list, or null.")
         SegmentationLoss(self.loss)  # unknown presets and terms fail here, before any data is read
@@ -142,10 +165,12 @@ class TrainConfig:
                 f"overlap={self.overlap!r} is invalid; expected an integer from 0 to "
                 f"inference_tile_size / 2 = {self.inference_tile_size // 2}."
             )
-        for name in ("batch_size", "steps", "val_every"):
+        for name in ("batch_size", "steps", "steps_per_epoch"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ConfigError(f"{name}={value!r} is invalid; expected an integer >= 1.")
+        if self.patience is not None and (not _is_int(self.patience) or self.patience < 1):
+            raise ConfigError(f"patience={self.patience!r} is invalid; expected an integer >= 1 (epochs), or None.")
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise ConfigError(f"threads={self.threads!r} is invalid; expected an integer >= 1 or None.")
         for name in ("lr", "weight_decay", "jitter"):
@@ -186,14 +211,17 @@ class TrainResult:
     Attributes:
         bundle_path: The bundle file (the best model by validation mIoU).
         sha256: Hex SHA-256 of that file.
-        history: One entry per validation: step, loss (mean training loss since the previous
-            entry), val_miou, lr and seconds since the start.
+        history: One entry per epoch: epoch, step, loss (mean training loss of the epoch),
+            val_miou, lr and seconds since the (last) start.
         val_miou: Best validation mean IoU.
         val_iou: Per-class validation IoU of the best model (NaN for classes absent from both the
             validation truth and the prediction).
         seconds: Wall time of the whole run.
         holdout: The best model's scores on the holdout band (miou, iou and dice per class,
             pixel_accuracy), or None without a holdout.
+        epochs: Epochs completed (fewer than planned when stopped early).
+        stopped_early: Whether ``patience`` ended the run.
+        resumed_from: The epoch of the checkpoint the run continued from, or None.
     """
 
     bundle_path: str
@@ -203,14 +231,72 @@ class TrainResult:
     val_iou: tuple[float, ...]
     seconds: float
     holdout: dict[str, Any] | None = None
+    epochs: int = 0
+    stopped_early: bool = False
+    resumed_from: int | None = None
 
 
-def train(config: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train a segmentation model on a labelled raster and save the best bundle.
+class Session(Protocol):
+    """Where a run executes: this process alone, or one rank of a distributed group (Ray Train).
+
+    The loop asks it who it is, wraps the model for data-parallel training, restores the last
+    checkpoint, and reports each epoch (with a checkpoint folder on rank 0). Ranks must call
+    `report` the same number of times: it is a barrier.
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare(self, model: nn.Module) -> nn.Module: ...
+
+    def restore(self) -> Path | None: ...
+
+    def share(self, value: Any) -> Any: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None: ...
+
+
+class LocalSession:
+    """One process, no checkpoints kept beyond the best bundle: what `train` uses."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def restore(self) -> Path | None:
+        return None
+
+    def share(self, value: Any) -> Any:
+        return value
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        return None
+
+
+class EpochLogger(Protocol):
+    """Receives rank 0's figures as the run goes (MLflow in production, see `pipeline.tracking`)."""
+
+    def log_epoch(self, epoch: int, figures: Mapping[str, float]) -> None: ...
+
+    def log_final(self, report: FinalReport) -> None: ...
+
+
+def train(config: TrainConfig, progress: bool = True, logger: EpochLogger | None = None) -> TrainResult:
+    """Train a segmentation model on a labelled raster in this process and save the best bundle.
+
+    For several workers, checkpoints and resume, see `pipeline.training.distributed.fit`; it runs
+    the same loop on each Ray Train worker.
 
     Args:
         config: What to train on, which model and how long.
         progress: Show a progress bar (on stderr) with the loss and validation mIoU.
+        logger: Receives each epoch's figures (e.g. an MLflow run); None logs nothing.
 
     Returns:
         Where the bundle went, its hash, the validation history and the best scores.
@@ -228,6 +314,22 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         0.83
     """
     start = time.perf_counter()
+    metrics = run_loop(config, LocalSession(), Path(config.output), progress=progress, logger=logger)
+    return result_from_metrics(config.output, metrics, time.perf_counter() - start)
+
+
+def run_loop(
+    config: TrainConfig, session: Session, best_path: Path, progress: bool = False, logger: EpochLogger | None = None
+) -> dict[str, Any]:
+    """Run (or resume) the epochs of one training run on one rank; rank 0's last report.
+
+    Args:
+        config: The run's settings.
+        session: Who this rank is and where its reports go.
+        best_path: Where rank 0 keeps the best bundle (the output file, or a worker's scratch file).
+        progress: Show a progress bar on rank 0.
+        logger: Rank 0's per-epoch figures go there.
+    """
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -235,124 +337,250 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         # A private RNG state: seeding must not change the caller's torch random stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            return _Run(config, progress, start).fit()
+            return _Run(config, session, best_path, progress, logger).fit()
     finally:
         torch.set_num_threads(threads)
 
 
-class _Run:
-    """One training run's state: data, model, optimiser and the best score so far."""
+def result_from_metrics(bundle_path: str | Path, metrics: Mapping[str, Any], seconds: float) -> TrainResult:
+    """The TrainResult that rank 0's last report describes."""
+    return TrainResult(
+        bundle_path=str(bundle_path),
+        sha256=metrics["sha256"],
+        history=list(metrics["history"]),
+        val_miou=float(metrics["val_miou"]),
+        val_iou=tuple(metrics["val_iou"]),
+        seconds=seconds,
+        holdout=metrics.get("holdout"),
+        epochs=int(metrics["epoch"]),
+        stopped_early=bool(metrics["stopped_early"]),
+        resumed_from=metrics.get("resumed_from"),
+    )
 
-    def __init__(self, config: TrainConfig, progress: bool, start: float) -> None:
+
+class _Run:
+    """One rank's state of a training run: data, model, optimiser, and the best score so far."""
+
+    def __init__(
+        self, config: TrainConfig, session: Session, best_path: Path, progress: bool, logger: EpochLogger | None
+    ) -> None:
         self.config = config
-        self.progress = progress
-        self.start = start
-        rng = np.random.default_rng(config.seed)
-        self.raster, classes = _read(config)
-        self.split = split_by_area(
-            self.raster.height, self.raster.width, config.val_fraction, config.tile_size, config.holdout_fraction
-        )
-        _check_labelled(self.raster, self.split.train, "training")
-        _check_labelled(self.raster, self.split.val, "validation")
+        self.session = session
+        self.best_path = best_path
+        self.progress = progress and session.rank == 0
+        self.logger = logger if session.rank == 0 else None
+        self.start = time.perf_counter()
+        if config.batch_size % session.world_size:
+            raise ConfigError(
+                f"batch_size={config.batch_size} does not split evenly over {session.world_size} workers; "
+                f"use a multiple of {session.world_size} (each worker takes batch_size / workers windows)."
+            )
+        self.rasters, classes = _read(config)
+        self.splits = [
+            split_by_area(r.height, r.width, config.val_fraction, config.tile_size, config.holdout_fraction)
+            for r in self.rasters
+        ]
+        _check_labelled(self.rasters, [s.train for s in self.splits], "training")
+        _check_labelled(self.rasters, [s.val for s in self.splits], "validation")
         if config.holdout_fraction:
-            _check_labelled(self.raster, self.split.holdout, "holdout")
-        normalization = compute_normalization(self.raster.image[:, self.split.train])
+            _check_labelled(self.rasters, [s.holdout for s in self.splits], "holdout")
+        first = self.rasters[0]
+        if any(r.bands != first.bands for r in self.rasters):
+            raise ConfigError(f"The catalog's images have different bands ({sorted({r.bands for r in self.rasters})}); "
+                              "set `bands:` in the catalog to bands every image has.")
+        normalization = compute_normalization(np.concatenate(
+            [_pixels(r.image[:, s.train]) for r, s in zip(self.rasters, self.splits, strict=True)], axis=2))
         spec = BundleSpec(
             architecture=config.architecture,
             arch_args=config.arch_args or {},
             classes=classes,
-            bands=self.raster.bands,
+            bands=first.bands,
             normalization=normalization,
-            resolution=self.raster.resolution,
-            resolution_unit="m" if self.raster.resolution is not None else None,
+            resolution=first.resolution,
+            resolution_unit="m" if first.resolution is not None else None,
             tile_size=config.inference_tile_size,
             overlap=config.overlap,
         )
         self.bundle = ModelBundle.create(spec)
-        self.batches = WindowBatches(
-            self.raster, self.split, normalization, config.tile_size, config.batch_size, rng,
-            jitter=config.jitter, elastic=config.elastic, balance=config.balance,
-        )
+        self.batches = [
+            WindowBatches(r, s, normalization, config.tile_size, config.batch_size // session.world_size,
+                          np.random.default_rng(config.seed), jitter=config.jitter, elastic=config.elastic,
+                          balance=config.balance)
+            for r, s in zip(self.rasters, self.splits, strict=True)
+        ]
+        # Each batch comes from one image, drawn in proportion to its training area.
+        areas = np.array([(s.train.stop - s.train.start) * r.width for r, s in zip(self.rasters, self.splits,
+                                                                                 strict=True)], dtype=float)
+        self.odds = areas / areas.sum()
         weights = config.class_weights
         if isinstance(weights, str):  # "balanced", checked in TrainConfig
-            weights = balanced_weights(self.raster.labels[self.split.train], len(classes))
+            weights = balanced_weights(np.concatenate([r.labels[s.train].ravel() for r, s in
+                                                       zip(self.rasters, self.splits, strict=True)]), len(classes))
         elif weights is not None and (len(weights) != len(classes) or not all(0 <= w < math.inf for w in weights)):
             raise ConfigError(f"class_weights {list(weights)} are invalid; give one number >= 0 per class, "
                               f"{len(classes)} in all ({[c.name for c in classes]}), or 'balanced'.")
-        self.loss = SegmentationLoss(config.loss, class_weights=weights)
-        self.optimizer = torch.optim.AdamW(
-            self.bundle.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
+        self.loss = SegmentationLoss(config.loss, class_weights=weights).to(session.device)
+        self.model = session.prepare(self.bundle.model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.15
         )
         self.history: list[dict[str, float]] = []
         self.best_miou = -math.inf
-        self.best_iou: tuple[float, ...] = ()
+        self.best_iou: list[float] = []
+        self.best_epoch = 0
         self.sha256 = ""
+        self.epoch = 0  # epochs completed
+        self.resumed_from: int | None = None
+        self.stopped = False  # by patience
+        self.autocast = session.device.type == "cuda"  # bf16 autocast on GPUs (no loss scaling needed)
 
-    def fit(self) -> TrainResult:
-        """Run every step, validating on schedule; return the result."""
-        config = self.config
-        model = self.bundle.model
-        losses: list[float] = []
-        bar = tqdm(range(1, config.steps + 1), desc="train", disable=not self.progress, unit="step")
-        for step in bar:
-            model.train()
-            x, y = next(self.batches)
-            loss = self.loss(model(x), y)
+    @property
+    def epochs(self) -> int:
+        return -(-self.config.steps // self.config.steps_per_epoch)
+
+    def fit(self) -> dict[str, Any]:
+        """Run the remaining epochs, validating and reporting after each; rank 0's last report."""
+        config, session = self.config, self.session
+        checkpoint = session.restore()
+        if checkpoint is not None:
+            self._load(checkpoint)
+        bar = tqdm(total=config.steps, initial=min(self.epoch * config.steps_per_epoch, config.steps),
+                   desc="train", disable=not self.progress, unit="step")
+        while True:
+            stop = self.stopped
+            if not stop and self.epoch < self.epochs:
+                loss = self._train_epoch(bar)
+                self.epoch += 1
+                if session.rank == 0:
+                    miou = self._validate(loss)
+                    stop = config.patience is not None and self.epoch - self.best_epoch >= config.patience
+                    bar.set_postfix(loss=f"{loss:.3f}", val_miou=f"{miou:.3f}")
+                stop = bool(session.share(stop))
+            # A run restored at its end (or after it stopped early) trains no more: it only reports.
+            self.stopped = stop and self.epoch < self.epochs
+            last = stop or self.epoch >= self.epochs
+            metrics = self._summary()
+            if session.rank == 0 and last:
+                best = ModelBundle.load(self.best_path, map_location=str(session.device))
+                if config.holdout_fraction:
+                    metrics["holdout"] = _plain(self._score(best.model, [s.holdout for s in self.splits]))
+                if self.logger is not None:
+                    self.logger.log_final(self._final_report(best.model))
+            if session.rank == 0:
+                with tempfile.TemporaryDirectory(prefix="tessera-checkpoint-") as folder:
+                    self._save(Path(folder))
+                    session.report(metrics, Path(folder))
+            else:
+                session.report(metrics, None)
+            if last:
+                break
+        bar.close()
+        return metrics
+
+    def _train_epoch(self, bar: tqdm) -> float:
+        """One epoch of optimiser steps; the mean training loss."""
+        config, session = self.config, self.session
+        # Each (seed, rank, epoch) draws its own windows, so a resumed run sees what the
+        # uninterrupted one would have, without storing generator states.
+        rng = np.random.default_rng([config.seed, session.rank, self.epoch])
+        for batches in self.batches:
+            batches.reseed(rng)
+        steps = min(config.steps_per_epoch, config.steps - self.epoch * config.steps_per_epoch)
+        self.model.train()
+        losses = []
+        for _ in range(steps):
+            x, y = next(self.batches[rng.choice(len(self.batches), p=self.odds)])
+            x, y = x.to(session.device, non_blocking=True), y.to(session.device, non_blocking=True)
+            with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self.loss(self.model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.schedule.step()
             losses.append(float(loss.detach()))
-            if step % config.val_every == 0 or step == config.steps:
-                lr = self.optimizer.param_groups[0]["lr"]
-                miou = self._validate(step, float(np.mean(losses)), lr)
-                losses = []
-                bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}", val_miou=f"{miou:.3f}")
-        bar.close()
-        holdout = None
-        if config.holdout_fraction:
-            best = ModelBundle.load(config.output)
-            holdout = self._score(best.model, self.split.holdout)
-            holdout.pop("confusion")
-        return TrainResult(
-            bundle_path=str(config.output),
-            sha256=self.sha256,
-            history=self.history,
-            val_miou=self.best_miou,
-            val_iou=self.best_iou,
-            seconds=time.perf_counter() - self.start,
-            holdout=holdout,
-        )
+            bar.update(1)
+        return float(np.mean(losses))
 
-    def _score(self, model: nn.Module, rows: slice) -> dict[str, Any]:
-        """torchmetrics scores of `model` on a band of rows, inferred tile by tile."""
+    def _score(self, model: nn.Module, areas: list[slice]) -> dict[str, Any]:
+        """torchmetrics scores of `model` on a band of rows of each image, inferred tile by tile."""
         spec = self.bundle.spec
         metrics = SegmentationMetrics(spec.num_classes)
-        metrics.update(predict_area(model, self.raster.image[:, rows], spec.normalization, spec.tile_size),
-                       self.raster.labels[rows])
+        for raster, rows in zip(self.rasters, areas, strict=True):
+            metrics.update(predict_area(model, raster.image[:, rows], spec.normalization, spec.tile_size),
+                           raster.labels[rows])
         return metrics.compute()
 
-    def _validate(self, step: int, loss: float, lr: float) -> float:
-        """Score the validation band, record it, save the bundle if it is the best so far."""
-        scores = self._score(self.bundle.model, self.split.val)
+    def _validate(self, loss: float) -> float:
+        """Score the validation band, record it, save the bundle if it is the best so far (rank 0)."""
+        scores = self._score(self.bundle.model, [s.val for s in self.splits])
         miou = scores["miou"]
-        self.history.append(
-            {
-                "step": float(step),
-                "loss": loss,
-                "val_miou": miou,
-                "lr": float(lr),
-                "seconds": time.perf_counter() - self.start,
-            }
-        )
+        figures = {
+            "epoch": float(self.epoch),
+            "step": float(min(self.epoch * self.config.steps_per_epoch, self.config.steps)),
+            "loss": loss,
+            "val_miou": miou,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "seconds": time.perf_counter() - self.start,
+        }
+        self.history.append(figures)
         if miou > self.best_miou:
-            self.best_miou = miou
-            self.best_iou = tuple(scores["iou"])
-            self.sha256 = self.bundle.save(self.config.output)
+            self.best_miou, self.best_iou, self.best_epoch = miou, list(scores["iou"]), self.epoch
+            self.sha256 = self.bundle.save(self.best_path)
+        if self.logger is not None:
+            self.logger.log_epoch(self.epoch, {**figures, **{f"val_iou_{c.name}": v for c, v in
+                                                            zip(self.bundle.spec.classes, scores["iou"], strict=True)}})
         return miou
+
+    def _final_report(self, model: nn.Module, samples: int = 4) -> FinalReport:
+        """The best model's validation confusion matrix and a few windows of the first image's validation band."""
+        spec = self.bundle.spec
+        confusion = self._score(model, [s.val for s in self.splits])["confusion"]
+        raster, rows = self.rasters[0], self.splits[0].val
+        image, truth = raster.image[:, rows], raster.labels[rows]
+        predicted = predict_area(model, image, spec.normalization, spec.tile_size)
+        height, width = truth.shape
+        size = min(256, height, width)
+        corners = np.linspace(0, width - size, samples).astype(int) if width > size else [0]
+        windows = [(display_rgb(image[:, :size, c : c + size]), truth[:size, c : c + size],
+                    predicted[:size, c : c + size]) for c in dict.fromkeys(int(c) for c in corners)]
+        return FinalReport(spec.classes, confusion, windows)
+
+    def _summary(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "val_miou": self.best_miou, "val_iou": self.best_iou, "best_epoch": self.best_epoch,
+            "sha256": self.sha256, "history": list(self.history), "stopped_early": self.stopped,
+            "resumed_from": self.resumed_from,
+        }
+
+    def _save(self, folder: Path) -> None:
+        """The checkpoint: training state after `self.epoch` epochs, and the best bundle so far."""
+        torch.save({
+            "epoch": self.epoch, "model": self.bundle.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(), "history": self.history, "best_miou": self.best_miou,
+            "best_iou": self.best_iou, "best_epoch": self.best_epoch, "sha256": self.sha256, "stopped": self.stopped,
+        }, folder / CHECKPOINT_STATE)
+        shutil.copyfile(self.best_path, folder / CHECKPOINT_BUNDLE)
+
+    def _load(self, folder: Path) -> None:
+        """Continue from a checkpoint written by `_save`."""
+        state = torch.load(folder / CHECKPOINT_STATE, map_location=self.session.device, weights_only=False)
+        self.bundle.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch = self.resumed_from = int(state["epoch"])
+        self.history = list(state["history"])
+        self.best_miou, self.best_iou = state["best_miou"], list(state["best_iou"])
+        self.best_epoch = state["best_epoch"]
+        self.sha256, self.stopped = state["sha256"], bool(state["stopped"])
+        if self.session.rank == 0:
+            self.best_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / CHECKPOINT_BUNDLE, self.best_path)
+
+
+def _plain(scores: Mapping[str, Any]) -> dict[str, Any]:
+    """Scores as plain floats and lists (no arrays), without the confusion matrix."""
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in scores.items() if k != "confusion"}
 
 
 def balanced_weights(labels: np.ndarray, num_classes: int) -> tuple[float, ...]:
@@ -389,6 +617,7 @@ def predict_area(
     tile_w = min(tile, -(-width // _TILE_MULTIPLE) * _TILE_MULTIPLE)
     prediction = np.empty((height, width), dtype=np.uint8)
     model.eval()
+    device = next(model.parameters()).device
     with torch.inference_mode():
         for row in range(0, height, tile_h):
             for col in range(0, width, tile_w):
@@ -396,19 +625,29 @@ def predict_area(
                 h, w = window.shape[1:]
                 window = np.pad(window, ((0, 0), (0, tile_h - h), (0, tile_w - w)), mode="reflect")
                 x = normalization.apply(torch.from_numpy(np.ascontiguousarray(window))[None].float())
-                logits = model(x)
-                prediction[row : row + h, col : col + w] = logits[0, :, :h, :w].argmax(0).numpy()
+                logits = model(x.to(device))
+                prediction[row : row + h, col : col + w] = logits[0, :, :h, :w].argmax(0).cpu().numpy()
     return prediction
 
 
-def _read(config: TrainConfig) -> tuple[LabelledRaster, tuple[ClassInfo, ...]]:
-    """The image and its labels (a raster, or polygons rasterised onto the image), and the classes."""
+def _read(config: TrainConfig) -> tuple[list[LabelledRaster], tuple[ClassInfo, ...]]:
+    """The labelled rasters (one, or a catalog's) on their images' grids, and the classes."""
+    if config.catalog is not None:
+        catalog = load_catalog(config.catalog)
+        return catalog.read(), config.classes or catalog.classes
+    assert config.image is not None, "checked in TrainConfig"
     if config.labels is not None:
         raster = read_labelled_raster(config.image, config.labels, config.bands)
-        return raster, _resolve_classes(config.classes, raster.labels)
+        return [raster], _resolve_classes(config.classes, raster.labels)
     classes = config.classes or (ClassInfo("background", (0, 0, 0)), ClassInfo("object", (230, 60, 60)))
     pair = LabelledPair(image=config.image, polygons=config.polygons)
-    return read_pair(pair, classes, config.bands), classes
+    return [read_pair(pair, classes, config.bands)], classes
+
+
+def _pixels(image: np.ndarray, most: int = 1_000_000) -> np.ndarray:
+    """A regular subsample of an image's pixels as (C, 1, N), for statistics over several images."""
+    step = max(1, math.isqrt(image.shape[1] * image.shape[2] // most))
+    return image[:, ::step, ::step].reshape(image.shape[0], 1, -1)
 
 
 def _resolve_classes(classes: tuple[ClassInfo, ...] | None, labels: np.ndarray) -> tuple[ClassInfo, ...]:
@@ -438,9 +677,10 @@ def _generic_colour(index: int) -> tuple[int, int, int]:
     return sectors[int(sector)]
 
 
-def _check_labelled(raster: LabelledRaster, rows: slice, area: str) -> None:
-    """ConfigError if an area holds no labelled pixel (nothing to learn from or score)."""
-    if not (raster.labels[rows] != IGNORE_INDEX).any():
+def _check_labelled(rasters: list[LabelledRaster], areas: list[slice], area: str) -> None:
+    """ConfigError if an area holds no labelled pixel in any image (nothing to learn from or score)."""
+    if not any((r.labels[rows] != IGNORE_INDEX).any() for r, rows in zip(rasters, areas, strict=True)):
+        rows = areas[0]
         raise ConfigError(
             f"The {area} area (rows {rows.start}..{rows.stop - 1}) holds no labelled pixel (all "
             f"{IGNORE_INDEX}); label it or change val_fraction."

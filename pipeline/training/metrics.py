@@ -131,7 +131,10 @@ class SegmentationMetrics:
 
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.confusion = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False)
+        # One process scores a whole area: no syncing with the other ranks of a distributed run.
+        self.confusion = MulticlassConfusionMatrix(
+            num_classes, ignore_index=ignore_index, validate_args=False, sync_on_compute=False
+        )
 
     def update(self, pred: Any, truth: Any) -> None:
         """Add predicted and true class ids of any shape; ids are checked as in `confusion_matrix`.

@@ -46,7 +46,7 @@ def scene_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 def tiny_config(scene_files: tuple[str, str], output: Path, **overrides: object) -> TrainConfig:
     settings: dict[str, object] = {
         "architecture": "fcn", "arch_args": TINY_FCN, "tile_size": 64, "inference_tile_size": 128,
-        "overlap": 16, "batch_size": 8, "steps": 30, "lr": 0.02, "val_every": 10, "threads": 1,
+        "overlap": 16, "batch_size": 8, "steps": 30, "lr": 0.02, "steps_per_epoch": 10, "threads": 1,
     }
     settings.update(overrides)
     return TrainConfig(image=scene_files[0], labels=scene_files[1], output=str(output), **settings)  # type: ignore[arg-type]
@@ -81,8 +81,8 @@ def test_tiny_run_learns_and_writes_a_loadable_bundle(scene_files: tuple[str, st
 
 
 def test_same_seed_same_run(scene_files: tuple[str, str], tmp_path: Path) -> None:
-    first = train(tiny_config(scene_files, tmp_path / "a.bundle", steps=4, val_every=2), progress=False)
-    second = train(tiny_config(scene_files, tmp_path / "b.bundle", steps=4, val_every=2), progress=False)
+    first = train(tiny_config(scene_files, tmp_path / "a.bundle", steps=4, steps_per_epoch=2), progress=False)
+    second = train(tiny_config(scene_files, tmp_path / "b.bundle", steps=4, steps_per_epoch=2), progress=False)
     assert [h["loss"] for h in first.history] == [h["loss"] for h in second.history]
     assert first.sha256 == second.sha256
 
@@ -90,7 +90,7 @@ def test_same_seed_same_run(scene_files: tuple[str, str], tmp_path: Path) -> Non
 def test_unet3plus_deep_supervision_trains(scene_files: tuple[str, str], tmp_path: Path) -> None:
     arch_args = {"encoder_name": "resnet18", "encoder_depth": 3, "cat_channels": 8}
     config = tiny_config(scene_files, tmp_path / "u3p.bundle", architecture="unet3plus",
-                         arch_args=arch_args, batch_size=2, steps=2, val_every=2)
+                         arch_args=arch_args, batch_size=2, steps=2, steps_per_epoch=2)
     result = train(config, progress=False)
     assert np.isfinite(result.history[-1]["loss"])
     assert ModelBundle.load(result.bundle_path).spec.architecture == "unet3plus"
@@ -102,7 +102,7 @@ def test_labels_beyond_the_synthetic_classes_get_generic_ones(tmp_path: Path) ->
     labels[:8, :8] = 6
     write_scene(type(scene)(image=scene.image, labels=labels), tmp_path / "i.tif", tmp_path / "l.tif")
     files = (str(tmp_path / "i.tif"), str(tmp_path / "l.tif"))
-    result = train(tiny_config(files, tmp_path / "m.bundle", steps=1, val_every=1), progress=False)
+    result = train(tiny_config(files, tmp_path / "m.bundle", steps=1, steps_per_epoch=1), progress=False)
     classes = ModelBundle.load(result.bundle_path).spec.classes
     assert [c.name for c in classes] == [f"class_{i}" for i in range(7)]
     assert len({c.color for c in classes}) == 7
@@ -174,7 +174,7 @@ def test_polygons_train_and_the_best_model_is_scored_on_the_holdout(tmp_path: Pa
     config = TrainConfig(
         image=image, labels=None, polygons=polygons, output=str(tmp_path / "m.bundle"), architecture="fcn",
         arch_args=TINY_FCN, tile_size=64, inference_tile_size=128, overlap=16, batch_size=8, steps=40, lr=0.02,
-        val_every=20, threads=1, val_fraction=0.25, holdout_fraction=0.25, loss="unet3plus_hybrid",
+        steps_per_epoch=20, threads=1, val_fraction=0.25, holdout_fraction=0.25, loss="unet3plus_hybrid",
         class_weights="balanced",
     )
     result = train(config, progress=False)
@@ -235,7 +235,7 @@ def test_job_trains_and_leaves_nothing_else_behind(scene_files: tuple[str, str],
     image, labels = scene_files
     run = run_job(
         [f"image={image}", f"labels={labels}", "output=model.bundle", "architecture=fcn",
-         "arch_args={depth: 1, width: 4}", "tile_size=64", "batch_size=2", "steps=2", "val_every=2",
+         "arch_args={depth: 1, width: 4}", "tile_size=64", "batch_size=2", "steps=2", "steps_per_epoch=2",
          "threads=1", "progress=false"],
         cwd=tmp_path,
     )

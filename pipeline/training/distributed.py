@@ -1,0 +1,213 @@
+"""Distributed training with Ray Train: the loop of `pipeline.training.loop` on N workers.
+
+`fit` starts a `TorchTrainer` (DDP: gloo on CPU, nccl on GPU, bf16 autocast on GPU). Each worker
+reads the labelled raster, takes ``batch_size / workers`` windows per step (so the global batch,
+and with it the budget, does not depend on the number of workers) and draws them from its own
+(seed, rank, epoch) stream. Rank 0 scores the validation band after each epoch and reports a
+checkpoint: the training state and the best bundle so far.
+
+Checkpoints live in ``storage/name``. A run started again with the same name and storage (the
+default name is derived from the output and the settings) continues from its last checkpoint:
+after a crash, a kill, or a lost node. Inside one run, Ray Train also restarts failed workers
+from the last checkpoint up to ``max_failures`` times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import ConfigError, TesseraError
+from pipeline.training.loop import EpochLogger, TrainConfig, TrainResult, result_from_metrics, run_loop
+
+__all__ = ["Distributed", "fit", "run_name"]
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """How a training run is spread over Ray Train workers and where its checkpoints go.
+
+    Attributes:
+        workers: Training processes (DDP ranks); each takes ``batch_size / workers`` windows a step.
+        use_gpu: One GPU per worker (nccl, bf16 autocast); else CPU with gloo.
+        threads: torch threads (and reserved CPUs) per worker.
+        storage: Folder (or URI Ray Train accepts, e.g. s3://...) for the run's checkpoints; on a
+            cluster, one every node can reach.
+        name: The run's name under ``storage``; None derives it from the output and the settings,
+            so running the same command again resumes.
+        max_failures: Restarts from the last checkpoint after a worker fails, within one run.
+        keep: Checkpoints kept (the newest).
+        address: Ray cluster to join; None starts an embedded Ray (or joins the job's cluster).
+    """
+
+    workers: int = 1
+    use_gpu: bool = False
+    threads: int = 1
+    storage: str = "checkpoints"
+    name: str | None = None
+    max_failures: int = 0
+    keep: int = 2
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("workers", "threads", "keep"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key}={value!r} is invalid; expected an integer >= 1.")
+        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < 0:
+            raise ConfigError(f"max_failures={self.max_failures!r} is invalid; expected an integer >= 0.")
+
+
+def run_name(config: TrainConfig, settings: Distributed) -> str:
+    """The default run name: the output's stem and a digest of everything that shapes the run.
+
+    The same command resumes the same run; changing a setting (or the number of workers) starts a
+    new one instead of loading a checkpoint that does not fit.
+    """
+    if settings.name:
+        return settings.name
+    shape = {**dataclasses.asdict(config), "workers": settings.workers, "use_gpu": settings.use_gpu}
+    shape.pop("threads")
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{Path(config.output).stem}-{digest}"
+
+
+def fit(
+    config: TrainConfig, settings: Distributed = Distributed(), logger: EpochLogger | None = None
+) -> TrainResult:
+    """Train with Ray Train on ``settings.workers`` workers, resuming the run if it exists.
+
+    Args:
+        config: What to train on, which model and how long (``threads`` is taken from ``settings``).
+        settings: Workers, devices and where checkpoints go.
+        logger: Receives rank 0's figures (it is pickled to the worker, e.g. an MLflow run logger).
+
+    Returns:
+        The result; the best bundle is copied to ``config.output``.
+
+    Raises:
+        ConfigError, SourceNotFoundError, SourceReadError: As `train` does, raised on a worker and
+            re-raised here.
+        RuntimeError: When training fails for another reason (the worker's error is chained).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.execution import connect_ray
+
+    start = time.perf_counter()
+    config = dataclasses.replace(config, threads=settings.threads)
+    storage = settings.storage if "://" in settings.storage else str(Path(settings.storage).resolve())
+    trainer = TorchTrainer(
+        _worker,  # type: ignore[arg-type]  # Ray Train v2 (the default) returns its value; the stubs are v1's
+        train_loop_config={"config": config, "use_gpu": settings.use_gpu, "logger": logger},
+        torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=settings.workers, use_gpu=settings.use_gpu, resources_per_worker={"CPU": settings.threads}
+        ),
+        run_config=RunConfig(
+            name=run_name(config, settings),
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=settings.keep),
+            failure_config=FailureConfig(max_failures=settings.max_failures),
+        ),
+    )
+    started = connect_ray(settings.address, settings.workers * settings.threads)
+    try:
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as exc:
+            raise _user_error(exc) or RuntimeError(f"Training failed: {exc}") from exc
+        assert result.checkpoint is not None, "a finished run reports a checkpoint every epoch"
+        with result.checkpoint.as_directory() as folder:
+            _copy_atomically(Path(folder) / "best.bundle", Path(config.output))
+    finally:
+        if started:
+            ray.shutdown()
+    return result_from_metrics(config.output, result.return_value, time.perf_counter() - start)  # type: ignore[attr-defined]
+
+
+class _RayTrainSession:
+    """The `Session` of one Ray Train worker."""
+
+    def __init__(self, use_gpu: bool) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)  # DDP when there are several workers
+
+    def restore(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return None if checkpoint is None else Path(checkpoint.to_directory())
+
+    def share(self, value: Any) -> Any:
+        if self.world_size == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        import ray.train
+
+        ray.train.report(
+            {k: v for k, v in metrics.items() if k != "history"},
+            checkpoint=None if checkpoint is None else ray.train.Checkpoint.from_directory(checkpoint),
+        )
+
+
+def _worker(settings: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's per-worker function: run the loop; rank 0's metrics come back as the return value."""
+    session = _RayTrainSession(settings["use_gpu"])
+    scratch = Path(tempfile.mkdtemp(prefix="tessera-train-"))
+    try:
+        return run_loop(settings["config"], session, scratch / "best.bundle", logger=settings["logger"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _user_error(exc: BaseException) -> TesseraError | None:
+    """The tessera error a worker raised (bad data or settings), found in Ray Train's failure."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    seen: list[BaseException] = [*failures.values(), exc]
+    while seen:
+        error = seen.pop()
+        if isinstance(error, TesseraError):
+            return error
+        for inner in (getattr(error, "cause", None), error.__cause__, error.__context__):
+            if isinstance(inner, BaseException):
+                seen.append(inner)
+    return None
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    """Copy a file so that readers see the old file or the new one, never half of one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
