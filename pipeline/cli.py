@@ -16,7 +16,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment imag
 @app.command()
 def segment(
     source: Annotated[Path, typer.Argument(help="GeoTIFF/COG, whole-slide image or OME-TIFF.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="Model bundle file.")],
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="Model bundle file, or models:/NAME@ALIAS (or /VERSION) from the MLflow registry.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Mosaic folder to write (.zarr).")],
     tile: Annotated[int | None, typer.Option(help="Tile size in px (default: the bundle's).")] = None,
     overlap: Annotated[int | None, typer.Option(help="Minimum tile overlap in px (default: the bundle's).")] = None,

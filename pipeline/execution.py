@@ -41,7 +41,7 @@ from pipeline.models.bundle import ModelBundle
 from pipeline.mosaic import Mosaic, MosaicLayout, check_output, check_storage
 from pipeline.sources import RasterSource, open_source
 from pipeline.tiling import BlockId, BlockPlan, TileGrid
-from pipeline.tracking import SegmentRun, Tracking, flat_params, segment_run
+from pipeline.tracking import SegmentRun, Tracking, check_reachable, flat_params, segment_run
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class SegmentConfig:
 
     Args:
         source: path of the image (GeoTIFF/COG, slide, OME-TIFF).
-        model: path of a model bundle.
+        model: path of a model bundle, or a registry reference, models:/NAME@ALIAS or
+            models:/NAME/VERSION, resolved through `tracking`'s registry (see `pipeline.registry`).
         output: path of the mosaic to write.
         tile, overlap: tile size and minimum overlap in pixels; None takes the bundle's defaults.
         window: blend weight window, one of gaussian, cosine, linear, constant.
@@ -368,6 +369,7 @@ def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | Non
         TesseraError: on bad input, before anything is written.
     """
     start = time.perf_counter()
+    config, registered = resolve_model(config)
     source, bundle, grid = prepare(config)
     job = job_fingerprint(config, source, bundle, grid)
     check_output(config.output, config.overwrite, job)  # refuse early, before taking the lock
@@ -375,11 +377,28 @@ def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | Non
     workers, threads = worker_layout(config, device_type)
     with OutputLock(config.output):
         resume = check_output(config.output, config.overwrite, job)  # authoritative, under the lock
-        with segment_run(config.tracking, flat_params(config, job), config.output) as run:
+        params = flat_params(config, job) | {f"model.{k}": v for k, v in (registered or {}).items()}
+        with segment_run(config.tracking, params, config.output) as run:
             summary = _execute(config, source, bundle, grid, job, resume, device_type, workers, threads,
-                               start, on_progress, run)
+                               start, on_progress, run, registered)
             run.log_result(summary.as_dict(), dataclasses.asdict(config), Mosaic.open(config.output).preview_png())
             return summary
+
+
+def resolve_model(config: SegmentConfig) -> tuple[SegmentConfig, dict[str, Any] | None]:
+    """The config with a registry reference replaced by the local bundle file, and the version used.
+
+    Raises:
+        ConfigError: If the reference does not resolve (or the registry cannot be reached).
+    """
+    from pipeline import registry
+
+    if not registry.is_model_uri(config.model):
+        return config, None
+    uri = config.tracking.resolved_uri()
+    check_reachable(uri)
+    path, ref = registry.resolve_model(config.model, uri)
+    return dataclasses.replace(config, model=str(path)), {"requested": config.model, **ref.as_dict()}
 
 
 def job_fingerprint(config: SegmentConfig, source: RasterSource, bundle: ModelBundle, grid: TileGrid) -> dict[str, Any]:
@@ -396,7 +415,7 @@ def job_fingerprint(config: SegmentConfig, source: RasterSource, bundle: ModelBu
 def _execute(
     config: SegmentConfig, source: RasterSource, bundle: ModelBundle, grid: TileGrid, job: dict[str, Any],
     resume: bool, device_type: str, workers: int, threads: int, start: float,
-    on_progress: Callable[[int, int], None] | None, run: SegmentRun,
+    on_progress: Callable[[int, int], None] | None, run: SegmentRun, registered: dict[str, Any] | None = None,
 ) -> SegmentSummary:
     """Plan, create or reopen the mosaic, run the blocks not yet done, pyramid, finish."""
     import ray
@@ -415,7 +434,7 @@ def _execute(
             transform=tuple(source.transform)[:6] if source.transform is not None else None,
             mpp=source.mpp,
         )
-        lineage = {**lineage_info.describe(config, source, bundle, grid), "mlflow": run.lineage()}
+        lineage = {**lineage_info.describe(config, source, bundle, grid, registered), "mlflow": run.lineage()}
         Mosaic.create(config.output, layout, lineage, job)
         done = set()
     todo = [b for b in busy if b not in done]

@@ -34,8 +34,11 @@ def versions() -> dict[str, str]:
     return found
 
 
-def describe(config: SegmentConfig, source: RasterSource, bundle: ModelBundle, grid: TileGrid) -> dict[str, Any]:
-    """The lineage written when a mosaic is created."""
+def describe(
+    config: SegmentConfig, source: RasterSource, bundle: ModelBundle, grid: TileGrid,
+    registered: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The lineage written when a mosaic is created; `registered` is the registry version the model came from."""
     return {
         "started": now(),
         "host": socket.gethostname(),
@@ -46,6 +49,7 @@ def describe(config: SegmentConfig, source: RasterSource, bundle: ModelBundle, g
         },
         "model": {
             "path": str(config.model), "sha256": bundle.sha256, "spec": bundle.spec.to_dict(),
+            "registered": registered,
         },
         "config": dataclasses.asdict(config),
         "tiling": {"tile": grid.tile, "overlap": grid.overlap, "grid": list(grid.shape)},

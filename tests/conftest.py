@@ -49,6 +49,15 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def write_geotiff(path: Path, image: np.ndarray, *, nodata: float | None = None, crs: str = "EPSG:32632",
                   pixel: float = 2.0, origin: tuple[float, float] = (600000.0, 5100000.0)) -> Path:
     """A tiled GeoTIFF with a real CRS and affine transform."""

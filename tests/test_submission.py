@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,15 +18,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.mosaic import Mosaic
-from tests.conftest import make_bundle, smooth_image, write_geotiff
+from tests.conftest import free_port, make_bundle, smooth_image, write_geotiff
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ from pipeline.training.metrics import IGNORE_INDEX, SegmentationMetrics
 
 __all__ = [
     "DEFAULT_ARCH_ARGS", "LocalSession", "Session", "TrainConfig", "TrainResult", "balanced_weights", "predict_area",
-    "result_from_metrics", "run_loop", "train",
+    "result_from_metrics", "run_loop", "score_holdout", "train",
 ]
 
 DEFAULT_ARCH_ARGS: Mapping[str, Any] = MappingProxyType(
@@ -581,6 +581,35 @@ class _Run:
 def _plain(scores: Mapping[str, Any]) -> dict[str, Any]:
     """Scores as plain floats and lists (no arrays), without the confusion matrix."""
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in scores.items() if k != "confusion"}
+
+
+def score_holdout(bundle_path: str | Path, config: TrainConfig) -> dict[str, Any]:
+    """A bundle's scores on the holdout bands of the data `config` trains on (same bands as training).
+
+    The bands depend only on each image's size and the config's fractions, so every model scored
+    with the same config is scored on the same pixels: how champion and challenger are compared.
+
+    Raises:
+        ConfigError: If the config has no holdout, or the bundle's classes do not fit the data.
+    """
+    if not config.holdout_fraction:
+        raise ConfigError("holdout_fraction is 0: there is no holdout to score on; set it, e.g. 0.2.")
+    bundle = ModelBundle.load(bundle_path)
+    rasters, classes = _read(config)
+    if len(bundle.spec.classes) != len(classes):
+        raise ConfigError(f"{bundle_path} has {len(bundle.spec.classes)} classes, the data {len(classes)}: "
+                          "score a model of this task.")
+    metrics = SegmentationMetrics(bundle.spec.num_classes)
+    for raster in rasters:
+        split = split_by_area(raster.height, raster.width, config.val_fraction, config.tile_size,
+                              config.holdout_fraction)
+        if bundle.spec.bands != raster.bands:
+            raise ConfigError(f"{bundle_path} reads bands {list(bundle.spec.bands)}, the data is read with "
+                              f"{list(raster.bands)}: set bands to the model's.")
+        image = raster.image[:, split.holdout]
+        metrics.update(predict_area(bundle.model, image, bundle.spec.normalization, bundle.spec.tile_size),
+                       raster.labels[split.holdout])
+    return _plain(metrics.compute())
 
 
 def balanced_weights(labels: np.ndarray, num_classes: int) -> tuple[float, ...]:
