@@ -176,7 +176,7 @@ def test_unreachable_tracking_server_fails_fast_naming_the_fix(tmp_path: Path) -
     write_scene(generate_scene(128, 128, seed=3), image, labels)
     config = TrainConfig(image=str(image), labels=str(labels), output=str(tmp_path / "m.bundle"), architecture="fcn")
     started = time.monotonic()
-    with pytest.raises(ConfigError, match="cannot be reached.*mlflow server"):
+    with pytest.raises(ConfigError, match=r"cannot be reached.*mlflow server"):
         train_tracked(config, Tracking(uri=uri))
     assert time.monotonic() - started < 30
     assert not Path(config.output).exists()  # nothing trained, nothing written
