@@ -133,7 +133,7 @@ class NightlyOutcome:
 
     date: str
     decision: str
-    run_id: str | None
+    run_id: str
     new_pairs: int = 0
     champion: dict[str, Any] | None = None
     challenger: dict[str, Any] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def ray_session() -> Iterator[None]:
     """One real embedded Ray for the tests that run jobs in-process (started here, stopped after)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
 

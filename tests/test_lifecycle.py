@@ -17,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -79,12 +80,13 @@ def add_scene(folder: Path, catalog: Path, seed: int, added: str) -> None:
     """A new labelled scene arrives: written to disk, and listed in the catalog with its date."""
     image, labels = folder / f"scene{seed}.tif", folder / f"labels{seed}.tif"
     write_scene(generate_scene(256, 256, seed=seed), image, labels)
-    data = yaml.safe_load(catalog.read_text()) if catalog.exists() else {
+    data: dict[str, Any] = yaml.safe_load(catalog.read_text()) if catalog.exists() else {
         "task": "synthetic", "classes": [{"name": c.name, "color": list(c.color)} for c in CLASSES], "pairs": []}
     data["pairs"].append({"image": str(image), "labels": str(labels), "added": added})
     catalog.write_text(yaml.safe_dump(data))
 
 
+@pytest.mark.slow
 def test_nightly_promotes_keeps_and_is_idempotent_then_segment_uses_the_champion(
     server: str, tmp_path: Path, ray_session: None
 ) -> None:
@@ -144,6 +146,7 @@ def test_nightly_promotes_keeps_and_is_idempotent_then_segment_uses_the_champion
     registered = Mosaic.open(tmp_path / "m.zarr").lineage["model"]["registered"]
     assert (registered["name"], registered["version"], registered["alias"]) == (MODEL, "3", CHAMPION)
     assert registered["run_id"] == third.run_id
+    assert summary.run_id is not None
     params = client.get_run(summary.run_id).data.params
     assert (params["model.version"], params["model.requested"]) == ("3", f"models:/{MODEL}@{CHAMPION}")
 
@@ -158,6 +161,7 @@ def test_training_run_registers_a_version_with_its_bundle(server: str, tmp_path:
     assert trained.model is not None and trained.model.sha256 == trained.result.sha256
     path, ref = resolve_model(f"models:/one-off/{trained.model.version}", server, cache=tmp_path / "cache")
     assert path.read_bytes() == Path(config.output).read_bytes() and ref.run_id == trained.run_id
+    assert trained.run_id is not None
     run = mlflow.MlflowClient(server).get_run(trained.run_id)
     assert run.info.status == "FINISHED" and run.data.params["train.steps"] == "4"
     assert run.data.metrics["best_val_miou"] == pytest.approx(trained.result.val_miou)

@@ -129,6 +129,8 @@ def fit(
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
+            if "://" not in storage:
+                _remove_if_no_checkpoint(Path(storage), run_name(config, settings))
             raise _user_error(exc) or RuntimeError(f"Training failed: {exc}") from exc
         assert result.checkpoint is not None, "a finished run reports a checkpoint every epoch"
         with result.checkpoint.as_directory() as folder:
@@ -200,6 +202,16 @@ def _user_error(exc: BaseException) -> TesseraError | None:
             if isinstance(inner, BaseException):
                 seen.append(inner)
     return None
+
+
+def _remove_if_no_checkpoint(storage: Path, name: str) -> None:
+    """A run that failed before its first checkpoint leaves nothing to resume: remove its folder (and
+    the storage folder, if that leaves it empty), so a failed start does not look like a run."""
+    folder = storage / name
+    if folder.is_dir() and not any(folder.glob("checkpoint_*")):
+        shutil.rmtree(folder, ignore_errors=True)
+    if storage.is_dir() and not any(storage.iterdir()):
+        storage.rmdir()
 
 
 def _copy_atomically(source: Path, target: Path) -> None:

@@ -236,7 +236,7 @@ def test_job_trains_and_leaves_nothing_else_behind(scene_files: tuple[str, str],
     run = run_job(
         [f"image={image}", f"labels={labels}", "output=model.bundle", "architecture=fcn",
          "arch_args={depth: 1, width: 4}", "tile_size=64", "batch_size=2", "steps=2", "steps_per_epoch=2",
-         "threads=1", "progress=false"],
+         "threads=1", "progress=false", "distributed.workers=0"],
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr
@@ -274,7 +274,9 @@ def test_job_config_becomes_a_train_config() -> None:
 
 
 def test_job_config_without_a_required_path_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="image is not set"):
+    with pytest.raises(ConfigError, match="Give an image and exactly one of labels"):
         to_config(compose_train(["labels=l.tif", "output=m.bundle"]))
+    with pytest.raises(ConfigError, match="output is not set"):
+        to_config(compose_train(["image=i.tif", "labels=l.tif"]))
     with pytest.raises(ConfigError, match="classes"):
         to_config(compose_train(["image=i", "labels=l", "output=o", "classes=[{title: x}]"]))

@@ -1,0 +1,96 @@
+"""Ray Train: DDP on 2 CPU workers against 1 on the same budget, resume after a kill, early stopping."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.models import ModelBundle
+from pipeline.synthetic import generate_scene, write_scene
+from pipeline.training import TrainConfig, train
+from pipeline.training.distributed import Distributed, fit
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("scene")
+    image, labels = folder / "scene.tif", folder / "labels.tif"
+    write_scene(generate_scene(256, 256, seed=11), image, labels)
+    return str(image), str(labels)
+
+
+def config(scene: tuple[str, str], output: Path, **overrides: object) -> TrainConfig:
+    settings: dict[str, object] = {
+        "architecture": "fcn", "arch_args": {"depth": 3, "width": 16}, "tile_size": 64, "inference_tile_size": 128,
+        "overlap": 16, "batch_size": 8, "steps": 60, "steps_per_epoch": 20, "lr": 0.02, "holdout_fraction": 0.2,
+    }
+    settings.update(overrides)
+    return TrainConfig(image=scene[0], labels=scene[1], output=str(output), **settings)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_two_workers_reach_the_quality_of_one_on_the_same_budget(scene: tuple[str, str], tmp_path: Path) -> None:
+    # Same steps and global batch (8 windows: 8 on one worker, 4 + 4 with DDP), different window draws.
+    one = fit(config(scene, tmp_path / "one.bundle"), Distributed(workers=1, storage=str(tmp_path / "ckpt")))
+    two = fit(config(scene, tmp_path / "two.bundle"), Distributed(workers=2, storage=str(tmp_path / "ckpt")))
+    for result in (one, two):
+        assert result.epochs == 3 and [h["epoch"] for h in result.history] == [1, 2, 3]
+        assert result.resumed_from is None
+        assert ModelBundle.load(result.bundle_path).sha256 == result.sha256
+        assert result.holdout is not None
+    # Learning happened on both (an untrained model scores about 0.1 here), and the two runs land
+    # within 0.1 mIoU of each other on the holdout, which neither saw.
+    assert one.holdout is not None and two.holdout is not None
+    assert min(one.holdout["miou"], two.holdout["miou"]) > 0.2
+    assert abs(one.holdout["miou"] - two.holdout["miou"]) < 0.1
+    # Each run kept its checkpoints under its own name; the same run started again resumes at its end.
+    assert len(list((tmp_path / "ckpt").iterdir())) == 2
+    again = fit(config(scene, tmp_path / "one.bundle"), Distributed(workers=1, storage=str(tmp_path / "ckpt")))
+    assert (again.resumed_from, again.epochs, again.sha256, again.history) == (3, 3, one.sha256, one.history)
+
+
+@pytest.mark.slow
+def test_training_killed_after_an_epoch_continues_from_its_checkpoint(scene: tuple[str, str], tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "jobs.train", f"image={scene[0]}", f"labels={scene[1]}", "output=m.bundle",
+            "architecture=fcn", "arch_args={depth: 3, width: 16}", "tile_size=64", "inference_tile_size=128",
+            "overlap=16", "batch_size=8", "steps=200", "steps_per_epoch=20", "threads=1", "progress=false",
+            "distributed.workers=1", "distributed.storage=ckpt", "tracking.enabled=false"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    job = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "ckpt").glob("*/checkpoint_*/state.pt")):
+        assert job.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGKILL)  # the driver, its embedded Ray and the training worker, at once
+    job.wait()
+    assert not (tmp_path / "m.bundle").exists()  # the output is only written by a finished run
+
+    rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "after 10 epochs" in rerun.stdout
+    resumed = int(rerun.stdout.split("resumed from epoch ")[1].split()[0])
+    assert 1 <= resumed < 10
+    sha256 = ModelBundle.load(tmp_path / "m.bundle").sha256
+    assert sha256 is not None and f"sha256 {sha256[:12]}" in rerun.stdout
+
+
+def test_patience_stops_a_run_that_no_longer_improves(scene: tuple[str, str], tmp_path: Path) -> None:
+    # A learning rate too small to learn (only batch-norm statistics move): the run stops once
+    # `patience` epochs in a row have not beaten the best, long before its ten epochs.
+    result = train(config(scene, tmp_path / "m.bundle", steps=100, steps_per_epoch=10, lr=1e-12, patience=2,
+                          threads=1, holdout_fraction=0.0), progress=False)
+    scores = [h["val_miou"] for h in result.history]
+    best = scores.index(max(scores)) + 1
+    assert result.stopped_early and result.epochs == len(scores) < 10
+    assert result.epochs == best + 2  # two epochs without a better score, then stop
+    assert all(s <= scores[best - 1] for s in scores[best:])
