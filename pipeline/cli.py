@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -83,6 +83,121 @@ def demo(
         run_demo(workdir, size=size)
 
 
+HYDRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(name: str, overrides: list[str]) -> Any:
+    """conf/<name>.yaml with Hydra overrides, as the job modules see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline.errors import ConfigError
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return hydra_compose(config_name=name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"{str(exc).splitlines()[0]}; overrides are key=value, e.g. steps=400.") from None
+
+
+@app.command(context_settings=HYDRA)
+def train(ctx: typer.Context) -> None:
+    """Train a model (conf/train.yaml with key=value overrides); same as `python -m jobs.train`."""
+    from jobs.train import describe, to_config, to_distributed, to_tracking
+    from pipeline.lifecycle import train_tracked
+
+    with user_errors():
+        cfg = compose("train", list(ctx.args))
+        tracking, register = to_tracking(cfg)
+        typer.echo(describe(train_tracked(to_config(cfg), tracking, register, to_distributed(cfg),
+                                          progress=bool(cfg.progress))))
+
+
+@app.command(context_settings=HYDRA)
+def nightly(ctx: typer.Context) -> None:
+    """Run one night (conf/nightly.yaml with overrides): train a challenger, promote it if better."""
+    from jobs.nightly import to_config
+    from pipeline.lifecycle import nightly as run_nightly
+
+    with user_errors():
+        cfg = compose("nightly", list(ctx.args))
+        typer.echo(run_nightly(to_config(cfg), progress=bool(cfg.progress)).describe())
+
+
+schedule_app = typer.Typer(no_args_is_help=True, help="Run the nightly job on conf/nightly.yaml's schedule.")
+app.add_typer(schedule_app, name="schedule")
+
+
+def _schedule(overrides: list[str]) -> Any:
+    from pipeline.schedule import Schedule
+
+    cfg = compose("nightly", overrides)
+    return Schedule(str(cfg.schedule.cron), str(cfg.schedule.timezone))
+
+
+@schedule_app.command("run", context_settings=HYDRA)
+def schedule_run(
+    ctx: typer.Context,
+    address: Annotated[str | None, typer.Option(help="Ray dashboard to submit to (default: RAY_ADDRESS, "
+                                                     "else the job runs on this machine).")] = None,
+    state: Annotated[Path, typer.Option(help="Where the last fired time is kept.")] = Path(".tessera-schedule.json"),
+) -> None:
+    """Foreground scheduler: start the nightly job at each scheduled time; one catch-up after downtime."""
+    import datetime as dt
+    import os
+    import subprocess
+    import sys
+
+    from pipeline import schedule, submission
+
+    with user_errors():
+        overrides = list(ctx.args)
+        plan = _schedule(overrides)
+        target = address or os.environ.get("RAY_ADDRESS")
+
+        def fire(when: dt.datetime) -> None:
+            night = [*overrides, f"date={when.date().isoformat()}"]
+            if target:
+                typer.echo(f"{when.isoformat()}: submitted {submission.submit(target, 'nightly', night)}")
+            else:
+                code = subprocess.call([sys.executable, "-m", "jobs.nightly", *night])
+                typer.echo(f"{when.isoformat()}: nightly exited {code}")
+
+        typer.echo(f"scheduling the nightly job at {plan.cron!r} ({plan.timezone}); state in {state}")
+        schedule.run(plan, fire, state)
+
+
+@schedule_app.command("crontab", context_settings=HYDRA)
+def schedule_crontab(
+    ctx: typer.Context,
+    address: Annotated[str | None, typer.Option(help="Ray dashboard for `ray job submit` (default: run here).")] = None,
+) -> None:
+    """Print a crontab entry that starts the nightly job on schedule (install with `crontab -e`)."""
+    from pipeline.schedule import crontab_line, job_command
+
+    with user_errors():
+        overrides = list(ctx.args)
+        typer.echo(crontab_line(_schedule(overrides), job_command(overrides, address), str(Path.cwd())), nl=False)
+
+
+@schedule_app.command("systemd", context_settings=HYDRA)
+def schedule_systemd(
+    ctx: typer.Context,
+    address: Annotated[str | None, typer.Option(help="Ray dashboard for `ray job submit` (default: run here).")] = None,
+) -> None:
+    """Print a systemd service and timer (Persistent=true: one catch-up after downtime)."""
+    from pipeline.schedule import job_command, systemd_units
+
+    with user_errors():
+        overrides = list(ctx.args)
+        units = systemd_units(_schedule(overrides), job_command(overrides, address), str(Path.cwd()))
+        for name, text in units.items():
+            typer.echo(f"# /etc/systemd/system/{name}\n{text}")
+
+
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster (the Ray Jobs API).")
 app.add_typer(jobs_app, name="jobs")
 ADDRESS = typer.Option("--address", help="Ray dashboard address, e.g. http://head:8265 (default: RAY_ADDRESS).")
@@ -91,7 +206,7 @@ ADDRESS = typer.Option("--address", help="Ray dashboard address, e.g. http://hea
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit(
     ctx: typer.Context,
-    job: Annotated[str, typer.Argument(help="segment or train.")],
+    job: Annotated[str, typer.Argument(help="segment, train or nightly.")],
     address: Annotated[str | None, ADDRESS] = None,
     working_dir: Annotated[str | None, typer.Option(help="Folder shipped as the job's working directory.")] = None,
     python: Annotated[str, typer.Option(help="Interpreter on the cluster with tessera installed.")] = "python",

@@ -88,8 +88,8 @@ class NightlyConfig:
         metric: Holdout score compared: ``miou``, or ``iou:<class name>`` for one class.
         date: The night (YYYY-MM-DD); None is today (UTC).
         force: Run even if this date already has a finished nightly run, or no new data.
-        tracking: Where the runs and the registry are; the experiment is the catalog's task
-            unless set.
+        tracking: Where the runs and the registry are (its experiment is not used).
+        experiment: The MLflow experiment of the nightly runs; None takes the catalog's task.
         distributed: Ray Train settings; None trains in the nightly process.
     """
 
@@ -100,6 +100,7 @@ class NightlyConfig:
     date: str | None = None
     force: bool = False
     tracking: Tracking = field(default_factory=Tracking)
+    experiment: str | None = None
     distributed: Distributed | None = None
 
     def __post_init__(self) -> None:
@@ -157,8 +158,7 @@ def nightly(config: NightlyConfig, progress: bool = False) -> NightlyOutcome:
     from pipeline import registry
 
     catalog = load_catalog(str(config.train.catalog))
-    tracking = config.tracking if config.tracking.experiment != Tracking().experiment else dataclasses.replace(
-        config.tracking, experiment=catalog.task)
+    tracking = dataclasses.replace(config.tracking, experiment=config.experiment or catalog.task)
     name = config.model or catalog.task
     date = config.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     uri = tracking.resolved_uri()

@@ -23,7 +23,7 @@ from croniter import croniter
 
 from pipeline.errors import ConfigError
 
-__all__ = ["Schedule", "run"]
+__all__ = ["Schedule", "crontab_line", "job_command", "on_calendar", "run", "systemd_units"]
 
 
 @dataclass(frozen=True)
@@ -109,3 +109,60 @@ def _save(state: Path, last: dt.datetime) -> None:
     tmp = state.with_suffix(".tmp")
     tmp.write_text(json.dumps({"last": last.isoformat()}))
     tmp.replace(state)  # atomic: a crash leaves the old state or the new, never half of one
+
+
+_DAYS = ("Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+def job_command(overrides: list[str], address: str | None, python: str = "python") -> str:
+    """The shell command that starts the nightly job: `ray job submit` to a cluster, or the job here."""
+    import shlex
+
+    job = [python, "-m", "jobs.nightly", *overrides]
+    if address:
+        return shlex.join(["ray", "job", "submit", "--address", address, "--", *job])
+    return shlex.join(job)
+
+
+def crontab_line(schedule: Schedule, command: str, workdir: str) -> str:
+    """A crontab entry running `command` in `workdir` at the schedule's times."""
+    import shlex
+
+    zone = f"CRON_TZ={schedule.timezone}\n"
+    return (f"# tessera nightly: {schedule.cron} ({schedule.timezone}); cronie honours CRON_TZ, other crons use the "
+            f"system time zone\n{zone}{schedule.cron} cd {shlex.quote(workdir)} && {command} "
+            ">> tessera-nightly.log 2>&1\n")
+
+
+def on_calendar(schedule: Schedule) -> str:
+    """The schedule as a systemd OnCalendar= value, for plain fields (numbers, lists and `*`).
+
+    Raises:
+        ConfigError: For steps or ranges (*/5, 1-5), which have no one-line translation here.
+    """
+    minute, hour, day, month, weekday = schedule.cron.split()
+    if any(c in field for field in (minute, hour, day, month, weekday) for c in "/-"):
+        raise ConfigError(f"schedule {schedule.cron!r} uses steps or ranges; write OnCalendar= by hand "
+                          "(man systemd.time), or use `tessera schedule run` or cron.")
+
+    def part(field: str, width: int = 2) -> str:
+        return "*" if field == "*" else ",".join(f"{int(v):0{width}d}" for v in field.split(","))
+
+    days = "" if weekday == "*" else ",".join(_DAYS[int(d)] for d in weekday.split(",")) + " "
+    return f"{days}*-{part(month)}-{part(day)} {part(hour)}:{part(minute)}:00 {schedule.timezone}"
+
+
+def systemd_units(schedule: Schedule, command: str, workdir: str) -> dict[str, str]:
+    """A oneshot service running `command` in `workdir`, and the timer that starts it on schedule."""
+    return {
+        "tessera-nightly.service": (
+            "[Unit]\nDescription=tessera nightly training\nWants=network-online.target\n"
+            "After=network-online.target\n\n[Service]\nType=oneshot\n"
+            f"WorkingDirectory={workdir}\nExecStart=/bin/sh -c '{command}'\n"
+        ),
+        "tessera-nightly.timer": (
+            "[Unit]\nDescription=tessera nightly training schedule\n\n[Timer]\n"
+            f"OnCalendar={on_calendar(schedule)}\n"
+            "Persistent=true\n\n[Install]\nWantedBy=timers.target\n"
+        ),
+    }

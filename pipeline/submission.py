@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError, TesseraError
 
-ENTRY_POINTS = {"segment": "jobs.segment", "train": "jobs.train"}
+ENTRY_POINTS = {"segment": "jobs.segment", "train": "jobs.train", "nightly": "jobs.nightly"}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_SECONDS = 60.0
 
@@ -69,7 +69,7 @@ def submit(
 
     Args:
         address: the cluster's dashboard address, or None for RAY_ADDRESS.
-        job: "segment" or "train".
+        job: "segment", "train" or "nightly".
         overrides: Hydra overrides, e.g. ["source=/data/a.tif", "model=/models/m.bundle", "output=/mnt/a.zarr"].
         working_dir: a folder shipped to the cluster as the job's working directory (the runtime
             environment), for clusters that do not have tessera installed.

@@ -72,8 +72,8 @@ def night_config(catalog: Path, out: Path, uri: str, date: str, **train: object)
     }
     settings.update(train)
     config = TrainConfig(image=None, labels=None, output=str(out), catalog=str(catalog), **settings)  # type: ignore[arg-type]
-    return NightlyConfig(train=config, model=MODEL, margin=0.02, date=date,
-                         tracking=Tracking(uri=uri, experiment="synthetic-nightly"))
+    return NightlyConfig(train=config, model=MODEL, margin=0.02, date=date, tracking=Tracking(uri=uri),
+                         experiment="synthetic-nightly")
 
 
 def add_scene(folder: Path, catalog: Path, seed: int, added: str) -> None:

@@ -75,3 +75,58 @@ def test_timezones_and_bad_expressions() -> None:
         Schedule("61 2 * * *")
     with pytest.raises(ConfigError, match="IANA"):
         Schedule("0 2 * * *", timezone="Mars/Olympus")
+
+
+# The front doors: crontab and systemd text, Kubernetes manifests
+
+
+def test_crontab_and_systemd_text_start_the_nightly_job_on_schedule(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.schedule import on_calendar
+
+    cron = CliRunner().invoke(app, ["schedule", "crontab", "--address", "http://head:8265", "margin=0.05"])
+    assert cron.exit_code == 0, cron.output
+    entry = [line for line in cron.output.splitlines() if line and not line.startswith(("#", "CRON_TZ"))]
+    assert entry == [f"0 2 * * * cd {Path.cwd()} && ray job submit --address http://head:8265 -- python -m "
+                     "jobs.nightly margin=0.05 >> tessera-nightly.log 2>&1"]
+    units = CliRunner().invoke(app, ["schedule", "systemd", "schedule.timezone=Europe/Paris"])
+    assert units.exit_code == 0, units.output
+    assert "OnCalendar=*-*-* 02:00:00 Europe/Paris" in units.output and "Persistent=true" in units.output
+    assert "ExecStart=/bin/sh -c 'python -m jobs.nightly schedule.timezone=Europe/Paris'" in units.output
+    assert on_calendar(Schedule("30 1 * * 1,3")) == "Mon,Wed *-*-* 01:30:00 UTC"
+    with pytest.raises(ConfigError, match="steps or ranges"):
+        on_calendar(Schedule("*/5 * * * *"))
+    bad = CliRunner().invoke(app, ["schedule", "crontab", "schedule.cron=nightly"])
+    assert bad.exit_code == 2 and "not a cron expression" in bad.output
+
+
+@pytest.mark.parametrize("name", ["raycronjob-nightly.yaml", "cronjob-nightly.yaml"])
+def test_kubernetes_manifests_parse_and_run_the_nightly_entry_point(name: str) -> None:
+    import shlex
+
+    import yaml
+    from hydra import compose, initialize_config_dir
+
+    from jobs.nightly import to_config
+
+    text = (Path(__file__).resolve().parents[1] / "conf" / "k8s" / name).read_text()
+    documents = list(yaml.safe_load_all(text))
+    first = documents[0]
+    assert Schedule(first["spec"]["schedule"], first["spec"]["timeZone"]).cron == "0 2 * * *"
+    if first["kind"] == "RayCronJob":
+        rayjob = first["spec"]["jobTemplate"]
+    else:
+        assert first["kind"] == "CronJob" and "kubectl create" in str(first["spec"]["jobTemplate"])
+        template = next(d for d in documents if d["kind"] == "ConfigMap")["data"]["rayjob.yaml"]
+        rayjob = yaml.safe_load(template.replace("NIGHT", "2026-11-22"))
+        assert rayjob["kind"] == "RayJob" and rayjob["metadata"]["name"] == "tessera-nightly-2026-11-22"
+        rayjob = rayjob["spec"]
+    words = shlex.split(rayjob["entrypoint"])
+    assert words[:3] == ["python", "-m", "jobs.nightly"]
+    # The overrides are valid for the nightly job's config.
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        config = to_config(compose(config_name="nightly", overrides=words[3:]))
+    assert config.train.catalog == "/data/catalog.yaml" and config.distributed is not None
+    assert config.distributed.use_gpu and config.distributed.workers == 4
