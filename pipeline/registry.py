@@ -12,11 +12,13 @@ nightly job (or a person, in the MLflow UI) moves `champion`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -92,8 +94,7 @@ def register_bundle(bundle_path: str | Path, name: str, run_id: str, tracking_ur
     signature = infer_signature(example, np.zeros((1, spec.num_classes, 64, 64), np.float32))
     requirements = [f"{p}=={importlib.metadata.version(p)}" for p in ("tessera", "torch", "mlflow")]
     client = mlflow.MlflowClient(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    with _fluent_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=BundleModel(), artifacts={_BUNDLE: str(bundle_path)}, signature=signature,
             registered_model_name=name, pip_requirements=requirements,
@@ -105,6 +106,22 @@ def register_bundle(bundle_path: str | Path, name: str, run_id: str, tracking_ur
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     return ModelRef(name, version, run_id, sha256=bundle.sha256)
+
+
+@contextlib.contextmanager
+def _fluent_uri(uri: str) -> Iterator[None]:
+    """MLflow's module-level API on `uri` for a moment. `mlflow.set_tracking_uri` also sets the
+    MLFLOW_TRACKING_URI environment variable; both are put back, so nothing after (a later job, a
+    subprocess) is sent to this store by accident."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None unsets it (handled by mlflow)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def set_alias(ref: ModelRef, alias: str, tracking_uri: str) -> ModelRef:
@@ -153,8 +170,9 @@ def resolve_model(uri: str, tracking_uri: str, cache: str | Path | None = None) 
         target.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{ref.version}-"))
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{ref.version}", dst_path=str(scratch),
-                                                tracking_uri=tracking_uri)
+            with _fluent_uri(tracking_uri):  # models:/ URIs are resolved through the registry of the fluent API
+                mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{ref.version}",
+                                                    dst_path=str(scratch), tracking_uri=tracking_uri)
             os.replace(scratch, target)  # whole or not at all: a cut download is never taken for a bundle
         except OSError:
             if not target.is_dir():  # else another process cached it first

@@ -134,6 +134,8 @@ def test_nightly_promotes_keeps_and_is_idempotent_then_segment_uses_the_champion
     assert third.champion["version"] == "1"
     assert third.challenger["score"] > third.champion["score"] + 0.02
     assert alias_version(MODEL, CHAMPION, server).version == "3"  # type: ignore[union-attr]
+    for night in (first, again, second, third):
+        print(night.describe())  # what each night logged, for the record (pytest -s shows it)
 
     # Segment with the champion through the registry: the mosaic and its run record version 3.
     scene = tmp_path / "to_segment.tif"
@@ -152,6 +154,7 @@ def test_nightly_promotes_keeps_and_is_idempotent_then_segment_uses_the_champion
 
 
 def test_training_run_registers_a_version_with_its_bundle(server: str, tmp_path: Path) -> None:
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     image, labels = tmp_path / "scene.tif", tmp_path / "labels.tif"
     write_scene(generate_scene(192, 192, seed=3), image, labels)
     config = TrainConfig(image=str(image), labels=str(labels), output=str(tmp_path / "m.bundle"), architecture="fcn",
@@ -165,6 +168,8 @@ def test_training_run_registers_a_version_with_its_bundle(server: str, tmp_path:
     run = mlflow.MlflowClient(server).get_run(trained.run_id)
     assert run.info.status == "FINISHED" and run.data.params["train.steps"] == "4"
     assert run.data.metrics["best_val_miou"] == pytest.approx(trained.result.val_miou)
+    # Registering through the server did not point later jobs at it.
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before and mlflow.get_tracking_uri() != server
 
 
 def test_unknown_registry_reference_is_a_config_error(server: str, tmp_path: Path) -> None:

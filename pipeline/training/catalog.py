@@ -179,7 +179,7 @@ def read_pair(
     if pair.labels is not None and resolution is None:
         raster = read_labelled_raster(pair.image, pair.labels, bands)
     else:
-        image, transform, crs, pixel = _read_image(pair.image, bands, resolution)
+        image, transform, crs, pixel, unit = _read_image(pair.image, bands, resolution)
         h, w = image.shape[1:]
         if pair.polygons is not None:
             labels = _rasterise(pair, classes, (h, w), transform, crs)
@@ -188,7 +188,7 @@ def read_pair(
         else:
             labels = _scaled_mask(_require(str(pair.labels)), (h, w))
         chosen = tuple(bands) if bands is not None else tuple(range(1, image.shape[0] + 1))
-        raster = LabelledRaster(image=image, labels=labels, bands=chosen, resolution=pixel)
+        raster = LabelledRaster(image=image, labels=labels, bands=chosen, resolution=pixel, resolution_unit=unit)
     _check_classes(raster.labels, classes, pair.truth)
     return raster
 
@@ -204,8 +204,8 @@ def _require(path: str) -> Path:
 
 def _read_image(
     path: str, bands: Sequence[int] | None, resolution: float | None
-) -> tuple[np.ndarray, Any, str | None, float | None]:
-    """The image at the level closest to `resolution`: (C, H, W) values, transform, CRS, pixel size."""
+) -> tuple[np.ndarray, Any, str | None, float | None, str]:
+    """The image at the level closest to `resolution`: (C, H, W) values, transform, CRS, pixel size and its unit."""
     _require(path)
     source = open_source(path)
     unit = "m" if source.crs is not None else "um"
@@ -217,7 +217,7 @@ def _read_image(
         if bad:
             raise ConfigError(f"bands {bad} are out of range for {path}, which has {image.shape[0]} band(s).")
         image = image[[int(b) - 1 for b in bands]]
-    return image, source.transform, source.crs, source.pixel_size(unit)
+    return image, source.transform, source.crs, source.pixel_size(unit), unit
 
 
 def _geojson_crs(collection: Mapping[str, Any], path: str) -> CRS:

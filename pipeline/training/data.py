@@ -57,13 +57,15 @@ class LabelledRaster:
         image: (C, H, W) raw values of the selected bands, in the file's dtype.
         labels: (H, W) uint8 class ids; 255 marks unlabelled pixels.
         bands: The 1-based band indices of ``image`` in the source file.
-        resolution: Pixel size in metres, or None if the raster has no projected CRS.
+        resolution: Pixel size in ``resolution_unit``, or None when the file does not define it.
+        resolution_unit: "m" for georeferenced rasters, "um" for slides.
     """
 
     image: np.ndarray
     labels: np.ndarray
     bands: tuple[int, ...]
     resolution: float | None
+    resolution_unit: str = "m"
 
     @property
     def height(self) -> int:

@@ -385,6 +385,10 @@ class _Run:
         if config.holdout_fraction:
             _check_labelled(self.rasters, [s.holdout for s in self.splits], "holdout")
         first = self.rasters[0]
+        scales = {(r.resolution_unit, None if r.resolution is None else round(r.resolution, 6)) for r in self.rasters}
+        if len(scales) > 1:
+            raise ConfigError("The catalog's images have different pixel sizes; set `resolution:` in the catalog so "
+                              "every image is read at the same one.")
         if any(r.bands != first.bands for r in self.rasters):
             raise ConfigError(f"The catalog's images have different bands ({sorted({r.bands for r in self.rasters})}); "
                               "set `bands:` in the catalog to bands every image has.")
@@ -397,7 +401,7 @@ class _Run:
             bands=first.bands,
             normalization=normalization,
             resolution=first.resolution,
-            resolution_unit="m" if first.resolution is not None else None,
+            resolution_unit=first.resolution_unit if first.resolution is not None else None,
             tile_size=config.inference_tile_size,
             overlap=config.overlap,
         )

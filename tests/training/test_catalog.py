@@ -82,7 +82,7 @@ def test_slide_with_a_mask_at_another_size(shared_data: Path, tmp_path: Path) ->
     assert raster.labels.shape == (h, w)
     assert raster.labels.mean() == pytest.approx(mask.mean(), abs=0.01)
     assert raster.labels[h // 2, w // 2] == 1 and raster.labels[5, 5] == 0
-    assert raster.resolution == pytest.approx(0.499, abs=0.001)
+    assert raster.resolution == pytest.approx(0.499, abs=0.001) and raster.resolution_unit == "um"
 
 
 def test_catalog_from_mapping_and_new_pairs_since_a_date(atlanta: Path) -> None:
