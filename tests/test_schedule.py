@@ -88,7 +88,8 @@ def test_crontab_and_systemd_text_start_the_nightly_job_on_schedule(tmp_path: Pa
 
     cron = CliRunner().invoke(app, ["schedule", "crontab", "--address", "http://head:8265", "margin=0.05"])
     assert cron.exit_code == 0, cron.output
-    entry = [line for line in cron.output.splitlines() if line and not line.startswith(("#", "CRON_TZ"))]
+    entry = [line for line in cron.output.splitlines() if line.startswith("0 2 ")]
+    assert "CRON_TZ=UTC" in cron.output.splitlines()
     assert entry == [f"0 2 * * * cd {Path.cwd()} && ray job submit --address http://head:8265 -- python -m "
                      "jobs.nightly margin=0.05 >> tessera-nightly.log 2>&1"]
     units = CliRunner().invoke(app, ["schedule", "systemd", "schedule.timezone=Europe/Paris"])

@@ -108,6 +108,8 @@ def fit(
     from pipeline.execution import connect_ray
 
     start = time.perf_counter()
+    if settings.address is None and not os.environ.get("RAY_ADDRESS"):
+        _check_inputs(config)  # on this machine, a missing file fails now rather than in a worker
     config = dataclasses.replace(config, threads=settings.threads)
     storage = settings.storage if "://" in settings.storage else str(Path(settings.storage).resolve())
     trainer = TorchTrainer(
@@ -188,6 +190,20 @@ def _worker(settings: dict[str, Any]) -> dict[str, Any]:
         return run_loop(settings["config"], session, scratch / "best.bundle", logger=settings["logger"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _check_inputs(config: TrainConfig) -> None:
+    """The error a worker would raise for a missing image, truth or catalog, raised here at once."""
+    from pipeline.errors import SourceNotFoundError
+    from pipeline.training.catalog import load_catalog
+
+    if config.catalog is not None:
+        load_catalog(config.catalog)
+    paths = {"image": config.image, "labels": config.labels, "polygons": config.polygons}
+    for role, path in paths.items():
+        if path is not None and "://" not in path and not os.path.exists(path):
+            raise SourceNotFoundError(f"The {role} {path!r} does not exist; check the path (relative paths are "
+                                      f"relative to {os.getcwd()!r}).")
 
 
 def _user_error(exc: BaseException) -> TesseraError | None:

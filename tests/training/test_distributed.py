@@ -52,17 +52,15 @@ def test_two_workers_reach_the_quality_of_one_on_the_same_budget(scene: tuple[st
     assert one.holdout is not None and two.holdout is not None
     assert min(one.holdout["miou"], two.holdout["miou"]) > 0.2
     assert abs(one.holdout["miou"] - two.holdout["miou"]) < 0.1
-    # Each run kept its checkpoints under its own name; the same run started again resumes at its end.
+    # Each run kept its checkpoints under its own name (the number of workers is part of it).
     assert len(list((tmp_path / "ckpt").iterdir())) == 2
-    again = fit(config(scene, tmp_path / "one.bundle"), Distributed(workers=1, storage=str(tmp_path / "ckpt")))
-    assert (again.resumed_from, again.epochs, again.sha256, again.history) == (3, 3, one.sha256, one.history)
 
 
 @pytest.mark.slow
 def test_training_killed_after_an_epoch_continues_from_its_checkpoint(scene: tuple[str, str], tmp_path: Path) -> None:
     args = [sys.executable, "-m", "jobs.train", f"image={scene[0]}", f"labels={scene[1]}", "output=m.bundle",
             "architecture=fcn", "arch_args={depth: 3, width: 16}", "tile_size=64", "inference_tile_size=128",
-            "overlap=16", "batch_size=8", "steps=200", "steps_per_epoch=20", "threads=1", "progress=false",
+            "overlap=16", "batch_size=8", "steps=100", "steps_per_epoch=10", "threads=1", "progress=false",
             "distributed.workers=1", "distributed.storage=ckpt", "tracking.enabled=false"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     job = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
