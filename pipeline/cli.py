@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -138,6 +139,14 @@ def _schedule(overrides: list[str]) -> Any:
     return Schedule(str(cfg.schedule.cron), str(cfg.schedule.timezone))
 
 
+def _nightly_command(overrides: list[str], address: str | None) -> str:
+    """`ray job submit` to a cluster (whose `python` has tessera), or this install's interpreter here:
+    cron and systemd do not have the virtual environment on their PATH."""
+    from pipeline.schedule import job_command
+
+    return job_command(overrides, address, python="python" if address else sys.executable)
+
+
 @schedule_app.command("run", context_settings=HYDRA)
 def schedule_run(
     ctx: typer.Context,
@@ -149,7 +158,6 @@ def schedule_run(
     import datetime as dt
     import os
     import subprocess
-    import sys
 
     from pipeline import schedule, submission
 
@@ -160,11 +168,14 @@ def schedule_run(
 
         def fire(when: dt.datetime) -> None:
             night = [*overrides, f"date={when.date().isoformat()}"]
-            if target:
-                typer.echo(f"{when.isoformat()}: submitted {submission.submit(target, 'nightly', night)}")
-            else:
-                code = subprocess.call([sys.executable, "-m", "jobs.nightly", *night])
-                typer.echo(f"{when.isoformat()}: nightly exited {code}")
+            try:
+                if target:
+                    typer.echo(f"{when.isoformat()}: submitted {submission.submit(target, 'nightly', night)}")
+                else:
+                    code = subprocess.call([sys.executable, "-m", "jobs.nightly", *night])
+                    typer.echo(f"{when.isoformat()}: nightly exited {code}")
+            except Exception as exc:  # the next night must still come: report and keep scheduling
+                typer.echo(f"{when.isoformat()}: the nightly job could not be started: {exc}", err=True)
 
         typer.echo(f"scheduling the nightly job at {plan.cron!r} ({plan.timezone}); state in {state}")
         schedule.run(plan, fire, state)
@@ -176,11 +187,11 @@ def schedule_crontab(
     address: Annotated[str | None, typer.Option(help="Ray dashboard for `ray job submit` (default: run here).")] = None,
 ) -> None:
     """Print a crontab entry that starts the nightly job on schedule (install with `crontab -e`)."""
-    from pipeline.schedule import crontab_line, job_command
+    from pipeline.schedule import crontab_line
 
     with user_errors():
         overrides = list(ctx.args)
-        typer.echo(crontab_line(_schedule(overrides), job_command(overrides, address), str(Path.cwd())), nl=False)
+        typer.echo(crontab_line(_schedule(overrides), _nightly_command(overrides, address), str(Path.cwd())), nl=False)
 
 
 @schedule_app.command("systemd", context_settings=HYDRA)
@@ -189,11 +200,11 @@ def schedule_systemd(
     address: Annotated[str | None, typer.Option(help="Ray dashboard for `ray job submit` (default: run here).")] = None,
 ) -> None:
     """Print a systemd service and timer (Persistent=true: one catch-up after downtime)."""
-    from pipeline.schedule import job_command, systemd_units
+    from pipeline.schedule import systemd_units
 
     with user_errors():
         overrides = list(ctx.args)
-        units = systemd_units(_schedule(overrides), job_command(overrides, address), str(Path.cwd()))
+        units = systemd_units(_schedule(overrides), _nightly_command(overrides, address), str(Path.cwd()))
         for name, text in units.items():
             typer.echo(f"# /etc/systemd/system/{name}\n{text}")
 

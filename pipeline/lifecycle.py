@@ -141,7 +141,9 @@ class NightlyOutcome:
 
     def describe(self) -> str:
         def side(v: dict[str, Any] | None) -> str:
-            return "none" if v is None else f"v{v['version']} {v['score']:.4f}"
+            if v is None:
+                return "none"
+            return f"v{v['version']}" + ("" if v["score"] is None else f" {v['score']:.4f}")
 
         return (f"nightly {self.date}: {self.decision} (new pairs {self.new_pairs}; champion {side(self.champion)}; "
                 f"challenger {side(self.challenger)}; run {self.run_id})")
@@ -160,6 +162,7 @@ def nightly(config: NightlyConfig, progress: bool = False) -> NightlyOutcome:
     catalog = load_catalog(str(config.train.catalog))
     tracking = dataclasses.replace(config.tracking, experiment=config.experiment or catalog.task)
     name = config.model or catalog.task
+    _metric({"miou": 0.0, "iou": [0.0] * len(catalog.classes)}, config.metric, catalog.classes)  # a typo fails now
     date = config.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     uri = tracking.resolved_uri()
     check_reachable(uri)
@@ -181,13 +184,13 @@ def nightly(config: NightlyConfig, progress: bool = False) -> NightlyOutcome:
         if not new and champion is not None and not config.force:
             logger.set_tags({DECISION_TAG: "no-new-data"})
             return NightlyOutcome(date, "no-new-data", run_id, 0, _side(champion, None))
-        result = _train_in_run(train_config, config.distributed, logger, progress)
-        challenger = registry.set_alias(_register(result, name, logger), registry.CHALLENGER, uri)
-        challenger_score = _metric(score_holdout(result.bundle_path, train_config), config.metric, catalog.classes)
         champion_score = None
-        if champion is not None:
+        if champion is not None:  # scored first: a champion that no longer fits the data fails before training
             path, _ = registry.resolve_model(f"models:/{name}/{champion.version}", uri)
             champion_score = _metric(score_holdout(path, train_config), config.metric, catalog.classes)
+        result = _train_in_run(train_config, config.distributed, logger, progress)
+        challenger_score = _metric(score_holdout(result.bundle_path, train_config), config.metric, catalog.classes)
+        challenger = registry.set_alias(_register(result, name, logger), registry.CHALLENGER, uri)
         promote = champion_score is None or challenger_score > champion_score + config.margin
         decision = "promoted" if promote else "kept"
         if promote:

@@ -13,6 +13,7 @@ nightly job (or a person, in the MLflow UI) moves `champion`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import os
 import re
@@ -41,6 +42,7 @@ CHALLENGER = "challenger"
 SHA256_TAG = "tessera.sha256"
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 _BUNDLE = "bundle"
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # what MLflow answers for an unknown name or alias
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,10 @@ def alias_version(name: str, alias: str, tracking_uri: str) -> ModelRef | None:
     """The version `alias` points at, or None when the model or the alias does not exist."""
     try:
         found = mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in _NOT_FOUND:
+            return None
+        raise  # a store that fails is not a registry without a champion
     return ModelRef(name, str(found.version), found.run_id, alias, found.tags.get(SHA256_TAG))
 
 
@@ -159,13 +163,16 @@ def resolve_model(uri: str, tracking_uri: str, cache: str | Path | None = None) 
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as exc:
+        if exc.error_code not in _NOT_FOUND:
+            raise
         raise ConfigError(
             f"{uri} is not in the registry at {tracking_uri} ({exc.message.splitlines()[0]}); see the versions and "
             "aliases in the MLflow UI, or train and register one first (tessera train ... tracking.register=NAME)."
         ) from None
     ref = ModelRef(name, str(found.version), found.run_id, alias, found.tags.get(SHA256_TAG))
     root = Path(cache or os.environ.get("TESSERA_CACHE") or Path.home() / ".cache" / "tessera") / "models"
-    target = root / name / ref.version
+    store = hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]  # two stores may both have NAME/1
+    target = root / store / name / ref.version
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{ref.version}-"))

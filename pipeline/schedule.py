@@ -129,9 +129,10 @@ def crontab_line(schedule: Schedule, command: str, workdir: str) -> str:
     import shlex
 
     zone = f"CRON_TZ={schedule.timezone}\n"
+    # An unescaped % ends a crontab command.
+    line = f"cd {shlex.quote(workdir)} && {command} >> tessera-nightly.log 2>&1".replace("%", "\\%")
     return (f"# tessera nightly: {schedule.cron} ({schedule.timezone}); cronie honours CRON_TZ, other crons use the "
-            f"system time zone\n{zone}{schedule.cron} cd {shlex.quote(workdir)} && {command} "
-            ">> tessera-nightly.log 2>&1\n")
+            f"system time zone\n{zone}{schedule.cron} {line}\n")
 
 
 def on_calendar(schedule: Schedule) -> str:
@@ -153,12 +154,16 @@ def on_calendar(schedule: Schedule) -> str:
 
 
 def systemd_units(schedule: Schedule, command: str, workdir: str) -> dict[str, str]:
-    """A oneshot service running `command` in `workdir`, and the timer that starts it on schedule."""
+    """A oneshot service running `command` in `workdir`, and the timer that starts it on schedule.
+
+    `command` is a shell-quoted word list (as `job_command` makes), which systemd's ExecStart= parses
+    with the same quoting; it starts with an absolute interpreter path, as systemd requires.
+    """
     return {
         "tessera-nightly.service": (
             "[Unit]\nDescription=tessera nightly training\nWants=network-online.target\n"
             "After=network-online.target\n\n[Service]\nType=oneshot\n"
-            f"WorkingDirectory={workdir}\nExecStart=/bin/sh -c '{command}'\n"
+            f"WorkingDirectory={workdir}\nExecStart={command.replace('%', '%%')}\n"
         ),
         "tessera-nightly.timer": (
             "[Unit]\nDescription=tessera nightly training schedule\n\n[Timer]\n"

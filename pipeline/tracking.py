@@ -116,9 +116,9 @@ def open_run(
         else client.create_experiment(tracking.experiment, artifact_location=_artifact_root(uri))
     )
     run_id = client.create_run(experiment_id, run_name=name, tags=dict(tags or {})).info.run_id
-    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
     status = "FAILED"
     try:
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
         yield run_id, uri, experiment_id
         status = "FINISHED"
     finally:

@@ -114,7 +114,7 @@ def test_nightly_promotes_keeps_and_is_idempotent_then_segment_uses_the_champion
     assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
 
     # Night 2: a scene arrived; the challenger gets a single step, scores below the champion, is kept.
-    add_scene(tmp_path, catalog, seed=22, added="2026-11-02")
+    add_scene(tmp_path, catalog, seed=22, added="2026-11-01")  # during the day before the night
     second = nightly(night_config(catalog, out, server, "2026-11-02", steps=1, steps_per_epoch=1))
     assert (second.decision, second.new_pairs) == ("kept", 1)
     assert second.challenger is not None and second.champion is not None
@@ -127,14 +127,19 @@ def test_nightly_promotes_keeps_and_is_idempotent_then_segment_uses_the_champion
     assert run.data.tags["tessera.nightly.decision"] == "kept"
 
     # Night 3: another scene, a longer run; it beats the champion by more than the margin.
-    add_scene(tmp_path, catalog, seed=23, added="2026-11-03")
+    add_scene(tmp_path, catalog, seed=23, added="2026-11-02")
     third = nightly(night_config(catalog, out, server, "2026-11-03", steps=150, steps_per_epoch=50))
     assert (third.decision, third.new_pairs) == ("promoted", 1)
     assert third.challenger is not None and third.champion is not None
     assert third.champion["version"] == "1"
     assert third.challenger["score"] > third.champion["score"] + 0.02
     assert alias_version(MODEL, CHAMPION, server).version == "3"  # type: ignore[union-attr]
-    for night in (first, again, second, third):
+
+    # Night 4: nothing arrived; the champion stays and nothing is trained.
+    fourth = nightly(night_config(catalog, out, server, "2026-11-04"))
+    assert (fourth.decision, fourth.new_pairs, fourth.challenger) == ("no-new-data", 0, None)
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == 3
+    for night in (first, again, second, third, fourth):
         print(night.describe())  # what each night logged, for the record (pytest -s shows it)
 
     # Segment with the champion through the registry: the mosaic and its run record version 3.

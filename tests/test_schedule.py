@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,7 @@ def test_crontab_and_systemd_text_start_the_nightly_job_on_schedule(tmp_path: Pa
     from typer.testing import CliRunner
 
     from pipeline.cli import app
-    from pipeline.schedule import on_calendar
+    from pipeline.schedule import crontab_line, on_calendar, systemd_units
 
     cron = CliRunner().invoke(app, ["schedule", "crontab", "--address", "http://head:8265", "margin=0.05"])
     assert cron.exit_code == 0, cron.output
@@ -95,7 +96,9 @@ def test_crontab_and_systemd_text_start_the_nightly_job_on_schedule(tmp_path: Pa
     units = CliRunner().invoke(app, ["schedule", "systemd", "schedule.timezone=Europe/Paris"])
     assert units.exit_code == 0, units.output
     assert "OnCalendar=*-*-* 02:00:00 Europe/Paris" in units.output and "Persistent=true" in units.output
-    assert "ExecStart=/bin/sh -c 'python -m jobs.nightly schedule.timezone=Europe/Paris'" in units.output
+    assert f"ExecStart={sys.executable} -m jobs.nightly schedule.timezone=Europe/Paris\n" in units.output
+    assert crontab_line(Schedule("0 2 * * *"), "echo 50%", "/w").endswith("echo 50\\% >> tessera-nightly.log 2>&1\n")
+    assert "ExecStart=echo 50%%" in systemd_units(Schedule("0 2 * * *"), "echo 50%", "/w")["tessera-nightly.service"]
     assert on_calendar(Schedule("30 1 * * 1,3")) == "Mon,Wed *-*-* 01:30:00 UTC"
     with pytest.raises(ConfigError, match="steps or ranges"):
         on_calendar(Schedule("*/5 * * * *"))

@@ -93,9 +93,14 @@ class LabelledPair:
         return str(self.labels or self.polygons or self.mask)
 
     def arrived(self) -> dt.datetime:
-        """When the pair arrived (UTC): ``added`` at midnight, else the newest file's mtime."""
+        """When the pair arrived (UTC): the end of its ``added`` day, else the newest file's mtime.
+
+        A date has no time of day, so a pair added on a day a nightly run already ran counts as new
+        for the next night: the doubt goes toward training on it once more, never toward missing it.
+        """
         if self.added is not None:
-            return dt.datetime.combine(dt.date.fromisoformat(str(self.added)), dt.time(), dt.timezone.utc)
+            day = dt.date.fromisoformat(str(self.added)) + dt.timedelta(days=1)
+            return dt.datetime.combine(day, dt.time(), dt.timezone.utc)
         newest = max(_require(p).stat().st_mtime for p in (self.image, self.truth))
         return dt.datetime.fromtimestamp(newest, dt.timezone.utc)
 

@@ -14,6 +14,7 @@ from the last checkpoint up to ``max_failures`` times.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,6 +23,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,12 +74,14 @@ class Distributed:
 def run_name(config: TrainConfig, settings: Distributed) -> str:
     """The default run name: the output's stem and a digest of everything that shapes the run.
 
-    The same command resumes the same run; changing a setting (or the number of workers) starts a
-    new one instead of loading a checkpoint that does not fit.
+    The same command resumes the same run; changing a setting (or the number of workers), or the
+    data (a file's size or modification time, a pair added to the catalog), starts a new one
+    instead of resuming a run that trained on something else.
     """
     if settings.name:
         return settings.name
-    shape = {**dataclasses.asdict(config), "workers": settings.workers, "use_gpu": settings.use_gpu}
+    shape = {**dataclasses.asdict(config), "workers": settings.workers, "use_gpu": settings.use_gpu,
+             "inputs": _input_stamps(config)}
     shape.pop("threads")
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{Path(config.output).stem}-{digest}"
@@ -160,11 +164,18 @@ class _RayTrainSession:
 
         return ray.train.torch.prepare_model(model)  # DDP when there are several workers
 
-    def restore(self) -> Path | None:
+    keeps_checkpoints = True
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[Path | None]:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        return None if checkpoint is None else Path(checkpoint.to_directory())
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as folder:  # a local copy only if it lives elsewhere, removed after
+            yield Path(folder)
 
     def share(self, value: Any) -> Any:
         if self.world_size == 1:
@@ -190,6 +201,23 @@ def _worker(settings: dict[str, Any]) -> dict[str, Any]:
         return run_loop(settings["config"], session, scratch / "best.bundle", logger=settings["logger"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _input_stamps(config: TrainConfig) -> list[tuple[str, int, int]]:
+    """(path, size, mtime in ns) of every local input file: the image, its truth, or a catalog's pairs."""
+    from pipeline.training.catalog import catalog_path, load_catalog
+
+    paths = [config.image, config.labels, config.polygons]
+    if config.catalog is not None:
+        paths.append(str(catalog_path(config.catalog)))
+        if catalog_path(config.catalog).is_file():
+            paths += [f for p in load_catalog(config.catalog).pairs for f in (p.image, p.truth)]
+    stamps = []
+    for path in paths:
+        if path is not None and "://" not in path and os.path.exists(path):
+            info = os.stat(path)
+            stamps.append((os.path.abspath(path), info.st_size, info.st_mtime_ns))
+    return stamps
 
 
 def _check_inputs(config: TrainConfig) -> None:

@@ -21,6 +21,7 @@ accelerator busier."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import tempfile
@@ -247,10 +248,11 @@ class Session(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    keeps_checkpoints: bool
 
     def prepare(self, model: nn.Module) -> nn.Module: ...
 
-    def restore(self) -> Path | None: ...
+    def restored(self) -> contextlib.AbstractContextManager[Path | None]: ...
 
     def share(self, value: Any) -> Any: ...
 
@@ -262,6 +264,7 @@ class LocalSession:
 
     rank = 0
     world_size = 1
+    keeps_checkpoints = False
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
@@ -269,8 +272,8 @@ class LocalSession:
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
-    def restore(self) -> Path | None:
-        return None
+    def restored(self) -> contextlib.AbstractContextManager[Path | None]:
+        return contextlib.nullcontext()
 
     def share(self, value: Any) -> Any:
         return value
@@ -446,9 +449,9 @@ class _Run:
     def fit(self) -> dict[str, Any]:
         """Run the remaining epochs, validating and reporting after each; rank 0's last report."""
         config, session = self.config, self.session
-        checkpoint = session.restore()
-        if checkpoint is not None:
-            self._load(checkpoint)
+        with session.restored() as checkpoint:
+            if checkpoint is not None:
+                self._load(checkpoint)
         bar = tqdm(total=config.steps, initial=min(self.epoch * config.steps_per_epoch, config.steps),
                    desc="train", disable=not self.progress, unit="step")
         while True:
@@ -471,7 +474,7 @@ class _Run:
                     metrics["holdout"] = _plain(self._score(best.model, [s.holdout for s in self.splits]))
                 if self.logger is not None:
                     self.logger.log_final(self._final_report(best.model))
-            if session.rank == 0:
+            if session.rank == 0 and session.keeps_checkpoints:
                 with tempfile.TemporaryDirectory(prefix="tessera-checkpoint-") as folder:
                     self._save(Path(folder))
                     session.report(metrics, Path(folder))

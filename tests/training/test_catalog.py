@@ -96,6 +96,9 @@ def test_catalog_from_mapping_and_new_pairs_since_a_date(atlanta: Path) -> None:
     assert catalog.task == "buildings" and len(catalog.pairs) == 2
     newer = catalog.since(dt.datetime(2026, 11, 10, tzinfo=dt.UTC))
     assert [p.added for p in newer] == ["2026-11-20"]
+    # A date has no hour: a pair added on the day of a 02:00 run is new for the next night.
+    assert len(catalog.since(dt.datetime(2026, 11, 20, 2, tzinfo=dt.UTC))) == 1
+    assert catalog.since(dt.datetime(2026, 11, 21, tzinfo=dt.UTC)) == ()
     assert [r.labels.shape for r in catalog.read(newer)] == [(900, 900)]
 
 
