@@ -12,36 +12,27 @@ from pathlib import Path
 import pytest
 
 from pipeline.models import ModelBundle
-from pipeline.synthetic import generate_scene, write_scene
 from pipeline.training import TrainConfig, train
 from pipeline.training.distributed import Distributed, fit
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    folder = tmp_path_factory.mktemp("scene")
-    image, labels = folder / "scene.tif", folder / "labels.tif"
-    write_scene(generate_scene(256, 256, seed=11), image, labels)
-    return str(image), str(labels)
-
-
-def config(scene: tuple[str, str], output: Path, **overrides: object) -> TrainConfig:
+def config(scene_files: tuple[str, str], output: Path, **overrides: object) -> TrainConfig:
     settings: dict[str, object] = {
         "architecture": "fcn", "arch_args": {"depth": 3, "width": 16}, "tile_size": 64, "inference_tile_size": 128,
         "overlap": 16, "batch_size": 8, "steps": 60, "steps_per_epoch": 20, "lr": 0.02, "holdout_fraction": 0.2,
     }
     settings.update(overrides)
-    return TrainConfig(image=scene[0], labels=scene[1], output=str(output), **settings)  # type: ignore[arg-type]
+    return TrainConfig(image=scene_files[0], labels=scene_files[1], output=str(output), **settings)  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
-def test_two_workers_reach_the_quality_of_one_on_the_same_budget(scene: tuple[str, str], tmp_path: Path) -> None:
+def test_two_workers_reach_the_quality_of_one_on_the_same_budget(scene_files: tuple[str, str], tmp_path: Path) -> None:
     # Same steps and global batch (8 windows: 8 on one worker, 4 + 4 with DDP), different window draws.
-    one = fit(config(scene, tmp_path / "one.bundle"), Distributed(workers=1, storage=str(tmp_path / "ckpt")))
-    two = fit(config(scene, tmp_path / "two.bundle"), Distributed(workers=2, storage=str(tmp_path / "ckpt")))
+    one = fit(config(scene_files, tmp_path / "one.bundle"), Distributed(workers=1, storage=str(tmp_path / "ckpt")))
+    two = fit(config(scene_files, tmp_path / "two.bundle"), Distributed(workers=2, storage=str(tmp_path / "ckpt")))
     for result in (one, two):
         assert result.epochs == 3 and [h["epoch"] for h in result.history] == [1, 2, 3]
         assert result.resumed_from is None
@@ -57,8 +48,11 @@ def test_two_workers_reach_the_quality_of_one_on_the_same_budget(scene: tuple[st
 
 
 @pytest.mark.slow
-def test_training_killed_after_an_epoch_continues_from_its_checkpoint(scene: tuple[str, str], tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "jobs.train", f"image={scene[0]}", f"labels={scene[1]}", "output=m.bundle",
+def test_training_killed_after_an_epoch_continues_from_its_checkpoint(
+    scene_files: tuple[str, str], tmp_path: Path
+) -> None:
+    image, labels = scene_files
+    args = [sys.executable, "-m", "jobs.train", f"image={image}", f"labels={labels}", "output=m.bundle",
             "architecture=fcn", "arch_args={depth: 3, width: 16}", "tile_size=64", "inference_tile_size=128",
             "overlap=16", "batch_size=8", "steps=100", "steps_per_epoch=10", "threads=1", "progress=false",
             "distributed.workers=1", "distributed.storage=ckpt", "tracking.enabled=false"]
@@ -82,10 +76,10 @@ def test_training_killed_after_an_epoch_continues_from_its_checkpoint(scene: tup
     assert sha256 is not None and f"sha256 {sha256[:12]}" in rerun.stdout
 
 
-def test_patience_stops_a_run_that_no_longer_improves(scene: tuple[str, str], tmp_path: Path) -> None:
+def test_patience_stops_a_run_that_no_longer_improves(scene_files: tuple[str, str], tmp_path: Path) -> None:
     # A learning rate too small to learn (only batch-norm statistics move): the run stops once
     # `patience` epochs in a row have not beaten the best, long before its ten epochs.
-    result = train(config(scene, tmp_path / "m.bundle", steps=100, steps_per_epoch=10, lr=1e-12, patience=2,
+    result = train(config(scene_files, tmp_path / "m.bundle", steps=100, steps_per_epoch=10, lr=1e-12, patience=2,
                           threads=1, holdout_fraction=0.0), progress=False)
     scores = [h["val_miou"] for h in result.history]
     best = scores.index(max(scores)) + 1

@@ -35,14 +35,6 @@ REPO = Path(__file__).resolve().parents[2]
 TINY_FCN = {"depth": 3, "width": 16}
 
 
-@pytest.fixture(scope="module")
-def scene_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    folder = tmp_path_factory.mktemp("scene")
-    image, labels = folder / "scene.tif", folder / "labels.tif"
-    write_scene(generate_scene(256, 256, seed=11), image, labels)
-    return str(image), str(labels)
-
-
 def tiny_config(scene_files: tuple[str, str], output: Path, **overrides: object) -> TrainConfig:
     settings: dict[str, object] = {
         "architecture": "fcn", "arch_args": TINY_FCN, "tile_size": 64, "inference_tile_size": 128,
