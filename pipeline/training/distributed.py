@@ -116,6 +116,7 @@ def fit(
         _check_inputs(config)  # on this machine, a missing file fails now rather than in a worker
     config = dataclasses.replace(config, threads=settings.threads)
     storage = settings.storage if "://" in settings.storage else str(Path(settings.storage).resolve())
+    name = run_name(config, settings)
     trainer = TorchTrainer(
         _worker,  # type: ignore[arg-type]  # Ray Train v2 (the default) returns its value; the stubs are v1's
         train_loop_config={"config": config, "use_gpu": settings.use_gpu, "logger": logger},
@@ -124,7 +125,7 @@ def fit(
             num_workers=settings.workers, use_gpu=settings.use_gpu, resources_per_worker={"CPU": settings.threads}
         ),
         run_config=RunConfig(
-            name=run_name(config, settings),
+            name=name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=settings.keep),
             failure_config=FailureConfig(max_failures=settings.max_failures),
@@ -136,7 +137,7 @@ def fit(
             result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
             if "://" not in storage:
-                _remove_if_no_checkpoint(Path(storage), run_name(config, settings))
+                _remove_if_no_checkpoint(Path(storage), name)
             raise _user_error(exc) or RuntimeError(f"Training failed: {exc}") from exc
         assert result.checkpoint is not None, "a finished run reports a checkpoint every epoch"
         with result.checkpoint.as_directory() as folder:
