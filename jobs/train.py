@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.errors import ConfigError, user_errors
-from pipeline.lifecycle import train_tracked
+from pipeline.lifecycle import Trained, train_tracked
 from pipeline.models import ClassInfo
 from pipeline.tracking import Tracking
 from pipeline.training import TrainConfig
@@ -80,11 +80,8 @@ def to_tracking(cfg: DictConfig) -> tuple[Tracking, str | None]:
     return Tracking(enabled=t.enabled, uri=t.uri, experiment=t.experiment), t.register
 
 
-def describe(trained: object) -> str:
+def describe(trained: Trained) -> str:
     """What the job prints: the bundle, its scores, the run and the registered version."""
-    from pipeline.lifecycle import Trained
-
-    assert isinstance(trained, Trained)
     result = trained.result
     ious = ", ".join(f"{v:.3f}" for v in result.val_iou)
     lines = [f"wrote {result.bundle_path} (sha256 {result.sha256[:12]}): validation mIoU {result.val_miou:.3f} "

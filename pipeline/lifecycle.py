@@ -189,7 +189,9 @@ def nightly(config: NightlyConfig, progress: bool = False) -> NightlyOutcome:
             path, _ = registry.resolve_model(f"models:/{name}/{champion.version}", uri)
             champion_score = _metric(score_holdout(path, train_config), config.metric, catalog.classes)
         result = _train_in_run(train_config, config.distributed, logger, progress)
-        challenger_score = _metric(score_holdout(result.bundle_path, train_config), config.metric, catalog.classes)
+        # The run scored its best model on these same holdout bands already.
+        assert result.holdout is not None, "holdout_fraction > 0 is checked in NightlyConfig"
+        challenger_score = _metric(result.holdout, config.metric, catalog.classes)
         challenger = registry.set_alias(_register(result, name, logger), registry.CHALLENGER, uri)
         promote = champion_score is None or challenger_score > champion_score + config.margin
         decision = "promoted" if promote else "kept"

@@ -56,24 +56,17 @@ class SegmentRun:
 
     def log_result(self, summary: Mapping[str, Any], config: Mapping[str, Any], preview_png: bytes | None) -> None:
         """Summary figures as metrics; config, lineage summary and preview as artefacts."""
-        if self.run_id is None:
+        if self.run_id is None or self.tracking_uri is None:
             return
-        import mlflow
-        from mlflow.entities import Metric
-
         metrics = {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         metrics.update({f"seconds_{k}": float(v) for k, v in summary.get("phases", {}).items()})
-        client = mlflow.MlflowClient(self.tracking_uri)
-        now = int(time.time() * 1000)
-        client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
-        with tempfile.TemporaryDirectory() as tmp:
-            files = {"config.json": json.dumps(dict(config), indent=2, default=str).encode(),
-                     "summary.json": json.dumps(dict(summary), indent=2, default=str).encode()}
-            if preview_png is not None:
-                files["preview.png"] = preview_png
-            for name, data in files.items():
-                (Path(tmp) / name).write_bytes(data)
-                client.log_artifact(self.run_id, str(Path(tmp) / name))
+        files = {"config.json": json.dumps(dict(config), indent=2, default=str).encode(),
+                 "summary.json": json.dumps(dict(summary), indent=2, default=str).encode()}
+        if preview_png is not None:
+            files["preview.png"] = preview_png
+        logger = RunLogger(self.run_id, self.tracking_uri)
+        logger.log_metrics(metrics)
+        logger.log_files(files)
 
 
 @contextlib.contextmanager
@@ -153,12 +146,7 @@ class RunLogger:
     uri: str
 
     def log_epoch(self, epoch: int, figures: Mapping[str, float]) -> None:
-        import mlflow
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, epoch) for k, v in figures.items() if k != "epoch" and v == v]
-        mlflow.MlflowClient(self.uri).log_batch(self.run_id, metrics=metrics)
+        self.log_metrics({k: v for k, v in figures.items() if k != "epoch"}, step=epoch)
 
     def log_final(self, report: Any) -> None:
         """The best model's validation confusion matrix and predictions (a `FinalReport`)."""
@@ -181,13 +169,14 @@ class RunLogger:
                 (Path(tmp) / name).write_bytes(data)
                 client.log_artifact(self.run_id, str(Path(tmp) / name))
 
-    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Metrics at `step`; NaN ones (a class absent from the truth and the prediction) are left out."""
         import mlflow
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        client = mlflow.MlflowClient(self.uri)
-        client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v])
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]
+        mlflow.MlflowClient(self.uri).log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         import mlflow

@@ -54,7 +54,7 @@ from pipeline.training.metrics import IGNORE_INDEX, SegmentationMetrics
 
 __all__ = [
     "DEFAULT_ARCH_ARGS", "LocalSession", "Session", "TrainConfig", "TrainResult", "balanced_weights", "predict_area",
-    "result_from_metrics", "run_loop", "score_holdout", "train",
+    "result_from_metrics", "run_loop", "score_areas", "score_holdout", "train",
 ]
 
 DEFAULT_ARCH_ARGS: Mapping[str, Any] = MappingProxyType(
@@ -510,13 +510,7 @@ class _Run:
         return float(np.mean(losses))
 
     def _score(self, model: nn.Module, areas: list[slice]) -> dict[str, Any]:
-        """torchmetrics scores of `model` on a band of rows of each image, inferred tile by tile."""
-        spec = self.bundle.spec
-        metrics = SegmentationMetrics(spec.num_classes)
-        for raster, rows in zip(self.rasters, areas, strict=True):
-            metrics.update(predict_area(model, raster.image[:, rows], spec.normalization, spec.tile_size),
-                           raster.labels[rows])
-        return metrics.compute()
+        return score_areas(model, self.bundle.spec, self.rasters, areas)
 
     def _validate(self, loss: float) -> float:
         """Score the validation band, record it, save the bundle if it is the best so far (rank 0)."""
@@ -606,17 +600,23 @@ def score_holdout(bundle_path: str | Path, config: TrainConfig) -> dict[str, Any
     if len(bundle.spec.classes) != len(classes):
         raise ConfigError(f"{bundle_path} has {len(bundle.spec.classes)} classes, the data {len(classes)}: "
                           "score a model of this task.")
-    metrics = SegmentationMetrics(bundle.spec.num_classes)
-    for raster in rasters:
-        split = split_by_area(raster.height, raster.width, config.val_fraction, config.tile_size,
-                              config.holdout_fraction)
-        if bundle.spec.bands != raster.bands:
-            raise ConfigError(f"{bundle_path} reads bands {list(bundle.spec.bands)}, the data is read with "
-                              f"{list(raster.bands)}: set bands to the model's.")
-        image = raster.image[:, split.holdout]
-        metrics.update(predict_area(bundle.model, image, bundle.spec.normalization, bundle.spec.tile_size),
-                       raster.labels[split.holdout])
-    return _plain(metrics.compute())
+    if any(bundle.spec.bands != r.bands for r in rasters):
+        raise ConfigError(f"{bundle_path} reads bands {list(bundle.spec.bands)}, the data is read with "
+                          f"{list(rasters[0].bands)}: set bands to the model's.")
+    areas = [split_by_area(r.height, r.width, config.val_fraction, config.tile_size, config.holdout_fraction).holdout
+             for r in rasters]
+    return _plain(score_areas(bundle.model, bundle.spec, rasters, areas))
+
+
+def score_areas(
+    model: nn.Module, spec: BundleSpec, rasters: list[LabelledRaster], areas: list[slice]
+) -> dict[str, Any]:
+    """torchmetrics scores of `model` on a band of rows of each image, inferred tile by tile."""
+    metrics = SegmentationMetrics(spec.num_classes)
+    for raster, rows in zip(rasters, areas, strict=True):
+        metrics.update(predict_area(model, raster.image[:, rows], spec.normalization, spec.tile_size),
+                       raster.labels[rows])
+    return metrics.compute()
 
 
 def balanced_weights(labels: np.ndarray, num_classes: int) -> tuple[float, ...]:
