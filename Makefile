@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The web viewer's front-end packages (Leaflet), from the npm registry, pinned by package-lock.json.
+VIEWER := pipeline/service/viewer
+VIEWER_STAMP := $(VIEWER)/node_modules/.installed
+# Debian's packages the tests need: Chromium for the viewer's browser test; Node.js and npm for the viewer.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench clean debian
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,14 +18,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+debian:
+	@command -v chromium >/dev/null || $(APT) chromium || ($(SUDO) apt-get update -q && $(APT) chromium)
+	@command -v npm >/dev/null || $(APT) nodejs npm || ($(SUDO) apt-get update -q && $(APT) nodejs npm)
+
+$(VIEWER_STAMP): $(VIEWER)/package-lock.json | debian
+	cd $(VIEWER) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(VIEWER_STAMP)
+
+demo: $(STAMP) $(VIEWER_STAMP)
 	$(BIN)/tessera demo --workdir demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# Two pytest workers: most slow tests wait on process starts (Ray, MLflow, servers) as much as they compute.
+test: $(STAMP) $(VIEWER_STAMP) | debian
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+test-fast: $(STAMP) $(VIEWER_STAMP) | debian
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline jobs tests bench

@@ -84,6 +84,186 @@ def demo(
         run_demo(workdir, size=size)
 
 
+query_app = typer.Typer(no_args_is_help=True, help="Answer questions from a mosaic without reading it whole.")
+app.add_typer(query_app, name="query")
+MOSAIC_ARG = typer.Argument(help="A mosaic folder, or a URI such as s3://bucket/scene.zarr.")
+WINDOW = typer.Option(help="Pixel window y0,x0,y1,x1 at the chosen level.")
+BBOX = typer.Option(help="Bounding box minx,miny,maxx,maxy in --crs (default: the mosaic's coordinates).")
+CRS = typer.Option(help="CRS of --bbox or --polygon, e.g. EPSG:4326.")
+LEVEL = typer.Option(help="Pyramid level (0 = full resolution).")
+RESOLUTION = typer.Option(help="Target pixel size in the mosaic's units; picks the coarsest level as fine.")
+
+
+def _numbers(text: str | None, kind: type) -> tuple[Any, ...] | None:
+    from pipeline.errors import RegionError
+
+    if text is None:
+        return None
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise RegionError(f"{text!r}: give four comma-separated numbers") from None
+
+
+def _region(window: str | None, bbox: str | None, crs: str | None, level: int | None,
+            resolution: float | None) -> dict[str, Any]:
+    return {"window": _numbers(window, int), "bbox": _numbers(bbox, float), "crs": crs, "level": level,
+            "resolution": resolution}
+
+
+@query_app.command("info")
+def query_info(mosaic: Annotated[str, MOSAIC_ARG]) -> None:
+    """Print size, levels, units, bounds (also in WGS84), classes and provenance as JSON."""
+    from pipeline.mosaic import Mosaic
+    from pipeline.query.info import mosaic_info
+
+    with user_errors():
+        typer.echo(json.dumps(mosaic_info(Mosaic.open(mosaic)), indent=2, default=str))
+
+
+@query_app.command("region")
+def query_region(
+    mosaic: Annotated[str, MOSAIC_ARG],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Save the values as .npy.")] = None,
+    layer: Annotated[str, typer.Option(help="mask, confidence or scores.")] = "mask",
+    window: Annotated[str | None, WINDOW] = None,
+    bbox: Annotated[str | None, BBOX] = None,
+    crs: Annotated[str | None, CRS] = None,
+    level: Annotated[int | None, LEVEL] = None,
+    resolution: Annotated[float | None, RESOLUTION] = None,
+) -> None:
+    """Read a region: print where it is and its class counts as JSON, and save its values with --out."""
+    import numpy as np
+
+    from pipeline.errors import RegionError
+    from pipeline.mosaic import Mosaic
+    from pipeline.query import read_region
+
+    with user_errors():
+        if out is not None and out.suffix != ".npy":
+            raise RegionError(f"--out {out}: give a .npy file (`tessera query export` writes GeoTIFF and PNG)")
+        arr = read_region(Mosaic.open(mosaic), layer, as_xarray=True,
+                          **_region(window, bbox, crs, level, resolution))
+        report = {k: arr.attrs[k] for k in ("level", "window", "resolution", "units")}
+        report["shape"] = list(arr.shape)
+        if layer == "mask":
+            counts = np.bincount(arr.values.ravel(), minlength=256)
+            report["pixels"] = {n: int(counts[i]) for i, n in enumerate(arr.attrs["classes"])}
+            report["pixels"]["nodata"] = int(counts[255])
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            np.save(out, arr.values)
+            report["saved"] = str(out)
+        typer.echo(json.dumps(report, indent=2))
+
+
+@query_app.command("stats")
+def query_stats(
+    mosaic: Annotated[str, MOSAIC_ARG],
+    polygon: Annotated[Path | None, typer.Option(help="GeoJSON file: a Polygon, MultiPolygon or Feature.")] = None,
+    window: Annotated[str | None, WINDOW] = None,
+    bbox: Annotated[str | None, BBOX] = None,
+    crs: Annotated[str | None, CRS] = None,
+    level: Annotated[int | None, LEVEL] = None,
+) -> None:
+    """Per-class pixels and areas (m2, or um2 for slides) of a region, or of the whole mosaic (out of core)."""
+    from pipeline.errors import RegionError
+    from pipeline.mosaic import Mosaic
+    from pipeline.query import class_areas, mosaic_stats
+
+    with user_errors():
+        m = Mosaic.open(mosaic)
+        if polygon is not None:
+            try:
+                geometry = json.loads(polygon.read_text())
+            except (OSError, ValueError) as e:
+                raise RegionError(f"--polygon {polygon}: not a readable GeoJSON file ({e})") from None
+            result = class_areas(m, polygon=geometry, crs=crs, level=level, max_pixels=None)
+        elif window is None and bbox is None:
+            result = mosaic_stats(m, level or 0)
+        else:
+            result = class_areas(m, window=_numbers(window, int), bbox=_numbers(bbox, float), crs=crs, level=level,
+                                 max_pixels=None)
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+
+
+@query_app.command("vectorize")
+def query_vectorize(
+    mosaic: Annotated[str, MOSAIC_ARG],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="GeoJSON file (default: print).")] = None,
+    classes: Annotated[str | None, typer.Option(help="Comma-separated class names (default: all).")] = None,
+    simplify: Annotated[float, typer.Option(help="Simplification tolerance in the mosaic's units.")] = 0.0,
+    out_crs: Annotated[str | None, typer.Option(help="Output CRS, e.g. EPSG:4326 (default: the mosaic's).")] = None,
+    window: Annotated[str | None, WINDOW] = None,
+    bbox: Annotated[str | None, BBOX] = None,
+    crs: Annotated[str | None, CRS] = None,
+    level: Annotated[int | None, LEVEL] = None,
+    resolution: Annotated[float | None, RESOLUTION] = None,
+) -> None:
+    """The class mask of a region as GeoJSON polygons (one feature per connected area of a class)."""
+    from pipeline.mosaic import Mosaic
+    from pipeline.query import vectorize
+
+    with user_errors():
+        collection = vectorize(Mosaic.open(mosaic), classes=classes.split(",") if classes else None,
+                               simplify=simplify, out_crs=out_crs, **_region(window, bbox, crs, level, resolution))
+        text = json.dumps(collection)
+        if out is None:
+            typer.echo(text)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            partial = out.with_name(f".{out.name}.partial")
+            partial.write_text(text)
+            partial.replace(out)
+            typer.echo(f"{len(collection['features'])} polygons -> {out}")
+
+
+@query_app.command("export")
+def query_export(
+    mosaic: Annotated[str, MOSAIC_ARG],
+    out: Annotated[Path, typer.Option("--out", "-o", help="A .tif (Cloud-Optimised GeoTIFF) or .png file.")],
+    layer: Annotated[str, typer.Option(help="mask or confidence.")] = "mask",
+    window: Annotated[str | None, WINDOW] = None,
+    bbox: Annotated[str | None, BBOX] = None,
+    crs: Annotated[str | None, CRS] = None,
+    level: Annotated[int | None, LEVEL] = None,
+    resolution: Annotated[float | None, RESOLUTION] = None,
+) -> None:
+    """Export a region (default: everything) as a COG with overviews (geo mosaics) or a PNG in the class colours."""
+    from pipeline.errors import RegionError
+    from pipeline.mosaic import Mosaic
+    from pipeline.query import export_cog, export_png
+
+    with user_errors():
+        m = Mosaic.open(mosaic)
+        region = _region(window, bbox, crs, level, resolution)
+        if out.suffix.lower() in (".tif", ".tiff"):
+            written = export_cog(m, out, layer, **region)
+        elif out.suffix.lower() == ".png":
+            written = export_png(m, out, layer=layer, **region)
+        else:
+            raise RegionError(f"--out {out}: give a .tif (COG) or a .png file")
+        typer.echo(f"{layer} -> {written}")
+
+
+@app.command()
+def serve(
+    root: Annotated[Path, typer.Argument(help="The folder whose mosaics to serve (read-only).")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_region_pixels: Annotated[int, typer.Option(help="Largest region one request may read.")] = 4096 * 4096,
+) -> None:
+    """Serve the mosaics under ROOT over HTTP: the API (/docs) and the web viewer (/)."""
+    import uvicorn
+
+    from pipeline.service.app import Limits, create_app
+
+    with user_errors():
+        service = create_app(root, Limits(region_pixels=max_region_pixels))
+    typer.echo(f"serving {root.resolve()} on http://{host}:{port}/ (API at /docs)")
+    uvicorn.run(service, host=host, port=port, log_level="warning")
+
+
 HYDRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

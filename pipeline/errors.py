@@ -59,3 +59,7 @@ def user_errors() -> Iterator[None]:
         parts = (line.strip() for line in str(e).splitlines())
         print("error: " + " ".join(p for p in parts if p), file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class RegionError(ConfigError):
+    """A region, level, point or geometry asked of a mosaic does not fit it."""

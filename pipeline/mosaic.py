@@ -126,6 +126,11 @@ def is_mosaic(path: str | Path) -> bool:
     return attrs.get("tessera", {}).get("format") == FORMAT
 
 
+def is_uri(path: str | Path) -> bool:
+    """Whether `path` names object storage or another fsspec location rather than a local folder."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
 def check_output(path: str | Path, overwrite: bool, job: Mapping[str, Any] | None = None) -> bool:
     """Refuse an output path that would lose someone's data; call before any compute.
 
@@ -168,13 +173,15 @@ def check_output(path: str | Path, overwrite: bool, job: Mapping[str, Any] | Non
 class Mosaic:
     """A tessera mosaic on local disk. Use `create` or `open`, not the constructor."""
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
-        self.path = path
+    def __init__(self, path: Path | str, group: zarr.Group) -> None:
+        self.path = path  # a local Path, or the URI of a mosaic in object storage
         self.group = group
         meta: dict[str, Any] = dict(group.attrs.get("tessera", {}))  # type: ignore[arg-type]
         if meta.get("format") != FORMAT:
             raise MosaicError(f"{path} is not a tessera mosaic (no tessera metadata)")
         self.layout = MosaicLayout.from_dict(meta["layout"])
+        self._read_only = group.read_only
+        self._arrays: dict[str, zarr.Array] = {}
 
     # -- creation -------------------------------------------------------------------------------
 
@@ -224,16 +231,34 @@ class Mosaic:
         return cls(p, group)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> Mosaic:
-        """Open an existing mosaic.
+    def open(cls, path: str | Path, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> Mosaic:
+        """Open an existing mosaic: a local folder, or a URI that fsspec reads (s3://, gs://, https://...).
+
+        Remote mosaics are read-only; `storage_options` go to fsspec (e.g. endpoint_url, anon).
 
         Raises:
             MosaicError: when `path` is not a tessera mosaic.
         """
-        p = Path(path)
+        if is_uri(path):
+            return cls._open_uri(str(path), storage_options)
+        p = Path(str(path).removeprefix("file://"))
         if not is_mosaic(p):
             raise MosaicError(f"{p} is not a tessera mosaic: expected a folder written by `tessera segment`")
         return cls(p, zarr.open_group(str(p), mode=mode))  # type: ignore[arg-type]
+
+    @classmethod
+    def _open_uri(cls, uri: str, storage_options: Mapping[str, Any] | None) -> Mosaic:
+        from zarr.storage import FsspecStore
+
+        try:
+            store = FsspecStore.from_url(uri, storage_options=dict(storage_options or {}), read_only=True)
+            group = zarr.open_group(store, mode="r", zarr_format=3)
+        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError) as e:
+            raise MosaicError(f"{uri} is not a tessera mosaic (no readable zarr.json: {e})") from None
+        except (ImportError, ValueError) as e:
+            raise MosaicError(f"{uri} cannot be opened: {e} (install the fsspec backend for its scheme, "
+                              "e.g. s3fs for s3://)") from None
+        return cls(uri, group)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -252,7 +277,12 @@ class Mosaic:
     def array(self, name: str, level: int = 0) -> zarr.Array:
         """One of `scores`, `confidence`, `mask` at a pyramid level."""
         path = f"labels/mask/{level}" if name == "mask" else f"{level}/{name}"
-        return self.group[path]  # type: ignore[return-value]
+        if not self._read_only:
+            return self.group[path]  # type: ignore[return-value]
+        # Read-only: keep the handles (opening one reads its metadata, a round trip on object storage).
+        if path not in self._arrays:
+            self._arrays[path] = self.group[path]  # type: ignore[assignment]
+        return self._arrays[path]
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -406,7 +436,7 @@ class Mosaic:
         """The level as an `xarray.Dataset` (lazy, dask-backed): scores, confidence and mask."""
         import xarray as xr
 
-        ds = xr.open_zarr(str(self.path), group=str(level), consolidated=False)
+        ds = xr.open_zarr(self.group.store, group=str(level), consolidated=False)
         mask = da.from_zarr(self.array("mask", level))
         return ds.assign(mask=(("y", "x"), mask))
 

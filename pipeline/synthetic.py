@@ -52,17 +52,22 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
+from rasterio.crs import CRS
 from rasterio.transform import Affine
 from scipy import ndimage
 
 from pipeline.errors import ConfigError
 from pipeline.models.bundle import ClassInfo
 
+if TYPE_CHECKING:
+    from pipeline.mosaic import Mosaic
+
 __all__ = ["BACKGROUND", "BUILDING", "CLASSES", "ROAD", "VEGETATION", "WATER", "Scene",
-           "generate_scene", "write_scene"]
+           "generate_scene", "write_label_mosaic", "write_scene"]
 
 BACKGROUND, WATER, ROAD, BUILDING, VEGETATION = 0, 1, 2, 3, 4
 
@@ -429,3 +434,47 @@ def _draw_buildings(
             shadow[s_top:s_bottom, s_left:s_right] |= footprint[: s_bottom - s_top, : s_right - s_left]
     shadow &= labels != BUILDING
     return shadow
+
+
+def write_label_mosaic(
+    labels: np.ndarray,
+    path: str | os.PathLike[str],
+    *,
+    classes: tuple[ClassInfo, ...] = CLASSES,
+    crs: str | None = "EPSG:32632",
+    transform: tuple[float, ...] | None = (0.5, 0.0, 500000.0, 0.0, -0.5, 5200000.0),
+    mpp: float | None = None,
+    chunk: int = 256,
+    shard: int = 512,
+    seed: int = 0,
+    lineage: dict[str, Any] | None = None,
+) -> Mosaic:
+    """A complete mosaic whose mask is `labels` (255 = nodata), without a model: for tests and benchmarks.
+
+    The scores are logits of 4 for the labelled class and 0 for the others, plus seeded noise of
+    standard deviation 0.5, so the confidence varies as a model's would and the argmax is the label.
+    Blocks of one shard are written, then the pyramid, exactly as a segment job does.
+    """
+    from pipeline.mosaic import Mosaic, MosaicLayout
+    from pipeline.stitching import BlockOutput, summarise
+    from pipeline.tiling import Rect
+
+    height, width = labels.shape
+    layout = MosaicLayout(height=height, width=width, classes=classes, chunk=chunk, shard=shard,
+                          crs=CRS.from_user_input(crs).to_wkt() if crs else None,
+                          transform=transform if crs else None, mpp=mpp)
+    mosaic = Mosaic.create(os.fspath(path), layout, dict(lineage or {}))
+    for y0 in range(0, height, shard):
+        for x0 in range(0, width, shard):
+            region = Rect(y0, x0, min(y0 + shard, height), min(x0 + shard, width))
+            block = labels[region.y0 : region.y1, region.x0 : region.x1]
+            rng = np.random.default_rng((seed, y0, x0))
+            scores = rng.normal(0, 0.5, (len(classes), *block.shape)).astype(np.float32)
+            for c in range(len(classes)):
+                scores[c][block == c] += 4.0
+            scores[:, block == 255] = np.nan
+            mask, confidence = summarise(scores, "logits")
+            mosaic.write_block(BlockOutput(region, scores, mask, confidence))
+    mosaic.build_pyramid()
+    mosaic.finish({})
+    return mosaic

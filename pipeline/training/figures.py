@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.models import ClassInfo
+from pipeline.sources.display import display_rgb
 from pipeline.training.metrics import IGNORE_INDEX
 
 __all__ = ["FinalReport", "confusion_png", "display_rgb", "prediction_grid_png"]
@@ -74,14 +75,3 @@ def prediction_grid_png(report: FinalReport, gap: int = 4) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.concatenate(padded, axis=0)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def display_rgb(image: np.ndarray) -> np.ndarray:
-    """(C, H, W) raw values as (H, W, 3) uint8 for display: the first three bands (or the first,
-    grey), each stretched between its 2nd and 98th percentile."""
-    bands = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
-    out = np.empty((*bands.shape[1:], 3), np.uint8)
-    for i, band in enumerate(bands.astype(np.float64)):
-        low, high = np.percentile(band, [2, 98])
-        out[..., i] = np.clip((band - low) / max(high - low, 1e-9) * 255, 0, 255).astype(np.uint8)
-    return out

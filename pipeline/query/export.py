@@ -1,0 +1,168 @@
+"""Exports: a region or the whole mosaic to a Cloud-Optimised GeoTIFF, or to PNG in the class colours.
+
+Both write to a temporary name beside the output and rename it at the end, so a file at the
+output path is always whole. The COG is written strip by strip (memory bounded by one strip)
+into a tiled GeoTIFF, which GDAL's COG driver then copies with overviews.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import RegionError
+from pipeline.mosaic import Mosaic
+from pipeline.query.region import read_window
+from pipeline.query.window import MAX_PIXELS, Window, check_size, resolve, window_transform
+from pipeline.stitching import NODATA_CLASS
+from pipeline.tiling import Rect
+
+COG_LAYERS = ("mask", "confidence")
+STRIP = 2048  # rows read and written at a time by the COG export
+
+
+def export_cog(
+    m: Mosaic,
+    path: str | Path,
+    layer: str = "mask",
+    *,
+    window: Sequence[int] | None = None,
+    bbox: Sequence[float] | None = None,
+    crs: str | None = None,
+    level: int | None = None,
+    resolution: float | None = None,
+) -> Path:
+    """Write a region (default: the whole image) of a georeferenced mosaic as a COG with overviews.
+
+    `mask` is written as uint8 class ids with the class colour table, nodata 255 (nearest-neighbour
+    overviews); `confidence` as float32, nodata NaN (averaged overviews).
+
+    Raises:
+        RegionError: the mosaic has no CRS (slides: use `export_png`), or a bad region or layer.
+    """
+    import rasterio
+    from rasterio.shutil import copy as gdal_copy
+
+    layout = m.layout
+    if layout.crs is None or layout.transform is None:
+        raise RegionError("a COG needs a georeferenced mosaic; this one has no CRS (export a PNG instead)")
+    if layer not in COG_LAYERS:
+        raise RegionError(f"layer {layer!r}: a COG holds one of {', '.join(COG_LAYERS)}")
+    win = resolve(layout, window=window, bbox=bbox, crs=crs, level=level, resolution=resolution)
+    out = Path(path)
+    if out.is_dir():
+        raise RegionError(f"{out} is a folder: give a file name such as {out / 'mask.tif'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dtype, nodata, resampling = ("uint8", NODATA_CLASS, "NEAREST") if layer == "mask" else (
+        "float32", float("nan"), "AVERAGE")
+    staging = out.with_name(f".{out.name}.strips.tif")
+    partial = out.with_name(f".{out.name}.partial")
+    profile = {
+        "driver": "GTiff", "height": win.rect.height, "width": win.rect.width, "count": 1, "dtype": dtype,
+        "crs": layout.crs, "transform": window_transform(layout, win), "nodata": nodata,
+        "tiled": True, "blockxsize": 512, "blockysize": 512, "compress": "deflate", "BIGTIFF": "IF_SAFER",
+    }
+    try:
+        with rasterio.open(staging, "w", **profile) as dst:
+            for y in range(0, win.rect.height, STRIP):
+                strip = Window(win.level, Rect(win.rect.y0 + y, win.rect.x0,
+                                               min(win.rect.y0 + y + STRIP, win.rect.y1), win.rect.x1))
+                values = read_window(m, strip, layer).astype(dtype)
+                dst.write(values, 1, window=rasterio.windows.Window(0, y, values.shape[1], values.shape[0]))
+            if layer == "mask":
+                dst.write_colormap(1, {i: (*c.color, 255) for i, c in enumerate(layout.classes)}
+                                   | {NODATA_CLASS: (0, 0, 0, 0)})
+            dst.update_tags(classes=",".join(c.name for c in layout.classes), level=str(win.level),
+                            source=str(m.path))
+        gdal_copy(staging, partial, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE="512",
+                  OVERVIEW_RESAMPLING=resampling, BIGTIFF="IF_SAFER")
+        os.replace(partial, out)
+    finally:
+        for leftover in (staging, partial):
+            leftover.unlink(missing_ok=True)
+    return out
+
+
+def mask_png(mask: np.ndarray, colors: Sequence[tuple[int, int, int]]) -> bytes:
+    """A paletted PNG of a class mask: pixel values are the class ids, nodata (255) is transparent."""
+    from PIL import Image
+
+    palette = np.zeros((256, 3), np.uint8)
+    for i, c in enumerate(colors):
+        palette[i] = c
+    image = Image.fromarray(np.ascontiguousarray(mask, np.uint8), mode="P")
+    image.putpalette(palette.ravel().tolist())
+    alpha = bytes(0 if i == NODATA_CLASS else 255 for i in range(256))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=alpha, compress_level=1)
+    return buffer.getvalue()
+
+
+def grey_png(values: np.ndarray) -> bytes:
+    """A PNG of values in [0, 1] (confidence) as grey levels; NaN is transparent."""
+    from PIL import Image
+
+    valid = np.isfinite(values)
+    grey = (np.clip(np.nan_to_num(values.astype(np.float32)), 0, 1) * 255).astype(np.uint8)
+    alpha = np.where(valid, 255, 0).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.dstack([grey, alpha]), mode="LA").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def export_png(
+    m: Mosaic,
+    path: str | Path,
+    *,
+    layer: str = "mask",
+    window: Sequence[int] | None = None,
+    bbox: Sequence[float] | None = None,
+    crs: str | None = None,
+    level: int | None = None,
+    resolution: float | None = None,
+    max_pixels: int | None = MAX_PIXELS,
+) -> Path:
+    """Write a region as PNG: the mask in the class colours (paletted, values = class ids, nodata
+    transparent) or the confidence in grey. Without a region or level, the whole image at the
+    finest level that fits in `max_pixels`."""
+    win = resolve(m.layout, window=window, bbox=bbox, crs=crs, level=level, resolution=resolution)
+    if window is None and bbox is None and level is None and resolution is None:
+        win = _fitting_level(m, max_pixels)
+    check_size(win, max_pixels)
+    png = render_png(m, win, layer)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_bytes(png)
+    os.replace(partial, out)
+    return out
+
+
+def render_png(m: Mosaic, win: Window, layer: str) -> bytes:
+    if layer == "mask":
+        return mask_png(read_window(m, win, "mask"), [c.color for c in m.layout.classes])
+    if layer == "confidence":
+        return grey_png(read_window(m, win, "confidence"))
+    raise RegionError(f"layer {layer!r}: a PNG shows mask or confidence")
+
+
+def _fitting_level(m: Mosaic, max_pixels: int | None) -> Window:
+    layout = m.layout
+    for k in range(layout.num_levels):
+        h, w = layout.level_shape(k)
+        if max_pixels is None or h * w <= max_pixels:
+            return Window(k, Rect(0, 0, h, w))
+    h, w = layout.level_shape(layout.num_levels - 1)
+    return Window(layout.num_levels - 1, Rect(0, 0, h, w))
+
+
+def npy_bytes(values: np.ndarray) -> bytes:
+    """An array in NumPy's .npy format."""
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    return buffer.getvalue()
+

@@ -1,0 +1,213 @@
+"""Map tiles from a pyramid, and what is at one point.
+
+Two tile schemes, one per kind of mosaic:
+
+- **xyz** (georeferenced mosaics): the Web Mercator (EPSG:3857) tiles every web map uses; a tile is
+  read from the coarsest level at least as fine as the tile, and reprojected (nearest neighbour).
+- **pixel** (slides, and mosaics without a CRS): zoom `max_zoom` shows level-0 pixels one to one,
+  each zoom out halves the scale; a tile is read from the matching level and strided when the
+  pyramid has no level that coarse.
+
+A `Pyramid` is anything with levels, a transform per level and windowed reads: a mosaic's mask or
+confidence (`MosaicLayer`) or the preview of its source image (see `preview.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+from typing import Protocol
+
+import numpy as np
+from affine import Affine
+
+from pipeline.errors import RegionError
+from pipeline.mosaic import Mosaic
+from pipeline.query.region import read_window
+from pipeline.query.window import Window, level_transform, pixel_size
+from pipeline.stitching import NODATA_CLASS
+from pipeline.tiling import Rect
+
+TILE = 256
+WEB_MERCATOR = "EPSG:3857"
+ORIGIN = 20037508.342789244  # half the Web Mercator world's width, in metres
+MAX_ZOOM = 24
+
+
+class Pyramid(Protocol):
+    """Levels of one image, finest first, each with a transform, read by pixel windows."""
+
+    crs: str | None
+    num_levels: int
+    bands: int
+    dtype: np.dtype
+    nodata: float
+
+    def shape(self, level: int) -> tuple[int, int]: ...
+
+    def transform(self, level: int) -> Affine: ...
+
+    def read(self, level: int, rect: Rect) -> np.ndarray: ...  # (bands, h, w)
+
+
+@dataclass
+class MosaicLayer:
+    """The mask or the confidence of a mosaic, as a `Pyramid`."""
+
+    mosaic: Mosaic
+    layer: str = "mask"
+
+    def __post_init__(self) -> None:
+        if self.layer not in ("mask", "confidence"):
+            raise RegionError(f"layer {self.layer!r}: tiles show mask or confidence")
+        layout = self.mosaic.layout
+        self.crs = layout.crs
+        self.num_levels = layout.num_levels
+        self.bands = 1
+        self.dtype = np.dtype(np.uint8 if self.layer == "mask" else np.float32)
+        self.nodata = float(NODATA_CLASS) if self.layer == "mask" else float("nan")
+
+    def shape(self, level: int) -> tuple[int, int]:
+        return self.mosaic.layout.level_shape(level)
+
+    def transform(self, level: int) -> Affine:
+        return level_transform(self.mosaic.layout, level)
+
+    def read(self, level: int, rect: Rect) -> np.ndarray:
+        return read_window(self.mosaic, Window(level, rect), self.layer)[None]
+
+
+def tile_bounds(z: int, x: int, y: int) -> tuple[float, float, float, float]:
+    """(min x, min y, max x, max y) of an XYZ tile in Web Mercator metres."""
+    check_tile(z, x, y, MAX_ZOOM)
+    span = 2 * ORIGIN / 2**z
+    minx, maxy = -ORIGIN + x * span, ORIGIN - y * span
+    return minx, maxy - span, minx + span, maxy
+
+
+def check_tile(z: int, x: int, y: int, max_zoom: int) -> None:
+    if not 0 <= z <= max_zoom:
+        raise RegionError(f"zoom {z} is out of range 0..{max_zoom}")
+    if not (0 <= x < 2**z and 0 <= y < 2**z):
+        raise RegionError(f"tile {x}, {y} does not exist at zoom {z} (0..{2**z - 1})")
+
+
+def _level_for(p: Pyramid, size: float) -> int:
+    """The coarsest level whose pixels are no larger than `size` (in the pyramid's units)."""
+    base = max(abs(p.transform(0).a), abs(p.transform(0).e))
+    if size <= base:
+        return 0
+    return min(math.floor(math.log2(size / base) + 1e-9), p.num_levels - 1)
+
+
+def xyz_tile(p: Pyramid, z: int, x: int, y: int, size: int = TILE) -> np.ndarray:
+    """A Web Mercator tile of a georeferenced pyramid, (bands, size, size); nodata outside the image."""
+    from rasterio.transform import from_bounds
+    from rasterio.warp import Resampling, reproject, transform_bounds
+
+    if p.crs is None:
+        raise RegionError("Web Mercator tiles need a CRS; this image has none (use the pixel tiles)")
+    tile = tile_bounds(z, x, y)
+    h, w = p.shape(0)
+    image = _bounds_3857(p.crs, tuple(p.transform(0))[:6], h, w)
+    inter = (max(tile[0], image[0]), max(tile[1], image[1]), min(tile[2], image[2]), min(tile[3], image[3]))
+    out = np.full((p.bands, size, size), p.nodata, dtype=p.dtype)
+    if inter[2] <= inter[0] or inter[3] <= inter[1]:
+        return out
+    native = transform_bounds(WEB_MERCATOR, p.crs, *inter, densify_pts=5)
+    # Pixels of the tile, in the image's units: the intersection spans this many tile pixels.
+    tile_px = (inter[2] - inter[0]) / ((tile[2] - tile[0]) / size)
+    level = _level_for(p, (native[2] - native[0]) / max(tile_px, 1e-9))
+    rect = _rect_around(p, level, native, margin=1)
+    if rect.empty:
+        return out
+    src = p.read(level, rect)
+    src_transform = p.transform(level) @ Affine.translation(rect.x0, rect.y0)
+    for b in range(p.bands):
+        reproject(
+            src[b], out[b], src_transform=src_transform, src_crs=p.crs, src_nodata=p.nodata,
+            dst_transform=from_bounds(*tile, size, size), dst_crs=WEB_MERCATOR, dst_nodata=p.nodata,
+            resampling=Resampling.nearest,
+        )
+    return out
+
+
+def pixel_max_zoom(p: Pyramid, size: int = TILE) -> int:
+    """Zoom at which one tile pixel is one level-0 pixel; zoom 0 shows the whole image in one tile."""
+    h, w = p.shape(0)
+    return max(0, math.ceil(math.log2(max(h, w) / size)))
+
+
+def pixel_tile(p: Pyramid, z: int, x: int, y: int, size: int = TILE) -> np.ndarray:
+    """A tile of the pixel pyramid, (bands, size, size); nodata beyond the image's edge."""
+    top = pixel_max_zoom(p, size)
+    check_tile(z, x, y, top)
+    scale = 2 ** (top - z)  # level-0 pixels per tile pixel
+    level = min(int(math.log2(scale)), p.num_levels - 1)
+    stride = scale >> level
+    span = size * stride  # the tile's edge in pixels of `level`
+    h, w = p.shape(level)
+    rect = Rect(y * span, x * span, (y + 1) * span, (x + 1) * span).intersect(Rect(0, 0, h, w))
+    out = np.full((p.bands, size, size), p.nodata, dtype=p.dtype)
+    if rect.empty:
+        return out
+    src = p.read(level, rect)[:, ::stride, ::stride]
+    out[:, : src.shape[1], : src.shape[2]] = src
+    return out
+
+
+def point(m: Mosaic, x: float, y: float, crs: str | None = None, level: int = 0) -> dict[str, object]:
+    """Class, confidence and scores of the pixel under a point (in `crs`, default the mosaic's)."""
+    from pipeline.query.window import check_level, reprojected, to_mosaic_crs
+
+    layout = m.layout
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise RegionError(f"point ({x}, {y}): give finite coordinates")
+    source = to_mosaic_crs(layout, crs)
+    if source is not None:
+        from rasterio.warp import transform
+
+        xs, ys = reprojected(f"point ({x}, {y})", source, transform, source, layout.crs, [x], [y])
+        x, y = xs[0], ys[0]
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise RegionError(f"point ({x}, {y}) in {crs} has no position in the mosaic's CRS")
+    col, row = ~level_transform(layout, check_level(layout, level)) @ (x, y)
+    h, w = layout.level_shape(level)
+    if not (0 <= row < h and 0 <= col < w):
+        raise RegionError(f"point ({x:.6g}, {y:.6g}) lies outside the mosaic (level {level} is {h} x {w} px)")
+    r, c = int(row), int(col)
+    win = Window(level, Rect(r, c, r + 1, c + 1))
+    cls = int(read_window(m, win, "mask")[0, 0])
+    confidence = float(read_window(m, win, "confidence")[0, 0])
+    scores = read_window(m, win, "scores")[:, 0, 0].astype(float)
+    names = [c.name for c in layout.classes]
+    nodata = cls == NODATA_CLASS
+    return {
+        "level": level, "row": r, "col": c, "x": x, "y": y,
+        "class": None if nodata else cls,
+        "name": "nodata" if nodata else names[cls],
+        "confidence": None if nodata else confidence,
+        "scores": None if nodata else dict(zip(names, scores.tolist(), strict=True)),
+        "resolution": pixel_size(layout, level),
+    }
+
+
+@cache
+def _bounds_3857(crs: str, transform: tuple[float, ...], h: int, w: int) -> tuple[float, float, float, float]:
+    """An image's bounds in Web Mercator, clamped to its +-85.06 degree square (so polar images work)."""
+    from rasterio.warp import transform_bounds
+
+    t = Affine(*transform)
+    xs, ys = zip(*(t @ (c, r) for c in (0, w) for r in (0, h)), strict=True)
+    b = transform_bounds(crs, WEB_MERCATOR, min(xs), min(ys), max(xs), max(ys), densify_pts=21)
+    return max(b[0], -ORIGIN), max(b[1], -ORIGIN), min(b[2], ORIGIN), min(b[3], ORIGIN)
+
+
+def _rect_around(p: Pyramid, level: int, native: tuple[float, float, float, float], margin: int) -> Rect:
+    inv = ~p.transform(level)
+    cols, rows = zip(*(inv @ (x, y) for x in (native[0], native[2]) for y in (native[1], native[3])), strict=True)
+    h, w = p.shape(level)
+    rect = Rect(math.floor(min(rows)) - margin, math.floor(min(cols)) - margin,
+                math.ceil(max(rows)) + margin, math.ceil(max(cols)) + margin)
+    return rect.intersect(Rect(0, 0, h, w))

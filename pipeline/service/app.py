@@ -1,0 +1,338 @@
+"""The read-only HTTP query service: `tessera serve ROOT` serves the mosaics under ROOT.
+
+Every parameter is validated by FastAPI before any read; a mosaic is named by its path relative to
+ROOT and must resolve (symlinks followed) to a mosaic inside ROOT; reads are bounded in pixels and
+bodies in bytes. Errors are 4xx with a message: 404 unknown mosaic, 413 too large, 422 a region,
+level or geometry that does not fit. The viewer (viewer/) is served from the same app.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Body, FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from pipeline.errors import MosaicError, RegionError, TesseraError
+from pipeline.mosaic import Mosaic, is_mosaic
+from pipeline.query.export import grey_png, mask_png, npy_bytes
+from pipeline.query.info import mosaic_info
+from pipeline.query.preview import SourcePreview, source_preview
+from pipeline.query.region import read_window
+from pipeline.query.stats import class_areas, mosaic_stats
+from pipeline.query.tiles import (
+    ORIGIN,
+    TILE,
+    WEB_MERCATOR,
+    MosaicLayer,
+    Pyramid,
+    pixel_max_zoom,
+    pixel_tile,
+    point,
+    xyz_tile,
+)
+from pipeline.query.vector import vectorize
+from pipeline.query.window import WGS84, RegionTooLargeError, bounds_in, check_size, resolve
+
+VIEWER = Path(__file__).parent / "viewer"
+LEAFLET = VIEWER / "node_modules" / "leaflet" / "dist"
+MOSAIC_ID = r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$"
+CRS_CODE = r"^(EPSG|ESRI|OGC|IAU_2015):[A-Za-z0-9_]{1,20}$"
+NUMBERS = r"^-?[0-9.eE+-]+(,-?[0-9.eE+-]+){3}$"
+INTEGERS = r"^-?[0-9]{1,9}(,-?[0-9]{1,9}){3}$"
+MAX_DEPTH = 4  # folders below ROOT searched for mosaics
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost."""
+
+    region_pixels: int = 4096 * 4096  # region.png / region.npy
+    vector_pixels: int = 2048 * 2048  # polygons.geojson
+    stats_pixels: int = 2**28  # whole-level statistics (dask, out of core)
+    body_bytes: int = 1 << 20  # a posted polygon
+
+
+MosaicId = Annotated[str, PathParam(pattern=MOSAIC_ID, max_length=512,
+                                    description="The mosaic's folder relative to ROOT, e.g. scene.zarr")]
+Level = Annotated[int | None, Query(ge=0, le=40, description="Pyramid level (0 = full resolution).")]
+Resolution = Annotated[float | None, Query(gt=0, le=1e9, description="Pixel size in the mosaic's units.")]
+WindowParam = Annotated[str | None, Query(pattern=INTEGERS, max_length=64,
+                                          description="y0,x0,y1,x1 in pixels of the level.")]
+BBoxParam = Annotated[str | None, Query(pattern=NUMBERS, max_length=128,
+                                        description="min x,min y,max x,max y in crs (default the mosaic's).")]
+CrsParam = Annotated[str | None, Query(pattern=CRS_CODE, max_length=40, description="e.g. EPSG:4326.")]
+
+
+class AreasRequest(BaseModel):
+    polygon: dict[str, Any] = Field(description="A GeoJSON Polygon or MultiPolygon (or a Feature).")
+    crs: str | None = Field(None, pattern=CRS_CODE, max_length=40, description="The polygon's CRS.")
+    level: int = Field(0, ge=0, le=40)
+
+
+PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "A PNG image."}}
+NPY: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "A NumPy .npy array."}}
+
+
+def create_app(root: str | Path, limits: Limits | None = None) -> FastAPI:
+    """The service for the mosaics under `root` (read-only)."""
+    base = Path(root).resolve()
+    if not base.is_dir():
+        raise MosaicError(f"{root} is not a folder: give the folder that holds your .zarr mosaics")
+    lim = limits or Limits()
+    cache = _Cache()
+    app = FastAPI(title="tessera", version="1", description=__doc__)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > lim.body_bytes):
+            return JSONResponse({"detail": f"request body over {lim.body_bytes} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(TesseraError)
+    async def tessera_error(request: Request, e: TesseraError) -> JSONResponse:
+        status = 413 if isinstance(e, RegionTooLargeError) else 404 if isinstance(e, MosaicError) else 422
+        return JSONResponse({"detail": str(e)}, status_code=status)
+
+    def mosaic(mid: str) -> Mosaic:
+        return cache.mosaic(base, mid)
+
+    def region_window(m: Mosaic, window: str | None, bbox: str | None, crs: str | None, level: int | None,
+                      resolution: float | None, max_pixels: int) -> Any:
+        win = resolve(m.layout, window=_ints(window), bbox=_floats(bbox), crs=crs, level=level,
+                      resolution=resolution)
+        check_size(win, max_pixels)
+        return win
+
+    @app.get("/api/mosaics", summary="The mosaics under ROOT")
+    def list_mosaics() -> list[dict[str, Any]]:
+        return [summary(mid, cache.mosaic(base, mid)) for mid in find_mosaics(base)]
+
+    @app.get("/api/mosaics/{mid:path}/region.png", summary="A region as PNG", response_class=Response, responses=PNG)
+    def region_png(mid: MosaicId, layer: Literal["mask", "confidence"] = "mask", window: WindowParam = None,
+                   bbox: BBoxParam = None, crs: CrsParam = None, level: Level = None,
+                   resolution: Resolution = None) -> Response:
+        m = mosaic(mid)
+        win = region_window(m, window, bbox, crs, level, resolution, lim.region_pixels)
+        values = read_window(m, win, layer)
+        png = mask_png(values, [c.color for c in m.layout.classes]) if layer == "mask" else grey_png(values)
+        return Response(png, media_type="image/png")
+
+    @app.get("/api/mosaics/{mid:path}/region.npy", summary="A region as a NumPy array", response_class=Response,
+             responses=NPY)
+    def region_npy(mid: MosaicId, layer: Literal["mask", "confidence", "scores"] = "mask",
+                   window: WindowParam = None, bbox: BBoxParam = None, crs: CrsParam = None, level: Level = None,
+                   resolution: Resolution = None) -> Response:
+        m = mosaic(mid)
+        win = region_window(m, window, bbox, crs, level, resolution, lim.region_pixels)
+        return Response(npy_bytes(read_window(m, win, layer)), media_type="application/octet-stream")
+
+    @app.get("/api/mosaics/{mid:path}/tiles/{z}/{x}/{y}.png", summary="A map tile", response_class=Response,
+             responses=PNG)
+    def tile(mid: MosaicId, z: Annotated[int, PathParam(ge=0, le=30)], x: Annotated[int, PathParam(ge=0)],
+             y: Annotated[int, PathParam(ge=0)], layer: Literal["mask", "confidence", "source"] = "mask") -> Response:
+        m = mosaic(mid)
+        pyramid: Pyramid = cache.preview(base, mid, m) if layer == "source" else MosaicLayer(m, layer)
+        values = (xyz_tile if m.layout.crs else pixel_tile)(pyramid, z, x, y)
+        if layer == "mask":
+            return Response(mask_png(values[0], [c.color for c in m.layout.classes]), media_type="image/png")
+        if layer == "confidence":
+            return Response(grey_png(values[0]), media_type="image/png")
+        return Response(_rgba_png(values), media_type="image/png")
+
+    @app.get("/api/mosaics/{mid:path}/point", summary="Class and confidence at a point")
+    def at_point(mid: MosaicId, x: Annotated[float, Query(ge=-1e12, le=1e12)],
+                 y: Annotated[float, Query(ge=-1e12, le=1e12)], crs: CrsParam = None,
+                 level: Annotated[int, Query(ge=0, le=40)] = 0) -> dict[str, Any]:
+        return point(mosaic(mid), x, y, crs, level)
+
+    @app.get("/api/mosaics/{mid:path}/stats", summary="Per-class areas of a region, or of the whole level")
+    def stats(mid: MosaicId, window: WindowParam = None, bbox: BBoxParam = None, crs: CrsParam = None,
+              level: Level = None) -> dict[str, Any]:
+        m = mosaic(mid)
+        if window is None and bbox is None:
+            if crs is not None:
+                raise RegionError("crs applies to a bbox; give one")
+            return cache.stats(base, mid, m, level or 0, lim.stats_pixels)
+        return class_areas(m, window=_ints(window), bbox=_floats(bbox), crs=crs, level=level,
+                           max_pixels=lim.stats_pixels).to_dict()
+
+    @app.post("/api/mosaics/{mid:path}/areas", summary="Per-class areas inside a GeoJSON polygon")
+    def areas(mid: MosaicId, request: Annotated[AreasRequest, Body()]) -> dict[str, Any]:
+        m = mosaic(mid)
+        return class_areas(m, polygon=request.polygon, crs=request.crs, level=request.level,
+                           max_pixels=lim.stats_pixels).to_dict()
+
+    @app.get("/api/mosaics/{mid:path}/polygons.geojson", summary="The class mask of a region as GeoJSON")
+    def polygons(mid: MosaicId, window: WindowParam = None, bbox: BBoxParam = None, crs: CrsParam = None,
+                 level: Level = None, resolution: Resolution = None,
+                 classes: Annotated[str | None, Query(max_length=1000, description="Comma-separated names.")] = None,
+                 simplify: Annotated[float, Query(ge=0, le=1e9)] = 0.0,
+                 out_crs: CrsParam = None) -> JSONResponse:
+        m = mosaic(mid)
+        collection = vectorize(m, window=_ints(window), bbox=_floats(bbox), crs=crs, level=level,
+                               resolution=resolution, classes=classes.split(",") if classes else None,
+                               simplify=simplify, out_crs=out_crs, max_pixels=lim.vector_pixels)
+        return JSONResponse(collection, media_type="application/geo+json")
+
+    @app.get("/api/mosaics/{mid:path}", summary="A mosaic's metadata")
+    def metadata(mid: MosaicId) -> dict[str, Any]:
+        m = mosaic(mid)
+        return {"id": mid, **mosaic_info(m), "tiles": tile_scheme(mid, m)}
+
+    @app.get("/", summary="The viewer's index of mosaics", response_class=FileResponse, include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(VIEWER / "index.html")
+
+    @app.get("/view/{mid:path}", summary="The viewer for one mosaic", response_class=FileResponse,
+             include_in_schema=False)
+    def view(mid: MosaicId) -> FileResponse:
+        mosaic(mid)
+        return FileResponse(VIEWER / "viewer.html")
+
+    app.mount("/static", StaticFiles(directory=VIEWER / "static"), name="static")
+    if LEAFLET.is_dir():
+        app.mount("/vendor/leaflet", StaticFiles(directory=LEAFLET), name="leaflet")
+    return app
+
+
+def find_mosaics(base: Path) -> list[str]:
+    """Mosaic folders under `base` (not following links out of it, not looking inside mosaics)."""
+    found: list[str] = []
+
+    def walk(folder: Path, depth: int) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            path = Path(entry.path)
+            if not path.resolve().is_relative_to(base):
+                continue
+            if is_mosaic(path):
+                found.append(path.relative_to(base).as_posix())
+            elif depth < MAX_DEPTH:
+                walk(path, depth + 1)
+
+    walk(base, 1)
+    return found
+
+
+def summary(mid: str, m: Mosaic) -> dict[str, Any]:
+    layout = m.layout
+    return {
+        "id": mid, "complete": m.complete, "height": layout.height, "width": layout.width,
+        "levels": layout.num_levels, "kind": "geo" if layout.crs else "slide" if layout.mpp else "pixels",
+        "classes": [{"id": i, "name": c.name, "color": list(c.color)} for i, c in enumerate(layout.classes)],
+    }
+
+
+def tile_scheme(mid: str, m: Mosaic) -> dict[str, Any]:
+    """How the viewer asks for tiles: Web Mercator XYZ for geo mosaics, the pixel pyramid otherwise."""
+    layout = m.layout
+    url = f"/api/mosaics/{mid}/tiles/{{z}}/{{x}}/{{y}}.png"
+    if layout.crs:
+        w, s, e, n = bounds_in(layout, WGS84)
+        minx, _, maxx, _ = bounds_in(layout, WEB_MERCATOR)
+        metres = (maxx - minx) / layout.width  # a level-0 pixel in Web Mercator metres
+        top = max(0, min(24, round(math.log2(2 * ORIGIN / TILE / metres))))
+        return {"scheme": "xyz", "url": url, "min_zoom": max(0, top - layout.num_levels - 3), "max_zoom": top,
+                "bounds": [w, s, e, n]}
+    return {"scheme": "pixel", "url": url, "min_zoom": 0, "max_zoom": pixel_max_zoom(MosaicLayer(m), TILE),
+            "tile": TILE, "size": [layout.height, layout.width]}
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else tuple(int(v) for v in text.split(","))
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise RegionError(f"bbox {text!r}: give four numbers min x,min y,max x,max y") from None
+
+
+def _rgba_png(values: Any) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(values.transpose(1, 2, 0), mode="RGBA").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+class _Cache:
+    """Open mosaics, source previews and whole-level statistics, keyed by the mosaic's metadata file
+    time, so a mosaic rewritten by a job is read afresh."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mosaics: dict[str, tuple[float, Mosaic]] = {}
+        self._previews: dict[tuple[str, float], SourcePreview] = {}
+        self._stats: dict[tuple[str, float, int], dict[str, Any]] = {}
+
+    def mosaic(self, base: Path, mid: str) -> Mosaic:
+        path = _inside(base, mid)
+        stamp = (path / "zarr.json").stat().st_mtime
+        with self._lock:
+            hit = self._mosaics.get(mid)
+            if hit and hit[0] == stamp:
+                return hit[1]
+        m = Mosaic.open(path)
+        with self._lock:
+            self._mosaics[mid] = (stamp, m)
+        return m
+
+    def preview(self, base: Path, mid: str, m: Mosaic) -> SourcePreview:
+        key = (mid, (_inside(base, mid) / "zarr.json").stat().st_mtime)
+        with self._lock:
+            hit = self._previews.get(key)
+        if hit is None:
+            try:
+                hit = source_preview(m)
+            except RegionError as e:
+                raise MosaicError(str(e)) from None  # no preview: 404, the overlay still works
+            with self._lock:
+                self._previews[key] = hit
+        return hit
+
+    def stats(self, base: Path, mid: str, m: Mosaic, level: int, max_pixels: int) -> dict[str, Any]:
+        win = resolve(m.layout, level=level)
+        check_size(win, max_pixels)
+        key = (mid, (_inside(base, mid) / "zarr.json").stat().st_mtime, level)
+        with self._lock:
+            hit = self._stats.get(key)
+        if hit is None:
+            hit = mosaic_stats(m, level).to_dict()
+            with self._lock:
+                self._stats[key] = hit
+        return hit
+
+
+def _inside(base: Path, mid: str) -> Path:
+    """The mosaic folder `mid` names, refusing anything that resolves outside `base`."""
+    if not re.fullmatch(MOSAIC_ID, mid) or ".." in mid.split("/"):
+        raise MosaicError(f"no mosaic {mid!r}: GET /api/mosaics lists the mosaics served")
+    path = (base / mid).resolve()
+    if not path.is_relative_to(base) or not is_mosaic(path):
+        raise MosaicError(f"no mosaic {mid!r} under the served folder: GET /api/mosaics lists them")
+    return path
+
