@@ -19,12 +19,14 @@ FULL = [
     ["bench.memory"],
     ["bench.background"],
     ["bench.training"],
+    ["bench.query"],
 ]
 QUICK = [
     ["bench.efficiency", "--size", "1024", "--repeats", "1"],
     ["bench.memory", "--sizes", "1024", "2048"],
     ["bench.background", "--size", "1024", "--fractions", "1", "0.5"],
     ["bench.training", "--steps-per-epoch", "5", "--batch", "4", "--window", "64"],
+    ["bench.query", "--size", "2048", "--requests", "20"],
 ]
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from affine import Affine
@@ -102,10 +102,13 @@ def _level_for(p: Pyramid, size: float) -> int:
 
 
 def xyz_tile(p: Pyramid, z: int, x: int, y: int, size: int = TILE) -> np.ndarray:
-    """A Web Mercator tile of a georeferenced pyramid, (bands, size, size); nodata outside the image."""
-    from rasterio.transform import from_bounds
-    from rasterio.warp import Resampling, reproject, transform_bounds
+    """A Web Mercator tile of a georeferenced pyramid, (bands, size, size); nodata outside the image.
 
+    Each tile pixel takes the value of the image pixel under its centre (nearest neighbour). Centres
+    are reprojected exactly on a grid every `GRID` px and interpolated linearly in between, as GDAL's
+    approximate transformer does: the error is a small fraction of a pixel at these scales, and a tile
+    costs a read and a gather instead of a GDAL warp (5.6 ms of 10 ms per tile before).
+    """
     if p.crs is None:
         raise RegionError("Web Mercator tiles need a CRS; this image has none (use the pixel tiles)")
     tile = tile_bounds(z, x, y)
@@ -115,7 +118,8 @@ def xyz_tile(p: Pyramid, z: int, x: int, y: int, size: int = TILE) -> np.ndarray
     out = np.full((p.bands, size, size), p.nodata, dtype=p.dtype)
     if inter[2] <= inter[0] or inter[3] <= inter[1]:
         return out
-    native = transform_bounds(WEB_MERCATOR, p.crs, *inter, densify_pts=5)
+    to_native = _transformer(p.crs)
+    native = to_native.transform_bounds(*inter, densify_pts=5)
     # Pixels of the tile, in the image's units: the intersection spans this many tile pixels.
     tile_px = (inter[2] - inter[0]) / ((tile[2] - tile[0]) / size)
     level = _level_for(p, (native[2] - native[0]) / max(tile_px, 1e-9))
@@ -123,14 +127,45 @@ def xyz_tile(p: Pyramid, z: int, x: int, y: int, size: int = TILE) -> np.ndarray
     if rect.empty:
         return out
     src = p.read(level, rect)
-    src_transform = p.transform(level) @ Affine.translation(rect.x0, rect.y0)
-    for b in range(p.bands):
-        reproject(
-            src[b], out[b], src_transform=src_transform, src_crs=p.crs, src_nodata=p.nodata,
-            dst_transform=from_bounds(*tile, size, size), dst_crs=WEB_MERCATOR, dst_nodata=p.nodata,
-            resampling=Resampling.nearest,
-        )
+    cols, rows = _tile_pixels_in(p.transform(level), to_native, tile, size)
+    rows -= rect.y0
+    cols -= rect.x0
+    inside = (rows >= 0) & (rows < rect.height) & (cols >= 0) & (cols < rect.width)
+    out[:, inside] = src[:, rows[inside], cols[inside]]
     return out
+
+
+GRID = 16  # tile pixels between exactly reprojected centres
+
+
+@cache
+def _transformer(crs: str) -> Any:
+    from pyproj import Transformer
+
+    return Transformer.from_crs(WEB_MERCATOR, crs, always_xy=True)
+
+
+def _tile_pixels_in(level: Affine, to_native: Any, tile: tuple[float, float, float, float],
+                    size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cols, rows) of the level's pixels under each tile pixel's centre, (size, size) int arrays."""
+    minx, _, maxx, maxy = tile
+    step = (maxx - minx) / size
+    knots = np.unique(np.r_[np.arange(0, size, GRID), size - 1]) + 0.5  # tile pixel centres, exactly
+    kx, ky = np.meshgrid(minx + knots * step, maxy - knots * step)
+    nx, ny = to_native.transform(kx, ky)
+    centres = np.arange(size) + 0.5
+    i = np.clip(np.searchsorted(knots, centres, side="right") - 1, 0, len(knots) - 2)
+    t = (centres - knots[i]) / (knots[i + 1] - knots[i])
+
+    def interpolate(grid: np.ndarray) -> np.ndarray:
+        along_rows = grid[i] * (1 - t)[:, None] + grid[i + 1] * t[:, None]
+        return along_rows[:, i] * (1 - t)[None, :] + along_rows[:, i + 1] * t[None, :]
+
+    col, row = ~level @ (interpolate(nx), interpolate(ny))
+    with np.errstate(invalid="ignore"):  # points outside the CRS's domain are inf or NaN: never inside
+        cols = np.where(np.isfinite(col), np.floor(col), -1).astype(np.int64)
+        rows = np.where(np.isfinite(row), np.floor(row), -1).astype(np.int64)
+    return cols, rows
 
 
 def pixel_max_zoom(p: Pyramid, size: int = TILE) -> int:

@@ -216,6 +216,28 @@ def test_map_tiles_show_the_mask_where_it_is(geo_mosaic: Mosaic) -> None:
     assert (whole[163:] == 255).all() and (whole[:, 188:] == 255).all()
 
 
+def test_map_tiles_agree_with_a_gdal_warp(geo_mosaic: Mosaic) -> None:
+    """Tiles sample the pixel under each tile pixel's centre from interpolated coordinates; GDAL's
+    nearest-neighbour warp of the same level agrees on all but a few pixels along class edges."""
+    from rasterio.transform import from_bounds
+    from rasterio.warp import Resampling, reproject
+
+    m = geo_mosaic
+    layer = MosaicLayer(m)
+    (mx,), (my,) = warp_points(GEO_CRS, "EPSG:3857", [500375.0], [5199675.0])  # the mosaic's centre
+    for z, level in ((15, 2), (17, 0), (19, 0), (21, 0)):  # the level a tile reads: pixels no larger than its own
+        n = 2**z
+        span = 40075016.68557849 / n
+        tx, ty = int((mx + 20037508.342789244) / span), int((20037508.342789244 - my) / span)
+        ours = query.xyz_tile(layer, z, tx, ty)[0]
+        gdal = np.full((256, 256), 255, np.uint8)
+        reproject(m.read("mask", level), gdal, src_transform=level_transform(m.layout, level), src_crs=GEO_CRS,
+                  src_nodata=255, dst_transform=from_bounds(*tile_bounds(z, tx, ty), 256, 256),
+                  dst_crs="EPSG:3857", dst_nodata=255, resampling=Resampling.nearest)
+        assert (ours != 255).mean() > 0.2
+        assert (ours == gdal).mean() > 0.995, (z, (ours == gdal).mean())
+
+
 def test_point_reports_class_and_confidence(geo_mosaic: Mosaic) -> None:
     m = geo_mosaic
     row, col = 650, 700

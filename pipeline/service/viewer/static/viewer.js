@@ -77,6 +77,7 @@
   window.tessera = {
     map: map,
     meta: meta,
+    layers: { source: source, mask: mask },
     containerPoint: (x, y) => {
       const latlng = geo ? L.latLng(y, x) : map.unproject([x, y], top);
       const p = map.latLngToContainerPoint(latlng);
