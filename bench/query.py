@@ -137,7 +137,8 @@ def main() -> None:
             server.wait()
     rows = [{"measure": k, "size": args.size, **v} for k, v in results.items()]
     for row in rows:
-        print(f"{row['measure']:32s} p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f} ms  max {row['max_ms']:7.2f}")
+        print(f"{row['measure']:32s} p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f} ms  "
+              f"max {row['max_ms']:7.2f}")
     save("query", rows)
     workload = f"{args.size}^2 mosaic (512 px chunks, 2048 px shards, 5 classes), {args.requests} random requests"
     for row in rows:

@@ -252,6 +252,8 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     max_region_pixels: Annotated[int, typer.Option(help="Largest region one request may read.")] = 4096 * 4096,
+    sources: Annotated[list[Path] | None, typer.Option(
+        help="A folder whose source images the viewer may preview, besides ROOT (repeatable).")] = None,
 ) -> None:
     """Serve the mosaics under ROOT over HTTP: the API (/docs) and the web viewer (/)."""
     import uvicorn
@@ -259,7 +261,7 @@ def serve(
     from pipeline.service.app import Limits, create_app
 
     with user_errors():
-        service = create_app(root, Limits(region_pixels=max_region_pixels))
+        service = create_app(root, Limits(region_pixels=max_region_pixels), source_folders=sources or ())
     typer.echo(f"serving {root.resolve()} on http://{host}:{port}/ (API at /docs)")
     uvicorn.run(service, host=host, port=port, log_level="warning")
 

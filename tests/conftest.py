@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,18 @@ from rasterio.transform import from_origin
 from pipeline.models.bundle import BundleSpec, ClassInfo, ModelBundle, Normalization
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with the most slow tests first: `make test` runs two workers, one module at a time each
+    (`--dist loadfile`), and the long modules must not be the last ones handed out."""
+
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
+    slow = Counter(module(i) for i in items if i.get_closest_marker("slow"))
+    first_seen = {name: k for k, name in enumerate(dict.fromkeys(module(i) for i in items))}
+    items.sort(key=lambda i: (-slow[module(i)], first_seen[module(i)]))
 
 
 @pytest.fixture(scope="session")

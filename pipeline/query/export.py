@@ -137,8 +137,11 @@ def export_png(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
-    partial.write_bytes(png)
-    os.replace(partial, out)
+    try:
+        partial.write_bytes(png)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     return out
 
 

@@ -93,10 +93,15 @@ def count(mask: np.ndarray, row_area: np.ndarray, inside: np.ndarray | None,
           classes: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Pixel counts and areas per class (length `classes`) and the nodata count, of the pixels of a
     mask window that are `inside` (all of them when None); `row_area` is the pixel area per row."""
-    weights = np.broadcast_to(row_area[:, None], mask.shape)
-    labels, weights = (mask[inside], weights[inside]) if inside is not None else (mask.ravel(), weights.ravel())
+    labels = mask[inside] if inside is not None else mask.ravel()
     pixels = np.bincount(labels, minlength=256)
-    areas = np.bincount(labels, weights=weights, minlength=256)
+    if np.all(row_area == row_area[0]):  # projected CRSs and slides: one pixel area for all
+        areas = pixels * row_area[0]
+    else:  # latitude/longitude: the area shrinks with each row; weight row by row
+        areas = np.zeros(256)
+        for r in range(mask.shape[0]):
+            row = mask[r] if inside is None else mask[r][inside[r]]
+            areas += np.bincount(row, minlength=256) * row_area[r]
     return pixels[:classes], areas[:classes], int(pixels[NODATA_CLASS])
 
 

@@ -168,27 +168,45 @@ def _tile_pixels_in(level: Affine, to_native: Any, tile: tuple[float, float, flo
     return cols, rows
 
 
-def pixel_max_zoom(p: Pyramid, size: int = TILE) -> int:
-    """Zoom at which one tile pixel is one level-0 pixel; zoom 0 shows the whole image in one tile."""
-    h, w = p.shape(0)
+def pixel_max_zoom(shape: tuple[int, int], size: int = TILE) -> int:
+    """Zoom at which one tile pixel is one level-0 pixel of an image of `shape`; zoom 0 shows it all."""
+    h, w = shape
     return max(0, math.ceil(math.log2(max(h, w) / size)))
 
 
-def pixel_tile(p: Pyramid, z: int, x: int, y: int, size: int = TILE) -> np.ndarray:
-    """A tile of the pixel pyramid, (bands, size, size); nodata beyond the image's edge."""
-    top = pixel_max_zoom(p, size)
+def pixel_tile(p: Pyramid, z: int, x: int, y: int, size: int = TILE, *,
+               frame: Affine | None = None, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """A tile of the pixel pyramid of an image, (bands, size, size); nodata beyond the image's edge.
+
+    The pyramid's tiles are laid over the pixels of `frame` (the level-0 transform of the image the
+    map shows, of `shape`; default: `p`'s own level 0), so another pyramid in the same coordinates,
+    such as the source preview, tiles in register with the mask. Each tile pixel takes the value under
+    its centre, from the coarsest level of `p` whose pixels are no larger than the tile's.
+    """
+    frame = p.transform(0) if frame is None else frame
+    shape = p.shape(0) if shape is None else shape
+    top = pixel_max_zoom(shape, size)
     check_tile(z, x, y, top)
-    scale = 2 ** (top - z)  # level-0 pixels per tile pixel
-    level = min(int(math.log2(scale)), p.num_levels - 1)
-    stride = scale >> level
-    span = size * stride  # the tile's edge in pixels of `level`
-    h, w = p.shape(level)
-    rect = Rect(y * span, x * span, (y + 1) * span, (x + 1) * span).intersect(Rect(0, 0, h, w))
+    scale = 2 ** (top - z)  # level-0 pixels of the frame per tile pixel
+    level = _level_for(p, scale * abs(frame.a))
+    t = ~p.transform(level) @ frame  # frame pixels -> pixels of the level (scale and offset only)
+    centres = (np.arange(size) + 0.5) * scale
+    starts = np.arange(size) * scale  # a tile pixel that starts inside the image shows it (edges too)
+    inside_frame_x = x * size * scale + starts < shape[1]
+    inside_frame_y = y * size * scale + starts < shape[0]
+    cols = np.floor(t.a * (x * size * scale + centres) + t.c).astype(np.int64)
+    rows = np.floor(t.e * (y * size * scale + centres) + t.f).astype(np.int64)
     out = np.full((p.bands, size, size), p.nodata, dtype=p.dtype)
-    if rect.empty:
+    h, w = p.shape(level)
+    keep_x = inside_frame_x & (cols >= 0) & (cols < w)
+    keep_y = inside_frame_y & (rows >= 0) & (rows < h)
+    if not keep_x.any() or not keep_y.any():
         return out
-    src = p.read(level, rect)[:, ::stride, ::stride]
-    out[:, : src.shape[1], : src.shape[2]] = src
+    rect = Rect(int(rows[keep_y].min()), int(cols[keep_x].min()), int(rows[keep_y].max()) + 1,
+                int(cols[keep_x].max()) + 1)
+    src = p.read(level, rect)
+    block = src[:, rows[keep_y] - rect.y0][:, :, cols[keep_x] - rect.x0]
+    out[:, np.flatnonzero(keep_y)[:, None], np.flatnonzero(keep_x)[None, :]] = block
     return out
 
 

@@ -137,11 +137,13 @@ def check_crs(crs: str) -> Any:
 def reprojected(what: str, crs: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call a rasterio reprojection, turning its failures (no transformation, out of the CRS's area)
     into a RegionError that names what was being reprojected."""
+    from pyproj.exceptions import ProjError
+    from rasterio._err import CPLE_BaseError  # GDAL's errors (rasterio exports no public base for them)
     from rasterio.errors import RasterioError
 
     try:
         return fn(*args, **kwargs)
-    except (RasterioError, ValueError) as e:
+    except (RasterioError, CPLE_BaseError, ProjError, ValueError) as e:
         raise RegionError(f"{what} cannot be reprojected between {crs} and the mosaic's CRS ({e})") from None
 
 
@@ -191,7 +193,8 @@ def check_geometry(geometry: Mapping[str, Any]) -> dict[str, Any]:
     """A GeoJSON Polygon or MultiPolygon (a Feature's geometry is taken), checked for validity."""
     from shapely.geometry import shape
 
-    geom = dict(geometry.get("geometry", geometry)) if isinstance(geometry, Mapping) else None
+    inner = geometry.get("geometry", geometry) if isinstance(geometry, Mapping) else None
+    geom = dict(inner) if isinstance(inner, Mapping) else None
     if not geom or geom.get("type") not in ("Polygon", "MultiPolygon"):
         raise RegionError("polygon: give a GeoJSON Polygon or MultiPolygon (or a Feature holding one)")
     try:
@@ -297,12 +300,17 @@ def _check_bbox(bbox: Sequence[float]) -> BBox:
     return minx, miny, maxx, maxy
 
 
+# Pixel positions beyond this are clamped before rounding: a finite but huge box (1e308) must clip to
+# the image, not overflow.
+_FAR = float(2**52)
+
+
 def _down(v: float) -> int:
-    return math.floor(v + 1e-6)
+    return math.floor(min(max(v, -_FAR), _FAR) + 1e-6)
 
 
 def _up(v: float) -> int:
-    return math.ceil(v - 1e-6)
+    return math.ceil(min(max(v, -_FAR), _FAR) - 1e-6)
 
 
 def open_mosaic(uri: str | Mosaic, storage_options: Mapping[str, Any] | None = None) -> Mosaic:

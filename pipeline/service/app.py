@@ -12,12 +12,12 @@ import math
 import os
 import re
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Body, FastAPI, Query, Request
+from fastapi import Body, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -42,7 +42,7 @@ from pipeline.query.tiles import (
     xyz_tile,
 )
 from pipeline.query.vector import vectorize
-from pipeline.query.window import WGS84, RegionTooLargeError, bounds_in, check_size, resolve
+from pipeline.query.window import WGS84, RegionTooLargeError, bounds_in, check_size, level_transform, resolve
 
 VIEWER = Path(__file__).parent / "viewer"
 LEAFLET = VIEWER / "node_modules" / "leaflet" / "dist"
@@ -85,21 +85,25 @@ NPY: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/octet-stream": {}}, "description": "A NumPy .npy array."}}
 
 
-def create_app(root: str | Path, limits: Limits | None = None) -> FastAPI:
-    """The service for the mosaics under `root` (read-only)."""
+def create_app(root: str | Path, limits: Limits | None = None, source_folders: Sequence[str | Path] = ()) -> FastAPI:
+    """The service for the mosaics under `root` (read-only).
+
+    Args:
+        source_folders: where source images may be read for the viewer's preview, besides `root`
+            (a mosaic names its source; only sources inside these folders are opened).
+    """
     base = Path(root).resolve()
     if not base.is_dir():
         raise MosaicError(f"{root} is not a folder: give the folder that holds your .zarr mosaics")
+    sources = [Path(f).resolve() for f in source_folders]
+    for folder in sources:
+        if not folder.is_dir():
+            raise MosaicError(f"--sources {folder} is not a folder")
     lim = limits or Limits()
     cache = _Cache()
     app = FastAPI(title="tessera", version="1", description=__doc__)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > lim.body_bytes):
-            return JSONResponse({"detail": f"request body over {lim.body_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=lim.body_bytes)
 
     @app.exception_handler(TesseraError)
     async def tessera_error(request: Request, e: TesseraError) -> JSONResponse:
@@ -108,6 +112,15 @@ def create_app(root: str | Path, limits: Limits | None = None) -> FastAPI:
 
     def mosaic(mid: str) -> Mosaic:
         return cache.mosaic(base, mid)
+
+    def preview(mid: str, m: Mosaic) -> SourcePreview:
+        def make() -> SourcePreview:
+            try:
+                return source_preview(m, allowed=[base, *sources])
+            except RegionError as e:
+                raise MosaicError(str(e)) from None  # no preview: 404; the mask still shows
+
+        return cache.once((mid, cache.stamp(base, mid), "preview"), make)
 
     def region_window(m: Mosaic, window: str | None, bbox: str | None, crs: str | None, level: int | None,
                       resolution: float | None, max_pixels: int) -> Any:
@@ -136,7 +149,8 @@ def create_app(root: str | Path, limits: Limits | None = None) -> FastAPI:
                    window: WindowParam = None, bbox: BBoxParam = None, crs: CrsParam = None, level: Level = None,
                    resolution: Resolution = None) -> Response:
         m = mosaic(mid)
-        win = region_window(m, window, bbox, crs, level, resolution, lim.region_pixels)
+        per_pixel = len(m.layout.classes) if layer == "scores" else 1  # scores: one value per class
+        win = region_window(m, window, bbox, crs, level, resolution, lim.region_pixels // per_pixel)
         return Response(npy_bytes(read_window(m, win, layer)), media_type="application/octet-stream")
 
     @app.get("/api/mosaics/{mid:path}/tiles/{z}/{x}/{y}.png", summary="A map tile", response_class=Response,
@@ -144,8 +158,12 @@ def create_app(root: str | Path, limits: Limits | None = None) -> FastAPI:
     def tile(mid: MosaicId, z: Annotated[int, PathParam(ge=0, le=30)], x: Annotated[int, PathParam(ge=0)],
              y: Annotated[int, PathParam(ge=0)], layer: Literal["mask", "confidence", "source"] = "mask") -> Response:
         m = mosaic(mid)
-        pyramid: Pyramid = cache.preview(base, mid, m) if layer == "source" else MosaicLayer(m, layer)
-        values = (xyz_tile if m.layout.crs else pixel_tile)(pyramid, z, x, y)
+        pyramid: Pyramid = preview(mid, m) if layer == "source" else MosaicLayer(m, layer)
+        if m.layout.crs:
+            values = xyz_tile(pyramid, z, x, y)
+        else:  # the mask's pixel pyramid, whatever the layer, so that layers stay in register
+            values = pixel_tile(pyramid, z, x, y, frame=level_transform(m.layout, 0),
+                                shape=m.layout.level_shape(0))
         if layer == "mask":
             return Response(mask_png(values[0], [c.color for c in m.layout.classes]), media_type="image/png")
         if layer == "confidence":
@@ -165,15 +183,19 @@ def create_app(root: str | Path, limits: Limits | None = None) -> FastAPI:
         if window is None and bbox is None:
             if crs is not None:
                 raise RegionError("crs applies to a bbox; give one")
-            return cache.stats(base, mid, m, level or 0, lim.stats_pixels)
+            win = resolve(m.layout, level=level or 0)
+            check_size(win, lim.stats_pixels)  # out of core, but its time grows with the level's size
+            return cache.once((mid, cache.stamp(base, mid), "stats", win.level),
+                              lambda: mosaic_stats(m, win.level).to_dict())
+        # A region is counted in memory: the region limit applies.
         return class_areas(m, window=_ints(window), bbox=_floats(bbox), crs=crs, level=level,
-                           max_pixels=lim.stats_pixels).to_dict()
+                           max_pixels=lim.region_pixels).to_dict()
 
     @app.post("/api/mosaics/{mid:path}/areas", summary="Per-class areas inside a GeoJSON polygon")
     def areas(mid: MosaicId, request: Annotated[AreasRequest, Body()]) -> dict[str, Any]:
         m = mosaic(mid)
         return class_areas(m, polygon=request.polygon, crs=request.crs, level=request.level,
-                           max_pixels=lim.stats_pixels).to_dict()
+                           max_pixels=lim.region_pixels).to_dict()
 
     @app.get("/api/mosaics/{mid:path}/polygons.geojson", summary="The class mask of a region as GeoJSON")
     def polygons(mid: MosaicId, window: WindowParam = None, bbox: BBoxParam = None, crs: CrsParam = None,
@@ -206,6 +228,36 @@ def create_app(root: str | Path, limits: Limits | None = None) -> FastAPI:
     if LEAFLET.is_dir():
         app.mount("/vendor/leaflet", StaticFiles(directory=LEAFLET), name="leaflet")
     return app
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413, whether it states its length or is
+    sent in chunks (counted as it arrives, before anything parses it)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)(
+                scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Any:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def find_mosaics(base: Path) -> list[str]:
@@ -252,7 +304,7 @@ def tile_scheme(mid: str, m: Mosaic) -> dict[str, Any]:
         top = max(0, min(24, round(math.log2(2 * ORIGIN / TILE / metres))))
         return {"scheme": "xyz", "url": url, "min_zoom": max(0, top - layout.num_levels - 3), "max_zoom": top,
                 "bounds": [w, s, e, n]}
-    return {"scheme": "pixel", "url": url, "min_zoom": 0, "max_zoom": pixel_max_zoom(MosaicLayer(m), TILE),
+    return {"scheme": "pixel", "url": url, "min_zoom": 0, "max_zoom": pixel_max_zoom(layout.level_shape(0), TILE),
             "tile": TILE, "size": [layout.height, layout.width]}
 
 
@@ -281,13 +333,18 @@ def _rgba_png(values: Any) -> bytes:
 
 class _Cache:
     """Open mosaics, source previews and whole-level statistics, keyed by the mosaic's metadata file
-    time, so a mosaic rewritten by a job is read afresh."""
+    time, so a mosaic rewritten by a job is read afresh (and its old entries dropped).
+
+    A preview or a statistic is computed once: concurrent requests for it wait for the first one
+    (the viewer asks for a dozen source tiles at once). A preview that cannot be made is remembered
+    as such, so later tiles fail fast.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._mosaics: dict[str, tuple[float, Mosaic]] = {}
-        self._previews: dict[tuple[str, float], SourcePreview] = {}
-        self._stats: dict[tuple[str, float, int], dict[str, Any]] = {}
+        self._values: dict[tuple[Any, ...], Any] = {}
+        self._computing: dict[tuple[Any, ...], threading.Lock] = {}
 
     def mosaic(self, base: Path, mid: str) -> Mosaic:
         path = _inside(base, mid)
@@ -299,32 +356,34 @@ class _Cache:
         m = Mosaic.open(path)
         with self._lock:
             self._mosaics[mid] = (stamp, m)
+            for key in [k for k in self._values if k[0] == mid and k[1] != stamp]:
+                del self._values[key]
         return m
 
-    def preview(self, base: Path, mid: str, m: Mosaic) -> SourcePreview:
-        key = (mid, (_inside(base, mid) / "zarr.json").stat().st_mtime)
+    def once(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+        """The value for `key`, computing it at most once at a time; a raised TesseraError is kept too."""
         with self._lock:
-            hit = self._previews.get(key)
-        if hit is None:
-            try:
-                hit = source_preview(m)
-            except RegionError as e:
-                raise MosaicError(str(e)) from None  # no preview: 404, the overlay still works
-            with self._lock:
-                self._previews[key] = hit
-        return hit
+            gate = self._computing.setdefault(key, threading.Lock()) if key not in self._values else None
+        if gate is not None:
+            with gate:
+                with self._lock:
+                    done = key in self._values
+                if not done:
+                    try:
+                        value: Any = compute()
+                    except TesseraError as e:
+                        value = e
+                    with self._lock:
+                        self._values[key] = value
+                        self._computing.pop(key, None)
+        with self._lock:
+            value = self._values[key]
+        if isinstance(value, TesseraError):
+            raise value
+        return value
 
-    def stats(self, base: Path, mid: str, m: Mosaic, level: int, max_pixels: int) -> dict[str, Any]:
-        win = resolve(m.layout, level=level)
-        check_size(win, max_pixels)
-        key = (mid, (_inside(base, mid) / "zarr.json").stat().st_mtime, level)
-        with self._lock:
-            hit = self._stats.get(key)
-        if hit is None:
-            hit = mosaic_stats(m, level).to_dict()
-            with self._lock:
-                self._stats[key] = hit
-        return hit
+    def stamp(self, base: Path, mid: str) -> float:
+        return (_inside(base, mid) / "zarr.json").stat().st_mtime
 
 
 def _inside(base: Path, mid: str) -> Path:

@@ -108,6 +108,17 @@ def test_oversized_requests_are_refused(served: Served) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=30)
     assert refused.value.code == 413
+    # The same body sent in chunks, without a length: counted as it arrives.
+    host, port = urllib.parse.urlsplit(served.url).netloc.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    chunks = iter([big[i : i + 65536] for i in range(0, len(big), 65536)])
+    conn.request("POST", "/api/mosaics/scene.zarr/areas", body=chunks, headers={"Content-Type": "application/json"},
+                 encode_chunked=True)
+    assert conn.getresponse().status == 413
+    conn.close()
+    # All class scores of a region weigh one value per class: the limit counts them.
+    assert get(served, "/api/mosaics/scene.zarr/region.npy?layer=scores&level=1")[0] == 413
+    assert get(served, "/api/mosaics/scene.zarr/region.npy?layer=scores&level=2")[0] == 200
 
 
 def test_out_of_range_and_unknown_get_a_4xx_with_a_message(served: Served) -> None:
@@ -117,6 +128,14 @@ def test_out_of_range_and_unknown_get_a_4xx_with_a_message(served: Served) -> No
     assert status == 404 and b"GET /api/mosaics lists" in body
     status, body, _ = get(served, "/api/mosaics/scene.zarr/tiles/3/9/0.png")
     assert status == 422 and b"does not exist at zoom 3" in body
+    status, body, _ = get(served, "/api/mosaics/scene.zarr/point?x=9&y=95&crs=EPSG:4326")
+    assert status == 422 and b"cannot be reprojected" in body
+    status, body, _ = get(served, "/api/mosaics/scene.zarr/region.png?bbox=-1e308,-1e308,1e308,1e308&level=2")
+    assert status == 200
+    # The slide's source is not on disk: its preview tiles are 404, the mask's are there.
+    status, body, _ = get(served, "/api/mosaics/slides/slide.zarr/tiles/0/0/0.png?layer=source")
+    assert status == 404 and b"not readable here" in body
+    assert get(served, "/api/mosaics/slides/slide.zarr/tiles/0/0/0.png")[0] == 200
 
 
 def test_answers_equal_the_python_api(served: Served, geo_mosaic: Mosaic, slide_mosaic: Mosaic) -> None:
