@@ -106,4 +106,5 @@ def run_demo(
     preview = write_preview(mosaic, image, truth, workdir / "preview.png")
     print(f"preview (image | truth | prediction): {preview}")
     print(f"demo wall time: {time.perf_counter() - start:.0f} s")
+    print(f"look at it: tessera serve {workdir} (then open http://127.0.0.1:8000/view/scene.zarr)")
     return summary, miou
