@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import time
+import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -70,6 +74,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until_serving(url: str, process: subprocess.Popen[Any], seconds: float, log: Callable[[], str]) -> None:
+    """Poll `url` until it answers; fail with the server's log if it exits or `seconds` pass first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"{url} did not answer within {seconds:.0f} s:\n{log()[-3000:]}") from None
+            time.sleep(0.2)
 
 
 def write_geotiff(path: Path, image: np.ndarray, *, nodata: float | None = None, crs: str = "EPSG:32632",

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from pipeline.registry import CHALLENGER, CHAMPION, alias_version, resolve_model
 from pipeline.synthetic import CLASSES, generate_scene, write_scene
 from pipeline.tracking import Tracking
 from pipeline.training import TrainConfig
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until_serving
 
 MODEL = "synthetic"
 
@@ -49,15 +48,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                break
-        except OSError:
-            assert process.poll() is None, (folder / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
-            time.sleep(0.5)
+    wait_until_serving(f"{uri}/health", process, 120, lambda: (folder / "server.log").read_text())
     yield uri
     os.killpg(process.pid, signal.SIGTERM)
     process.wait(30)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 
 from pipeline.mosaic import Mosaic
 from pipeline.synthetic import generate_scene, write_label_mosaic, write_scene
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until_serving
 
 GEO_SHAPE = (1300, 1500)  # not a multiple of the 256 px chunk, so edges are partial
 GEO_CRS = "EPSG:32632"
@@ -75,16 +73,7 @@ def served(geo_mosaic: Mosaic, slide_mosaic: Mosaic, tmp_path_factory: pytest.Te
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/api/mosaics", timeout=2):
-                break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"tessera serve did not start: {server.communicate()[0]}") from None
-            time.sleep(0.2)
+    wait_until_serving(f"{url}/api/mosaics", server, 60, lambda: server.communicate()[0])
     yield Served(url, root, outside)
     server.terminate()
     server.wait(timeout=20)
