@@ -8,6 +8,7 @@ into a tiled GeoTIFF, which GDAL's COG driver then copies with overviews.
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 from pipeline.errors import RegionError
 from pipeline.mosaic import Mosaic
 from pipeline.query.region import read_window
-from pipeline.query.window import MAX_PIXELS, Window, check_size, resolve, window_transform
+from pipeline.query.window import MAX_PIXELS, Window, check_size, full, resolve, window_transform
 from pipeline.stitching import NODATA_CLASS
 from pipeline.tiling import Rect
 
@@ -87,13 +88,11 @@ def export_cog(
     return out
 
 
-def mask_png(mask: np.ndarray, colors: Sequence[tuple[int, int, int]]) -> bytes:
-    """A paletted PNG of a class mask: pixel values are the class ids, nodata (255) is transparent."""
+def mask_png(mask: np.ndarray, palette: np.ndarray) -> bytes:
+    """A paletted PNG of a class mask: pixel values are the class ids, coloured by `palette` (256 x 3,
+    `Mosaic.palette`), nodata (255) transparent."""
     from PIL import Image
 
-    palette = np.zeros((256, 3), np.uint8)
-    for i, c in enumerate(colors):
-        palette[i] = c
     image = Image.fromarray(np.ascontiguousarray(mask, np.uint8), mode="P")
     image.putpalette(palette.ravel().tolist())
     alpha = bytes(0 if i == NODATA_CLASS else 255 for i in range(256))
@@ -128,10 +127,10 @@ def export_png(
 ) -> Path:
     """Write a region as PNG: the mask in the class colours (paletted, values = class ids, nodata
     transparent) or the confidence in grey. Without a region or level, the whole image at the
-    finest level that fits in `max_pixels`."""
+    finest level whose longer side fits in sqrt(`max_pixels`)."""
     win = resolve(m.layout, window=window, bbox=bbox, crs=crs, level=level, resolution=resolution)
-    if window is None and bbox is None and level is None and resolution is None:
-        win = _fitting_level(m, max_pixels)
+    if window is None and bbox is None and level is None and resolution is None and max_pixels is not None:
+        win = full(m.layout, m.preview_level(math.isqrt(max_pixels)))  # the finest level that fits
     check_size(win, max_pixels)
     png = render_png(m, win, layer)
     out = Path(path)
@@ -147,20 +146,10 @@ def export_png(
 
 def render_png(m: Mosaic, win: Window, layer: str) -> bytes:
     if layer == "mask":
-        return mask_png(read_window(m, win, "mask"), [c.color for c in m.layout.classes])
+        return mask_png(read_window(m, win, "mask"), m.palette)
     if layer == "confidence":
         return grey_png(read_window(m, win, "confidence"))
     raise RegionError(f"layer {layer!r}: a PNG shows mask or confidence")
-
-
-def _fitting_level(m: Mosaic, max_pixels: int | None) -> Window:
-    layout = m.layout
-    for k in range(layout.num_levels):
-        h, w = layout.level_shape(k)
-        if max_pixels is None or h * w <= max_pixels:
-            return Window(k, Rect(0, 0, h, w))
-    h, w = layout.level_shape(layout.num_levels - 1)
-    return Window(layout.num_levels - 1, Rect(0, 0, h, w))
 
 
 def npy_bytes(values: np.ndarray) -> bytes:

@@ -8,16 +8,25 @@ from pipeline.mosaic import Mosaic
 from pipeline.query.window import WGS84, bounds, bounds_in, pixel_size, units
 
 
-def mosaic_info(m: Mosaic) -> dict[str, Any]:
-    """The facts a client needs before asking for regions (JSON-ready)."""
+def mosaic_summary(m: Mosaic) -> dict[str, Any]:
+    """What a listing shows of a mosaic: state, kind, size, number of levels, classes (no reprojection)."""
     layout = m.layout
-    lineage = m.lineage
     return {
         "complete": m.complete,
         "kind": "geo" if layout.crs else "slide" if layout.mpp else "pixels",
         "height": layout.height,
         "width": layout.width,
+        "num_levels": layout.num_levels,
         "classes": [{"id": i, "name": c.name, "color": list(c.color)} for i, c in enumerate(layout.classes)],
+    }
+
+
+def mosaic_info(m: Mosaic) -> dict[str, Any]:
+    """The facts a client needs before asking for regions (JSON-ready)."""
+    layout = m.layout
+    lineage = m.lineage
+    return {
+        **mosaic_summary(m),
         "levels": [{"level": k, "shape": list(layout.level_shape(k)), "resolution": pixel_size(layout, k)}
                    for k in range(layout.num_levels)],
         "units": units(layout),

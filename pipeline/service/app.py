@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from pipeline.errors import MosaicError, RegionError, TesseraError
 from pipeline.mosaic import Mosaic, is_mosaic
 from pipeline.query.export import grey_png, mask_png, npy_bytes
-from pipeline.query.info import mosaic_info
+from pipeline.query.info import mosaic_info, mosaic_summary
 from pipeline.query.preview import SourcePreview, source_preview
 from pipeline.query.region import read_window
 from pipeline.query.stats import class_areas, mosaic_stats
@@ -120,7 +120,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
             except RegionError as e:
                 raise MosaicError(str(e)) from None  # no preview: 404; the mask still shows
 
-        return cache.once((mid, cache.stamp(base, mid), "preview"), make)
+        return cache.once((mid, cache.stamp(mid), "preview"), make)
 
     def region_window(m: Mosaic, window: str | None, bbox: str | None, crs: str | None, level: int | None,
                       resolution: float | None, max_pixels: int) -> Any:
@@ -131,7 +131,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
 
     @app.get("/api/mosaics", summary="The mosaics under ROOT")
     def list_mosaics() -> list[dict[str, Any]]:
-        return [summary(mid, cache.mosaic(base, mid)) for mid in find_mosaics(base)]
+        return [{"id": mid, **mosaic_summary(cache.mosaic(base, mid))} for mid in find_mosaics(base)]
 
     @app.get("/api/mosaics/{mid:path}/region.png", summary="A region as PNG", response_class=Response, responses=PNG)
     def region_png(mid: MosaicId, layer: Literal["mask", "confidence"] = "mask", window: WindowParam = None,
@@ -140,7 +140,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
         m = mosaic(mid)
         win = region_window(m, window, bbox, crs, level, resolution, lim.region_pixels)
         values = read_window(m, win, layer)
-        png = mask_png(values, [c.color for c in m.layout.classes]) if layer == "mask" else grey_png(values)
+        png = mask_png(values, m.palette) if layer == "mask" else grey_png(values)
         return Response(png, media_type="image/png")
 
     @app.get("/api/mosaics/{mid:path}/region.npy", summary="A region as a NumPy array", response_class=Response,
@@ -165,7 +165,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
             values = pixel_tile(pyramid, z, x, y, frame=level_transform(m.layout, 0),
                                 shape=m.layout.level_shape(0))
         if layer == "mask":
-            return Response(mask_png(values[0], [c.color for c in m.layout.classes]), media_type="image/png")
+            return Response(mask_png(values[0], m.palette), media_type="image/png")
         if layer == "confidence":
             return Response(grey_png(values[0]), media_type="image/png")
         return Response(_rgba_png(values), media_type="image/png")
@@ -185,7 +185,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
                 raise RegionError("crs applies to a bbox; give one")
             win = resolve(m.layout, level=level or 0)
             check_size(win, lim.stats_pixels)  # out of core, but its time grows with the level's size
-            return cache.once((mid, cache.stamp(base, mid), "stats", win.level),
+            return cache.once((mid, cache.stamp(mid), "stats", win.level),
                               lambda: mosaic_stats(m, win.level).to_dict())
         # A region is counted in memory: the region limit applies.
         return class_areas(m, window=_ints(window), bbox=_floats(bbox), crs=crs, level=level,
@@ -284,15 +284,6 @@ def find_mosaics(base: Path) -> list[str]:
     return found
 
 
-def summary(mid: str, m: Mosaic) -> dict[str, Any]:
-    layout = m.layout
-    return {
-        "id": mid, "complete": m.complete, "height": layout.height, "width": layout.width,
-        "levels": layout.num_levels, "kind": "geo" if layout.crs else "slide" if layout.mpp else "pixels",
-        "classes": [{"id": i, "name": c.name, "color": list(c.color)} for i, c in enumerate(layout.classes)],
-    }
-
-
 def tile_scheme(mid: str, m: Mosaic) -> dict[str, Any]:
     """How the viewer asks for tiles: Web Mercator XYZ for geo mosaics, the pixel pyramid otherwise."""
     layout = m.layout
@@ -347,12 +338,18 @@ class _Cache:
         self._computing: dict[tuple[Any, ...], threading.Lock] = {}
 
     def mosaic(self, base: Path, mid: str) -> Mosaic:
+        """The open mosaic `mid` names; a request costs a path check and one stat while it is unchanged."""
         path = _inside(base, mid)
-        stamp = (path / "zarr.json").stat().st_mtime
+        try:
+            stamp = (path / "zarr.json").stat().st_mtime
+        except OSError:
+            raise MosaicError(f"no mosaic {mid!r} under the served folder: GET /api/mosaics lists them") from None
         with self._lock:
             hit = self._mosaics.get(mid)
             if hit and hit[0] == stamp:
                 return hit[1]
+        if not is_mosaic(path):
+            raise MosaicError(f"no mosaic {mid!r} under the served folder: GET /api/mosaics lists them")
         m = Mosaic.open(path)
         with self._lock:
             self._mosaics[mid] = (stamp, m)
@@ -382,8 +379,10 @@ class _Cache:
             raise value
         return value
 
-    def stamp(self, base: Path, mid: str) -> float:
-        return (_inside(base, mid) / "zarr.json").stat().st_mtime
+    def stamp(self, mid: str) -> float:
+        """The metadata time of the mosaic as `mosaic` last opened it (call that first)."""
+        with self._lock:
+            return self._mosaics[mid][0]
 
 
 def _inside(base: Path, mid: str) -> Path:
@@ -391,7 +390,7 @@ def _inside(base: Path, mid: str) -> Path:
     if not re.fullmatch(MOSAIC_ID, mid) or ".." in mid.split("/"):
         raise MosaicError(f"no mosaic {mid!r}: GET /api/mosaics lists the mosaics served")
     path = (base / mid).resolve()
-    if not path.is_relative_to(base) or not is_mosaic(path):
+    if not path.is_relative_to(base):
         raise MosaicError(f"no mosaic {mid!r} under the served folder: GET /api/mosaics lists them")
     return path
 
