@@ -18,7 +18,9 @@ import timm
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.models.deconvnet import DeconvNet
 from pipeline.models.fcn import FCN
+from pipeline.models.skipfcn import SkipFCN
 from pipeline.models.unet3plus import UNet3Plus
 
 # Arguments that would change what a model returns: the pipeline blends raw per-class logits.
@@ -64,6 +66,10 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
         "pspnet": _smp(smp.PSPNet),
         "unet3plus": Architecture(UNet3Plus, MappingProxyType({"encoder_name": "resnet18"})),
         "fcn": Architecture(FCN, uses_encoder=False),
+        "fcn32s": Architecture(SkipFCN, MappingProxyType({"variant": "32s"}), uses_encoder=False),
+        "fcn16s": Architecture(SkipFCN, MappingProxyType({"variant": "16s"}), uses_encoder=False),
+        "fcn8s": Architecture(SkipFCN, MappingProxyType({"variant": "8s"}), uses_encoder=False),
+        "deconvnet": Architecture(DeconvNet, uses_encoder=False),
     }
 )
 

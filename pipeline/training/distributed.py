@@ -71,6 +71,16 @@ class Distributed:
             raise ConfigError(f"max_failures={self.max_failures!r} is invalid; expected an integer >= 0.")
 
 
+def _absolute_inputs(config: TrainConfig) -> TrainConfig:
+    """The config with its local input files as absolute paths (a catalog name is left as it is)."""
+
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path and "://" not in path and Path(path).exists() else path
+
+    return dataclasses.replace(config, image=absolute(config.image), labels=absolute(config.labels),
+                               polygons=absolute(config.polygons), catalog=absolute(config.catalog))
+
+
 def run_name(config: TrainConfig, settings: Distributed) -> str:
     """The default run name: the output's stem and a digest of everything that shapes the run.
 
@@ -114,6 +124,7 @@ def fit(
     start = time.perf_counter()
     if settings.address is None and not os.environ.get("RAY_ADDRESS"):
         _check_inputs(config)  # on this machine, a missing file fails now rather than in a worker
+        config = _absolute_inputs(config)  # workers run in folders of their own
     config = dataclasses.replace(config, threads=settings.threads)
     storage = settings.storage if "://" in settings.storage else str(Path(settings.storage).resolve())
     name = run_name(config, settings)

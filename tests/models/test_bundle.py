@@ -194,6 +194,8 @@ def test_normalization_refuses_the_wrong_band_count() -> None:
         ("fcn", {"depth": 2, "width": 8}),
         ("unet", {"encoder_name": "resnet18"}),
         ("unet3plus", {"cat_channels": 8}),
+        ("fcn8s", {"widths": [8, 8, 16, 16, 16], "head_channels": 32}),
+        ("deconvnet", {"widths": [8, 8, 16, 16, 16], "bottleneck": 32}),
     ],
 )
 def test_bundle_round_trips(tmp_path: Path, architecture: str, arch_args: dict[str, Any]) -> None:

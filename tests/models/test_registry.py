@@ -92,6 +92,22 @@ class TestFCN(BaseModelTester):
     architecture = "fcn"
 
 
+class TestFCN32s(BaseModelTester):
+    architecture = "fcn32s"
+
+
+class TestFCN16s(BaseModelTester):
+    architecture = "fcn16s"
+
+
+class TestFCN8s(BaseModelTester):
+    architecture = "fcn8s"
+
+
+class TestDeconvNet(BaseModelTester):
+    architecture = "deconvnet"
+
+
 def test_every_architecture_has_a_tester() -> None:
     tested = sorted(tester.architecture for tester in BaseModelTester.__subclasses__())
     assert tested == available_architectures()
@@ -155,6 +171,9 @@ def test_pretrained_weights_are_refused(weights: object) -> None:
         ("fcn", {"depht": 3}, "depht"),
         ("fcn", {"padding_mode": "mirror"}, "mirror"),
         ("fcn", {"width": 0}, "width"),
+        ("fcn8s", {"variant": "4s"}, "4s"),
+        ("fcn8s", {"widths": [16, 32]}, "widths"),
+        ("deconvnet", {"widths": [16, 32, 64, 128, 0]}, "widths"),
     ],
 )
 def test_bad_arguments_name_the_argument(architecture: str, arch_args: dict[str, Any], named: str) -> None:

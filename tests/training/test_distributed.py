@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -86,3 +87,17 @@ def test_patience_stops_a_run_that_no_longer_improves(scene_files: tuple[str, st
     assert result.stopped_early and result.epochs == len(scores) < 10
     assert result.epochs == best + 2  # two epochs without a better score, then stop
     assert all(s <= scores[best - 1] for s in scores[best:])
+
+
+def test_local_inputs_reach_the_workers_as_absolute_paths(scene_files: tuple[str, str], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray Train workers run in folders of their own: a relative path from the command line must be
+    # made absolute in the driver (it once failed in the worker with "does not exist").
+    from pipeline.training.distributed import _absolute_inputs
+
+    monkeypatch.chdir(Path(scene_files[0]).parent)
+    relative = config((Path(scene_files[0]).name, Path(scene_files[1]).name), tmp_path / "m.bundle")
+    absolute = _absolute_inputs(relative)
+    assert absolute.image == scene_files[0] and absolute.labels == scene_files[1]
+    by_name = dataclasses.replace(relative, image=None, labels=None, catalog="spacenet_atlanta")
+    assert _absolute_inputs(by_name).catalog == "spacenet_atlanta"  # a catalog name, not a file: left alone
