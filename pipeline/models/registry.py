@@ -20,6 +20,9 @@ from torch import nn
 from pipeline.errors import ConfigError
 from pipeline.models.deconvnet import DeconvNet
 from pipeline.models.fcn import FCN
+from pipeline.models.frrn import FRRN
+from pipeline.models.fusionnet import FusionNet
+from pipeline.models.setr import SETR
 from pipeline.models.skipfcn import SkipFCN
 from pipeline.models.unet3plus import UNet3Plus
 
@@ -70,6 +73,11 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
         "fcn16s": Architecture(SkipFCN, MappingProxyType({"variant": "16s"}), uses_encoder=False),
         "fcn8s": Architecture(SkipFCN, MappingProxyType({"variant": "8s"}), uses_encoder=False),
         "deconvnet": Architecture(DeconvNet, uses_encoder=False),
+        "setr_naive": Architecture(SETR, MappingProxyType({"decoder": "naive"}), uses_encoder=False),
+        "setr_pup": Architecture(SETR, MappingProxyType({"decoder": "pup"}), uses_encoder=False),
+        "setr_mla": Architecture(SETR, MappingProxyType({"decoder": "mla"}), uses_encoder=False),
+        "fusionnet": Architecture(FusionNet, uses_encoder=False),
+        "frrn": Architecture(FRRN, uses_encoder=False),
     }
 )
 

@@ -108,6 +108,26 @@ class TestDeconvNet(BaseModelTester):
     architecture = "deconvnet"
 
 
+class TestSETRNaive(BaseModelTester):
+    architecture = "setr_naive"
+
+
+class TestSETRPUP(BaseModelTester):
+    architecture = "setr_pup"
+
+
+class TestSETRMLA(BaseModelTester):
+    architecture = "setr_mla"
+
+
+class TestFusionNet(BaseModelTester):
+    architecture = "fusionnet"
+
+
+class TestFRRN(BaseModelTester):
+    architecture = "frrn"
+
+
 def test_every_architecture_has_a_tester() -> None:
     tested = sorted(tester.architecture for tester in BaseModelTester.__subclasses__())
     assert tested == available_architectures()
@@ -174,6 +194,9 @@ def test_pretrained_weights_are_refused(weights: object) -> None:
         ("fcn8s", {"variant": "4s"}, "4s"),
         ("fcn8s", {"widths": [16, 32]}, "widths"),
         ("deconvnet", {"widths": [16, 32, 64, 128, 0]}, "widths"),
+        ("setr_mla", {"depth": 6}, "depth"),
+        ("setr_pup", {"patch": 12}, "patch"),
+        ("frrn", {"widths": [8, 8]}, "widths"),
     ],
 )
 def test_bad_arguments_name_the_argument(architecture: str, arch_args: dict[str, Any], named: str) -> None:

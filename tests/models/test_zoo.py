@@ -9,10 +9,12 @@ import torch.nn.functional as F
 
 from pipeline.models import build_model
 from pipeline.models.deconvnet import DeconvNet
+from pipeline.models.frrn import FRRN
+from pipeline.models.setr import SETR
 from pipeline.models.skipfcn import SkipFCN, bilinear_upsampling
 from pipeline.synthetic import CLASSES, generate_scene
 
-ZOO = ["fcn32s", "fcn16s", "fcn8s", "deconvnet"]
+ZOO = ["fcn32s", "fcn16s", "fcn8s", "deconvnet", "setr_naive", "setr_pup", "setr_mla", "fusionnet", "frrn"]
 
 
 def test_deconvnet_unpools_to_the_recorded_switch_positions() -> None:
@@ -48,6 +50,35 @@ def test_deconvnet_decoder_reuses_the_encoder_switches() -> None:
     assert len(recorded) == len(used) == 5
     for indices, reused in zip(reversed(recorded), used, strict=True):
         assert reused is indices  # the very tensors the pools returned, deepest first
+
+
+@pytest.mark.parametrize("decoder", ["naive", "pup", "mla"])
+def test_setr_runs_at_sizes_other_than_its_training_size(decoder: str) -> None:
+    torch.manual_seed(0)
+    model = SETR(3, 2, decoder=decoder, img_size=256).eval()  # positional embedding for 16 x 16 patches
+    assert model.position.shape[-2:] == (16, 16)
+    assert model.positional(16, 16).shape == (1, 256, 128)
+    assert model.positional(24, 10).shape == (1, 240, 128)  # interpolated to another grid
+    with torch.no_grad():
+        for h, w in ((256, 256), (384, 160), (100, 37)):
+            assert model(torch.rand(1, 3, h, w)).shape == (1, 2, h, w)
+        # Interpolating to the learnt grid itself changes nothing.
+        grid = model.position
+        same = torch.nn.functional.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False)
+        assert torch.allclose(same, grid)
+
+
+def test_frrn_residual_stream_stays_at_full_resolution() -> None:
+    torch.manual_seed(0)
+    model = FRRN(3, 2).eval()
+    shapes: list[tuple[int, ...]] = []
+    hooks = [unit.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out[1].shape)))
+             for unit in (*model.down, *model.up)]
+    with torch.no_grad():
+        model(torch.rand(1, 3, 70, 45))
+    for hook in hooks:
+        hook.remove()
+    assert len(shapes) == 17 and set(shapes) == {(1, 16, 70, 45)}  # every unit updates it in place
 
 
 def test_fcn_upsampling_starts_as_bilinear_interpolation() -> None:
