@@ -20,6 +20,7 @@ FULL = [
     ["bench.background"],
     ["bench.training"],
     ["bench.query"],
+    ["bench.models"],
 ]
 QUICK = [
     ["bench.efficiency", "--size", "1024", "--repeats", "1"],
@@ -27,6 +28,7 @@ QUICK = [
     ["bench.background", "--size", "1024", "--fractions", "1", "0.5"],
     ["bench.training", "--steps-per-epoch", "5", "--batch", "4", "--window", "64"],
     ["bench.query", "--size", "2048", "--requests", "20"],
+    ["bench.models", "--repeats", "1"],
 ]
 
 

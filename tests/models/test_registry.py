@@ -134,7 +134,8 @@ def test_every_architecture_has_a_tester() -> None:
 
 
 def test_registry_names_the_required_architectures() -> None:
-    required = {"unet", "unetplusplus", "deeplabv3plus", "segformer", "fpn", "pspnet", "unet3plus", "fcn"}
+    required = {"unet", "unetplusplus", "deeplabv3plus", "segformer", "fpn", "pspnet", "unet3plus", "fcn",
+                "fcn32s", "fcn16s", "fcn8s", "deconvnet", "setr_naive", "setr_pup", "setr_mla", "fusionnet", "frrn"}
     assert required <= set(ARCHITECTURES)
     with pytest.raises(TypeError):
         ARCHITECTURES["mine"] = ARCHITECTURES["unet"]  # type: ignore[index]
