@@ -49,7 +49,7 @@ class FusionNet(nn.Module):
 
     def __init__(self, in_channels: int, classes: int, widths: Sequence[int] = DEFAULT_WIDTHS) -> None:
         super().__init__()
-        check_widths("widths", widths, len(widths) if len(widths) >= 2 else 2)
+        check_widths("widths", widths, max(len(widths), 2))  # at least one level and the bridge
         self.down = nn.ModuleList(level(in_channels if i == 0 else widths[i - 1], w) for i, w in enumerate(widths[:-1]))
         self.bridge = level(widths[-2], widths[-1])
         self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
