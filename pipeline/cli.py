@@ -94,20 +94,11 @@ LEVEL = typer.Option(help="Pyramid level (0 = full resolution).")
 RESOLUTION = typer.Option(help="Target pixel size in the mosaic's units; picks the coarsest level as fine.")
 
 
-def _numbers(text: str | None, kind: type) -> tuple[Any, ...] | None:
-    from pipeline.errors import RegionError
-
-    if text is None:
-        return None
-    try:
-        return tuple(kind(v) for v in text.split(","))
-    except ValueError:
-        raise RegionError(f"{text!r}: give four comma-separated numbers") from None
-
-
 def _region(window: str | None, bbox: str | None, crs: str | None, level: int | None,
             resolution: float | None) -> dict[str, Any]:
-    return {"window": _numbers(window, int), "bbox": _numbers(bbox, float), "crs": crs, "level": level,
+    from pipeline.query.window import parse_bbox, parse_window
+
+    return {"window": parse_window(window), "bbox": parse_bbox(bbox), "crs": crs, "level": level,
             "resolution": resolution}
 
 
@@ -170,6 +161,7 @@ def query_stats(
     from pipeline.errors import RegionError
     from pipeline.mosaic import Mosaic
     from pipeline.query import class_areas, mosaic_stats
+    from pipeline.query.window import parse_bbox, parse_window
 
     with user_errors():
         m = Mosaic.open(mosaic)
@@ -182,7 +174,7 @@ def query_stats(
         elif window is None and bbox is None:
             result = mosaic_stats(m, level or 0)
         else:
-            result = class_areas(m, window=_numbers(window, int), bbox=_numbers(bbox, float), crs=crs, level=level,
+            result = class_areas(m, window=parse_window(window), bbox=parse_bbox(bbox), crs=crs, level=level,
                                  max_pixels=None)
         typer.echo(json.dumps(result.to_dict(), indent=2))
 

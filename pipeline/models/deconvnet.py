@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pipeline.models.vgg import DEFAULT_WIDTHS, VGG16_DEPTHS, conv_bn_relu, vgg_stages
+from pipeline.models.layers import conv_bn_relu
+from pipeline.models.vgg import DEFAULT_WIDTHS, VGG16_DEPTHS, vgg_stages
 
 
 def deconv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.models.fusionnet import ResidualBlock
-from pipeline.models.vgg import check_widths, conv_bn_relu
+from pipeline.models.layers import ResidualBlock, check_widths, conv_bn_relu
 
 # (scale, units) going down, then coming up: FRRN A.
 DOWN = ((2, 3), (4, 4), (8, 2), (16, 2))

@@ -14,23 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.vgg import check_widths, conv_bn_relu
+from pipeline.models.layers import ResidualBlock, check_widths, conv_bn_relu
 
 DEFAULT_WIDTHS = (16, 32, 64, 128, 256)
-
-
-class ResidualBlock(nn.Module):
-    """Three 3x3 convolutions with batch norm, added to the input (the last ReLU after the sum)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            conv_bn_relu(channels, channels), conv_bn_relu(channels, channels),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x + self.body(x))
 
 
 def level(in_channels: int, channels: int) -> nn.Sequential:

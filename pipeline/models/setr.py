@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.models.vgg import conv_bn_relu
+from pipeline.models.layers import conv_bn_relu, pad_to_multiple
 
 DECODERS = ("naive", "pup", "mla")
 
@@ -98,9 +98,7 @@ class SETR(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_channels, H, W) -> (N, classes, H, W) logits, for any H and W."""
         h, w = x.shape[-2:]
-        pad_h, pad_w = -h % self.patch, -w % self.patch
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
+        x = pad_to_multiple(x, self.patch)
         tokens = self.embed(x)
         rows, cols = tokens.shape[-2:]
         sequence = tokens.flatten(2).transpose(1, 2) + self.positional(rows, cols)

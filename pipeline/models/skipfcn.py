@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.models.vgg import DEFAULT_WIDTHS, conv_bn_relu, vgg_stages
+from pipeline.models.layers import conv_bn_relu, pad_to_multiple
+from pipeline.models.vgg import DEFAULT_WIDTHS, vgg_stages
 
 VARIANTS = ("32s", "16s", "8s")
 STRIDE = 32
@@ -81,9 +81,7 @@ class SkipFCN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_channels, H, W) -> (N, classes, H, W) logits, for any H and W."""
         h, w = x.shape[-2:]
-        pad_h, pad_w = -h % STRIDE, -w % STRIDE
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
+        x = pad_to_multiple(x, STRIDE)
         pools = []
         for stage in self.stages:
             x = self.pool(stage(x))

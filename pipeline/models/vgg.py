@@ -12,20 +12,11 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.models.layers import check_widths, conv_bn_relu
 
 VGG16_DEPTHS = (2, 2, 3, 3, 3)
 VGG16_WIDTHS = (64, 128, 256, 512, 512)
 DEFAULT_WIDTHS = (16, 32, 64, 128, 128)
-
-
-def conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3) -> nn.Sequential:
-    """A convolution (no bias: batch norm shifts), batch norm and ReLU; keeps the spatial size."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
 
 
 def vgg_stages(in_channels: int, widths: Sequence[int], depths: Sequence[int] = VGG16_DEPTHS) -> nn.ModuleList:
@@ -38,8 +29,3 @@ def vgg_stages(in_channels: int, widths: Sequence[int], depths: Sequence[int] = 
         stages.append(nn.Sequential(*layers))
         channels = width
     return stages
-
-
-def check_widths(name: str, widths: Sequence[int], count: int) -> None:
-    if len(widths) != count or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
-        raise ConfigError(f"{name}={list(widths)!r} is invalid; expected {count} positive integers")

@@ -25,7 +25,7 @@ from affine import Affine
 from pipeline.errors import RegionError
 from pipeline.mosaic import Mosaic
 from pipeline.query.region import read_window
-from pipeline.query.window import Window, level_transform, pixel_size
+from pipeline.query.window import Window, coarsest_level, level_transform, pixel_size
 from pipeline.stitching import NODATA_CLASS
 from pipeline.tiling import Rect
 
@@ -94,11 +94,9 @@ def check_tile(z: int, x: int, y: int, max_zoom: int) -> None:
 
 
 def _level_for(p: Pyramid, size: float) -> int:
-    """The coarsest level whose pixels are no larger than `size` (in the pyramid's units)."""
+    """The coarsest level of `p` whose pixels are no larger than `size` (in its units)."""
     base = max(abs(p.transform(0).a), abs(p.transform(0).e))
-    if size <= base:
-        return 0
-    return min(math.floor(math.log2(size / base) + 1e-9), p.num_levels - 1)
+    return coarsest_level(base, size, p.num_levels)
 
 
 def xyz_tile(p: Pyramid, z: int, x: int, y: int, size: int = TILE) -> np.ndarray:

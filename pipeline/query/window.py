@@ -81,13 +81,19 @@ def pixel_size(layout: MosaicLayout, level: int = 0) -> float:
     return max(math.hypot(t.a, t.d), math.hypot(t.b, t.e))
 
 
+def coarsest_level(base: float, size: float, num_levels: int) -> int:
+    """Of `num_levels` levels with pixels of `base` * 2^k, the coarsest whose pixels are no larger than
+    `size` (level 0 if none is)."""
+    if size <= base:
+        return 0
+    return min(math.floor(math.log2(size / base) + 1e-9), num_levels - 1)
+
+
 def level_for_resolution(layout: MosaicLayout, resolution: float) -> int:
     """The coarsest level whose pixels are no larger than `resolution` (level 0 if none is)."""
     if not resolution > 0:
         raise RegionError(f"resolution {resolution}: give a positive pixel size in {units(layout)}")
-    base = pixel_size(layout, 0)
-    level = math.floor(math.log2(resolution / base) + 1e-9) if resolution >= base else 0
-    return min(max(level, 0), layout.num_levels - 1)
+    return coarsest_level(pixel_size(layout, 0), resolution, layout.num_levels)
 
 
 def check_level(layout: MosaicLayout, level: int) -> int:
@@ -288,6 +294,25 @@ def bounds_in(layout: MosaicLayout, crs: str) -> BBox:
 def describe_bounds(layout: MosaicLayout) -> str:
     minx, miny, maxx, maxy = bounds(layout)
     return f"bounds {minx:.6g}, {miny:.6g}, {maxx:.6g}, {maxy:.6g} {units(layout)}"
+
+
+def parse_window(text: str | None) -> tuple[int, ...] | None:
+    """A window typed as "y0,x0,y1,x1" (the CLI's and the service's form); None stays None."""
+    return _parse(text, int, "window", "y0,x0,y1,x1")
+
+
+def parse_bbox(text: str | None) -> tuple[float, ...] | None:
+    """A bbox typed as "minx,miny,maxx,maxy"; None stays None."""
+    return _parse(text, float, "bbox", "min x,min y,max x,max y")
+
+
+def _parse(text: str | None, kind: type, name: str, form: str) -> tuple[Any, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise RegionError(f"{name} {text!r}: give four comma-separated numbers {form}") from None
 
 
 def _check_bbox(bbox: Sequence[float]) -> BBox:

@@ -42,7 +42,16 @@ from pipeline.query.tiles import (
     xyz_tile,
 )
 from pipeline.query.vector import vectorize
-from pipeline.query.window import WGS84, RegionTooLargeError, bounds_in, check_size, level_transform, resolve
+from pipeline.query.window import (
+    WGS84,
+    RegionTooLargeError,
+    bounds_in,
+    check_size,
+    level_transform,
+    parse_bbox,
+    parse_window,
+    resolve,
+)
 
 VIEWER = Path(__file__).parent / "viewer"
 LEAFLET = VIEWER / "node_modules" / "leaflet" / "dist"
@@ -124,7 +133,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
 
     def region_window(m: Mosaic, window: str | None, bbox: str | None, crs: str | None, level: int | None,
                       resolution: float | None, max_pixels: int) -> Any:
-        win = resolve(m.layout, window=_ints(window), bbox=_floats(bbox), crs=crs, level=level,
+        win = resolve(m.layout, window=parse_window(window), bbox=parse_bbox(bbox), crs=crs, level=level,
                       resolution=resolution)
         check_size(win, max_pixels)
         return win
@@ -188,7 +197,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
             return cache.once((mid, cache.stamp(mid), "stats", win.level),
                               lambda: mosaic_stats(m, win.level).to_dict())
         # A region is counted in memory: the region limit applies.
-        return class_areas(m, window=_ints(window), bbox=_floats(bbox), crs=crs, level=level,
+        return class_areas(m, window=parse_window(window), bbox=parse_bbox(bbox), crs=crs, level=level,
                            max_pixels=lim.region_pixels).to_dict()
 
     @app.post("/api/mosaics/{mid:path}/areas", summary="Per-class areas inside a GeoJSON polygon")
@@ -204,7 +213,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
                  simplify: Annotated[float, Query(ge=0, le=1e9)] = 0.0,
                  out_crs: CrsParam = None) -> JSONResponse:
         m = mosaic(mid)
-        collection = vectorize(m, window=_ints(window), bbox=_floats(bbox), crs=crs, level=level,
+        collection = vectorize(m, window=parse_window(window), bbox=parse_bbox(bbox), crs=crs, level=level,
                                resolution=resolution, classes=classes.split(",") if classes else None,
                                simplify=simplify, out_crs=out_crs, max_pixels=lim.vector_pixels)
         return JSONResponse(collection, media_type="application/geo+json")
@@ -297,19 +306,6 @@ def tile_scheme(mid: str, m: Mosaic) -> dict[str, Any]:
                 "bounds": [w, s, e, n]}
     return {"scheme": "pixel", "url": url, "min_zoom": 0, "max_zoom": pixel_max_zoom(layout.level_shape(0), TILE),
             "tile": TILE, "size": [layout.height, layout.width]}
-
-
-def _ints(text: str | None) -> tuple[int, ...] | None:
-    return None if text is None else tuple(int(v) for v in text.split(","))
-
-
-def _floats(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise RegionError(f"bbox {text!r}: give four numbers min x,min y,max x,max y") from None
 
 
 def _rgba_png(values: Any) -> bytes:
