@@ -62,6 +62,46 @@ def segment(
 
 
 @app.command()
+def refine(
+    mosaic: Annotated[Path, typer.Argument(help="A complete mosaic written by `tessera segment`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Refined mosaic folder to write (.zarr).")],
+    source: Annotated[Path | None, typer.Option(
+        help="The image MOSAIC was segmented from (default: the path in its lineage).")] = None,
+    iterations: Annotated[int, typer.Option(help="Mean-field iterations.")] = 5,
+    gaussian_sxy: Annotated[float, typer.Option(help="Smoothness kernel: spatial sigma, px.")] = 3.0,
+    gaussian_compat: Annotated[float, typer.Option(help="Smoothness kernel: weight.")] = 3.0,
+    bilateral_sxy: Annotated[float, typer.Option(help="Appearance kernel: spatial sigma, px.")] = 50.0,
+    bilateral_srgb: Annotated[float, typer.Option(help="Appearance kernel: colour sigma, 8-bit levels.")] = 13.0,
+    bilateral_compat: Annotated[float, typer.Option(help="Appearance kernel: weight.")] = 5.0,
+    halo: Annotated[int | None, typer.Option(help="Context px around each block (default: 4 x the sigma).")] = None,
+    block: Annotated[int | None, typer.Option(help="Block edge, a multiple of the shard (default: a shard).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Blocks refined at once (default: one per core).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: embedded).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a complete mosaic at --out.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    track: Annotated[bool, typer.Option(help="Track the job as an MLflow run.")] = True,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: ./mlflow.db).")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "tessera-refine",
+) -> None:
+    """Refine MOSAIC with a dense CRF (DeepLab's post-process) into a new mosaic of class probabilities."""
+    from pipeline.crf import CRFSettings
+
+    with user_errors():
+        crf = CRFSettings(iterations=iterations, gaussian_sxy=gaussian_sxy, gaussian_compat=gaussian_compat,
+                          bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb,
+                          bilateral_compat=bilateral_compat, halo=halo)
+        from pipeline.refinement import RefineConfig, refine_mosaic  # torch and Ray: after the settings check
+        from pipeline.tracking import Tracking
+
+        config = RefineConfig(
+            mosaic=str(mosaic), output=str(out), source=str(source) if source else None, crf=crf, block=block,
+            workers=workers, ray_address=ray_address, overwrite=overwrite, progress=not quiet,
+            tracking=Tracking(enabled=track, uri=tracking_uri, experiment=experiment),
+        )
+        typer.echo(refine_mosaic(config).describe())
+
+
+@app.command()
 def info(mosaic: Annotated[Path, typer.Argument(help="A mosaic written by `tessera segment`.")]) -> None:
     """Print a mosaic's state, layout and lineage as JSON."""
     from pipeline.mosaic import Mosaic
@@ -391,7 +431,7 @@ ADDRESS = typer.Option("--address", help="Ray dashboard address, e.g. http://hea
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit(
     ctx: typer.Context,
-    job: Annotated[str, typer.Argument(help="segment, train or nightly.")],
+    job: Annotated[str, typer.Argument(help="segment, refine, train or nightly.")],
     address: Annotated[str | None, ADDRESS] = None,
     working_dir: Annotated[str | None, typer.Option(help="Folder shipped as the job's working directory.")] = None,
     python: Annotated[str, typer.Option(help="Interpreter on the cluster with tessera installed.")] = "python",

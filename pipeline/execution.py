@@ -41,7 +41,7 @@ from pipeline.models.bundle import ModelBundle
 from pipeline.mosaic import Mosaic, MosaicLayout, check_output, check_storage
 from pipeline.sources import RasterSource, open_source
 from pipeline.tiling import BlockId, BlockPlan, TileGrid
-from pipeline.tracking import SegmentRun, Tracking, check_reachable, flat_params, segment_run
+from pipeline.tracking import JobRun, Tracking, check_reachable, flat_params, job_run
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | Non
     with OutputLock(config.output):
         resume = check_output(config.output, config.overwrite, job)  # authoritative, under the lock
         params = flat_params(config, job) | {f"model.{k}": v for k, v in (registered or {}).items()}
-        with segment_run(config.tracking, params, config.output) as run:
+        with job_run(config.tracking, params, config.output) as run:
             summary = _execute(config, source, bundle, grid, job, resume, device_type, workers, threads,
                                start, on_progress, run, registered)
             run.log_result(summary.as_dict(), dataclasses.asdict(config), Mosaic.open(config.output).preview_png())
@@ -415,7 +415,7 @@ def job_fingerprint(config: SegmentConfig, source: RasterSource, bundle: ModelBu
 def _execute(
     config: SegmentConfig, source: RasterSource, bundle: ModelBundle, grid: TileGrid, job: dict[str, Any],
     resume: bool, device_type: str, workers: int, threads: int, start: float,
-    on_progress: Callable[[int, int], None] | None, run: SegmentRun, registered: dict[str, Any] | None = None,
+    on_progress: Callable[[int, int], None] | None, run: JobRun, registered: dict[str, Any] | None = None,
 ) -> SegmentSummary:
     """Plan, create or reopen the mosaic, run the blocks not yet done, pyramid, finish."""
     import ray

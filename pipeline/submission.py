@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError, TesseraError
 
-ENTRY_POINTS = {"segment": "jobs.segment", "train": "jobs.train", "nightly": "jobs.nightly"}
+ENTRY_POINTS = {"segment": "jobs.segment", "refine": "jobs.refine", "train": "jobs.train", "nightly": "jobs.nightly"}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_SECONDS = 60.0
 

@@ -448,12 +448,14 @@ def write_label_mosaic(
     shard: int = 512,
     seed: int = 0,
     lineage: dict[str, Any] | None = None,
+    scores: np.ndarray | None = None,
 ) -> Mosaic:
     """A complete mosaic whose mask is `labels` (255 = nodata), without a model: for tests and benchmarks.
 
     The scores are logits of 4 for the labelled class and 0 for the others, plus seeded noise of
-    standard deviation 0.5, so the confidence varies as a model's would and the argmax is the label.
-    Blocks of one shard are written, then the pyramid, exactly as a segment job does.
+    standard deviation 0.5, so the confidence varies as a model's would and the argmax is the label;
+    or the given (C, H, W) `scores` (e.g. `coarse_logits`), NaN where `labels` is 255. Blocks of one
+    shard are written, then the pyramid, exactly as a segment job does.
     """
     from pipeline.mosaic import Mosaic, MosaicLayout
     from pipeline.stitching import BlockOutput, summarise
@@ -468,13 +470,34 @@ def write_label_mosaic(
         for x0 in range(0, width, shard):
             region = Rect(y0, x0, min(y0 + shard, height), min(x0 + shard, width))
             block = labels[region.y0 : region.y1, region.x0 : region.x1]
-            rng = np.random.default_rng((seed, y0, x0))
-            scores = rng.normal(0, 0.5, (len(classes), *block.shape)).astype(np.float32)
-            for c in range(len(classes)):
-                scores[c][block == c] += 4.0
-            scores[:, block == 255] = np.nan
-            mask, confidence = summarise(scores, "logits")
-            mosaic.write_block(BlockOutput(region, scores, mask, confidence))
+            if scores is None:
+                rng = np.random.default_rng((seed, y0, x0))
+                values = rng.normal(0, 0.5, (len(classes), *block.shape)).astype(np.float32)
+                for c in range(len(classes)):
+                    values[c][block == c] += 4.0
+            else:
+                values = scores[:, region.y0 : region.y1, region.x0 : region.x1].astype(np.float32)
+            values[:, block == 255] = np.nan
+            mask, confidence = summarise(values, "logits")
+            mosaic.write_block(BlockOutput(region, values, mask, confidence))
     mosaic.build_pyramid()
     mosaic.finish({})
     return mosaic
+
+
+def coarse_logits(labels: np.ndarray, num_classes: int, *, sigma: float = 4.0, noise: float = 1.0,
+                  seed: int = 0) -> np.ndarray:
+    """(C, H, W) float32 logits like a coarse model's on a scene whose truth is `labels`.
+
+    One-hot labels blurred with a Gaussian of `sigma` px (soft boundaries that ignore the image's
+    edges, as from a low-resolution decoder), scaled to 4, plus seeded Gaussian noise of standard
+    deviation `noise` smoothed over 1 px. Where the blur and noise move the argmax off the truth is
+    near boundaries and in thin structures: what a dense CRF is meant to correct.
+    """
+    rng = np.random.default_rng(seed)
+    logits = np.empty((num_classes, *labels.shape), np.float32)
+    for c in range(num_classes):
+        soft = ndimage.gaussian_filter((labels == c).astype(np.float32), sigma)
+        jitter = rng.normal(0.0, noise, labels.shape).astype(np.float32)
+        logits[c] = ndimage.gaussian_filter(4.0 * soft + jitter, 1.0)
+    return logits

@@ -33,7 +33,7 @@ OUTPUT_TAG = "tessera.output"
 
 @dataclass(frozen=True)
 class Tracking:
-    """Where segment jobs are tracked; `enabled=False` tracks nothing."""
+    """Where jobs that write mosaics are tracked; `enabled=False` tracks nothing."""
 
     enabled: bool = True
     uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
@@ -44,8 +44,8 @@ class Tracking:
 
 
 @dataclass
-class SegmentRun:
-    """An open MLflow run of a segment job (or a stand-in that records nothing)."""
+class JobRun:
+    """An open MLflow run of a job that writes a mosaic, segment or refine (or a stand-in that records nothing)."""
 
     run_id: str | None = None
     tracking_uri: str | None = None
@@ -70,8 +70,8 @@ class SegmentRun:
 
 
 @contextlib.contextmanager
-def segment_run(tracking: Tracking, params: Mapping[str, Any], output: str) -> Iterator[SegmentRun]:
-    """Open a run for a segment job; it ends FINISHED, or FAILED if the job raises.
+def job_run(tracking: Tracking, params: Mapping[str, Any], output: str) -> Iterator[JobRun]:
+    """Open a run for a job that writes a mosaic; it ends FINISHED, or FAILED if the job raises.
 
     Args:
         tracking: where to track; disabled gives a run that records nothing.
@@ -79,11 +79,11 @@ def segment_run(tracking: Tracking, params: Mapping[str, Any], output: str) -> I
         output: the mosaic path (a tag, to find the run from the mosaic's side).
     """
     if not tracking.enabled:
-        yield SegmentRun()
+        yield JobRun()
         return
     tags = {OUTPUT_TAG: str(Path(output).resolve()) if "://" not in output else output}
     with open_run(tracking, Path(output).name, params, tags) as (run_id, uri, experiment_id):
-        yield SegmentRun(run_id, uri, experiment_id)
+        yield JobRun(run_id, uri, experiment_id)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,224 @@
+"""Dense CRF refinement: the CRF itself on generated scenes, and the refine job over a real mosaic on Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from pipeline.crf import ColourScale, CRFSettings, refine, unary_energy
+from pipeline.errors import ConfigError, MosaicError, OutputExistsError
+from pipeline.mosaic import Mosaic
+from pipeline.refinement import RefineConfig, RefineSummary, refine_mosaic
+from pipeline.synthetic import CLASSES, coarse_logits, generate_scene, write_label_mosaic, write_scene
+from pipeline.tiling import Rect
+from pipeline.tracking import Tracking, find_runs
+
+SMALL_CRF = CRFSettings(bilateral_sxy=20.0)  # halo 80 px: blocks of 128 px still see well past their edges
+
+
+def boundary_band(labels: np.ndarray, width: int) -> np.ndarray:
+    """Pixels within `width` px of a change of class in `labels` (the trimap of DeepLab's evaluation)."""
+    edges = ndimage.morphological_gradient(labels, size=3) > 0
+    return ndimage.binary_dilation(edges, iterations=width)
+
+
+def test_crf_raises_boundary_accuracy_on_a_generated_scene() -> None:
+    scene = generate_scene(384, 384, seed=11)
+    logits = coarse_logits(scene.labels, len(CLASSES), sigma=4.0, noise=1.0, seed=2)
+    q = refine(logits, "logits", ColourScale().apply(scene.image), (0, 0), CRFSettings())
+    band = boundary_band(scene.labels, 3)
+    before, after = logits.argmax(0) == scene.labels, q.argmax(0) == scene.labels
+    assert band.mean() > 0.1  # the scene has boundaries enough to measure
+    assert after[band].mean() > before[band].mean() + 0.04, (before[band].mean(), after[band].mean())
+    assert after.mean() > before.mean()
+    np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-4)
+
+
+def test_unary_energy_is_minus_log_softmax_and_nodata_has_no_opinion() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4, 5, 6)).astype(np.float32)
+    logits[:, 2, 3] = np.nan
+    energy = unary_energy(logits, "logits").reshape(4, 5, 6)
+    expected = -torch.log_softmax(torch.from_numpy(np.nan_to_num(logits)), dim=0).numpy()
+    valid = ~np.isnan(logits[0])
+    np.testing.assert_allclose(energy[:, valid], expected[:, valid], atol=1e-5)
+    assert (energy[:, 2, 3] == 0).all()
+    probabilities = np.full((2, 1, 2), 0.5, np.float32)
+    np.testing.assert_allclose(unary_energy(probabilities, "probabilities"), np.log(2), atol=1e-6)
+
+
+def test_refine_keeps_nodata_and_follows_image_edges() -> None:
+    # Left half red, right half blue; the logits put the class boundary 6 px too far right.
+    image = np.zeros((3, 32, 64), np.uint8)
+    image[0, :, :32] = 200
+    image[2, :, 32:] = 200
+    logits = np.zeros((2, 32, 64), np.float32)
+    logits[0, :, :38], logits[1, :, 38:] = 1.0, 1.0
+    logits[:, :, :2] = np.nan
+    q = refine(logits, "logits", ColourScale().apply(image), (0, 0), CRFSettings(bilateral_sxy=10))
+    assert np.isnan(q[:, :, :2]).all() and not np.isnan(q[:, :, 2:]).any()
+    mask = q[:, :, 2:].argmax(0)
+    assert (mask[:, :30] == 0).all() and (mask[:, 30:] == 1).all()  # the boundary moved to the colour edge
+
+
+def test_colour_scale_is_the_same_for_every_window() -> None:
+    rng = np.random.default_rng(1)
+    image = rng.integers(300, 4000, (4, 50, 60)).astype(np.uint16)
+    scale = ColourScale.from_sample(image.reshape(4, -1))
+    whole = scale.apply(image)
+    np.testing.assert_array_equal(scale.apply(image[:, 10:30, 20:45]), whole[10:30, 20:45])
+    assert whole.shape == (50, 60, 3)
+    assert abs(np.percentile(whole[..., 0], 2)) < 1 and abs(np.percentile(whole[..., 0], 98) - 255) < 1
+    grey = ColourScale().apply(image[:1].astype(np.uint8))
+    np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
+
+
+@pytest.mark.parametrize("bad", [
+    {"iterations": 0}, {"bilateral_sxy": 0.0}, {"gaussian_sxy": float("nan")}, {"bilateral_compat": -1.0},
+    {"halo": -5},
+])
+def test_bad_crf_settings_are_refused(bad: dict[str, float]) -> None:
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        CRFSettings(**bad)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def scene_mosaic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
+    """A 512 x 768 scene as a GeoTIFF, and a complete mosaic of coarse logits over it with a nodata strip."""
+    folder = tmp_path_factory.mktemp("refine")
+    scene = generate_scene(512, 768, seed=7)
+    image = folder / "scene.tif"
+    write_scene(scene, image, folder / "labels.tif")
+    labels = scene.labels.copy()
+    labels[:, 700:] = 255
+    logits = coarse_logits(scene.labels, len(CLASSES), seed=3)
+    mosaic = folder / "coarse.zarr"
+    write_label_mosaic(labels, mosaic, chunk=64, shard=128, scores=logits,
+                       lineage={"source": {"path": str(image), "level": 0}})
+    return mosaic, image, scene.image
+
+
+@pytest.fixture(scope="module")
+def refined(scene_mosaic: tuple[Path, Path, np.ndarray], ray_session: None) -> tuple[Path, RefineSummary]:
+    mosaic, _, _ = scene_mosaic
+    out = mosaic.parent / "refined.zarr"
+    before = Mosaic.open(mosaic).checksum(_whole(mosaic))
+    summary = refine_mosaic(RefineConfig(str(mosaic), str(out), crf=SMALL_CRF, progress=False))
+    assert Mosaic.open(mosaic).checksum(_whole(mosaic)) == before  # the input is never written
+    return out, summary
+
+
+def _whole(path: Path) -> Rect:
+    layout = Mosaic.open(path).layout
+    return Rect(0, 0, layout.height, layout.width)
+
+
+def test_block_by_block_equals_refining_the_whole(scene_mosaic: tuple[Path, Path, np.ndarray],
+                                                   refined: tuple[Path, RefineSummary]) -> None:
+    mosaic, _, image = scene_mosaic
+    out, summary = refined
+    stored = Mosaic.open(mosaic).read("scores", 0).astype(np.float32)
+    whole = refine(stored, "logits", ColourScale().apply(image), (0, 0), SMALL_CRF)
+    blocks = Mosaic.open(out).read("scores", 0).astype(np.float32)
+    assert summary.blocks_written == 4 * 6  # every block has data
+    valid = ~np.isnan(whole[0])
+    assert np.array_equal(valid, ~np.isnan(blocks[0]))
+    diff = np.abs(blocks[:, valid] - whole[:, valid])
+    assert diff.max() < 0.03 and diff.mean() < 1e-4, (diff.max(), diff.mean())  # float16 storage: ~5e-4
+    agree = (blocks.argmax(0) == whole.argmax(0))[valid].mean()
+    assert agree > 0.9999, agree
+
+
+def test_refined_mosaic_is_complete_self_describing_and_better(scene_mosaic: tuple[Path, Path, np.ndarray],
+                                                               refined: tuple[Path, RefineSummary]) -> None:
+    mosaic, image, _ = scene_mosaic
+    out = refined[0]
+    m, before = Mosaic.open(out), Mosaic.open(mosaic)
+    assert m.complete and m.layout.scores_kind == "probabilities"
+    assert dataclasses.replace(m.layout, scores_kind="logits") == before.layout
+    assert m.lineage["refined"]["crf"] == SMALL_CRF.as_dict()
+    assert m.lineage["refined"]["mosaic"] == str(mosaic.resolve())
+    assert m.lineage["source"]["path"] == str(image)
+    assert m.meta["job"]["crf"]["halo"] == 80
+    scores = m.read("scores", 0).astype(np.float32)
+    valid = ~np.isnan(scores[0])
+    np.testing.assert_allclose(scores[:, valid].sum(0), 1.0, atol=3e-3)
+    mask = m.read("mask", 0)
+    assert (mask[:, 700:] == 255).all() and (mask[:, :700] != 255).all()
+    np.testing.assert_array_equal(mask[valid], scores[:, valid].argmax(0))
+    for k in range(1, m.layout.num_levels):  # the pyramid is there, at every level
+        assert (m.read("mask", k) != 255).any()
+    truth = generate_scene(512, 768, seed=7).labels
+    band = boundary_band(truth, 3) & valid
+    coarse = before.read("mask", 0)
+    assert (mask == truth)[band].mean() > (coarse == truth)[band].mean() + 0.03
+    assert find_runs(out, Tracking(experiment="tessera-refine"))
+
+
+def test_an_interrupted_refinement_resumes(scene_mosaic: tuple[Path, Path, np.ndarray],
+                                           refined: tuple[Path, RefineSummary], tmp_path: Path) -> None:
+    import shutil
+
+    mosaic, _, _ = scene_mosaic
+    out = tmp_path / "resumed.zarr"
+    shutil.copytree(refined[0], out)
+    m = Mosaic.open(out, mode="r+")
+    meta = m.meta
+    meta["complete"] = False
+    m.group.attrs["tessera"] = meta
+    for name in ("_tessera/blocks/1_2", "_tessera/blocks/3_0"):
+        shutil.rmtree(out / name)
+    scores = m.array("scores", 0)
+    scores[:, 128:256, 256:384] = 0  # a block whose write was cut short, and whose marker never came
+    summary = refine_mosaic(RefineConfig(str(mosaic), str(out), crf=SMALL_CRF, progress=False))
+    assert (summary.blocks_written, summary.blocks_resumed) == (2, 22)
+    np.testing.assert_array_equal(Mosaic.open(out).read("scores", 0), Mosaic.open(refined[0]).read("scores", 0))
+
+
+def test_bad_refine_inputs_fail_before_anything_is_written(scene_mosaic: tuple[Path, Path, np.ndarray],
+                                                           tmp_path: Path) -> None:
+    mosaic, _, _ = scene_mosaic
+    out = tmp_path / "out.zarr"
+    with pytest.raises(ConfigError, match="--source"):
+        other = tmp_path / "other.tif"
+        write_scene(generate_scene(64, 64, seed=0), other, tmp_path / "other_labels.tif")
+        refine_mosaic(RefineConfig(str(mosaic), str(out), source=str(other)))
+    with pytest.raises(ConfigError, match="multiple of the mosaic's shard 128"):
+        refine_mosaic(RefineConfig(str(mosaic), str(out), block=200))
+    with pytest.raises(ConfigError, match="elsewhere"):
+        refine_mosaic(RefineConfig(str(mosaic), str(mosaic)))
+    unfinished = tmp_path / "unfinished.zarr"
+    write_label_mosaic(np.zeros((64, 64), np.uint8), unfinished, chunk=64, shard=64)
+    m = Mosaic.open(unfinished, mode="r+")
+    m.group.attrs["tessera"] = {**m.meta, "complete": False}
+    with pytest.raises(MosaicError, match="not complete"):
+        refine_mosaic(RefineConfig(str(unfinished), str(out)))
+    assert not out.exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not a tessera mosaic"):
+        refine_mosaic(RefineConfig(str(mosaic), str(tmp_path / "taken")))
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_cli_refine_reports_bad_input_and_the_job_config_maps(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "refine", str(tmp_path / "missing.zarr"), "-o", str(tmp_path / "o.zarr"),
+         "--bilateral-sxy", "-3"], capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and "bilateral_sxy=-3.0" in result.stderr
+    from hydra import compose, initialize_config_dir
+
+    from jobs.refine import to_config
+
+    with initialize_config_dir(str(Path(__file__).parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("refine", ["mosaic=a.zarr", "output=b.zarr", "crf.bilateral_sxy=30", "block=4096"])
+    config = to_config(cfg)
+    assert config.crf == CRFSettings(bilateral_sxy=30.0) and config.block == 4096 and config.source is None
