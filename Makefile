@@ -6,14 +6,15 @@ STAMP  := $(VENV)/.installed
 # The web viewer's front-end packages (Leaflet), from the npm registry, pinned by package-lock.json.
 VIEWER := pipeline/service/viewer
 VIEWER_STAMP := $(VIEWER)/node_modules/.installed
-# Debian's packages the tests need: Chromium for the viewer's browser test; Node.js and npm for the viewer;
-# a C++ compiler and Python's headers to build pydensecrf2 (dense CRF refinement), which PyPI has as source only.
+# Debian's packages the tests need: Chromium for the viewer's browser test; Node.js and npm for the viewer.
+# And what the install needs: a C++ compiler and Python's headers to build pydensecrf2 (dense CRF
+# refinement), which PyPI has as source only.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends
 
-.PHONY: demo test test-fast lint bench clean debian
+.PHONY: demo test test-fast lint bench clean debian build-deps
 
-$(STAMP): pyproject.toml | debian
+$(STAMP): pyproject.toml | build-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
@@ -22,6 +23,8 @@ $(STAMP): pyproject.toml | debian
 debian:
 	@command -v chromium >/dev/null || $(APT) chromium || ($(SUDO) apt-get update -q && $(APT) chromium)
 	@command -v npm >/dev/null || $(APT) nodejs npm || ($(SUDO) apt-get update -q && $(APT) nodejs npm)
+
+build-deps:
 	@command -v g++ >/dev/null || $(APT) g++ || ($(SUDO) apt-get update -q && $(APT) g++)
 	@test -f "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" \
 		|| $(APT) python3-dev || ($(SUDO) apt-get update -q && $(APT) python3-dev)

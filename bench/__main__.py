@@ -21,6 +21,7 @@ FULL = [
     ["bench.training"],
     ["bench.query"],
     ["bench.models"],
+    ["bench.refine"],
 ]
 QUICK = [
     ["bench.efficiency", "--size", "1024", "--repeats", "1"],
@@ -29,6 +30,7 @@ QUICK = [
     ["bench.training", "--steps-per-epoch", "5", "--batch", "4", "--window", "64"],
     ["bench.query", "--size", "2048", "--requests", "20"],
     ["bench.models", "--repeats", "1"],
+    ["bench.refine", "--size", "1024", "--seeds", "1"],
 ]
 
 

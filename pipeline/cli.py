@@ -72,7 +72,7 @@ def refine(
     gaussian_compat: Annotated[float, typer.Option(help="Smoothness kernel: weight.")] = 3.0,
     bilateral_sxy: Annotated[float, typer.Option(help="Appearance kernel: spatial sigma, px.")] = 50.0,
     bilateral_srgb: Annotated[float, typer.Option(help="Appearance kernel: colour sigma, 8-bit levels.")] = 13.0,
-    bilateral_compat: Annotated[float, typer.Option(help="Appearance kernel: weight.")] = 5.0,
+    bilateral_compat: Annotated[float, typer.Option(help="Appearance kernel: weight.")] = 10.0,
     halo: Annotated[int | None, typer.Option(help="Context px around each block (default: 4 x the sigma).")] = None,
     block: Annotated[int | None, typer.Option(help="Block edge, a multiple of the shard (default: a shard).")] = None,
     workers: Annotated[int | None, typer.Option(help="Blocks refined at once (default: one per core).")] = None,

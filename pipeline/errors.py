@@ -50,6 +50,10 @@ class BundleNotFoundError(BundleError, FileNotFoundError):
     """The model bundle file does not exist."""
 
 
+class MissingDependencyError(TesseraError, ImportError):
+    """An optional package that a feature needs is not installed."""
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """For front doors: a TesseraError becomes one line on stderr and exit status 2."""

@@ -12,10 +12,15 @@ output, with its levels and its done-marker: one writer per block, no read-modif
 so retries and resume are safe exactly as for the segment job. The result equals a refinement of the
 whole image up to the context the halo leaves out (measured in tests/test_refinement.py and
 docs/models.md). Blocks with no data in the input are not computed, and stay nodata.
+
+The halo is computed by both blocks beside it: with 2048 px blocks and the default 200 px halo, each
+task refines 43% more pixels than it writes (`RefineSummary.halo_overhead`). Larger blocks waste less
+but need more memory per worker (about 400 B per pixel refined, with 5 classes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -31,10 +36,10 @@ import numpy as np
 import psutil
 
 from pipeline import lineage as lineage_info
-from pipeline.crf import ColourScale, CRFSettings
+from pipeline.crf import ColourScale, CRFSettings, require
 from pipeline.errors import ConfigError, MosaicError, TesseraError
 from pipeline.locking import OutputLock
-from pipeline.memory import PeakMemory
+from pipeline.memory import PeakMemory, release_memory
 from pipeline.mosaic import Mosaic, check_output, is_uri
 from pipeline.sources import RasterSource, open_source
 from pipeline.stitching import NODATA_CLASS, BlockOutput, summarise
@@ -44,7 +49,13 @@ from pipeline.tracking import Tracking, flat_params, job_run
 log = logging.getLogger(__name__)
 
 RETRIES = 3  # per block, for worker processes that die; errors raised by tessera are never retried
-CRF_BYTES_PER_PIXEL = 400  # measured peak of pydensecrf2 with 5 classes: about 240 B/px on a scene, 520 on noise
+CANCEL_TIMEOUT = 60.0  # seconds to wait for cancelled block tasks to end before the lock is released
+WORKER_GDAL_CACHE_MB = 32  # a task reads its source window once (as in execution)
+# pydensecrf2's peak per pixel refined, on a 2448² generated scene: 210 B with 2 classes, 248 with 5, 350
+# with 10 (about 175 + 17.5 per class); on pure noise, whose colours spread the lattice, 520 with 5.
+# The estimate sits between the two so that a worker count from it leaves room for noisy images.
+CRF_BYTES_BASE = 300
+CRF_BYTES_PER_CLASS = 20
 SAMPLE_WINDOWS = 8  # the colour scale of a non-8-bit source is taken from 8 x 8 windows spread over it
 SAMPLE_EDGE = 64
 
@@ -62,6 +73,9 @@ class RefineConfig:
         workers: parallel block tasks; None means one per core, as memory allows.
         ray_address: None starts an embedded Ray; "auto" or "ray://host:10001" joins a cluster.
         overwrite: replace a complete mosaic at `output`, or start an unfinished one over.
+        progress: show a progress bar of the blocks.
+        tracking: the MLflow run of the job (default: MLFLOW_TRACKING_URI or ./mlflow.db, experiment
+            tessera-refine).
     """
 
     mosaic: str
@@ -92,6 +106,7 @@ class RefineSummary:
     blocks_written: int
     blocks_resumed: int
     blocks_empty: int
+    halo_overhead: float  # pixels refined / pixels written - 1, over the blocks written
     workers: int
     wall_seconds: float
     phases: dict[str, float]
@@ -113,7 +128,7 @@ class RefineSummary:
             f"blocks      {self.blocks_written} refined of {self.blocks_total}"
             + (f" ({self.blocks_resumed} verified from an earlier run)" if self.blocks_resumed else "")
             + (f", {self.blocks_empty} without data" if self.blocks_empty else "")
-            + f", {self.workers} worker(s)",
+            + f", {self.workers} worker(s); halos add {100 * self.halo_overhead:.0f}% of pixels refined",
             f"speed       {self.mpix_per_second:.2f} MPix/s, wall {self.wall_seconds:.1f} s ("
             + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()) + ")",
             f"memory      peak {self.peak_memory_mib:.0f} MiB all processes (PSS), "
@@ -144,13 +159,13 @@ def refine_block(spec: RefineSpec, block: tuple[int, int], region: Rect) -> Bloc
     """Refine one block with its halo of context and write it, its levels and its marker (its only writer)."""
     from pipeline.crf import refine
 
+    os.environ.setdefault("GDAL_CACHEMAX", str(WORKER_GDAL_CACHE_MB))  # read by GDAL at its first read
+    release_memory()
     start = time.perf_counter()
-    source = Mosaic.open(spec.mosaic)
+    coarse = Mosaic.open(spec.mosaic)
     out = Mosaic.open(spec.output, mode="r+")
-    h, w = source.layout.height, source.layout.width
-    halo = spec.crf.reach
-    outer = Rect(max(region.y0 - halo, 0), max(region.x0 - halo, 0), min(region.y1 + halo, h), min(region.x1 + halo, w))
-    scores = source.read("scores", 0, outer).astype(np.float32)
+    outer = with_halo(region, spec.crf.reach, coarse.layout.height, coarse.layout.width)
+    scores = coarse.read("scores", 0, outer).astype(np.float32)
     colour = spec.colour.apply(spec.source.read(outer.y0, outer.x0, outer.height, outer.width))
     q = refine(scores, spec.kind, colour, (outer.y0, outer.x0), spec.crf)
     inner = (slice(None), slice(region.y0 - outer.y0, region.y1 - outer.y0),
@@ -159,6 +174,17 @@ def refine_block(spec: RefineSpec, block: tuple[int, int], region: Rect) -> Bloc
     mask, top = summarise(probabilities, "probabilities")
     out.mark_done(block, region, out.write_block(BlockOutput(region, probabilities, mask, top)))
     return BlockReport(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def with_halo(region: Rect, halo: int, height: int, width: int) -> Rect:
+    """`region` grown by `halo` px on every side, clipped to the image."""
+    return Rect(max(region.y0 - halo, 0), max(region.x0 - halo, 0), min(region.y1 + halo, height),
+                min(region.x1 + halo, width))
+
+
+def bytes_per_pixel(classes: int) -> int:
+    """Peak memory of pydensecrf2 per pixel refined, measured on generated scenes (docs/models.md)."""
+    return CRF_BYTES_BASE + CRF_BYTES_PER_CLASS * classes
 
 
 def block_regions(height: int, width: int, block: int) -> dict[tuple[int, int], Rect]:
@@ -172,10 +198,12 @@ def block_regions(height: int, width: int, block: int) -> dict[tuple[int, int], 
 def blocks_with_data(mosaic: Mosaic, blocks: dict[tuple[int, int], Rect], block: int) -> set[tuple[int, int]]:
     """Blocks with at least one pixel of data, found on a coarse level of the mask.
 
-    A pyramid pixel has data when any level-0 pixel under it has (the 2x2 means ignore nodata), so a
-    level where a block is a few pixels answers exactly, without reading level 0.
+    A pyramid pixel has data when any level-0 pixel under it has (the 2x2 means ignore nodata). At a
+    level whose pixels tile the blocks exactly (2^level divides `block`), a block is a few pixels
+    there, and that level answers exactly without reading level 0.
     """
-    level = min(int(math.log2(block)), mosaic.layout.num_levels - 1)
+    aligned = (block & -block).bit_length() - 1  # the largest power of two dividing `block`
+    level = min(aligned, mosaic.layout.num_levels - 1)
     coarse = mosaic.read("mask", level) != NODATA_CLASS
     f = 2**level
     return {b for b, r in blocks.items()
@@ -190,24 +218,35 @@ def colour_scale(source: RasterSource) -> ColourScale:
     edge = min(SAMPLE_EDGE, source.height, source.width)
     for y in np.linspace(0, source.height - edge, SAMPLE_WINDOWS).astype(int):
         for x in np.linspace(0, source.width - edge, SAMPLE_WINDOWS).astype(int):
-            values = source.read(int(y), int(x), edge, edge)
+            values = source.read(int(y), int(x), edge, edge).astype(np.float64)
             samples.append(values[:, source.valid(int(y), int(x), edge, edge)])
     return ColourScale.from_sample(np.concatenate(samples, axis=1))
 
 
 def open_input(config: RefineConfig) -> tuple[Mosaic, RasterSource, int]:
-    """The complete input mosaic, its source at the mosaic's level, and the block edge; raises on bad input."""
+    """The complete input mosaic, its source at the mosaic's level, and the block edge; raises on bad input.
+
+    Paths come back absolute: Ray workers run in folders of their own.
+    """
+    require()  # an optional package: missing, it is bad input, found before anything is written
     if is_uri(config.mosaic):
         raise ConfigError(f"{config.mosaic}: refine reads a local mosaic; copy it to this machine first")
     mosaic = Mosaic.open(config.mosaic)
     if not mosaic.complete:
         raise MosaicError(f"{config.mosaic} is not complete: rerun its segment job to finish it, then refine it")
-    if Path(config.output).resolve() == Path(config.mosaic).resolve():
-        raise ConfigError(f"output {config.output} is the mosaic being refined: write the refined mosaic elsewhere")
+    here, there = Path(str(mosaic.path)).resolve(), Path(config.output.removeprefix("file://")).resolve()
+    if here == there or here in there.parents or there in here.parents:
+        raise ConfigError(f"output {config.output} is, or is inside, or contains the mosaic being refined: "
+                          "write the refined mosaic beside it")
     described = mosaic.lineage.get("source", {})
     path = config.source or described.get("path")
     if not path:
         raise ConfigError(f"{config.mosaic} does not record its source image: pass --source")
+    if config.source is None and "://" not in path and not Path(path).exists():
+        raise ConfigError(f"{config.mosaic} was segmented from {path}, which is not there any more: "
+                          "pass --source with the image's new path")
+    if "://" not in path:
+        path = str(Path(path).resolve())
     source = open_source(path, int(described.get("level", 0)))
     layout = mosaic.layout
     if (source.height, source.width) != (layout.height, layout.width):
@@ -224,7 +263,7 @@ def open_input(config: RefineConfig) -> tuple[Mosaic, RasterSource, int]:
 
 def job_fingerprint(mosaic: Mosaic, source: RasterSource, block: int, crf: CRFSettings,
                     colour: ColourScale) -> dict[str, Any]:
-    """The settings that fix a refined mosaic's content: a rerun with the same ones resumes it."""
+    """The settings that fix a refined mosaic's content: a rerun with the same ones resumes it (paths absolute)."""
     return {
         "refines": str(Path(str(mosaic.path)).resolve()), "input_job": mosaic.meta.get("job", {}),
         "input_finished": mosaic.lineage.get("finished"), "source": str(source.path), "level": source.level,
@@ -232,17 +271,24 @@ def job_fingerprint(mosaic: Mosaic, source: RasterSource, block: int, crf: CRFSe
     }
 
 
-def worker_count(config: RefineConfig, block: int, halo: int, todo: int) -> int:
+def worker_count(config: RefineConfig, block: int, halo: int, classes: int, todo: int) -> int:
     """One per core, as memory allows for a block's CRF (with its halo) in each."""
     if config.workers:
         return config.workers
-    per_worker = CRF_BYTES_PER_PIXEL * (block + 2 * halo) ** 2
+    per_worker = bytes_per_pixel(classes) * (block + 2 * halo) ** 2
     room = max(1, int(psutil.virtual_memory().available // per_worker))
     return max(1, min(os.cpu_count() or 1, room, max(todo, 1)))
 
 
 def refine_mosaic(config: RefineConfig, on_progress: Callable[[int, int], None] | None = None) -> RefineSummary:
     """Refine `config.mosaic` with a dense CRF into the new mosaic `config.output`.
+
+    Args:
+        config: the job settings.
+        on_progress: called with (blocks done, blocks to do) after each block.
+
+    Example:
+        >>> refine_mosaic(RefineConfig("scene.zarr", "scene.crf.zarr"))  # doctest: +SKIP
 
     Returns:
         The job summary (also written into the refined mosaic's lineage).
@@ -258,6 +304,7 @@ def refine_mosaic(config: RefineConfig, on_progress: Callable[[int, int], None] 
     layout = mosaic.layout
     blocks = block_regions(layout.height, layout.width, block)
     busy = blocks_with_data(mosaic, blocks, block)
+    output = str(Path(config.output.removeprefix("file://")).resolve())
     with OutputLock(config.output):
         resume = check_output(config.output, config.overwrite, job)  # authoritative, under the lock
         params = flat_params(config, job)
@@ -266,7 +313,8 @@ def refine_mosaic(config: RefineConfig, on_progress: Callable[[int, int], None] 
                 done = Mosaic.open(config.output).done_blocks() & busy
             else:
                 lineage = {
-                    **{k: v for k, v in mosaic.lineage.items() if k in ("source", "model", "tiling")},
+                    **{k: v for k, v in mosaic.lineage.items() if k in ("model", "tiling")},
+                    "source": {**mosaic.lineage.get("source", {}), "path": str(source.path)},
                     "refined": {"mosaic": job["refines"], "crf": config.crf.as_dict(), "colour": colour.as_dict(),
                                 "block": block, "input_lineage": mosaic.lineage},
                     "config": dataclasses.asdict(config), "started": lineage_info.now(),
@@ -275,9 +323,8 @@ def refine_mosaic(config: RefineConfig, on_progress: Callable[[int, int], None] 
                 Mosaic.create(config.output, dataclasses.replace(layout, scores_kind="probabilities"), lineage, job)
                 done = set()
             todo = sorted(busy - done)
-            workers = worker_count(config, block, config.crf.reach, len(todo))
-            spec = RefineSpec(str(Path(str(mosaic.path)).resolve()), config.output, source, colour, config.crf,
-                              layout.scores_kind)
+            workers = worker_count(config, block, config.crf.reach, len(layout.classes), len(todo))
+            spec = RefineSpec(job["refines"], output, source, colour, config.crf, layout.scores_kind)
             phases = {"prepare": time.perf_counter() - start}
             with PeakMemory() as memory:
                 reports = _run(spec, {b: blocks[b] for b in todo}, workers, config, phases, on_progress)
@@ -288,13 +335,23 @@ def refine_mosaic(config: RefineConfig, on_progress: Callable[[int, int], None] 
             summary = RefineSummary(
                 output=config.output, input=config.mosaic, height=layout.height, width=layout.width,
                 blocks_total=len(blocks), blocks_written=len(todo), blocks_resumed=len(done),
-                blocks_empty=len(blocks) - len(busy), workers=workers, wall_seconds=time.perf_counter() - start,
+                blocks_empty=len(blocks) - len(busy), halo_overhead=halo_overhead(blocks, todo, config.crf.reach,
+                                                                                  layout.height, layout.width),
+                workers=workers, wall_seconds=time.perf_counter() - start,
                 phases=phases, peak_memory_mib=memory.peak_mib,
                 worker_peak_rss_mib=max((r.peak_rss_mib for r in reports), default=0.0), run_id=run.run_id,
             )
             out.finish({"summary": summary.as_dict(), "finished": lineage_info.now(), "mlflow": run.lineage()})
             run.log_result(summary.as_dict(), dataclasses.asdict(config), out.preview_png())
             return summary
+
+
+def halo_overhead(blocks: dict[tuple[int, int], Rect], todo: list[tuple[int, int]], halo: int, height: int,
+                  width: int) -> float:
+    """Pixels refined over pixels written, minus one, for the blocks in `todo`."""
+    written = sum(blocks[b].area for b in todo)
+    refined = sum(with_halo(blocks[b], halo, height, width).area for b in todo)
+    return refined / written - 1 if written else 0.0
 
 
 def _crf_version() -> dict[str, str]:
@@ -339,12 +396,21 @@ def _run(
                 reports.append(ray.get(ref))
             except ray.exceptions.RayTaskError as e:
                 raise (e.cause if isinstance(e.cause, TesseraError) else e) from None
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as e:
+                raise TesseraError(
+                    f"a block's worker died {RETRIES + 1} times ({type(e).__name__}): refine with fewer --workers, "
+                    "a smaller --block or a smaller halo; rerunning the job resumes it"
+                ) from None
             bar.update(1)
             if on_progress is not None:
                 on_progress(len(reports), len(todo))
     except BaseException:
+        # Stop the blocks still running, and wait until they have, so none writes after the lock is gone
+        # (a block stopped mid-write has no marker: a rerun computes it again).
         for ref in in_flight:
-            ray.cancel(ref)
+            with contextlib.suppress(Exception):  # already finished, or its worker gone
+                ray.cancel(ref, force=True)
+        ray.wait(in_flight, num_returns=len(in_flight), timeout=CANCEL_TIMEOUT)
         raise
     finally:
         bar.close()

@@ -15,10 +15,12 @@ from scipy import ndimage
 from pipeline.crf import ColourScale, CRFSettings, refine, unary_energy
 from pipeline.errors import ConfigError, MosaicError, OutputExistsError
 from pipeline.mosaic import Mosaic
-from pipeline.refinement import RefineConfig, RefineSummary, refine_mosaic
+from pipeline.refinement import RefineConfig, RefineSummary, colour_scale, refine_mosaic, with_halo
+from pipeline.sources import open_source
 from pipeline.synthetic import CLASSES, coarse_logits, generate_scene, write_label_mosaic, write_scene
 from pipeline.tiling import Rect
 from pipeline.tracking import Tracking, find_runs
+from tests.conftest import write_geotiff
 
 SMALL_CRF = CRFSettings(bilateral_sxy=20.0)  # halo 80 px: blocks of 128 px still see well past their edges
 
@@ -68,6 +70,17 @@ def test_refine_keeps_nodata_and_follows_image_edges() -> None:
     assert (mask[:, :30] == 0).all() and (mask[:, 30:] == 1).all()  # the boundary moved to the colour edge
 
 
+def test_colour_scale_of_a_16_bit_source_is_fixed_by_the_whole_image(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    image = rng.integers(300, 4000, (4, 512, 512)).astype(np.uint16)
+    image[:, :40, :] = 0  # nodata
+    path = write_geotiff(tmp_path / "pan.tif", image, nodata=0)
+    scale = colour_scale(open_source(path))
+    valid = image[:, 40:, :].reshape(4, -1)  # 8 x 8 windows of 64 px cover this image whole
+    assert scale == ColourScale.from_sample(valid)
+    assert scale.low[0] == pytest.approx(np.percentile(valid[0], 2)) and scale.high[2] > 3800
+
+
 def test_colour_scale_is_the_same_for_every_window() -> None:
     rng = np.random.default_rng(1)
     image = rng.integers(300, 4000, (4, 50, 60)).astype(np.uint16)
@@ -91,13 +104,14 @@ def test_bad_crf_settings_are_refused(bad: dict[str, float]) -> None:
 
 @pytest.fixture(scope="module")
 def scene_mosaic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
-    """A 512 x 768 scene as a GeoTIFF, and a complete mosaic of coarse logits over it with a nodata strip."""
+    """A 512 x 768 scene as a GeoTIFF, and a complete mosaic of coarse logits over it with nodata in its
+    last column of 128 px blocks."""
     folder = tmp_path_factory.mktemp("refine")
     scene = generate_scene(512, 768, seed=7)
     image = folder / "scene.tif"
     write_scene(scene, image, folder / "labels.tif")
     labels = scene.labels.copy()
-    labels[:, 700:] = 255
+    labels[:, 640:] = 255
     logits = coarse_logits(scene.labels, len(CLASSES), seed=3)
     mosaic = folder / "coarse.zarr"
     write_label_mosaic(labels, mosaic, chunk=64, shard=128, scores=logits,
@@ -127,7 +141,10 @@ def test_block_by_block_equals_refining_the_whole(scene_mosaic: tuple[Path, Path
     stored = Mosaic.open(mosaic).read("scores", 0).astype(np.float32)
     whole = refine(stored, "logits", ColourScale().apply(image), (0, 0), SMALL_CRF)
     blocks = Mosaic.open(out).read("scores", 0).astype(np.float32)
-    assert summary.blocks_written == 4 * 6  # every block has data
+    assert (summary.blocks_written, summary.blocks_empty, summary.blocks_total) == (20, 4, 24)
+    halos = [with_halo(Rect(y, x, y + 128, x + 128), 80, 512, 768)
+             for y in range(0, 512, 128) for x in range(0, 640, 128)]
+    assert summary.halo_overhead == pytest.approx(sum(r.area for r in halos) / (20 * 128 * 128) - 1)
     valid = ~np.isnan(whole[0])
     assert np.array_equal(valid, ~np.isnan(blocks[0]))
     diff = np.abs(blocks[:, valid] - whole[:, valid])
@@ -145,13 +162,13 @@ def test_refined_mosaic_is_complete_self_describing_and_better(scene_mosaic: tup
     assert dataclasses.replace(m.layout, scores_kind="logits") == before.layout
     assert m.lineage["refined"]["crf"] == SMALL_CRF.as_dict()
     assert m.lineage["refined"]["mosaic"] == str(mosaic.resolve())
-    assert m.lineage["source"]["path"] == str(image)
+    assert m.lineage["source"]["path"] == str(image.resolve())
     assert m.meta["job"]["crf"]["halo"] == 80
     scores = m.read("scores", 0).astype(np.float32)
     valid = ~np.isnan(scores[0])
     np.testing.assert_allclose(scores[:, valid].sum(0), 1.0, atol=3e-3)
     mask = m.read("mask", 0)
-    assert (mask[:, 700:] == 255).all() and (mask[:, :700] != 255).all()
+    assert (mask[:, 640:] == 255).all() and (mask[:, :640] != 255).all()
     np.testing.assert_array_equal(mask[valid], scores[:, valid].argmax(0))
     for k in range(1, m.layout.num_levels):  # the pyramid is there, at every level
         assert (m.read("mask", k) != 255).any()
@@ -173,12 +190,10 @@ def test_an_interrupted_refinement_resumes(scene_mosaic: tuple[Path, Path, np.nd
     meta = m.meta
     meta["complete"] = False
     m.group.attrs["tessera"] = meta
-    for name in ("_tessera/blocks/1_2", "_tessera/blocks/3_0"):
-        shutil.rmtree(out / name)
-    scores = m.array("scores", 0)
-    scores[:, 128:256, 256:384] = 0  # a block whose write was cut short, and whose marker never came
+    shutil.rmtree(out / "_tessera/blocks/1_2")  # a block whose marker never came
+    m.array("scores", 0)[:, 384:512, 0:128] = 0  # a marked block whose data no longer matches its checksum
     summary = refine_mosaic(RefineConfig(str(mosaic), str(out), crf=SMALL_CRF, progress=False))
-    assert (summary.blocks_written, summary.blocks_resumed) == (2, 22)
+    assert (summary.blocks_written, summary.blocks_resumed) == (2, 18)
     np.testing.assert_array_equal(Mosaic.open(out).read("scores", 0), Mosaic.open(refined[0]).read("scores", 0))
 
 
@@ -192,8 +207,14 @@ def test_bad_refine_inputs_fail_before_anything_is_written(scene_mosaic: tuple[P
         refine_mosaic(RefineConfig(str(mosaic), str(out), source=str(other)))
     with pytest.raises(ConfigError, match="multiple of the mosaic's shard 128"):
         refine_mosaic(RefineConfig(str(mosaic), str(out), block=200))
-    with pytest.raises(ConfigError, match="elsewhere"):
-        refine_mosaic(RefineConfig(str(mosaic), str(mosaic)))
+    for inside in (mosaic, mosaic / "refined.zarr", mosaic.parent):
+        with pytest.raises(ConfigError, match="beside it"):
+            refine_mosaic(RefineConfig(str(mosaic), str(inside)))
+    moved = tmp_path / "moved.zarr"
+    write_label_mosaic(np.zeros((64, 64), np.uint8), moved, chunk=64, shard=64,
+                       lineage={"source": {"path": str(tmp_path / "gone.tif"), "level": 0}})
+    with pytest.raises(ConfigError, match="not there any more: pass --source"):
+        refine_mosaic(RefineConfig(str(moved), str(out)))
     unfinished = tmp_path / "unfinished.zarr"
     write_label_mosaic(np.zeros((64, 64), np.uint8), unfinished, chunk=64, shard=64)
     m = Mosaic.open(unfinished, mode="r+")
