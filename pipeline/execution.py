@@ -182,12 +182,20 @@ class SegmentSummary:
             f"blocks      {self.blocks_written} written of {self.blocks_total}"
             + (f" ({self.blocks_resumed} verified from an earlier run)" if self.blocks_resumed else "")
             + f", {self.workers} worker(s)",
-            f"speed       {self.mpix_per_second:.2f} MPix/s, wall {self.wall_seconds:.1f} s ("
-            + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()) + ")",
-            f"memory      peak {self.peak_memory_mib:.0f} MiB all processes (PSS), "
-            f"{self.worker_peak_rss_mib:.0f} MiB largest worker",
-            *([f"tracking    MLflow run {self.run_id}"] if self.run_id else []),
+            *cost_lines(self.mpix_per_second, self.wall_seconds, self.phases, self.peak_memory_mib,
+                        self.worker_peak_rss_mib, self.run_id),
         ])
+
+
+def cost_lines(mpix_per_second: float, wall_seconds: float, phases: dict[str, float], peak_memory_mib: float,
+               worker_peak_rss_mib: float, run_id: str | None) -> list[str]:
+    """The speed, memory and tracking lines of a job summary (segment and refine)."""
+    return [
+        f"speed       {mpix_per_second:.2f} MPix/s, wall {wall_seconds:.1f} s ("
+        + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + ")",
+        f"memory      peak {peak_memory_mib:.0f} MiB all processes (PSS), {worker_peak_rss_mib:.0f} MiB largest worker",
+        *([f"tracking    MLflow run {run_id}"] if run_id else []),
+    ]
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,8 @@ class RefineSummary:
         return {**dataclasses.asdict(self), "mpix_per_second": self.mpix_per_second}
 
     def describe(self) -> str:
+        from pipeline.execution import cost_lines
+
         return "\n".join([
             f"mosaic      {self.output} (dense CRF of {self.input})",
             f"image       {self.width} x {self.height} px",
@@ -129,11 +131,8 @@ class RefineSummary:
             + (f" ({self.blocks_resumed} verified from an earlier run)" if self.blocks_resumed else "")
             + (f", {self.blocks_empty} without data" if self.blocks_empty else "")
             + f", {self.workers} worker(s); halos add {100 * self.halo_overhead:.0f}% of pixels refined",
-            f"speed       {self.mpix_per_second:.2f} MPix/s, wall {self.wall_seconds:.1f} s ("
-            + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()) + ")",
-            f"memory      peak {self.peak_memory_mib:.0f} MiB all processes (PSS), "
-            f"{self.worker_peak_rss_mib:.0f} MiB largest worker",
-            *([f"tracking    MLflow run {self.run_id}"] if self.run_id else []),
+            *cost_lines(self.mpix_per_second, self.wall_seconds, self.phases, self.peak_memory_mib,
+                        self.worker_peak_rss_mib, self.run_id),
         ])
 
 
