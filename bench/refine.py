@@ -9,7 +9,9 @@
    from ../shared/data when it is there.
 2. Blocks against the whole: a 1024 px scene cut into 256 px blocks, each refined with a halo of 1 to
    4 times the bilateral sigma exactly as the job's tasks do, against the whole image refined at once.
-3. The job: `tessera refine` defaults (2048 px blocks, halo 200) on a `--size` scene on this machine,
+3. A trained model: when `make demo` has left demo/scene.zarr (its U-Net on a 6000² generated scene)
+   and the scene's truth, that mosaic refined with the defaults, scored before and after.
+4. The job: `tessera refine` defaults (2048 px blocks, halo 200) on a `--size` scene on this machine,
    wall time, MPix/s and peak memory of all processes.
 Results go to bench/results/refine.json and a row of docs/benchmarks.md.
 """
@@ -31,6 +33,7 @@ from pipeline.crf import ColourScale, CRFSettings, refine
 from pipeline.synthetic import CLASSES, coarse_logits, generate_scene, write_label_mosaic, write_scene
 
 SPACENET = DOCS.parents[1] / "shared" / "data" / "geo" / "spacenet_atlanta"
+DEMO = DOCS.parent / "demo"
 
 
 def scores(truth: np.ndarray, predicted: np.ndarray, classes: int) -> dict[str, float]:
@@ -103,6 +106,29 @@ def halo_sweep(settings: CRFSettings, block: int = 256, size: int = 1024) -> lis
     return rows
 
 
+def demo_model() -> dict[str, Any] | None:
+    """The demo's own mosaic (a trained U-Net's logits) refined with the defaults, against the scene's truth."""
+    import rasterio
+
+    from pipeline.mosaic import Mosaic
+    from pipeline.refinement import RefineConfig, refine_mosaic
+    from pipeline.tracking import Tracking
+
+    if not (DEMO / "scene.zarr").is_dir() or not (DEMO / "scene_truth.tif").is_file():
+        print(f"no demo mosaic in {DEMO}: run `make demo` first to measure a trained model; skipped")
+        return None
+    truth = rasterio.open(DEMO / "scene_truth.tif").read(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "scene.crf.zarr"
+        summary = refine_mosaic(RefineConfig(str(DEMO / "scene.zarr"), str(out), progress=False,
+                                             tracking=Tracking(enabled=False)))
+        before = scores(truth, Mosaic.open(DEMO / "scene.zarr").read("mask", 0), len(CLASSES))
+        after = scores(truth, Mosaic.open(out).read("mask", 0), len(CLASSES))
+    print("demo U-Net, 6000² scene:", ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in before),
+          f"({summary.wall_seconds:.0f} s)", flush=True)
+    return {"before": before, "after": after, "summary": summary.as_dict()}
+
+
 def job(size: int) -> dict[str, Any]:
     from pipeline.refinement import RefineConfig, refine_mosaic
     from pipeline.tracking import Tracking
@@ -136,8 +162,9 @@ def main() -> None:
         print(f"SpaceNet {row['settings']}: building IoU {row['building_iou_before']:.4f} -> "
               f"{row['building_iou_after']:.4f}", flush=True)
     sweep = halo_sweep(default)
+    trained = demo_model()
     result = job(args.size)
-    save("refine", [{"accuracy": gained, "spacenet": real, "halo": sweep, "job": result}])
+    save("refine", [{"accuracy": gained, "spacenet": real, "halo": sweep, "demo": trained, "job": result}])
     four = next(r for r in sweep if r["halo_sigmas"] == 4)
     table_row(
         "refine", f"dense CRF, defaults, {args.size}² generated scene, 2048 px blocks, halo 200",

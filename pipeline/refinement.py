@@ -238,12 +238,7 @@ def open_input(config: RefineConfig) -> tuple[Mosaic, RasterSource, int]:
         raise ConfigError(f"output {config.output} is, or is inside, or contains the mosaic being refined: "
                           "write the refined mosaic beside it")
     described = mosaic.lineage.get("source", {})
-    path = config.source or described.get("path")
-    if not path:
-        raise ConfigError(f"{config.mosaic} does not record its source image: pass --source")
-    if config.source is None and "://" not in path and not Path(path).exists():
-        raise ConfigError(f"{config.mosaic} was segmented from {path}, which is not there any more: "
-                          "pass --source with the image's new path")
+    path = config.source or recorded_source(mosaic)
     if "://" not in path:
         path = str(Path(path).resolve())
     source = open_source(path, int(described.get("level", 0)))
@@ -258,6 +253,22 @@ def open_input(config: RefineConfig) -> tuple[Mosaic, RasterSource, int]:
         raise ConfigError(f"block {block} must be a multiple of the mosaic's shard {layout.shard} "
                           f"(one writer per shard): use block={layout.shard} or a multiple of it")
     return mosaic, source, block
+
+
+def recorded_source(mosaic: Mosaic) -> str:
+    """The source image a mosaic names: its job's absolute path, or the lineage's path as typed.
+
+    Raises:
+        ConfigError: neither is there any more (the image moved): the fix is --source.
+    """
+    named = [p for p in (mosaic.meta.get("job", {}).get("source"), mosaic.lineage.get("source", {}).get("path")) if p]
+    for path in named:
+        if "://" in path or Path(path).exists():
+            return str(path)
+    if not named:
+        raise ConfigError(f"{mosaic.path} does not record its source image: pass --source")
+    raise ConfigError(f"{mosaic.path} was segmented from {named[0]}, which is not there any more: "
+                      "pass --source with the image's new path")
 
 
 def job_fingerprint(mosaic: Mosaic, source: RasterSource, block: int, crf: CRFSettings,

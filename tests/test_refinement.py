@@ -15,7 +15,14 @@ from scipy import ndimage
 from pipeline.crf import ColourScale, CRFSettings, refine, unary_energy
 from pipeline.errors import ConfigError, MosaicError, OutputExistsError
 from pipeline.mosaic import Mosaic
-from pipeline.refinement import RefineConfig, RefineSummary, colour_scale, refine_mosaic, with_halo
+from pipeline.refinement import (
+    RefineConfig,
+    RefineSummary,
+    colour_scale,
+    recorded_source,
+    refine_mosaic,
+    with_halo,
+)
 from pipeline.sources import open_source
 from pipeline.synthetic import CLASSES, coarse_logits, generate_scene, write_label_mosaic, write_scene
 from pipeline.tiling import Rect
@@ -243,3 +250,16 @@ def test_cli_refine_reports_bad_input_and_the_job_config_maps(tmp_path: Path) ->
         cfg = compose("refine", ["mosaic=a.zarr", "output=b.zarr", "crf.bilateral_sxy=30", "block=4096"])
     config = to_config(cfg)
     assert config.crf == CRFSettings(bilateral_sxy=30.0) and config.block == 4096 and config.source is None
+
+
+def test_the_source_is_found_by_its_absolute_path_when_the_lineage_has_a_relative_one(
+        scene_mosaic: tuple[Path, Path, np.ndarray], tmp_path: Path) -> None:
+    _, image, _ = scene_mosaic
+    path = tmp_path / "typed.zarr"
+    write_label_mosaic(np.zeros((64, 64), np.uint8), path, chunk=64, shard=64,
+                       lineage={"source": {"path": "elsewhere/scene.tif", "level": 0}})
+    m = Mosaic.open(path, mode="r+")
+    with pytest.raises(ConfigError, match=r"elsewhere/scene\.tif.*--source"):
+        recorded_source(m)
+    m.group.attrs["tessera"] = {**m.meta, "job": {"source": str(image.resolve())}}  # as segment records it
+    assert recorded_source(Mosaic.open(path)) == str(image.resolve())
