@@ -263,3 +263,17 @@ def test_the_source_is_found_by_its_absolute_path_when_the_lineage_has_a_relativ
         recorded_source(m)
     m.group.attrs["tessera"] = {**m.meta, "job": {"source": str(image.resolve())}}  # as segment records it
     assert recorded_source(Mosaic.open(path)) == str(image.resolve())
+
+
+def test_absolute_features_at_the_origin_give_the_library_s_own_2d_crf() -> None:
+    from pydensecrf import densecrf
+
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    logits = rng.normal(0, 2, (3, 40, 56)).astype(np.float32)
+    ours = refine(logits, "logits", ColourScale().apply(image.transpose(2, 0, 1)), (0, 0), CRFSettings())
+    crf = densecrf.DenseCRF2D(56, 40, 3)
+    crf.setUnaryEnergy(unary_energy(logits, "logits"))
+    crf.addPairwiseGaussian(sxy=3, compat=3)
+    crf.addPairwiseBilateral(sxy=50, srgb=13, rgbim=image, compat=10)
+    np.testing.assert_allclose(ours, np.asarray(crf.inference(5)).reshape(3, 40, 56), atol=1e-6)
