@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from bench.common import DOCS, save, table_row
+from bench.common import DOCS, QUICK, save, table_row
 from pipeline.crf import ColourScale, CRFSettings, refine
 from pipeline.synthetic import CLASSES, coarse_logits, generate_scene, write_label_mosaic, write_scene
 
@@ -162,7 +162,7 @@ def main() -> None:
         print(f"SpaceNet {row['settings']}: building IoU {row['building_iou_before']:.4f} -> "
               f"{row['building_iou_after']:.4f}", flush=True)
     sweep = halo_sweep(default)
-    trained = demo_model()
+    trained = None if QUICK else demo_model()
     result = job(args.size)
     save("refine", [{"accuracy": gained, "spacenet": real, "halo": sweep, "demo": trained, "job": result}])
     four = next(r for r in sweep if r["halo_sigmas"] == 4)

@@ -32,8 +32,8 @@ import zarr
 from affine import Affine
 from zarr.codecs import BloscCodec
 
+from pipeline.classes import ClassInfo
 from pipeline.errors import ConfigError, MosaicError, OutputExistsError
-from pipeline.models.bundle import ClassInfo
 from pipeline.stitching import NODATA_CLASS, BlockOutput, summarise
 from pipeline.tiling import Rect
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from pipeline.blending import Accumulator, tile_window
-from pipeline.inference import Predictor
 from pipeline.sources import RasterSource
 from pipeline.tiling import Rect, TileGrid, TileId
+
+if TYPE_CHECKING:
+    from pipeline.inference import Predictor
 
 NODATA_CLASS = 255
 

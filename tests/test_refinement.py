@@ -277,3 +277,11 @@ def test_absolute_features_at_the_origin_give_the_library_s_own_2d_crf() -> None
     crf.addPairwiseGaussian(sxy=3, compat=3)
     crf.addPairwiseBilateral(sxy=50, srgb=13, rgbim=image, compat=10)
     np.testing.assert_allclose(ours, np.asarray(crf.inference(5)).reshape(3, 40, 56), atol=1e-6)
+
+
+def test_refine_workers_and_mosaic_readers_do_not_load_torch() -> None:
+    # Each refine task runs in a Ray worker of its own: torch and smp would add about 0.7 GiB to each.
+    code = ("import sys, pipeline.refinement, pipeline.query.region, pipeline.query.tiles; "
+            "print(sorted(m for m in ('torch', 'segmentation_models_pytorch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

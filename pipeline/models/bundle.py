@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.classes import ClassInfo
 from pipeline.errors import BandMismatchError, BundleError, BundleNotFoundError, ConfigError
 from pipeline.models.registry import available_architectures, build_model
 
@@ -38,33 +39,6 @@ _WHAT_A_BUNDLE_IS = (
     f"format={FORMAT!r}, version={VERSION}, spec and state_dict); make one with "
     "ModelBundle.create(spec) and save it after training"
 )
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    """One output class: its display name and colour.
-
-    Args:
-        name: Human-readable class name (non-empty).
-        color: RGB colour, three integers 0..255 (a list is accepted and stored as a tuple).
-
-    Raises:
-        ConfigError: If the name is empty or the colour is not an RGB triple.
-    """
-
-    name: str
-    color: tuple[int, int, int]
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ConfigError(f"Class name {self.name!r} is invalid; expected a non-empty string.")
-        color = _as_tuple(f"colour of class {self.name!r}", self.color)
-        if len(color) != 3 or not all(_is_int(c) and 0 <= c <= 255 for c in color):
-            raise ConfigError(
-                f"Colour {self.color!r} of class {self.name!r} is invalid; expected three "
-                "integers 0..255 (red, green, blue), e.g. (255, 0, 0)."
-            )
-        object.__setattr__(self, "color", color)
 
 
 @dataclass(frozen=True)
