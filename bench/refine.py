@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from bench.common import DOCS, QUICK, save, table_row
 from pipeline.crf import ColourScale, CRFSettings, refine
+from pipeline.refinement import block_regions, with_halo
 from pipeline.synthetic import CLASSES, coarse_logits, generate_scene, write_label_mosaic, write_scene
 
 SPACENET = DOCS.parents[1] / "shared" / "data" / "geo" / "spacenet_atlanta"
@@ -90,13 +91,11 @@ def halo_sweep(settings: CRFSettings, block: int = 256, size: int = 1024) -> lis
     for sigmas in (1, 2, 3, 4):
         halo = int(sigmas * settings.bilateral_sxy)
         out = np.empty_like(whole)
-        for y in range(0, size, block):
-            for x in range(0, size, block):
-                y0, x0 = max(y - halo, 0), max(x - halo, 0)
-                y1, x1 = min(y + block + halo, size), min(x + block + halo, size)
-                q = refine(np.ascontiguousarray(logits[:, y0:y1, x0:x1]), "logits", colour[y0:y1, x0:x1],
-                           (y0, x0), settings)
-                out[:, y : y + block, x : x + block] = q[:, y - y0 : y - y0 + block, x - x0 : x - x0 + block]
+        for b in block_regions(size, size, block).values():  # as the job's tasks cut them
+            o = with_halo(b, halo, size, size)
+            q = refine(np.ascontiguousarray(logits[:, o.y0 : o.y1, o.x0 : o.x1]), "logits",
+                       colour[o.y0 : o.y1, o.x0 : o.x1], (o.y0, o.x0), settings)
+            out[:, b.y0 : b.y1, b.x0 : b.x1] = q[:, b.y0 - o.y0 : b.y1 - o.y0, b.x0 - o.x0 : b.x1 - o.x0]
         diff = np.abs(out - whole)
         row = {"halo": halo, "halo_sigmas": sigmas, "max_abs_diff": float(diff.max()),
                "mean_abs_diff": float(diff.mean()), "mask_agreement": float((out.argmax(0) == whole.argmax(0)).mean())}

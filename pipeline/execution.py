@@ -36,7 +36,7 @@ from pipeline.blending import WINDOWS, Accumulator
 from pipeline.errors import BandMismatchError, ConfigError, TesseraError
 from pipeline.inference import InferenceOptions, pick_device
 from pipeline.locking import OutputLock
-from pipeline.memory import PeakMemory, release_memory
+from pipeline.memory import PeakMemory, limit_gdal_cache, release_memory
 from pipeline.models.bundle import ModelBundle
 from pipeline.mosaic import Mosaic, MosaicLayout, check_output, check_storage
 from pipeline.sources import RasterSource, open_source
@@ -48,9 +48,6 @@ log = logging.getLogger(__name__)
 WORKER_RESTARTS = 3  # per worker, for processes that die; errors raised by tessera are never retried
 STARTUP_TIMEOUT = 600.0  # seconds for workers to load the model; a cluster may need to scale up first
 FLUSH_TIMEOUT = 60.0  # seconds for workers to finish writing blocks already computed when a job stops
-# Tiles are read about once, so a small GDAL block cache loses nothing; GDAL's default (5% of RAM in
-# each process) let every worker grow with the image (docs/benchmarks.md, peak memory).
-WORKER_GDAL_CACHE_MB = 32  # a block's tiles touch about 12 GeoTIFF blocks of 512² at a time
 OBJECT_STORE_MIN = 128 * 2**20
 IN_FLIGHT = 2  # units per worker: one running, one queued, so a worker never idles between units
 
@@ -236,7 +233,7 @@ class BlockWorker:
 
         from pipeline.inference import Predictor
 
-        os.environ.setdefault("GDAL_CACHEMAX", str(WORKER_GDAL_CACHE_MB))  # read by GDAL at its first read
+        limit_gdal_cache()
         torch.set_num_threads(job.threads)
         self.job = job
         with tempfile.NamedTemporaryFile(suffix=".bundle") as f:

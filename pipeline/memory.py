@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
 import time
 from typing import Any
@@ -11,6 +12,9 @@ from typing import Any
 import psutil
 
 COST_RATIO = 10  # PeakMemory waits this many times as long as a sample took
+# Workers read each source window about once, so a small GDAL block cache loses nothing; GDAL's default
+# (5% of RAM in each process) let every worker grow with the image (docs/benchmarks.md, peak memory).
+WORKER_GDAL_CACHE_MB = 32  # a segment block's tiles touch about 12 GeoTIFF blocks of 512² at a time
 
 
 class PeakMemory:
@@ -63,6 +67,11 @@ class PeakMemory:
             start = time.perf_counter()
             self.sample()
             wait = max(self.interval, COST_RATIO * (time.perf_counter() - start))
+
+
+def limit_gdal_cache() -> None:
+    """Cap GDAL's block cache in this worker process (unless the user set GDAL_CACHEMAX); call before its first read."""
+    os.environ.setdefault("GDAL_CACHEMAX", str(WORKER_GDAL_CACHE_MB))
 
 
 def release_memory() -> None:

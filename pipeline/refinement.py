@@ -39,7 +39,7 @@ from pipeline import lineage as lineage_info
 from pipeline.crf import ColourScale, CRFSettings, require
 from pipeline.errors import ConfigError, MosaicError, TesseraError
 from pipeline.locking import OutputLock
-from pipeline.memory import PeakMemory, release_memory
+from pipeline.memory import PeakMemory, limit_gdal_cache, release_memory
 from pipeline.mosaic import Mosaic, check_output, is_uri
 from pipeline.sources import RasterSource, open_source
 from pipeline.stitching import NODATA_CLASS, BlockOutput, summarise
@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 
 RETRIES = 3  # per block, for worker processes that die; errors raised by tessera are never retried
 CANCEL_TIMEOUT = 60.0  # seconds to wait for cancelled block tasks to end before the lock is released
-WORKER_GDAL_CACHE_MB = 32  # a task reads its source window once (as in execution)
 # pydensecrf2's peak per pixel refined, on a 2448² generated scene: 210 B with 2 classes, 248 with 5, 350
 # with 10 (about 175 + 17.5 per class); on pure noise, whose colours spread the lattice, 520 with 5.
 # The estimate sits between the two so that a worker count from it leaves room for noisy images.
@@ -158,7 +157,7 @@ def refine_block(spec: RefineSpec, block: tuple[int, int], region: Rect) -> Bloc
     """Refine one block with its halo of context and write it, its levels and its marker (its only writer)."""
     from pipeline.crf import refine
 
-    os.environ.setdefault("GDAL_CACHEMAX", str(WORKER_GDAL_CACHE_MB))  # read by GDAL at its first read
+    limit_gdal_cache()
     release_memory()
     start = time.perf_counter()
     coarse = Mosaic.open(spec.mosaic)
