@@ -7,7 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.crf import CRFSettings
 from pipeline.errors import user_errors
-from pipeline.refinement import RefineConfig, refine_mosaic
+from pipeline.refinement import RefineConfig, refine_inputs
 from pipeline.tracking import Tracking
 
 
@@ -17,7 +17,7 @@ def to_config(cfg: DictConfig) -> RefineConfig:
     return RefineConfig(
         mosaic=str(cfg.mosaic), output=str(cfg.output), source=None if cfg.source is None else str(cfg.source),
         crf=CRFSettings(**crf), block=cfg.block, workers=cfg.cluster.workers, ray_address=cfg.cluster.address,
-        overwrite=cfg.overwrite, progress=cfg.progress,
+        overwrite=cfg.overwrite, progress=cfg.progress, verbose=cfg.verbose,
         tracking=Tracking(enabled=cfg.tracking.enabled, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment),
     )
 
@@ -25,7 +25,10 @@ def to_config(cfg: DictConfig) -> RefineConfig:
 @hydra.main(config_path="../conf", config_name="refine", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        print(refine_mosaic(to_config(cfg)).describe())
+        summary = refine_inputs(to_config(cfg))
+    print(summary.describe())
+    if getattr(summary, "failed", None):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

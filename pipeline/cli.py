@@ -16,10 +16,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment imag
 
 @app.command()
 def segment(
-    source: Annotated[Path, typer.Argument(help="GeoTIFF/COG, whole-slide image or OME-TIFF.")],
+    sources: Annotated[list[str], typer.Argument(
+        help="Image(s): GeoTIFF/COG, whole-slide image or OME-TIFF; a folder; a list file (.csv/.txt: path, "
+             "name, level); a STAC ItemCollection (.json); or a STAC API search URL (https://.../search?...).",
+        show_default=False)],
     model: Annotated[str, typer.Option(
         "--model", "-m", help="Model bundle file, or models:/NAME@ALIAS (or /VERSION) from the MLflow registry.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Mosaic folder to write (.zarr).")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="The mosaic (.zarr) of one image, or the folder of a collection's mosaics and manifest.")],
+    glob: Annotated[str | None, typer.Option(help="Pattern of the files to take from a folder, e.g. '*.svs'.")] = None,
+    asset: Annotated[list[str] | None, typer.Option(
+        help="STAC asset to read (repeat to stack several assets as bands).")] = None,
     tile: Annotated[int | None, typer.Option(help="Tile size in px (default: the bundle's).")] = None,
     overlap: Annotated[int | None, typer.Option(help="Minimum tile overlap in px (default: the bundle's).")] = None,
     window: Annotated[str, typer.Option(help="Blend window: gaussian, cosine, linear, constant.")] = "gaussian",
@@ -38,33 +45,49 @@ def segment(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model in each worker.")] = False,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: embedded).")] = None,
     skip_background: Annotated[bool, typer.Option(help="Skip tiles without foreground.")] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace a complete mosaic at --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace complete mosaics at --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show Ray's own messages.")] = False,
     track: Annotated[bool, typer.Option(help="Track the job as an MLflow run.")] = True,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: ./mlflow.db).")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "tessera-segment",
 ) -> None:
-    """Segment SOURCE into a blended Zarr mosaic with a pyramid, and print the job summary."""
-    from pipeline.execution import SegmentConfig
-    from pipeline.execution import segment as run_segment
+    """Segment one image, or a collection, into blended Zarr mosaics with pyramids; print the summary.
+
+    A collection runs on one pool of warm workers; a failed image is listed in ROOT/manifest.csv with
+    its error and the others go on (exit status 1). Running the same command again skips finished
+    mosaics, resumes unfinished ones and retries failed ones.
+    """
+    from pipeline.execution import SegmentConfig, segment_inputs
     from pipeline.tracking import Tracking
 
     with user_errors():
         config = SegmentConfig(
-            source=str(source), model=str(model), output=str(out), tile=tile, overlap=overlap,
+            source=",".join(sources), model=str(model), output=str(out), tile=tile, overlap=overlap,
             window=window, scores=scores, tta=tta, batch_size=batch_size, level=level, block=block,
             chunk=min(512, block), shard=min(block, 2048), workers=workers, threads=threads, device=device,
             actors_per_gpu=actors_per_gpu, pipelined=pipelined, compile=compile,
             ray_address=ray_address, skip_background=skip_background, overwrite=overwrite,
-            progress=not quiet, tracking=Tracking(enabled=track, uri=tracking_uri, experiment=experiment),
+            progress=not quiet, verbose=verbose,
+            tracking=Tracking(enabled=track, uri=tracking_uri, experiment=experiment),
         )
-        typer.echo(run_segment(config).describe())
+        summary = segment_inputs(config, sources, pattern=glob, assets=asset or ())
+    _finish(summary)
+
+
+def _finish(summary: Any) -> None:
+    """Print a job's summary; a collection with failed images exits 1."""
+    typer.echo(summary.describe())
+    if getattr(summary, "failed", None):
+        raise typer.Exit(1)
 
 
 @app.command()
 def refine(
-    mosaic: Annotated[Path, typer.Argument(help="A complete mosaic written by `tessera segment`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Refined mosaic folder to write (.zarr).")],
+    mosaic: Annotated[Path, typer.Argument(
+        help="A complete mosaic written by `tessera segment`, or a folder of them (a collection's ROOT).")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Refined mosaic to write (.zarr), or the folder for a collection's refined mosaics.")],
     source: Annotated[Path | None, typer.Option(
         help="The image MOSAIC was segmented from (default: the path in its lineage).")] = None,
     iterations: Annotated[int, typer.Option(help="Mean-field iterations.")] = 5,
@@ -79,26 +102,28 @@ def refine(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: embedded).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a complete mosaic at --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show Ray's own messages.")] = False,
     track: Annotated[bool, typer.Option(help="Track the job as an MLflow run.")] = True,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: ./mlflow.db).")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "tessera-refine",
 ) -> None:
-    """Refine MOSAIC with a dense CRF (DeepLab's post-process) into a new mosaic of class probabilities."""
+    """Refine MOSAIC (or every mosaic in a folder) with a dense CRF into new mosaics of class probabilities."""
     from pipeline.crf import CRFSettings
 
     with user_errors():
         crf = CRFSettings(iterations=iterations, gaussian_sxy=gaussian_sxy, gaussian_compat=gaussian_compat,
                           bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb,
                           bilateral_compat=bilateral_compat, halo=halo)
-        from pipeline.refinement import RefineConfig, refine_mosaic  # torch and Ray: after the settings check
+        from pipeline.refinement import RefineConfig, refine_inputs  # Ray: after the settings check
         from pipeline.tracking import Tracking
 
         config = RefineConfig(
             mosaic=str(mosaic), output=str(out), source=str(source) if source else None, crf=crf, block=block,
-            workers=workers, ray_address=ray_address, overwrite=overwrite, progress=not quiet,
+            workers=workers, ray_address=ray_address, overwrite=overwrite, progress=not quiet, verbose=verbose,
             tracking=Tracking(enabled=track, uri=tracking_uri, experiment=experiment),
         )
-        typer.echo(refine_mosaic(config).describe())
+        summary = refine_inputs(config)
+    _finish(summary)
 
 
 @app.command()

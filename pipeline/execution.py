@@ -1,29 +1,30 @@
-"""Ray orchestration of a segment job: validate, plan, skip background, run blocks, pyramid, summary.
+"""The segment job: a model's blended scores over each image of a collection, as Zarr mosaics.
 
-The driver plans the job (`tiling.BlockPlan`), starts one `BlockWorker` actor per worker slot (each
-loads the model once and opens the source and mosaic itself), and feeds them two kinds of work:
+This module says what segmenting one image is, for the job engine (`pipeline.engine`) that runs it
+over a collection on one warm pool of workers:
 
-- seams: tiles that straddle blocks, computed once; their weighted sums go to each block they touch;
-- blocks: the tiles inside one block, plus the seams that feed it; the block is normalised and written
-  by exactly this task (one writer per block).
+- prepare (driver): open the source at the model's resolution, the tile grid, skip background, and
+  the block plan (`tiling.BlockPlan`); the mosaic's layout, lineage and fingerprint;
+- units (workers, each holding the model once, `SegmentRunner`): seams, tiles that straddle blocks,
+  computed once, whose weighted sums go to each block they touch; and blocks, the tiles inside one
+  block plus the seams that feed it, normalised and written by exactly this unit (one writer per
+  block).
 
-A block is submitted only once every seam it needs has finished, so no actor ever waits on another.
-Seams are started in the order their first block needs them, which keeps the seam results alive at
-any time to about one row of blocks. The same code runs on an embedded Ray or on a cluster; only
-`ray_address` differs.
+The engine submits a block once every seam it needs has finished, so no worker ever waits on
+another, and starts seams in the order their first block needs them, which keeps the seam results
+alive at any time to about one row of blocks. The same code runs on an embedded Ray or on a
+cluster; only `ray_address` differs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import resource
 import tempfile
+import threading
 import time
-from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,23 +34,28 @@ import psutil
 
 from pipeline import lineage as lineage_info
 from pipeline.blending import WINDOWS, Accumulator
-from pipeline.errors import BandMismatchError, ConfigError, TesseraError
+from pipeline.collection import CollectionItem, output_path
+from pipeline.engine import (
+    IN_FLIGHT,
+    CollectionSummary,
+    ImageFigures,
+    ImageJob,
+    UnitGraph,
+    UnitReport,
+    WorkerLayout,
+    run_collection,
+)
+from pipeline.errors import BandMismatchError, ConfigError
 from pipeline.inference import InferenceOptions, pick_device
-from pipeline.locking import OutputLock
-from pipeline.memory import PeakMemory, limit_gdal_cache, release_memory
 from pipeline.models.bundle import ModelBundle
-from pipeline.mosaic import Mosaic, MosaicLayout, check_output, check_storage
+from pipeline.mosaic import Mosaic, MosaicLayout, check_storage
 from pipeline.sources import RasterSource, open_source
 from pipeline.tiling import BlockId, BlockPlan, TileGrid
-from pipeline.tracking import JobRun, Tracking, check_reachable, flat_params, job_run
+from pipeline.tracking import Tracking, check_reachable, flat_params
 
 log = logging.getLogger(__name__)
 
-WORKER_RESTARTS = 3  # per worker, for processes that die; errors raised by tessera are never retried
-STARTUP_TIMEOUT = 600.0  # seconds for workers to load the model; a cluster may need to scale up first
-FLUSH_TIMEOUT = 60.0  # seconds for workers to finish writing blocks already computed when a job stops
 OBJECT_STORE_MIN = 128 * 2**20
-IN_FLIGHT = 2  # units per worker: one running, one queued, so a worker never idles between units
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class SegmentConfig:
             leaves the GPU idle; each holds its own copy of the model in GPU memory).
         compile: torch.compile the model in each worker (slower start, faster steady state on GPU).
         overwrite: replace a complete mosaic at `output`, or start an unfinished one over.
+        verbose: let Ray's own messages through to the terminal.
         tracking: the MLflow run of the job (default: MLFLOW_TRACKING_URI or ./mlflow.db).
     """
 
@@ -104,6 +111,7 @@ class SegmentConfig:
     compile: bool = False
     overwrite: bool = False
     progress: bool = True
+    verbose: bool = False
     tracking: Tracking = field(default_factory=Tracking)
 
     def __post_init__(self) -> None:
@@ -148,6 +156,7 @@ class SegmentSummary:
     peak_memory_mib: float  # PSS summed over all processes of the job on this machine, sampled
     worker_peak_rss_mib: float  # the largest single worker
     run_id: str | None = None  # the MLflow run that tracked the job
+    kept: bool = False  # finished before by the same job and kept as it was (this run computed nothing)
 
     @property
     def pyramid_seconds(self) -> float:
@@ -171,7 +180,8 @@ class SegmentSummary:
             return f"{100 * n / max(self.tiles_total, 1):.1f}%"
 
         return "\n".join([
-            f"mosaic      {self.output}",
+            f"mosaic      {self.output}"
+            + (" (complete already: kept as it is; --overwrite computes it again)" if self.kept else ""),
             f"image       {self.width} x {self.height} px at level {self.level} ({self.megapixels:.1f} MPix)",
             f"tiles       {self.tiles_total} in grid: {self.tiles_computed} computed ({pct(self.tiles_computed)}), "
             f"{self.tiles_skipped} skipped ({pct(self.tiles_skipped)}), "
@@ -196,110 +206,107 @@ def cost_lines(mpix_per_second: float, wall_seconds: float, phases: dict[str, fl
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    """What every worker needs, shipped once through the object store."""
+class ImageSpec:
+    """What a worker needs of one image, shipped once to each worker that computes a unit of it."""
 
     source: RasterSource  # pickles as (path, level); each worker opens its own handle
-    bundle_bytes: bytes
     plan: BlockPlan
     window: str
-    inference: InferenceOptions
+    scores: str
     mosaic: str
-    threads: int
-    pipelined: bool = False  # read ahead and write behind in helper threads (GPU workers: the CPU is free)
-    actors_per_gpu: int = 1
 
 
 @dataclass(frozen=True)
-class UnitReport:
-    tiles: int
-    seconds: float
-    peak_rss_mib: float
+class SegmentSetup:
+    """What every worker keeps warm for the whole collection: the model."""
+
+    bundle_bytes: bytes
+    inference: InferenceOptions
+    threads: int
+    pipelined: bool = False  # read ahead and write behind in helper threads (GPU workers: the CPU is free)
+
+    def start(self) -> SegmentRunner:
+        return SegmentRunner(self)
 
 
-class BlockWorker:
-    """Holds the model, the source handle and the mosaic; computes seams and blocks.
+@dataclass
+class ImageHandles:
+    spec: ImageSpec
+    mosaic: Mosaic
+
+
+class SegmentRunner:
+    """A worker's model, and the seam and block units of the segment job.
 
     When pipelined (GPU workers), two helper threads keep the model busy: a reader decodes the next
     batch of tiles while the model runs on this one, and a writer finishes and stores a block while the
     next unit starts. At most one block waits for the writer; its error, if any, is raised by the next
-    unit or by `flush`. A block whose write is lost with its process has no done-marker, and the driver
+    unit or by `flush`. A block whose write is lost with its process has no done-marker, and the engine
     computes it again. CPU workers do all of it in line: every core already runs a worker, and the
     helper threads were measured to slow the job down there (docs/benchmarks.md).
     """
 
-    def __init__(self, job: JobSpec) -> None:
+    def __init__(self, setup: SegmentSetup) -> None:
         import torch
 
         from pipeline.inference import Predictor
 
-        limit_gdal_cache()
-        torch.set_num_threads(job.threads)
-        self.job = job
+        torch.set_num_threads(setup.threads)
         with tempfile.NamedTemporaryFile(suffix=".bundle") as f:
-            f.write(job.bundle_bytes)
+            f.write(setup.bundle_bytes)
             f.flush()
             bundle = ModelBundle.load(f.name)
-        self.predictor = Predictor(bundle, job.inference)
-        self.mosaic = Mosaic.open(job.mosaic, mode="r+")
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="tessera-read") if job.pipelined else None
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="tessera-write") if job.pipelined else None
+        self.predictor = Predictor(bundle, setup.inference)
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="tessera-read") if setup.pipelined else None
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="tessera-write") if setup.pipelined else None
         self.pending: Future[None] | None = None
 
-    def ready(self) -> bool:
-        """Answers once the model is loaded, so start-up is timed apart from compute."""
-        return True
+    def open(self, spec: ImageSpec) -> ImageHandles:
+        return ImageHandles(spec, Mosaic.open(spec.mosaic, mode="r+"))
 
-    def compute_seam(self, index: int) -> tuple[Any, ...]:
-        """The seam's weighted sums, one accumulator per block it touches, then a report."""
+    def seam(self, image: ImageHandles, index: int) -> tuple[list[Accumulator], UnitReport]:
+        """The seam's weighted sums, one accumulator per block it touches."""
         from pipeline.stitching import blend_tiles
 
-        release_memory()
         start = time.perf_counter()
-        plan, group = self.job.plan, self.job.plan.seams[index]
+        plan, group = image.spec.plan, image.spec.plan.seams[index]
         regions = [plan.footprint(group.tiles, b) for b in group.blocks]
-        accs = blend_tiles(group.tiles, regions, plan.grid, self.job.source, self.predictor, self.job.window,
+        accs = blend_tiles(group.tiles, regions, plan.grid, image.spec.source, self.predictor, image.spec.window,
                            self.reader)
-        return (*accs, self._report(len(group.tiles), start))
+        return accs, UnitReport.since(len(group.tiles), start)
 
-    def compute_block(self, block: BlockId, *imports: Accumulator) -> UnitReport:
+    def block(self, image: ImageHandles, block: BlockId, parts: Sequence[Accumulator]) -> UnitReport:
         """Compute the block's own tiles and add the seams' sums; the writer normalises and stores it."""
         from pipeline.stitching import blend_tiles
 
-        release_memory()
         start = time.perf_counter()
-        plan = self.job.plan
-        tiles = plan.interior.get(block, ())
-        (acc,) = blend_tiles(tiles, [plan.rect(block)], plan.grid, self.job.source, self.predictor,
-                             self.job.window, self.reader)
-        for part in imports:
+        spec = image.spec
+        tiles = spec.plan.interior.get(block, ())
+        (acc,) = blend_tiles(tiles, [spec.plan.rect(block)], spec.plan.grid, spec.source, self.predictor,
+                             spec.window, self.reader)
+        for part in parts:
             acc.merge(part)
         region = acc.region  # read here: the source handle is not shared between threads at once
-        valid = self.job.source.valid(region.y0, region.x0, region.height, region.width)
+        valid = spec.source.valid(region.y0, region.x0, region.height, region.width)
         self.flush()  # one block at a time in the writer, so memory stays at two blocks
         if self.writer is None:
-            self._store(block, acc, valid)
+            self._store(image, block, acc, valid)
         else:
-            self.pending = self.writer.submit(self._store, block, acc, valid)
-        return self._report(len(tiles), start)
+            self.pending = self.writer.submit(self._store, image, block, acc, valid)
+        return UnitReport.since(len(tiles), start)
 
-    def flush(self) -> bool:
+    def flush(self) -> None:
         """Wait for the block in the writer; raises its error."""
         pending, self.pending = self.pending, None
         if pending is not None:
             pending.result()
-        return True
-
-    def _store(self, block: BlockId, acc: Accumulator, valid: Any) -> None:
-        from pipeline.stitching import finish_block
-
-        out = finish_block(acc, valid, self.job.inference.scores)
-        self.mosaic.mark_done(block, out.region, self.mosaic.write_block(out))
 
     @staticmethod
-    def _report(tiles: int, start: float) -> UnitReport:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return UnitReport(tiles, time.perf_counter() - start, peak)
+    def _store(image: ImageHandles, block: BlockId, acc: Accumulator, valid: Any) -> None:
+        from pipeline.stitching import finish_block
+
+        out = finish_block(acc, valid, image.spec.scores)
+        image.mosaic.mark_done(block, out.region, image.mosaic.write_block(out))
 
 
 WORKER_MEMORY = 2 * 2**30  # measured peak of one CPU worker with the demo model (docs/benchmarks.md)
@@ -335,6 +342,12 @@ def prepare(config: SegmentConfig) -> tuple[RasterSource, ModelBundle, TileGrid]
     """Open and check everything before anything is written; raises TesseraError on bad input."""
     pick_device(config.device)  # a GPU asked for and not visible fails here, not in a worker
     bundle = ModelBundle.load(config.model)
+    source, grid = open_image(config, bundle)
+    return source, bundle, grid
+
+
+def open_image(config: SegmentConfig, bundle: ModelBundle) -> tuple[RasterSource, TileGrid]:
+    """The source at the level that matches the model, and its tile grid; raises TesseraError on bad input."""
     source = open_source(config.source)
     spec = bundle.spec
     level = config.level
@@ -357,37 +370,7 @@ def prepare(config: SegmentConfig) -> tuple[RasterSource, ModelBundle, TileGrid]
     grid = TileGrid(source.height, source.width, tile, overlap)
     if config.block < tile:
         raise ConfigError(f"block {config.block} is smaller than the tile {tile}: raise block or shard")
-    return source, bundle, grid
-
-
-def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | None = None) -> SegmentSummary:
-    """Segment `config.source` with `config.model` into the mosaic `config.output`.
-
-    Args:
-        config: the job settings.
-        on_progress: called with (blocks done, blocks to do) after each block.
-
-    Returns:
-        The job summary (also written into the mosaic's lineage).
-
-    Raises:
-        TesseraError: on bad input, before anything is written.
-    """
-    start = time.perf_counter()
-    config, registered = resolve_model(config)
-    source, bundle, grid = prepare(config)
-    job = job_fingerprint(config, source, bundle, grid)
-    check_output(config.output, config.overwrite, job)  # refuse early, before taking the lock
-    device_type = pick_device(config.device).type
-    workers, threads = worker_layout(config, device_type)
-    with OutputLock(config.output):
-        resume = check_output(config.output, config.overwrite, job)  # authoritative, under the lock
-        params = flat_params(config, job) | {f"model.{k}": v for k, v in (registered or {}).items()}
-        with job_run(config.tracking, params, config.output) as run:
-            summary = _execute(config, source, bundle, grid, job, resume, device_type, workers, threads,
-                               start, on_progress, run, registered)
-            run.log_result(summary.as_dict(), dataclasses.asdict(config), Mosaic.open(config.output).preview_png())
-            return summary
+    return source, grid
 
 
 def resolve_model(config: SegmentConfig) -> tuple[SegmentConfig, dict[str, Any] | None]:
@@ -417,101 +400,6 @@ def job_fingerprint(config: SegmentConfig, source: RasterSource, bundle: ModelBu
     }
 
 
-def _execute(
-    config: SegmentConfig, source: RasterSource, bundle: ModelBundle, grid: TileGrid, job: dict[str, Any],
-    resume: bool, device_type: str, workers: int, threads: int, start: float,
-    on_progress: Callable[[int, int], None] | None, run: JobRun, registered: dict[str, Any] | None = None,
-) -> SegmentSummary:
-    """Plan, create or reopen the mosaic, run the blocks not yet done, pyramid, finish."""
-    import ray
-
-    fg, factor = source.foreground() if config.skip_background else (None, 1.0)
-    active = grid.active(fg, factor)
-    plan = BlockPlan(grid, config.block, active)
-    busy = plan.busy_blocks()
-    if resume:
-        done = Mosaic.open(config.output).done_blocks() & set(busy)
-    else:
-        layout = MosaicLayout(
-            height=source.height, width=source.width, classes=bundle.spec.classes,
-            scores_kind=config.scores, scores_dtype=config.scores_dtype, chunk=config.chunk,
-            shard=config.shard, crs=source.crs,
-            transform=tuple(source.transform)[:6] if source.transform is not None else None,
-            mpp=source.mpp,
-        )
-        lineage = {**lineage_info.describe(config, source, bundle, grid, registered), "mlflow": run.lineage()}
-        Mosaic.create(config.output, layout, lineage, job)
-        done = set()
-    todo = [b for b in busy if b not in done]
-    # Seam tiles shared by a block done in an earlier run and one still to do are computed again.
-    recomputed = sum(len(g.tiles) for g in plan.seams
-                     if any(b in done for b in g.blocks) and any(b not in done for b in g.blocks))
-    workers = max(1, min(workers, len(todo) + len(plan.seams))) if todo else 1
-
-    phases = {"prepare": time.perf_counter() - start}
-    started_ray = False
-    try:
-        with PeakMemory() as memory:
-            tick = time.perf_counter()
-            started_ray = connect_ray(config.ray_address, workers,
-                                   object_store_bytes(plan, bundle.spec.num_classes, workers))
-            phases["startup"] = time.perf_counter() - tick
-            spec = JobSpec(
-                source=source, bundle_bytes=Path(config.model).read_bytes(), plan=plan,
-                window=config.window, inference=config.inference, mosaic=config.output, threads=threads,
-                pipelined=config.pipelined if config.pipelined is not None else device_type == "cuda",
-                actors_per_gpu=config.actors_per_gpu,
-            )
-            reports = _run(plan, todo, spec, workers, device_type, config.progress, on_progress, phases)
-            reports += _rerun_lost(plan, todo, spec, workers, device_type, phases)
-            mosaic = Mosaic.open(config.output, mode="r+")
-            tick = time.perf_counter()
-            mosaic.build_pyramid()
-            phases["pyramid"] = time.perf_counter() - tick
-    finally:
-        if started_ray:
-            ray.shutdown()
-    summary = SegmentSummary(
-        output=config.output, height=source.height, width=source.width, level=source.level,
-        tiles_total=len(grid), tiles_computed=sum(r.tiles for r in reports), tiles_skipped=len(grid) - len(active),
-        tiles_recomputed=recomputed, blocks_total=len(list(plan)), blocks_written=len(todo),
-        blocks_resumed=len(done), workers=workers, wall_seconds=time.perf_counter() - start, phases=phases,
-        peak_memory_mib=memory.peak_mib, worker_peak_rss_mib=max((r.peak_rss_mib for r in reports), default=0.0),
-        run_id=run.run_id,
-    )
-    mosaic.finish({"summary": summary.as_dict(), "finished": lineage_info.now(), "mlflow": run.lineage()})
-    return summary
-
-
-def _rerun_lost(
-    plan: BlockPlan, todo: list[BlockId], job: JobSpec, workers: int, device_type: str, phases: dict[str, float],
-) -> list[UnitReport]:
-    """Compute again the blocks of `todo` that have no done-marker; raises TesseraError after WORKER_RESTARTS tries.
-
-    A worker process that dies with a block in its writer thread has already reported the block, but
-    the block was never stored: it is found here by its missing marker.
-    """
-    mosaic = Mosaic.open(job.mosaic)
-    reports: list[UnitReport] = []
-    for attempt in range(WORKER_RESTARTS + 1):
-        lost = sorted(set(todo) - mosaic.marked_blocks())
-        if not lost:
-            return reports
-        if attempt == WORKER_RESTARTS:
-            break
-        log.warning("%d block(s) lost with a worker process are computed again", len(lost))
-        reports += _run(plan, lost, job, workers, device_type, False, None, phases)
-    raise TesseraError(f"{len(lost)} block(s) were still lost with their worker processes after {WORKER_RESTARTS} "
-                       f"reruns: check the workers' logs; rerunning the job resumes it")
-
-
-def _first_line(error: Exception) -> str:
-    """The innermost message of a Ray error, on one line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    causes = [line for line in lines if "Error:" in line and not line.startswith(("File", "ray."))]
-    return (causes[-1] if causes else lines[0] if lines else type(error).__name__)[:500]
-
-
 def object_store_bytes(plan: BlockPlan, channels: int, workers: int) -> int:
     """Room in an embedded Ray's object store for the seam sums that the units in flight use.
 
@@ -528,150 +416,168 @@ def object_store_bytes(plan: BlockPlan, channels: int, workers: int) -> int:
     return max(OBJECT_STORE_MIN, 2 * IN_FLIGHT * workers * largest)
 
 
-def connect_ray(address: str | None, workers: int, object_store: int | None = None) -> bool:
-    """Join a Ray cluster, or start an embedded one; True when this call started Ray.
+class SegmentJob:
+    """The segment job as the engine runs it: one model, many images (see `pipeline.engine`)."""
 
-    No address means a new embedded Ray, even if a `ray start` head runs on this machine, except
-    inside a job submitted through the Ray Jobs API, where RAY_ADDRESS names the job's cluster.
-    `object_store` bytes bound an embedded Ray's object store (a cluster's is set by `ray start`).
+    name = "segment"
+
+    def __init__(self, config: SegmentConfig) -> None:
+        self.config = config
+        self.tracking = config.tracking
+        self.ray_address = config.ray_address
+        self.overwrite = config.overwrite
+        self.progress = config.progress
+        self.verbose = config.verbose
+        self._lock = threading.Lock()
+        self._model: tuple[SegmentConfig, ModelBundle, dict[str, Any] | None] | None = None
+        self._threads: int | None = None  # torch threads per worker, chosen with the layout
+
+    def model(self) -> tuple[SegmentConfig, ModelBundle, dict[str, Any] | None]:
+        """The config with the model resolved to a local bundle, the bundle, and its registry version; loaded once."""
+        with self._lock:
+            if self._model is None:
+                pick_device(self.config.device)  # a GPU asked for and not visible fails here, not in a worker
+                config, registered = resolve_model(self.config)
+                self._model = config, ModelBundle.load(config.model), registered
+            return self._model
+
+    def for_image(self, item: CollectionItem, output: str) -> SegmentConfig:
+        level = item.level if item.level is not None else self.model()[0].level
+        return dataclasses.replace(self.model()[0], source=item.source, output=output, level=level)
+
+    def prepare(self, item: CollectionItem, output: str) -> ImageJob:
+        config = self.for_image(item, output)
+        _, bundle, registered = self.model()
+        source, grid = open_image(config, bundle)
+        fg, factor = source.foreground() if config.skip_background else (None, 1.0)
+        active = grid.active(fg, factor)
+        plan = BlockPlan(grid, config.block, active)
+        job = job_fingerprint(config, source, bundle, grid)
+        layout = MosaicLayout(
+            height=source.height, width=source.width, classes=bundle.spec.classes, scores_kind=config.scores,
+            scores_dtype=config.scores_dtype, chunk=config.chunk, shard=config.shard, crs=source.crs,
+            transform=tuple(source.transform)[:6] if source.transform is not None else None, mpp=source.mpp,
+        )
+        graph = UnitGraph(tuple(plan.busy_blocks()), tuple(g.blocks for g in plan.seams))
+        spec = ImageSpec(source, plan, config.window, config.scores, str(Path(output).resolve()))
+        params = flat_params(config, job) | {f"model.{k}": v for k, v in (registered or {}).items()}
+        return ImageJob(item, output, job, layout, lineage_info.describe(config, source, bundle, grid, registered),
+                        graph, spec, params, extra={"plan": plan, "skipped": len(grid) - len(active),
+                                                    "source": source})
+
+    def worker_setup(self) -> SegmentSetup:
+        config, _, _ = self.model()
+        device = pick_device(config.device).type
+        threads = self._threads or self._layout(None)[1]
+        return SegmentSetup(Path(config.model).read_bytes(), config.inference, threads,
+                            config.pipelined if config.pipelined is not None else device == "cuda")
+
+    def worker_layout(self, first: ImageJob | None) -> WorkerLayout:
+        config, bundle, _ = self.model()
+        device = pick_device(config.device).type
+        workers, self._threads = self._layout(first)
+        channels = bundle.spec.num_classes
+        if first is not None:
+            store = object_store_bytes(first.extra["plan"], channels, workers)
+        else:  # a collection: room for the largest seam sums a block of this size can import
+            tile = config.tile or bundle.spec.tile_size
+            store = max(OBJECT_STORE_MIN, 2 * IN_FLIGHT * workers * (channels + 1) * 4 * 4 * config.block * tile)
+        return WorkerLayout(
+            workers=workers, num_cpus=1, num_gpus=1 / config.actors_per_gpu if device == "cuda" else 0,
+            writes_behind=config.pipelined if config.pipelined is not None else device == "cuda",
+            object_store=store, hint="segment with fewer --workers or a smaller --batch-size",
+        )
+
+    def _layout(self, first: ImageJob | None) -> tuple[int, int]:
+        """Workers and threads; a single image with fewer units than workers gets fewer workers with more threads."""
+        config = self.model()[0]
+        device = pick_device(config.device).type
+        workers, threads = worker_layout(config, device)
+        if first is not None and config.workers is None:
+            units = len(first.graph.blocks) + len(first.graph.seams)
+            fewer = max(1, min(workers, units))
+            if fewer < workers and config.threads is None and device != "cuda":
+                threads = max(1, threads * workers // fewer)
+            workers = fewer
+        return workers, threads
+
+    def summarise(self, job: ImageJob, figures: ImageFigures) -> SegmentSummary:
+        plan: BlockPlan = job.extra["plan"]
+        source: RasterSource = job.extra["source"]
+        return SegmentSummary(
+            output=job.output, height=source.height, width=source.width, level=source.level,
+            tiles_total=len(plan.grid), tiles_computed=figures.work, tiles_skipped=job.extra["skipped"],
+            tiles_recomputed=sum(len(plan.seams[k].tiles) for k in figures.recomputed_seams),
+            blocks_total=len(list(plan)), blocks_written=figures.blocks_written,
+            blocks_resumed=figures.blocks_resumed, workers=figures.workers, wall_seconds=figures.wall_seconds,
+            phases=figures.phases, peak_memory_mib=figures.peak_memory_mib,
+            worker_peak_rss_mib=figures.worker_peak_rss_mib, run_id=figures.run_id,
+        )
+
+
+def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | None = None) -> SegmentSummary:
+    """Segment `config.source` with `config.model` into the mosaic `config.output` (a collection of one).
+
+    Args:
+        config: the job settings.
+        on_progress: called with (blocks done, blocks to do) after each block.
+
+    Returns:
+        The job summary (also written into the mosaic's lineage). A mosaic finished before by the same
+        job is kept as it is, and its recorded summary returned.
+
+    Raises:
+        TesseraError: on bad input, before anything is written; or the error that stopped the job.
     """
-    import ray
+    item = CollectionItem(config.source, Path(config.output).stem, config.level)
+    result = run_collection(SegmentJob(config), [(item, config.output)], on_progress=on_progress).images[0]
+    if result.exception is not None:
+        raise result.exception
+    if result.status == "skipped":
+        return SegmentSummary(**{k: v for k, v in Mosaic.open(config.output).lineage["summary"].items()
+                                 if k in SegmentSummary.__dataclass_fields__ and k != "kept"}, kept=True)
+    assert isinstance(result.summary, SegmentSummary)
+    return result.summary
 
-    if ray.is_initialized():
-        return False
-    common: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **common)
-    else:
-        # One process each to spill and restore the waiting seam sums: each is a Python process of
-        # about 80 MB, and Ray's default of up to 4 of each made peak memory grow with the image.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False,
-                 object_store_memory=object_store, _system_config={"max_io_workers": 1}, **common)
-    return True
 
-def _run(
-    plan: BlockPlan,
-    busy: list[BlockId],
-    job: JobSpec,
-    workers: int,
-    device_type: str,
-    progress: bool,
-    on_progress: Callable[[int, int], None] | None,
-    phases: dict[str, float],
-) -> list[UnitReport]:
-    """Dataflow over the actors: seams first, each block once all its seams are done.
+def segment_collection(config: SegmentConfig, items: Sequence[CollectionItem], root: str,
+                       max_images: int | None = None,
+                       on_progress: Callable[[int, int], None] | None = None) -> CollectionSummary:
+    """Segment every image of a collection into ROOT/<name>.zarr on one warm pool of model workers.
 
-    Adds the workers' start-up time to `phases["startup"]` and the compute time as `phases["blocks"]`.
+    Args:
+        config: the settings every image shares (its `source` and `output` are replaced per image).
+        items: the images (`collection.resolve_collection`).
+        root: the folder of the mosaics and the manifest (manifest.csv, manifest.parquet).
+        max_images: images in flight at once (default: twice the workers).
+        on_progress: called with (blocks done, blocks known so far) after each block.
+
+    Returns:
+        One result per image (done, failed with its one-line error, or skipped as finished before).
+
+    Raises:
+        ConfigError: the cluster or the tracking server cannot be reached, before anything is written.
     """
-    import ray
-    from tqdm import tqdm
+    tasks = [(item, output_path(root, item)) for item in items]
+    return run_collection(SegmentJob(config), tasks, root=root, max_images=max_images, on_progress=on_progress)
 
-    if not busy:
-        return []
-    job_ref = ray.put(job)
-    # A worker process that dies (killed, node lost) is restarted and its unfinished units retried;
-    # that is safe because every unit is idempotent. Exceptions raised by our code are not retried.
-    actor_cls = ray.remote(BlockWorker).options(
-        num_cpus=1, num_gpus=1 / job.actors_per_gpu if device_type == "cuda" else 0, max_restarts=WORKER_RESTARTS,
-        max_task_retries=WORKER_RESTARTS,
-    )
-    tick = time.perf_counter()
-    actors: list[Any] = [actor_cls.remote(job_ref) for _ in range(workers)]
-    try:
-        ray.get([a.ready.remote() for a in actors], timeout=STARTUP_TIMEOUT)
-    except ray.exceptions.GetTimeoutError:
-        raise TesseraError(
-            f"{workers} worker(s) needing {'a GPU' if device_type == 'cuda' else 'a CPU'} each could not start "
-            f"within {STARTUP_TIMEOUT:.0f} s: the cluster lacks the resources; use fewer --workers"
-        ) from None
-    except ray.exceptions.RayActorError as e:
-        raise TesseraError(f"a worker failed to start: {_first_line(e)}") from None
-    phases["startup"] = phases.get("startup", 0.0) + time.perf_counter() - tick
-    tick = time.perf_counter()
-    feeds = plan.seams_of()
-    seam_order: list[int] = []
-    ordered: set[int] = set()
-    for b in busy:  # seams in the order their first block needs them
-        for k in feeds.get(b, []):
-            if k not in ordered:
-                ordered.add(k)
-                seam_order.append(k)
-    seams_todo = deque(seam_order)
-    waiting = {b: len(feeds.get(b, [])) for b in busy}
-    consumers = {k: sum(b in waiting for b in plan.seams[k].blocks) for k in seam_order}
-    seam_parts: dict[int, dict[BlockId, Any]] = {}
-    blocks_ready = deque(b for b in busy if waiting[b] == 0)
-    blocks_left = set(busy) - set(blocks_ready)
-    in_flight: dict[Any, tuple[str, Any, int]] = {}
-    load: dict[int, int] = defaultdict(int)
-    reports: list[UnitReport] = []
-    bar = tqdm(total=len(busy), desc="blocks", unit="block", disable=not progress, leave=False)
-    done_blocks = 0
 
-    def submit(a: int) -> bool:
-        actor = actors[a]
-        if blocks_ready:
-            b = blocks_ready.popleft()
-            refs = [seam_parts[k][b] for k in feeds.get(b, [])]
-            in_flight[actor.compute_block.remote(b, *refs)] = ("block", b, a)
-        elif seams_todo:
-            k = seams_todo.popleft()
-            group = plan.seams[k]
-            *parts, report = actor.compute_seam.options(num_returns=len(group.blocks) + 1).remote(k)
-            seam_parts[k] = dict(zip(group.blocks, parts, strict=True))
-            in_flight[report] = ("seam", k, a)
-        else:
-            return False
-        load[a] += 1
-        return True
+def segment_inputs(config: SegmentConfig, sources: Sequence[str], pattern: str | None = None,
+                   assets: Sequence[str] = ()) -> SegmentSummary | CollectionSummary:
+    """What the front doors run: one image into the mosaic `config.output` (a path ending in .zarr),
+    or else a collection (paths, folders, list files, STAC) into the folder `config.output`.
 
-    try:
-        while blocks_ready or seams_todo or in_flight:
-            for a in sorted(range(workers), key=lambda i: load[i]):
-                while load[a] < IN_FLIGHT and submit(a):
-                    pass
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            kind, key, a = in_flight.pop(ref)
-            load[a] -= 1
-            try:
-                report: UnitReport = ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
-                cause = e.cause if isinstance(e.cause, TesseraError) else None
-                raise cause or e from None
-            reports.append(report)
-            if kind == "seam":
-                for b in plan.seams[key].blocks:
-                    if b in waiting:
-                        waiting[b] -= 1
-                        if waiting[b] == 0 and b in blocks_left:
-                            blocks_left.discard(b)
-                            blocks_ready.append(b)
-            else:
-                for k in feeds.get(key, []):
-                    consumers[k] -= 1
-                    seam_parts[k].pop(key, None)  # drop our reference so the object store frees it
-                    if consumers[k] == 0:
-                        del seam_parts[k]
-                done_blocks += 1
-                bar.update(1)
-                if on_progress is not None:
-                    on_progress(done_blocks, len(busy))
-        for ref in [a.flush.remote() for a in actors]:  # the last block of each worker is still writing
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
-                raise (e.cause if isinstance(e.cause, TesseraError) else e) from None
-    except BaseException:
-        # Stopped or failed: keep the blocks already computed (their writes finish), drop the rest.
-        for ref in in_flight:
-            with contextlib.suppress(Exception):  # already finished, or its worker gone
-                ray.cancel(ref)
-        ray.wait([a.flush.remote() for a in actors], num_returns=len(actors), timeout=FLUSH_TIMEOUT)
-        raise
-    finally:
-        bar.close()
-        for actor in actors:
-            ray.kill(actor)
-    phases["blocks"] = phases.get("blocks", 0.0) + time.perf_counter() - tick
-    return reports
+    Raises:
+        ConfigError: the inputs do not make a collection (none found, two map to one name).
+    """
+    from pipeline.collection import is_collection, resolve_collection
+    from pipeline.mosaic import is_mosaic
+
+    if not is_collection(sources, config.output):
+        return segment(dataclasses.replace(config, source=sources[0]))
+    if is_mosaic(config.output):
+        raise ConfigError(f"--out {config.output} is a mosaic: give a new folder for the collection's mosaics, "
+                          "or a path ending in .zarr for one image's mosaic")
+    items = resolve_collection(sources, pattern=pattern, assets=assets,
+                               stacking_dir=Path(config.output) / ".inputs")
+    return segment_collection(config, items, config.output)

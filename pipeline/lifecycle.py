@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
-from pipeline.tracking import RunLogger, Tracking, check_reachable, open_run
+from pipeline.tracking import RunLogger, Tracking, check_reachable, mlflow_client, open_run
 from pipeline.training.catalog import load_catalog
 from pipeline.training.distributed import Distributed, fit
 from pipeline.training.loop import TrainConfig, TrainResult, score_holdout, train
@@ -155,7 +155,6 @@ def nightly(config: NightlyConfig, progress: bool = False) -> NightlyOutcome:
     Raises:
         ConfigError: Bad settings or catalog, or an unreachable tracking server.
     """
-    import mlflow
 
     from pipeline import registry
 
@@ -166,7 +165,7 @@ def nightly(config: NightlyConfig, progress: bool = False) -> NightlyOutcome:
     date = config.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     uri = tracking.resolved_uri()
     check_reachable(uri)
-    client = mlflow.MlflowClient(uri)
+    client = mlflow_client(uri)
     finished = _finished_nightlies(client, tracking.experiment)
     earlier = [r for r in finished if r.data.tags.get(NIGHTLY_TAG) == date]
     if earlier and not config.force:

@@ -6,10 +6,12 @@ probabilities (`scores_kind = "probabilities"`), with mask, confidence and pyram
 as usual. The input is never written: its logits stay as they were, for comparison or another
 refinement with other settings.
 
-Each output block is one Ray task. It reads the input's scores and the source over the block plus a
+Each output block is one unit of the job engine (`pipeline.engine`), which runs refine exactly as it
+runs segment: one pool of workers, a collection of mosaics, lock, resume, tracking, pyramid. A unit
+reads the input's scores and the source over the block plus a
 halo (`CRFSettings.reach`), refines that window (`crf.refine`) and writes only its own block of the
 output, with its levels and its done-marker: one writer per block, no read-modify-write, idempotent,
-so retries and resume are safe exactly as for the segment job. The result equals a refinement of the
+so retries and resume are safe. The result equals a refinement of the
 whole image up to the context the halo leaves out (measured in tests/test_refinement.py and
 docs/models.md). Blocks with no data in the input are not computed, and stay nodata.
 
@@ -20,14 +22,12 @@ but need more memory per worker (about 400 B per pixel refined, with 5 classes).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import os
-import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,20 +36,26 @@ import numpy as np
 import psutil
 
 from pipeline import lineage as lineage_info
+from pipeline.collection import CollectionItem
 from pipeline.crf import ColourScale, CRFSettings, require
-from pipeline.errors import ConfigError, MosaicError, TesseraError
-from pipeline.locking import OutputLock
-from pipeline.memory import PeakMemory, limit_gdal_cache, release_memory
-from pipeline.mosaic import Mosaic, check_output, is_uri
+from pipeline.engine import (
+    CollectionSummary,
+    ImageFigures,
+    ImageJob,
+    UnitGraph,
+    UnitReport,
+    WorkerLayout,
+    run_collection,
+)
+from pipeline.errors import ConfigError, MosaicError
+from pipeline.mosaic import Mosaic, is_mosaic, is_uri
 from pipeline.sources import RasterSource, open_source
 from pipeline.stitching import NODATA_CLASS, BlockOutput, summarise
 from pipeline.tiling import Rect
-from pipeline.tracking import Tracking, flat_params, job_run
+from pipeline.tracking import Tracking, flat_params
 
 log = logging.getLogger(__name__)
 
-RETRIES = 3  # per block, for worker processes that die; errors raised by tessera are never retried
-CANCEL_TIMEOUT = 60.0  # seconds to wait for cancelled block tasks to end before the lock is released
 # pydensecrf2's peak per pixel refined, on a 2448² generated scene: 210 B with 2 classes, 248 with 5, 350
 # with 10 (about 175 + 17.5 per class); on pure noise, whose colours spread the lattice, 520 with 5.
 # The estimate sits between the two so that a worker count from it leaves room for noisy images.
@@ -73,6 +79,7 @@ class RefineConfig:
         ray_address: None starts an embedded Ray; "auto" or "ray://host:10001" joins a cluster.
         overwrite: replace a complete mosaic at `output`, or start an unfinished one over.
         progress: show a progress bar of the blocks.
+        verbose: let Ray's own messages through to the terminal.
         tracking: the MLflow run of the job (default: MLFLOW_TRACKING_URI or ./mlflow.db, experiment
             tessera-refine).
     """
@@ -86,6 +93,7 @@ class RefineConfig:
     ray_address: str | None = None
     overwrite: bool = False
     progress: bool = True
+    verbose: bool = False
     tracking: Tracking = field(default_factory=lambda: Tracking(experiment="tessera-refine"))
 
     def __post_init__(self) -> None:
@@ -112,6 +120,7 @@ class RefineSummary:
     peak_memory_mib: float
     worker_peak_rss_mib: float
     run_id: str | None = None
+    kept: bool = False  # finished before by the same job and kept as it was
 
     @property
     def mpix_per_second(self) -> float:
@@ -124,7 +133,8 @@ class RefineSummary:
         from pipeline.execution import cost_lines
 
         return "\n".join([
-            f"mosaic      {self.output} (dense CRF of {self.input})",
+            f"mosaic      {self.output} (dense CRF of {self.input})"
+            + (" (complete already: kept as it is; --overwrite computes it again)" if self.kept else ""),
             f"image       {self.width} x {self.height} px",
             f"blocks      {self.blocks_written} refined of {self.blocks_total}"
             + (f" ({self.blocks_resumed} verified from an earlier run)" if self.blocks_resumed else "")
@@ -137,41 +147,60 @@ class RefineSummary:
 
 @dataclass(frozen=True)
 class RefineSpec:
-    """What every block task needs, shipped once through the object store."""
+    """What a worker needs of one image, shipped once to each worker that refines a block of it."""
 
     mosaic: str
     output: str
-    source: RasterSource  # pickles as (path, level); each task opens its own handle
+    source: RasterSource  # pickles as (path, level); each worker opens its own handle
     colour: ColourScale
     crf: CRFSettings
     kind: str
+    blocks: dict[tuple[int, int], Rect]
 
 
-@dataclass(frozen=True)
-class BlockReport:
-    seconds: float
-    peak_rss_mib: float
+@dataclass
+class RefineHandles:
+    spec: RefineSpec
+    coarse: Mosaic
+    out: Mosaic
 
 
-def refine_block(spec: RefineSpec, block: tuple[int, int], region: Rect) -> BlockReport:
-    """Refine one block with its halo of context and write it, its levels and its marker (its only writer)."""
-    from pipeline.crf import refine
+class RefineSetup:
+    """Refine workers keep nothing warm but their process (no model): the CRF is built per block."""
 
-    limit_gdal_cache()
-    release_memory()
-    start = time.perf_counter()
-    coarse = Mosaic.open(spec.mosaic)
-    out = Mosaic.open(spec.output, mode="r+")
-    outer = with_halo(region, spec.crf.reach, coarse.layout.height, coarse.layout.width)
-    scores = coarse.read("scores", 0, outer).astype(np.float32)
-    colour = spec.colour.apply(spec.source.read(outer.y0, outer.x0, outer.height, outer.width))
-    q = refine(scores, spec.kind, colour, (outer.y0, outer.x0), spec.crf)
-    inner = (slice(None), slice(region.y0 - outer.y0, region.y1 - outer.y0),
-             slice(region.x0 - outer.x0, region.x1 - outer.x0))
-    probabilities = np.ascontiguousarray(q[inner])
-    mask, top = summarise(probabilities, "probabilities")
-    out.mark_done(block, region, out.write_block(BlockOutput(region, probabilities, mask, top)))
-    return BlockReport(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    def start(self) -> RefineRunner:
+        return RefineRunner()
+
+
+class RefineRunner:
+    """The refine job's one kind of unit: a block, refined with its halo and written by this unit alone."""
+
+    def open(self, spec: RefineSpec) -> RefineHandles:
+        require()
+        return RefineHandles(spec, Mosaic.open(spec.mosaic), Mosaic.open(spec.output, mode="r+"))
+
+    def seam(self, image: RefineHandles, index: int) -> tuple[list[Any], UnitReport]:
+        raise NotImplementedError("the refine job has no seams")
+
+    def block(self, image: RefineHandles, block: tuple[int, int], parts: Sequence[Any]) -> UnitReport:
+        """Refine one block with its halo of context and write it, its levels and its marker."""
+        from pipeline.crf import refine
+
+        start = time.perf_counter()
+        spec, region = image.spec, image.spec.blocks[block]
+        outer = with_halo(region, spec.crf.reach, image.coarse.layout.height, image.coarse.layout.width)
+        scores = image.coarse.read("scores", 0, outer).astype(np.float32)
+        colour = spec.colour.apply(spec.source.read(outer.y0, outer.x0, outer.height, outer.width))
+        q = refine(scores, spec.kind, colour, (outer.y0, outer.x0), spec.crf)
+        inner = (slice(None), slice(region.y0 - outer.y0, region.y1 - outer.y0),
+                 slice(region.x0 - outer.x0, region.x1 - outer.x0))
+        probabilities = np.ascontiguousarray(q[inner])
+        mask, top = summarise(probabilities, "probabilities")
+        image.out.mark_done(block, region, image.out.write_block(BlockOutput(region, probabilities, mask, top)))
+        return UnitReport.since(outer.area, start)
+
+    def flush(self) -> None:
+        return None
 
 
 def with_halo(region: Rect, halo: int, height: int, width: int) -> Rect:
@@ -289,6 +318,65 @@ def worker_count(config: RefineConfig, block: int, halo: int, classes: int, todo
     return max(1, min(os.cpu_count() or 1, room, max(todo, 1)))
 
 
+class RefineJob:
+    """The refine job as the engine runs it (see `pipeline.engine`): each image is a complete mosaic."""
+
+    name = "refine"
+
+    def __init__(self, config: RefineConfig) -> None:
+        self.config = config
+        self.tracking = config.tracking
+        self.ray_address = config.ray_address
+        self.overwrite = config.overwrite
+        self.progress = config.progress
+        self.verbose = config.verbose
+
+    def prepare(self, item: CollectionItem, output: str) -> ImageJob:
+        config = dataclasses.replace(self.config, mosaic=item.source, output=output)
+        mosaic, source, block = open_input(config)
+        colour = colour_scale(source)
+        job = job_fingerprint(mosaic, source, block, config.crf, colour)
+        layout = mosaic.layout
+        blocks = block_regions(layout.height, layout.width, block)
+        busy = blocks_with_data(mosaic, blocks, block)
+        lineage = {
+            **{k: v for k, v in mosaic.lineage.items() if k in ("model", "tiling")},
+            "source": {**mosaic.lineage.get("source", {}), "path": str(source.path)},
+            "refined": {"mosaic": job["refines"], "crf": config.crf.as_dict(), "colour": colour.as_dict(),
+                        "block": block, "input_lineage": mosaic.lineage},
+            "config": dataclasses.asdict(config), "started": lineage_info.now(),
+            "versions": {**lineage_info.versions(), **_crf_version()},
+        }
+        spec = RefineSpec(job["refines"], str(Path(output).resolve()), source, colour, config.crf, layout.scores_kind,
+                          {b: blocks[b] for b in busy})
+        return ImageJob(item, output, job, dataclasses.replace(layout, scores_kind="probabilities"), lineage,
+                        UnitGraph(tuple(sorted(busy))), spec, flat_params(config, job),
+                        extra={"blocks": blocks, "busy": busy, "block": block, "input": item.source})
+
+    def worker_setup(self) -> RefineSetup:
+        return RefineSetup()
+
+    def worker_layout(self, first: ImageJob | None) -> WorkerLayout:
+        block = first.extra["block"] if first is not None else (self.config.block or 2048)
+        classes = len(first.layout.classes) if first is not None else 10
+        todo = len(first.graph.blocks) if first is not None else os.cpu_count() or 1
+        workers = worker_count(self.config, block, self.config.crf.reach, classes, todo)
+        return WorkerLayout(workers, hint="refine with fewer --workers, a smaller --block or a smaller halo")
+
+    def summarise(self, job: ImageJob, figures: ImageFigures) -> RefineSummary:
+        layout, blocks = job.layout, job.extra["blocks"]
+        return RefineSummary(
+            output=job.output, input=job.extra["input"], height=layout.height, width=layout.width,
+            blocks_total=len(blocks), blocks_written=figures.blocks_written, blocks_resumed=figures.blocks_resumed,
+            blocks_empty=len(blocks) - len(job.extra["busy"]),
+            halo_overhead=halo_overhead(blocks, list(figures.written), self.config.crf.reach, layout.height,
+                                        layout.width),
+            workers=figures.workers, wall_seconds=figures.wall_seconds, phases=figures.phases,
+            peak_memory_mib=figures.peak_memory_mib, worker_peak_rss_mib=figures.worker_peak_rss_mib,
+            run_id=figures.run_id,
+        )
+
+
 def refine_mosaic(config: RefineConfig, on_progress: Callable[[int, int], None] | None = None) -> RefineSummary:
     """Refine `config.mosaic` with a dense CRF into the new mosaic `config.output`.
 
@@ -305,54 +393,43 @@ def refine_mosaic(config: RefineConfig, on_progress: Callable[[int, int], None] 
     Raises:
         TesseraError: on bad input, before anything is written.
     """
-    start = time.perf_counter()
-    mosaic, source, block = open_input(config)
-    colour = colour_scale(source)
-    job = job_fingerprint(mosaic, source, block, config.crf, colour)
-    check_output(config.output, config.overwrite, job)  # refuse early, before taking the lock
-    layout = mosaic.layout
-    blocks = block_regions(layout.height, layout.width, block)
-    busy = blocks_with_data(mosaic, blocks, block)
-    output = str(Path(config.output.removeprefix("file://")).resolve())
-    with OutputLock(config.output):
-        resume = check_output(config.output, config.overwrite, job)  # authoritative, under the lock
-        params = flat_params(config, job)
-        with job_run(config.tracking, params, config.output) as run:
-            if resume:
-                done = Mosaic.open(config.output).done_blocks() & busy
-            else:
-                lineage = {
-                    **{k: v for k, v in mosaic.lineage.items() if k in ("model", "tiling")},
-                    "source": {**mosaic.lineage.get("source", {}), "path": str(source.path)},
-                    "refined": {"mosaic": job["refines"], "crf": config.crf.as_dict(), "colour": colour.as_dict(),
-                                "block": block, "input_lineage": mosaic.lineage},
-                    "config": dataclasses.asdict(config), "started": lineage_info.now(),
-                    "versions": {**lineage_info.versions(), **_crf_version()}, "mlflow": run.lineage(),
-                }
-                Mosaic.create(config.output, dataclasses.replace(layout, scores_kind="probabilities"), lineage, job)
-                done = set()
-            todo = sorted(busy - done)
-            workers = worker_count(config, block, config.crf.reach, len(layout.classes), len(todo))
-            spec = RefineSpec(job["refines"], output, source, colour, config.crf, layout.scores_kind)
-            phases = {"prepare": time.perf_counter() - start}
-            with PeakMemory() as memory:
-                reports = _run(spec, {b: blocks[b] for b in todo}, workers, config, phases, on_progress)
-                out = Mosaic.open(config.output, mode="r+")
-                tick = time.perf_counter()
-                out.build_pyramid()
-                phases["pyramid"] = time.perf_counter() - tick
-            summary = RefineSummary(
-                output=config.output, input=config.mosaic, height=layout.height, width=layout.width,
-                blocks_total=len(blocks), blocks_written=len(todo), blocks_resumed=len(done),
-                blocks_empty=len(blocks) - len(busy), halo_overhead=halo_overhead(blocks, todo, config.crf.reach,
-                                                                                  layout.height, layout.width),
-                workers=workers, wall_seconds=time.perf_counter() - start,
-                phases=phases, peak_memory_mib=memory.peak_mib,
-                worker_peak_rss_mib=max((r.peak_rss_mib for r in reports), default=0.0), run_id=run.run_id,
-            )
-            out.finish({"summary": summary.as_dict(), "finished": lineage_info.now(), "mlflow": run.lineage()})
-            run.log_result(summary.as_dict(), dataclasses.asdict(config), out.preview_png())
-            return summary
+    require()  # an optional package: missing, it is bad input, found before anything is written
+    item = CollectionItem(config.mosaic, Path(config.output).stem)
+    result = run_collection(RefineJob(config), [(item, config.output)], on_progress=on_progress).images[0]
+    if result.exception is not None:
+        raise result.exception
+    if result.status == "skipped":
+        return RefineSummary(**{k: v for k, v in Mosaic.open(config.output).lineage["summary"].items()
+                                if k in RefineSummary.__dataclass_fields__ and k != "kept"}, kept=True)
+    assert isinstance(result.summary, RefineSummary)
+    return result.summary
+
+
+def refine_collection(config: RefineConfig, root: str, out_root: str,
+                      on_progress: Callable[[int, int], None] | None = None) -> CollectionSummary:
+    """Refine every complete mosaic under `root` into `out_root`/<name>.zarr, on one pool of workers.
+
+    Raises:
+        ConfigError: `root` holds no complete mosaic, or `out_root` is inside it.
+    """
+    require()
+    here, there = Path(root).resolve(), Path(out_root).resolve()
+    if here == there or here in there.parents:
+        raise ConfigError(f"output {out_root} is, or is inside, {root}: write the refined mosaics beside it")
+    found = sorted(p for p in here.iterdir() if p.is_dir() and is_mosaic(p) and Mosaic.open(p).complete)
+    if not found:
+        raise ConfigError(f"{root} holds no complete mosaic: segment into it first (tessera segment ... --out {root})")
+    there.mkdir(parents=True, exist_ok=True)
+    tasks = [(CollectionItem(str(p), p.stem), str(there / p.name)) for p in found]
+    return run_collection(RefineJob(config), tasks, root=str(there), on_progress=on_progress)
+
+
+def refine_inputs(config: RefineConfig) -> RefineSummary | CollectionSummary:
+    """What the front doors run: one mosaic into `config.output`, or every complete mosaic of the folder
+    `config.mosaic` into the folder `config.output`."""
+    if not is_uri(config.mosaic) and Path(config.mosaic).is_dir() and not is_mosaic(config.mosaic):
+        return refine_collection(config, config.mosaic, config.output)
+    return refine_mosaic(config)
 
 
 def halo_overhead(blocks: dict[tuple[int, int], Rect], todo: list[tuple[int, int]], halo: int, height: int,
@@ -370,60 +447,3 @@ def _crf_version() -> dict[str, str]:
         return {"pydensecrf2": importlib.metadata.version("pydensecrf2")}
     except importlib.metadata.PackageNotFoundError:
         return {}
-
-
-def _run(
-    spec: RefineSpec, todo: dict[tuple[int, int], Rect], workers: int, config: RefineConfig,
-    phases: dict[str, float], on_progress: Callable[[int, int], None] | None,
-) -> list[BlockReport]:
-    """One Ray task per block, `workers` at a time; raises the first error a block raises."""
-    import ray
-    from tqdm import tqdm
-
-    from pipeline.execution import connect_ray
-
-    if not todo:
-        return []
-    tick = time.perf_counter()
-    started = connect_ray(config.ray_address, workers)
-    phases["startup"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    # A task whose process dies is run again (safe: a block's write is idempotent); our errors are not.
-    task = ray.remote(refine_block).options(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)
-    spec_ref = ray.put(spec)
-    queue = list(todo.items())
-    in_flight: list[Any] = []
-    reports: list[BlockReport] = []
-    bar = tqdm(total=len(todo), desc="refine", unit="block", disable=not config.progress, leave=False)
-    try:
-        while queue or in_flight:
-            while queue and len(in_flight) < workers:
-                b, region = queue.pop(0)
-                in_flight.append(task.remote(spec_ref, b, region))
-            [ref], in_flight = ray.wait(in_flight, num_returns=1)
-            try:
-                reports.append(ray.get(ref))
-            except ray.exceptions.RayTaskError as e:
-                raise (e.cause if isinstance(e.cause, TesseraError) else e) from None
-            except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as e:
-                raise TesseraError(
-                    f"a block's worker died {RETRIES + 1} times ({type(e).__name__}): refine with fewer --workers, "
-                    "a smaller --block or a smaller halo; rerunning the job resumes it"
-                ) from None
-            bar.update(1)
-            if on_progress is not None:
-                on_progress(len(reports), len(todo))
-    except BaseException:
-        # Stop the blocks still running, and wait until they have, so none writes after the lock is gone
-        # (a block stopped mid-write has no marker: a rerun computes it again).
-        for ref in in_flight:
-            with contextlib.suppress(Exception):  # already finished, or its worker gone
-                ray.cancel(ref, force=True)
-        ray.wait(in_flight, num_returns=len(in_flight), timeout=CANCEL_TIMEOUT)
-        raise
-    finally:
-        bar.close()
-        if started:
-            ray.shutdown()
-    phases["blocks"] = time.perf_counter() - tick
-    return reports

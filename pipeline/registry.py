@@ -31,6 +31,7 @@ from mlflow.pyfunc import PythonModel
 
 from pipeline.errors import ConfigError
 from pipeline.models import ModelBundle, file_sha256
+from pipeline.tracking import mlflow_client
 
 __all__ = [
     "CHALLENGER", "CHAMPION", "ModelRef", "alias_version", "is_model_uri", "register_bundle", "resolve_model",
@@ -95,7 +96,7 @@ def register_bundle(bundle_path: str | Path, name: str, run_id: str, tracking_ur
     example = np.zeros((1, len(spec.bands), 64, 64), np.float32)
     signature = infer_signature(example, np.zeros((1, spec.num_classes, 64, 64), np.float32))
     requirements = [f"{p}=={importlib.metadata.version(p)}" for p in ("tessera", "torch", "mlflow")]
-    client = mlflow.MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     with _fluent_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=BundleModel(), artifacts={_BUNDLE: str(bundle_path)}, signature=signature,
@@ -128,14 +129,14 @@ def _fluent_uri(uri: str) -> Iterator[None]:
 
 def set_alias(ref: ModelRef, alias: str, tracking_uri: str) -> ModelRef:
     """Point `alias` of the model at this version; the version under its new alias."""
-    mlflow.MlflowClient(tracking_uri).set_registered_model_alias(ref.name, alias, ref.version)
+    mlflow_client(tracking_uri).set_registered_model_alias(ref.name, alias, ref.version)
     return ModelRef(ref.name, ref.version, ref.run_id, alias, ref.sha256)
 
 
 def alias_version(name: str, alias: str, tracking_uri: str) -> ModelRef | None:
     """The version `alias` points at, or None when the model or the alias does not exist."""
     try:
-        found = mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, alias)
+        found = mlflow_client(tracking_uri).get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         if exc.error_code in _NOT_FOUND:
             return None
@@ -159,7 +160,7 @@ def resolve_model(uri: str, tracking_uri: str, cache: str | Path | None = None) 
     if match is None:
         raise ConfigError(f"{uri!r} is not a registry model URI; use models:/NAME@ALIAS or models:/NAME/VERSION.")
     name, alias, version = match["name"], match["alias"], match["version"]
-    client = mlflow.MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as exc:

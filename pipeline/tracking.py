@@ -54,6 +54,13 @@ class JobRun:
     def lineage(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id}
 
+    def end(self, status: str) -> None:
+        """End a run from `start_run`: FINISHED or FAILED (a stand-in ignores it)."""
+        if self.run_id is None or self.tracking_uri is None:
+            return
+
+        mlflow_client(self.tracking_uri).set_terminated(self.run_id, status=status)
+
     def log_result(self, summary: Mapping[str, Any], config: Mapping[str, Any], preview_png: bytes | None) -> None:
         """Summary figures as metrics; config, lineage summary and preview as artefacts."""
         if self.run_id is None or self.tracking_uri is None:
@@ -86,6 +93,47 @@ def job_run(tracking: Tracking, params: Mapping[str, Any], output: str) -> Itera
         yield JobRun(run_id, uri, experiment_id)
 
 
+def start_run(tracking: Tracking, params: Mapping[str, Any], output: str, parent: JobRun | None = None,
+              name: str | None = None) -> JobRun:
+    """Start a run of a job that writes a mosaic (`output`, tagged), nested under `parent` if given; end it
+    with `JobRun.end`. Disabled tracking gives a stand-in that records nothing.
+
+    Raises:
+        ConfigError: If the tracking server cannot be reached.
+    """
+    if not tracking.enabled:
+        return JobRun()
+    import mlflow
+
+    uri = tracking.resolved_uri()
+    check_reachable(uri)
+    client = mlflow_client(uri)
+    experiment_id = _experiment_id(client, tracking.experiment, uri)
+    tags = {OUTPUT_TAG: str(Path(output).resolve()) if "://" not in output else output}
+    if parent is not None and parent.run_id is not None:
+        tags["mlflow.parentRunId"] = parent.run_id
+    run_id = client.create_run(experiment_id, run_name=name or Path(output).name, tags=tags).info.run_id
+    try:
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    return JobRun(run_id, uri, experiment_id)
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """The experiment's id, created if new (by another thread or process at the same moment too)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    try:
+        return str(client.create_experiment(name, artifact_location=_artifact_root(uri)))
+    except MlflowException:
+        return str(client.get_experiment_by_name(name).experiment_id)
+
+
 @contextlib.contextmanager
 def open_run(
     tracking: Tracking, name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None
@@ -102,12 +150,8 @@ def open_run(
 
     uri = tracking.resolved_uri()
     check_reachable(uri)
-    client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(tracking.experiment)
-    experiment_id = (
-        experiment.experiment_id if experiment is not None
-        else client.create_experiment(tracking.experiment, artifact_location=_artifact_root(uri))
-    )
+    client = mlflow_client(uri)
+    experiment_id = _experiment_id(client, tracking.experiment, uri)
     run_id = client.create_run(experiment_id, run_name=name, tags=dict(tags or {})).info.run_id
     status = "FAILED"
     try:
@@ -116,6 +160,20 @@ def open_run(
         status = "FINISHED"
     finally:
         client.set_terminated(run_id, status=status)
+
+
+def mlflow_client(uri: str) -> Any:
+    """An MLflow client for `uri`, with MLflow's own INFO messages (store creation, migrations) kept out of
+    the terminal; MLFLOW_LOGGING_LEVEL or a logger level set by the user wins."""
+    import logging
+
+    import mlflow
+
+    for name in ("mlflow", "alembic"):
+        logger = logging.getLogger(name)
+        if "MLFLOW_LOGGING_LEVEL" not in os.environ and logger.level in (logging.NOTSET, logging.INFO):
+            logger.setLevel(logging.WARNING)
+    return mlflow.MlflowClient(uri)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -161,9 +219,8 @@ class RunLogger:
         })
 
     def log_files(self, files: Mapping[str, bytes]) -> None:
-        import mlflow
 
-        client = mlflow.MlflowClient(self.uri)
+        client = mlflow_client(self.uri)
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in files.items():
                 (Path(tmp) / name).write_bytes(data)
@@ -171,26 +228,23 @@ class RunLogger:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Metrics at `step`; NaN ones (a class absent from the truth and the prediction) are left out."""
-        import mlflow
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]
-        mlflow.MlflowClient(self.uri).log_batch(self.run_id, metrics=batch)
+        mlflow_client(self.uri).log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        import mlflow
 
-        client = mlflow.MlflowClient(self.uri)
+        client = mlflow_client(self.uri)
         for key, value in tags.items():
             client.set_tag(self.run_id, key, value)
 
 
 def find_runs(output: str | Path, tracking: Tracking = Tracking()) -> list[str]:
     """Ids of the runs that wrote the mosaic at `output`, newest first."""
-    import mlflow
 
-    client = mlflow.MlflowClient(tracking.resolved_uri())
+    client = mlflow_client(tracking.resolved_uri())
     experiment = client.get_experiment_by_name(tracking.experiment)
     if experiment is None:
         return []

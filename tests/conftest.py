@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+import signal
+import socket
 import subprocess
+import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
+import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +29,8 @@ from rasterio.transform import from_origin
 
 from pipeline.models.bundle import BundleSpec, ClassInfo, ModelBundle, Normalization
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -88,6 +99,82 @@ def wait_until_serving(url: str, process: subprocess.Popen[Any], seconds: float,
                 process.kill()
                 raise RuntimeError(f"{url} did not answer within {seconds:.0f} s:\n{log()[-3000:]}") from None
             time.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """A `ray start --head` on 127.0.0.1, on ports of its own."""
+
+    process: subprocess.Popen[bytes]
+    gcs: str  # host:port, the address `ray.init` joins
+    client: str  # ray://host:port, its Ray Client server
+    dashboard: str  # http://host:port, its dashboard and Jobs API
+
+
+def start_head(temp: str, log: Path, env: Mapping[str, str]) -> RayHead:
+    """`ray start --head` with `env` added to this process's; returned once its dashboard and Ray Client answer.
+
+    Raises:
+        RuntimeError: the head exited before it answered (the log's tail says why) or took over 120 s.
+    """
+    port, dashboard, agent, agent_grpc, metrics, runtime_env, client = (free_port() for _ in range(7))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(REPO), **env}
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+             # Every port of its own: the suite's embedded Rays already hold the default ones.
+             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+             f"--ray-client-server-port={client}", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp}"],
+            env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+        )
+    head = RayHead(process, f"127.0.0.1:{port}", f"ray://127.0.0.1:{client}", f"http://127.0.0.1:{dashboard}")
+    deadline = time.monotonic() + 120
+    while True:
+        with contextlib.suppress(OSError):
+            try:
+                urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=2)
+            except urllib.error.HTTPError as answer:
+                if answer.code != 401:  # a head with token authentication answers 401: it is up
+                    raise
+            socket.create_connection(("127.0.0.1", client), timeout=2).close()
+            return head
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_head(process)
+            raise RuntimeError("the Ray head did not start:\n" + log.read_text(errors="replace")[-3000:])
+        time.sleep(0.5)
+
+
+def stop_head(head: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to `ray start` alone, which stops its processes in order (sent to them all at once, it
+    waited over 120 s on its GCS, gone first); then SIGKILL to whatever of its group is left."""
+    head.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait()
+
+
+@contextlib.contextmanager
+def ray_head_running(env: Mapping[str, str]) -> Iterator[RayHead]:
+    """A Ray head in its own process group and temp dir, so that stopping it touches nothing else
+    (`ray stop` would stop every Ray on the machine). A start that fails (a port taken between choosing
+    it and binding it, by the Ray of a test running beside this one) is tried once more on other ports."""
+    temp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths are length-limited
+    log = Path(temp) / "head.log"
+    try:
+        head = start_head(temp, log, env)
+    except RuntimeError as first:
+        warnings.warn(f"Ray head start retried after: {first}", stacklevel=1)
+        head = start_head(temp, log, env)
+    try:
+        yield head
+    finally:
+        stop_head(head.process)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def write_geotiff(path: Path, image: np.ndarray, *, nodata: float | None = None, crs: str = "EPSG:32632",

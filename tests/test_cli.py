@@ -27,7 +27,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     text = d / "notes.tif"
     text.write_text("this is not an image\n")
     single = write_geotiff(d / "single.tif", smooth_image(300, 400, bands=1, seed=2))
-    taken = d / "taken"
+    taken = d / "taken.zarr"
     taken.mkdir()
     (taken / "thesis.docx").write_text("precious")
     return {"good": good, "truncated": truncated, "text": text, "single": single, "taken": taken,
@@ -73,9 +73,12 @@ def test_complete_mosaic_is_not_replaced_without_overwrite(inputs: dict[str, Pat
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "tiles" in first.stdout and "MPix/s" in first.stdout
-    again = CliRunner().invoke(app, args)
-    assert again.exit_code == 2 and "--overwrite" in again.stderr
-    assert Mosaic.open(out).complete
+    before = Mosaic.open(out).lineage["summary"]
+    again = CliRunner().invoke(app, args)  # the same job again: kept, nothing computed
+    assert again.exit_code == 0 and "complete already" in again.stdout, again.output
+    assert Mosaic.open(out).complete and Mosaic.open(out).lineage["summary"] == before
+    other = CliRunner().invoke(app, [*args, "--tile", "256"])  # other settings: refused, not replaced
+    assert other.exit_code == 2 and "--overwrite" in other.stderr
     replaced = CliRunner().invoke(app, [*args, "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
 

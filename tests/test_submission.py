@@ -2,15 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,67 +10,14 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.mosaic import Mosaic
-from tests.conftest import free_port, make_bundle, smooth_image, write_geotiff
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def start_head(temp: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`ray start --head` on ports of its own; the process and the dashboard's address once it answers.
-
-    Raises:
-        RuntimeError: the head exited before it answered (the log's tail says why) or took over 120 s.
-    """
-    port, dashboard, agent, agent_grpc, metrics, runtime_env, client = (free_port() for _ in range(7))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    with log.open("ab") as out:
-        head = subprocess.Popen(
-            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-             # Every port of its own: the suite's embedded Rays already hold the default ones.
-             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-             f"--ray-client-server-port={client}", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp}"],
-            env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
-        )
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while True:
-        with contextlib.suppress(OSError):
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            return head, address
-        if head.poll() is not None or time.monotonic() > deadline:
-            stop_head(head)
-            raise RuntimeError("the Ray head did not start:\n" + log.read_text(errors="replace")[-3000:])
-        time.sleep(0.5)
-
-
-def stop_head(head: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
+from tests.conftest import free_port, make_bundle, ray_head_running, smooth_image, write_geotiff
 
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
-    """A Ray head with its dashboard, in its own process group and temp dir, so that stopping it
-    touches nothing else (`ray stop` would stop every Ray on the machine). A start that fails (a port
-    taken between choosing it and binding it, by the Ray of a test running beside this one) is tried
-    once more on other ports."""
-    temp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths are length-limited
-    log = Path(temp) / "head.log"
-    try:
-        head, address = start_head(temp, log)
-    except RuntimeError as first:
-        warnings.warn(f"Ray head start retried after: {first}", stacklevel=1)
-        head, address = start_head(temp, log)
-    yield address
-    stop_head(head)
+    """A Ray head's Jobs API address; without token authentication, as the Jobs API client sends none."""
+    with ray_head_running({"RAY_AUTH_MODE": "disabled"}) as head:
+        yield head.dashboard
 
 
 @pytest.mark.slow

@@ -119,7 +119,7 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.execution import connect_ray
+    from pipeline.cluster import connect_ray
 
     start = time.perf_counter()
     if settings.address is None and not os.environ.get("RAY_ADDRESS"):

@@ -1,0 +1,881 @@
+"""The job engine: every mosaic job (segment, refine) over a collection of images, on one warm pool.
+
+A job kind (`JobKind`: segment in `execution`, refine in `refinement`) says what one image's work is:
+how to open and check it (`prepare`, nothing written), its fingerprint, the layout and lineage of the
+mosaic it writes, and its units: blocks, each written by exactly one unit, and seams, units whose
+results feed several blocks. The engine owns everything else, once:
+
+- Ray: one connection and one pool of warm worker actors (`BlockWorker`) for the whole collection,
+  started while the driver opens and plans the first images;
+- images streamed through the pool: a few planned ahead in driver threads, several in flight at once
+  (the oldest first), so no worker idles at an image boundary and an image of one block does not
+  leave cores idle; each image's finish (pyramid, metadata, `complete`, tracking) runs in a driver
+  thread while other images compute;
+- per image: the output lock, resume from verified done-markers, a finished mosaic skipped, lost
+  writes recomputed, and any failure (missing, unreadable, bands that do not fit, a worker dying)
+  recorded as that image's one-line error while the others go on;
+- the collection's manifest, its MLflow run with one nested run per image, and the summary.
+
+Memory stays bounded whatever the number of images: at most `max_images` images are in flight and
+`PLAN_AHEAD` planned; workers keep the handles of the last `CONTEXTS` images only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import threading
+import time
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline import lineage as lineage_info
+from pipeline.collection import CollectionItem
+from pipeline.errors import OutputExistsError, OutputLockedError, TesseraError
+from pipeline.locking import OutputLock, lock_path
+from pipeline.manifest import Manifest, ManifestRow
+from pipeline.memory import PeakMemory, limit_gdal_cache, release_memory
+from pipeline.mosaic import Mosaic, MosaicLayout, is_mosaic
+from pipeline.tiling import BlockId
+from pipeline.tracking import JobRun, Tracking, check_reachable, start_run
+
+log = logging.getLogger(__name__)
+
+WORKER_RESTARTS = 3  # per worker, for processes that die; errors raised by tessera are never retried
+STARTUP_TIMEOUT = 600.0  # seconds for workers to start; a cluster may need to scale up first
+FLUSH_TIMEOUT = 60.0  # seconds for workers to finish writing blocks already computed when a job stops
+IN_FLIGHT = 2  # units per worker: one running, one queued, so a worker never idles between units
+PLAN_AHEAD = 2  # images opened and planned ahead of those in flight
+CONTEXTS = 8  # images whose handles (source, mosaic) a worker keeps open
+MANIFEST_EVERY = 2.0  # seconds between rewrites of the manifest while a collection runs
+
+
+# -- what a job kind provides ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitGraph:
+    """One image's units: its blocks to write, and seams (units whose results feed several blocks).
+
+    A block is computed once every seam feeding it has finished; `seams[k]` names the blocks seam k
+    feeds, in the order its results come back.
+    """
+
+    blocks: tuple[BlockId, ...]
+    seams: tuple[tuple[BlockId, ...], ...] = ()
+
+    def feeds(self) -> dict[BlockId, list[int]]:
+        """For each block, the seams that feed it."""
+        out: dict[BlockId, list[int]] = defaultdict(list)
+        for k, blocks in enumerate(self.seams):
+            for b in blocks:
+                out[b].append(k)
+        return out
+
+
+@dataclass
+class ImageJob:
+    """What a job kind prepares for one image on the driver, before anything is written."""
+
+    item: CollectionItem
+    output: str
+    fingerprint: dict[str, Any]  # the settings that fix the mosaic's content: a rerun with the same resumes
+    layout: MosaicLayout
+    lineage: dict[str, Any]  # written when the mosaic is created
+    graph: UnitGraph
+    spec: Any  # shipped once to each worker that computes a unit of this image
+    params: dict[str, Any]  # the image's settings, tracked as run parameters
+    extra: dict[str, Any] = field(default_factory=dict)  # the kind's own, for its summary
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    """What a worker returns for one unit."""
+
+    work: int  # tiles computed (segment) or pixels refined (refine)
+    seconds: float
+    peak_rss_mib: float
+
+    @staticmethod
+    def since(work: int, start: float) -> UnitReport:
+        return UnitReport(work, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+@dataclass(frozen=True)
+class ImageFigures:
+    """What the engine measured of one image, for the kind's summary."""
+
+    blocks_written: int
+    blocks_resumed: int
+    written: tuple[BlockId, ...]  # the blocks computed by this run
+    work: int  # summed over the units run
+    recomputed_seams: tuple[int, ...]  # seams run again because a block beside them was done before
+    workers: int
+    wall_seconds: float
+    phases: dict[str, float]
+    peak_memory_mib: float
+    worker_peak_rss_mib: float
+    run_id: str | None
+
+
+class Summary(Protocol):
+    def as_dict(self) -> dict[str, Any]: ...
+    def describe(self) -> str: ...
+
+
+class UnitRunner(Protocol):
+    """A job kind's side of a worker: opens an image's handles and computes its units."""
+
+    def open(self, spec: Any) -> Any: ...
+    def seam(self, context: Any, index: int) -> tuple[list[Any], UnitReport]: ...
+    def block(self, context: Any, block: BlockId, parts: Sequence[Any]) -> UnitReport: ...
+    def flush(self) -> None: ...
+
+
+class WorkerSetup(Protocol):
+    """Shipped once to every worker; `start` loads what the worker keeps warm (the model)."""
+
+    def start(self) -> UnitRunner: ...
+
+
+@dataclass(frozen=True)
+class WorkerLayout:
+    """The pool: how many workers, what each holds of the cluster, and whether they write behind."""
+
+    workers: int
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    writes_behind: bool = False  # a unit returns before its block is stored: flush before finishing
+    object_store: int | None = None  # bytes for an embedded Ray's object store; None: Ray's default
+    hint: str = "use fewer --workers"  # the fix when a worker keeps dying
+
+
+class JobKind(Protocol):
+    """A job description: what the engine needs to know of segment, refine, or a future job."""
+
+    name: str
+    tracking: Tracking
+    ray_address: str | None
+    overwrite: bool
+    progress: bool
+    verbose: bool
+
+    def prepare(self, item: CollectionItem, output: str) -> ImageJob: ...
+    def worker_setup(self) -> WorkerSetup: ...
+    def worker_layout(self, first: ImageJob | None) -> WorkerLayout: ...
+    def summarise(self, job: ImageJob, figures: ImageFigures) -> Summary: ...
+
+
+# -- the worker -----------------------------------------------------------------------------------
+
+
+class BlockWorker:
+    """A warm worker: keeps what the job kind loads once (the model) and the handles of recent images."""
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        limit_gdal_cache()
+        self.runner = setup.start()
+        self.contexts: OrderedDict[int, Any] = OrderedDict()
+
+    def ready(self) -> bool:
+        """Answers once the model is loaded, so start-up is timed apart from compute."""
+        return True
+
+    def seam(self, image: int, spec: list[Any], index: int) -> tuple[Any, ...]:
+        """A seam's results, one per block it feeds, then its report."""
+        release_memory()
+        parts, report = self.runner.seam(self._context(image, spec), index)
+        return (*parts, report)
+
+    def block(self, image: int, spec: list[Any], block: BlockId, *parts: Any) -> UnitReport:
+        release_memory()
+        return self.runner.block(self._context(image, spec), block, parts)
+
+    def flush(self) -> bool:
+        """Wait for the block being written behind; raises its error."""
+        self.runner.flush()
+        return True
+
+    def _context(self, image: int, spec: list[Any]) -> Any:
+        """The image's handles, opened once per worker; `spec` is a one-element list holding its ref,
+        so Ray fetches it only here, the first time."""
+        import ray
+
+        if image not in self.contexts:
+            self.contexts[image] = self.runner.open(ray.get(spec[0]))
+            while len(self.contexts) > CONTEXTS:
+                self.contexts.popitem(last=False)
+        self.contexts.move_to_end(image)
+        return self.contexts[image]
+
+
+# -- results --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageResult:
+    """One image's outcome: done, failed or skipped."""
+
+    item: CollectionItem
+    output: str
+    status: str = "pending"
+    error: str = ""
+    summary: Summary | None = None
+    seconds: float = 0.0
+    work: int = 0
+    run_id: str | None = None
+    exception: BaseException | None = field(default=None, repr=False)
+
+    def row(self) -> ManifestRow:
+        return ManifestRow(input=self.item.source, output=self.output, status=self.status, tiles_computed=self.work,
+                           seconds=round(self.seconds, 3), error=self.error, run_id=self.run_id or "")
+
+
+@dataclass(frozen=True)
+class CollectionSummary:
+    """What a collection job reports."""
+
+    kind: str
+    root: str | None
+    images: tuple[ImageResult, ...]
+    workers: int
+    wall_seconds: float
+    phases: dict[str, float]  # startup (Ray, workers), and the wall time to the end
+    peak_memory_mib: float
+    run_id: str | None
+    manifest: str | None
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.images)
+
+    @property
+    def failed(self) -> list[ImageResult]:
+        return [r for r in self.images if r.status == "failed"]
+
+    def describe(self) -> str:
+        lines = [f"{self.kind}     {len(self.images)} image(s) under {self.root}" if self.root else self.kind]
+        megapixels = sum(float(r.summary.as_dict().get("megapixels", 0.0)) for r in self.images if r.summary
+                         and r.status == "done")
+        lines.append(f"result      {self.count('done')} done, {self.count('failed')} failed, "
+                     f"{self.count('skipped')} skipped (finished before)")
+        for r in self.failed:
+            lines.append(f"failed      {r.item.source}: {r.error}")
+        lines.append(f"speed       {megapixels / self.wall_seconds if self.wall_seconds else 0:.2f} MPix/s, wall "
+                     f"{self.wall_seconds:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
+                     + f"), {self.workers} worker(s)")
+        lines.append(f"memory      peak {self.peak_memory_mib:.0f} MiB all processes (PSS)")
+        if self.manifest:
+            lines.append(f"manifest    {self.manifest}")
+        if self.run_id:
+            lines.append(f"tracking    MLflow run {self.run_id}")
+        return "\n".join(lines)
+
+
+# -- the engine -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Opened:
+    """An image prepared, locked and created (or resumed): ready for its units."""
+
+    key: int
+    job: ImageJob
+    lock: OutputLock
+    run: JobRun
+    todo: list[BlockId]
+    done: set[BlockId]
+    started: float
+    phases: dict[str, float]
+
+
+@dataclass
+class _Active:
+    """The scheduling state of an image in flight."""
+
+    key: int
+    opened: _Opened
+    spec: list[Any]  # [ObjectRef of the job's spec], not resolved by Ray when passed to a worker
+    feeds: dict[BlockId, list[int]]
+    seams_todo: deque[int]
+    waiting: dict[BlockId, int]
+    consumers: dict[int, int]
+    blocks_ready: deque[BlockId]
+    blocks_left: set[BlockId]
+    seam_parts: dict[int, dict[BlockId, Any]] = field(default_factory=dict)
+    in_flight: int = 0
+    blocks_done: int = 0
+    work: int = 0
+    reports: list[UnitReport] = field(default_factory=list)
+    error: BaseException | None = None
+    started: float = field(default_factory=time.perf_counter)
+    attempt: int = 0
+    recomputed: tuple[int, ...] = ()
+
+    @property
+    def runnable(self) -> bool:
+        return self.error is None and bool(self.blocks_ready or self.seams_todo)
+
+    @property
+    def finished(self) -> bool:
+        return self.in_flight == 0 and (self.error is not None or not (self.blocks_ready or self.seams_todo
+                                                                       or self.blocks_left))
+
+
+class _Stop(Exception):
+    """The driver is stopping: images not yet opened stay pending."""
+
+
+class Engine:
+    """Runs one job kind over a collection; use `run_collection`."""
+
+    def __init__(self, kind: JobKind, tasks: Sequence[tuple[CollectionItem, str]], root: str | None,
+                 max_images: int | None, on_progress: Callable[[int, int], None] | None) -> None:
+        self.kind = kind
+        self.tasks = list(tasks)
+        self.root = root
+        self.max_images = max_images
+        self.on_progress = on_progress
+        self.results = [ImageResult(item, output) for item, output in self.tasks]
+        self.manifest = Manifest(root, [r.row() for r in self.results]) if root else None
+        self.ray_ready = threading.Event()
+        self.stopping = threading.Event()
+        self.parent: JobRun | None = None
+        self.parent_ready = threading.Event()
+        self.workers = 0
+        self.blocks_done = 0
+        self.blocks_total = 0
+        self.bar: Any = None
+        self.layout = WorkerLayout(1)
+        self.first_job: ImageJob | None = None
+        self.first_prepared = threading.Event()
+        self.startup_seconds = 0.0
+        self._manifest_written = 0.0
+
+    # -- driver threads: open an image ahead, finish one behind ----------------------------------
+
+    def _open(self, index: int) -> _Opened | ImageResult:
+        """Prepare, check and create (or resume) image `index`; its result when there is nothing to run."""
+        item, output = self.tasks[index]
+        result = self.results[index]
+        start = time.perf_counter()
+        job: ImageJob | None = None
+        runs = False
+        try:
+            try:
+                job = self.kind.prepare(item, output)
+                if output_state(output, self.kind.overwrite, job.fingerprint) == "complete":
+                    return self._skipped(result, output)
+                runs = True
+            finally:
+                if index == 0:  # a single image's pool is sized to its units; none is started if it will not run
+                    self.first_job = job if runs else None
+                    self.first_prepared.set()
+            waited = time.perf_counter()
+            while not self.ray_ready.wait(0.1):  # nothing is written before Ray is known to be there
+                if self.stopping.is_set():
+                    raise _Stop
+            waited = time.perf_counter() - waited
+            lock = OutputLock(output)
+            lock.acquire()
+        except TesseraError as e:
+            return self._failed(result, e)
+        try:
+            state = output_state(output, self.kind.overwrite, job.fingerprint)  # authoritative, under the lock
+            if state == "complete":
+                lock.release()
+                return self._skipped(result, output)
+            self.parent_ready.wait()
+            run = start_run(self.kind.tracking, job.params, output, parent=self.parent)
+            if state == "resume":
+                done = Mosaic.open(output).done_blocks() & set(job.graph.blocks)
+            else:
+                lineage = {**job.lineage, "mlflow": run.lineage(),
+                           **({"collection": {"root": self.root, "mlflow": self.parent.lineage()}}
+                              if self.root and self.parent else {})}
+                Mosaic.create(output, job.layout, lineage, job.fingerprint)
+                done = set()
+        except BaseException as e:
+            lock.release()
+            if isinstance(e, TesseraError):
+                return self._failed(result, e)
+            raise
+        todo = [b for b in job.graph.blocks if b not in done]
+        return _Opened(index, job, lock, run, todo, done, start, {"prepare": time.perf_counter() - start - waited})
+
+    def _skipped(self, result: ImageResult, output: str) -> ImageResult:
+        if lock_path(output).exists():  # left by a job killed after it finished: broken if its owner is dead
+            with contextlib.suppress(OutputLockedError):
+                OutputLock(output).__enter__().release()
+        mosaic = Mosaic.open(output)
+        result.status = "skipped"
+        result.run_id = (mosaic.lineage.get("mlflow") or {}).get("run_id")
+        result.work = 0
+        return result
+
+    @staticmethod
+    def _failed(result: ImageResult, error: BaseException) -> ImageResult:
+        result.status = "failed"
+        result.error = one_line(error)
+        result.exception = error
+        return result
+
+    def _finish(self, active: _Active, flushed: list[Any], peak: PeakMemory) -> tuple[_Active, list[BlockId]]:
+        """Pyramid, metadata, `complete`, tracking; or the blocks whose writes were lost with a worker."""
+        try:
+            return self._complete(active, flushed, peak)
+        except Exception as e:  # this image fails; the others go on
+            active.error = e
+            self._abandon(active)
+            return active, []
+
+    def _complete(self, active: _Active, flushed: list[Any], peak: PeakMemory) -> tuple[_Active, list[BlockId]]:
+        import ray
+
+        opened = active.opened
+        if flushed:
+            ray.get(flushed, timeout=FLUSH_TIMEOUT)  # the last blocks written behind
+        mosaic = Mosaic.open(opened.job.output, mode="r+")
+        lost = sorted(set(opened.todo) - mosaic.marked_blocks())
+        if lost:
+            return active, lost
+        if len(self.tasks) == 1:  # a single image pays the pool's start-up itself
+            opened.phases["startup"] = self.startup_seconds
+        opened.phases["blocks"] = time.perf_counter() - active.started
+        tick = time.perf_counter()
+        mosaic.build_pyramid(num_workers=1)
+        opened.phases["pyramid"] = time.perf_counter() - tick
+        figures = ImageFigures(
+            blocks_written=len(opened.todo), blocks_resumed=len(opened.done), written=tuple(opened.todo),
+            work=active.work,
+            recomputed_seams=active.recomputed, workers=self.workers,
+            wall_seconds=time.perf_counter() - opened.started, phases=opened.phases, peak_memory_mib=peak.peak_mib,
+            worker_peak_rss_mib=max((r.peak_rss_mib for r in active.reports), default=0.0),
+            run_id=opened.run.run_id,
+        )
+        summary = self.kind.summarise(opened.job, figures)
+        mosaic.finish({"summary": summary.as_dict(), "finished": lineage_info.now(), "mlflow": opened.run.lineage()})
+        opened.run.log_result(summary.as_dict(), opened.job.params, mosaic.preview_png(256))
+        opened.run.end("FINISHED")
+        opened.lock.release()
+        result = self.results[active.key]
+        result.status, result.summary, result.run_id = "done", summary, opened.run.run_id
+        result.seconds = sum(v for k, v in opened.phases.items() if k != "startup")  # its own, not the pool's
+        result.work = active.work
+        return active, []
+
+    def _abandon(self, active: _Active) -> None:
+        """An image that failed or was stopped: its run ends FAILED, its lock goes, its mosaic stays unfinished."""
+        active.opened.run.end("FAILED")
+        active.opened.lock.release()
+        result = self.results[active.key]
+        if active.error is not None:
+            self._failed(result, active.error)
+        result.seconds = time.perf_counter() - active.opened.started
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> CollectionSummary:
+        import ray
+
+        start = time.perf_counter()
+        tracking = self.kind.tracking
+        if tracking.enabled:
+            check_reachable(tracking.resolved_uri())
+        if self.kind.ray_address:
+            from pipeline.cluster import check_address
+
+            check_address(self.kind.ray_address)  # an unreachable cluster fails here, before any output
+        if self.root:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+        phases: dict[str, float] = {}
+        planner = ThreadPoolExecutor(PLAN_AHEAD, thread_name_prefix="tessera-plan")
+        finisher = ThreadPoolExecutor(1, thread_name_prefix="tessera-finish")
+        background = ThreadPoolExecutor(1, thread_name_prefix="tessera-track")
+        next_task = 0
+        planning: dict[Future[Any], int] = {}
+        # The collection's run is created beside Ray's start (MLflow's store takes a second to open).
+        parent_future = background.submit(self._start_parent) if self.root else None
+        if parent_future is None:
+            self.parent_ready.set()
+        single = len(self.tasks) == 1
+        first: ImageJob | None = None
+        started_ray = False
+        actor_cls: Any = None
+        setup_ref: Any = None
+        actors: list[Any] = []
+        active: list[_Active] = []
+        finishing: dict[Future[Any], int] = {}
+        in_flight: dict[Any, tuple[_Active, str, Any, int]] = {}
+        load: dict[int, int] = defaultdict(int)
+        ready: deque[_Opened] = deque()
+        try:
+            with PeakMemory() as peak:
+                while next_task < len(self.tasks) and len(planning) < PLAN_AHEAD:
+                    planning[planner.submit(self._open, next_task)] = next_task
+                    next_task += 1
+                if single:  # one image: size the pool to its units
+                    self.first_prepared.wait()
+                    first = self.first_job
+                if not single or first is not None:  # else the single image fails or was finished before
+                    layout = self.layout = self.kind.worker_layout(first)
+                    tick = time.perf_counter()
+                    from pipeline.cluster import connect_ray, native_ray_lines_in_log_only
+
+                    started_ray = connect_ray(self.kind.ray_address, layout.workers, layout.object_store,
+                                              verbose=self.kind.verbose)
+                    self.ray_ready.set()
+                    setup_ref = ray.put(self.kind.worker_setup())
+                    actor_cls = ray.remote(BlockWorker).options(
+                        num_cpus=layout.num_cpus, num_gpus=layout.num_gpus, max_restarts=WORKER_RESTARTS,
+                        max_task_retries=WORKER_RESTARTS,
+                    )
+                    self.workers = layout.workers
+                    # The setup stays in the object store for restarts (the driver holds its ref for the whole job);
+                    # Ray's warning about that, printed once a process, goes to its log only.
+                    with native_ray_lines_in_log_only(self.kind.verbose):
+                        actors = [actor_cls.remote(setup_ref) for _ in range(layout.workers)]
+                    self._await_workers(actors, layout)
+                    phases["startup"] = self.startup_seconds = time.perf_counter() - tick
+                if parent_future is not None:
+                    parent_future.result()
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=0, desc=self.kind.name, unit="block", disable=not self.kind.progress,
+                                leave=False)
+                max_images = self.max_images or max(2, 2 * self.layout.workers)
+                while True:
+                    # Keep images planned ahead and in flight.
+                    while next_task < len(self.tasks) and len(planning) + len(ready) < PLAN_AHEAD:
+                        planning[planner.submit(self._open, next_task)] = next_task
+                        next_task += 1
+                    while ready and len(active) < max_images:
+                        opened = ready.popleft()
+                        active.append(self._activate(opened.key, opened, None, 0))
+                    # Hand units to workers, oldest image first.
+                    for a in sorted(range(len(actors)), key=lambda i: load[i]):
+                        while load[a] < IN_FLIGHT:
+                            unit = self._next_unit(active, actors[a], a)
+                            if unit is None:
+                                break
+                            ref, entry = unit
+                            in_flight[ref] = entry
+                            load[a] += 1
+                    # Images with nothing left to run go to the finisher, failed ones are abandoned.
+                    for image in [i for i in active if i.finished]:
+                        active.remove(image)
+                        if image.error is not None:
+                            self._abandon(image)
+                            self._record(image.key)
+                        else:
+                            flushed = [w.flush.remote() for w in actors] if self.layout.writes_behind else []
+                            finishing[finisher.submit(self._finish, image, flushed, peak)] = image.key
+                    if not (in_flight or planning or finishing or ready or active or next_task < len(self.tasks)):
+                        break
+                    # Wait for a unit, a planned image or a finished one.
+                    if in_flight:
+                        timeout = 0.05 if (planning or finishing) else None
+                        done_refs, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout)
+                        for ref in done_refs:
+                            image, kind, key, a = in_flight.pop(ref)
+                            load[a] -= 1
+                            self._unit_done(image, kind, key, ref, actors, a, actor_cls, setup_ref)
+                    elif planning or finishing:
+                        wait_futures([*planning, *finishing], timeout=1.0, return_when=FIRST_COMPLETED)
+                    for future in [f for f in planning if f.done()]:
+                        index = planning.pop(future)
+                        outcome = future.result()
+                        if isinstance(outcome, _Opened):
+                            ready.append(outcome)
+                        else:
+                            self._record(index)
+                    for future in [f for f in finishing if f.done()]:
+                        key = finishing.pop(future)
+                        image, lost = future.result()
+                        if lost:
+                            self._requeue(image, lost, active)
+                        else:
+                            self._record(key)
+                    self._write_manifest()
+                phases["wall"] = time.perf_counter() - start
+        except BaseException:
+            self.stopping.set()
+            self._stop(in_flight, actors, active, ready, planning, planner, finisher)
+            raise
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            for actor in actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+            planner.shutdown(wait=True)
+            finisher.shutdown(wait=True)
+            if started_ray:
+                ray.shutdown()
+            self._end_parent()
+            background.shutdown(wait=True)
+            self._write_manifest(force=True)
+        return CollectionSummary(
+            kind=self.kind.name, root=self.root, images=tuple(self.results), workers=self.workers,
+            wall_seconds=time.perf_counter() - start, phases=phases, peak_memory_mib=peak.peak_mib,
+            run_id=self.parent.run_id if self.parent else None,
+            manifest=str(self.manifest.path) if self.manifest else None,
+        )
+
+    # -- helpers of the loop ----------------------------------------------------------------------
+
+    def _activate(self, key: int, opened: _Opened, blocks: list[BlockId] | None, attempt: int) -> _Active:
+        import ray
+
+        graph = opened.job.graph
+        todo = opened.todo if blocks is None else blocks
+        todo_set = set(todo)
+        feeds = graph.feeds()
+        seam_order: list[int] = []
+        for b in todo:  # seams in the order their first block needs them
+            for k in feeds.get(b, []):
+                if k not in seam_order:
+                    seam_order.append(k)
+        waiting = {b: len(feeds.get(b, [])) for b in todo}
+        ready = deque(b for b in todo if waiting[b] == 0)
+        # Seams shared by a block done in an earlier run and one still to do are computed again.
+        recomputed = tuple(k for k in seam_order if any(b not in todo_set for b in graph.seams[k]))
+        image = _Active(
+            key=key, opened=opened, spec=[ray.put(opened.job.spec)], feeds=feeds, seams_todo=deque(seam_order),
+            waiting=waiting, consumers={k: sum(b in todo_set for b in graph.seams[k]) for k in seam_order},
+            blocks_ready=ready, blocks_left=todo_set - set(ready), attempt=attempt, recomputed=recomputed,
+        )
+        self.blocks_total += len(todo)
+        if self.bar is not None:
+            self.bar.total = self.blocks_total
+            self.bar.refresh()
+        return image
+
+    def _next_unit(self, active: list[_Active], actor: Any, a: int) -> tuple[Any, tuple[_Active, str, Any, int]] | None:
+        for image in active:
+            if image.error is not None:
+                continue
+            if image.blocks_ready:
+                b = image.blocks_ready.popleft()
+                parts = [image.seam_parts[k][b] for k in image.feeds.get(b, [])]
+                ref = actor.block.remote(image.key, image.spec, b, *parts)
+                image.in_flight += 1
+                return ref, (image, "block", b, a)
+            if image.seams_todo:
+                k = image.seams_todo.popleft()
+                blocks = image.opened.job.graph.seams[k]
+                *parts, report = actor.seam.options(num_returns=len(blocks) + 1).remote(image.key, image.spec, k)
+                image.seam_parts[k] = dict(zip(blocks, parts, strict=True))
+                image.in_flight += 1
+                return report, (image, "seam", k, a)
+        return None
+
+    def _unit_done(self, image: _Active, kind: str, key: Any, ref: Any, actors: list[Any], a: int,
+                   actor_cls: Any, setup_ref: Any) -> None:
+        import ray
+
+        image.in_flight -= 1
+        try:
+            report: UnitReport = ray.get(ref)
+        except ray.exceptions.TaskCancelledError as e:
+            image.error = image.error or e
+            return
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(e.cause, BaseException) else e
+            if image.error is None:
+                image.error = cause
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as e:
+            hint = self.layout.hint
+            if image.error is None:
+                image.error = TesseraError(
+                    f"a worker died {WORKER_RESTARTS + 1} times ({type(e).__name__}): {hint}; "
+                    "rerunning the job resumes it"
+                )
+            with contextlib.suppress(Exception):
+                ray.kill(actors[a])
+            actors[a] = actor_cls.remote(setup_ref)  # the pool keeps its size
+            return
+        if image.error is not None:
+            return
+        image.reports.append(report)
+        image.work += report.work
+        if kind == "seam":
+            for b in image.opened.job.graph.seams[key]:
+                if b in image.waiting:
+                    image.waiting[b] -= 1
+                    if image.waiting[b] == 0 and b in image.blocks_left:
+                        image.blocks_left.discard(b)
+                        image.blocks_ready.append(b)
+        else:
+            for k in image.feeds.get(key, []):
+                if k in image.consumers:
+                    image.consumers[k] -= 1
+                    image.seam_parts[k].pop(key, None)  # drop our reference so the object store frees it
+                    if image.consumers[k] == 0:
+                        del image.seam_parts[k]
+            image.blocks_done += 1
+            self.blocks_done += 1
+            if self.bar is not None:
+                self.bar.update(1)
+            if self.on_progress is not None:
+                self.on_progress(self.blocks_done, self.blocks_total)
+
+    def _requeue(self, image: _Active, lost: list[BlockId], active: list[_Active]) -> None:
+        """Blocks reported but never stored (written behind by a worker that died): computed again."""
+        if image.attempt >= WORKER_RESTARTS:
+            image.error = TesseraError(
+                f"{len(lost)} block(s) were still lost with their worker processes after {WORKER_RESTARTS} "
+                "reruns: check the workers' logs; rerunning the job resumes it")
+            self._abandon(image)
+            self._record(image.key)
+            return
+        log.warning("%d block(s) lost with a worker process are computed again", len(lost))
+        again = self._activate(image.key, image.opened, lost, image.attempt + 1)
+        again.work, again.reports, again.started = image.work, image.reports, image.started
+        again.recomputed = image.recomputed
+        active.insert(0, again)
+
+    def _record(self, key: int) -> None:
+        if self.manifest is not None:
+            self.manifest.update(self.results[key].row())
+
+    def _write_manifest(self, force: bool = False) -> None:
+        if self.manifest is None:
+            return
+        now = time.monotonic()
+        if force or now - self._manifest_written >= MANIFEST_EVERY:
+            self.manifest.write()
+            self._manifest_written = now
+
+    def _await_workers(self, actors: list[Any], layout: WorkerLayout) -> None:
+        import ray
+
+        try:
+            ray.get([a.ready.remote() for a in actors], timeout=STARTUP_TIMEOUT)
+        except ray.exceptions.GetTimeoutError:
+            raise TesseraError(
+                f"{layout.workers} worker(s) needing {'a GPU' if layout.num_gpus else 'a CPU'} each could not start "
+                f"within {STARTUP_TIMEOUT:.0f} s: the cluster lacks the resources; use fewer --workers"
+            ) from None
+        except ray.exceptions.RayActorError as e:
+            raise TesseraError(f"a worker failed to start: {one_line(e)}") from None
+
+    def _stop(self, in_flight: dict[Any, Any], actors: list[Any], active: list[_Active], ready: deque[_Opened],
+              planning: dict[Future[Any], int], planner: ThreadPoolExecutor, finisher: ThreadPoolExecutor) -> None:
+        """Stopped or failed: keep the blocks already computed (their writes finish), drop the rest."""
+        import ray
+
+        for ref in in_flight:
+            with contextlib.suppress(Exception):  # already finished, or its worker gone
+                ray.cancel(ref)
+        if actors:
+            with contextlib.suppress(Exception):
+                ray.wait([a.flush.remote() for a in actors], num_returns=len(actors), timeout=FLUSH_TIMEOUT)
+        for future in planning:
+            future.cancel()
+        planner.shutdown(wait=True)
+        for future in planning:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                opened = future.result()
+                if isinstance(opened, _Opened):
+                    ready.append(opened)
+        finisher.shutdown(wait=True)
+        for image in active:
+            self._abandon(image)
+        for opened in ready:
+            opened.run.end("FAILED")
+            opened.lock.release()
+
+    def _start_parent(self) -> None:
+        try:
+            tracking = self.kind.tracking
+            params = {"collection.root": self.root, "collection.images": len(self.tasks)}
+            self.parent = start_run(tracking, params, self.root or "", name=f"collection {self.root}")
+        finally:
+            self.parent_ready.set()
+
+    def _end_parent(self) -> None:
+        if self.parent is None or self.parent.run_id is None:
+            return
+        counts: dict[str, int] = defaultdict(int)
+        for r in self.results:
+            counts[r.status] += 1
+        with contextlib.suppress(Exception):
+            from pipeline.tracking import RunLogger
+
+            assert self.parent.tracking_uri is not None
+            logger = RunLogger(self.parent.run_id, self.parent.tracking_uri)
+            logger.log_metrics({f"images_{k}": float(v) for k, v in counts.items()})
+            if self.manifest is not None:
+                self.manifest.write()
+                logger.log_files({"manifest.csv": self.manifest.path.read_bytes()})
+        self.parent.end("FINISHED" if not counts.get("failed") and not counts.get("pending") else "FAILED")
+
+
+def output_state(output: str, overwrite: bool, fingerprint: dict[str, Any]) -> str:
+    """"absent" (create it), "resume" (an unfinished mosaic of the same job) or "complete" (same job, done).
+
+    Raises:
+        OutputExistsError: the path holds something else, or a mosaic made or started with other
+            settings, and `overwrite` is false.
+    """
+    p = Path(output)
+    if not p.exists():
+        return "absent"
+    if not is_mosaic(p):
+        if p.is_dir() and not any(p.iterdir()):
+            return "absent"
+        raise OutputExistsError(f"output {p} exists and is not a tessera mosaic: choose another output path or "
+                                "remove it")
+    if overwrite:
+        return "absent"
+    mosaic = Mosaic.open(p)
+    before = mosaic.meta.get("job", {})
+    if before != dict(fingerprint):
+        changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
+        state = "a complete mosaic made" if mosaic.complete else "an unfinished mosaic started"
+        raise OutputExistsError(
+            f"output {p} is {state} with other settings ({', '.join(changed)}): run the same command to "
+            f"{'keep' if mosaic.complete else 'resume'} it, or pass --overwrite to start over"
+        )
+    return "complete" if mosaic.complete else "resume"
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line; for Ray's errors, the innermost cause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not isinstance(error, TesseraError):
+        causes = [line for line in lines if "Error:" in line and not line.startswith(("File", "ray."))]
+        if causes:
+            return causes[-1][:500]
+        if not lines:
+            return type(error).__name__
+        return f"{type(error).__name__}: {' '.join(lines)}"[:500]
+    return " ".join(lines)[:1000]
+
+
+def run_collection(kind: JobKind, tasks: Sequence[tuple[CollectionItem, str]], root: str | None = None,
+                   max_images: int | None = None,
+                   on_progress: Callable[[int, int], None] | None = None) -> CollectionSummary:
+    """Run `kind` over `tasks` (image, output mosaic) on one warm pool; failures stay per image.
+
+    Args:
+        kind: the job description (segment, refine).
+        tasks: each image with the mosaic it writes.
+        root: the collection's folder, where the manifest is written; None for a single image.
+        max_images: images in flight at once (default: twice the workers, at least 2).
+        on_progress: called with (blocks done, blocks known so far) after each block.
+
+    Returns:
+        The collection's summary: one result per image, in the order given.
+
+    Raises:
+        ConfigError: the cluster or the tracking server cannot be reached (before anything is written).
+    """
+    return Engine(kind, tasks, root, max_images, on_progress).run()
