@@ -22,6 +22,8 @@ FULL = [
     ["bench.query"],
     ["bench.models"],
     ["bench.refine"],
+    ["bench.collection"],
+    ["bench.scheduler"],
 ]
 QUICK = [
     ["bench.efficiency", "--size", "1024", "--repeats", "1"],
@@ -31,6 +33,8 @@ QUICK = [
     ["bench.query", "--size", "2048", "--requests", "20"],
     ["bench.models", "--repeats", "1"],
     ["bench.refine", "--size", "1024", "--seeds", "1"],
+    ["bench.collection", "--images", "3", "--size", "1024", "--memory-counts", "2", "3"],
+    ["bench.scheduler", "--counts", "20", "50"],
 ]
 
 

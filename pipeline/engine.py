@@ -52,6 +52,7 @@ STARTUP_TIMEOUT = 600.0  # seconds for workers to start; a cluster may need to s
 FLUSH_TIMEOUT = 60.0  # seconds for workers to finish writing blocks already computed when a job stops
 IN_FLIGHT = 2  # units per worker: one running, one queued, so a worker never idles between units
 PLAN_AHEAD = 2  # images opened and planned ahead of those in flight
+FAST_CHECK = 0.5  # seconds a single image has to fail before Ray starts beside its planning
 CONTEXTS = 8  # images whose handles (source, mosaic) a worker keeps open
 MANIFEST_EVERY = 2.0  # seconds between rewrites of the manifest while a collection runs
 
@@ -152,7 +153,6 @@ class WorkerLayout:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     writes_behind: bool = False  # a unit returns before its block is stored: flush before finishing
-    object_store: int | None = None  # bytes for an embedded Ray's object store; None: Ray's default
     hint: str = "use fewer --workers"  # the fix when a worker keeps dying
 
 
@@ -167,6 +167,9 @@ class JobKind(Protocol):
     verbose: bool
 
     def prepare(self, item: CollectionItem, output: str) -> ImageJob: ...
+    def ray_resources(self) -> tuple[int, int | None]:
+        """CPUs and object-store bytes for an embedded Ray, known before any image is planned."""
+        ...
     def worker_setup(self) -> WorkerSetup: ...
     def worker_layout(self, first: ImageJob | None) -> WorkerLayout: ...
     def summarise(self, job: ImageJob, figures: ImageFigures) -> Summary: ...
@@ -519,17 +522,26 @@ class Engine:
                 while next_task < len(self.tasks) and len(planning) < PLAN_AHEAD:
                     planning[planner.submit(self._open, next_task)] = next_task
                     next_task += 1
-                if single:  # one image: size the pool to its units
-                    self.first_prepared.wait()
-                    first = self.first_job
-                if not single or first is not None:  # else the single image fails or was finished before
-                    layout = self.layout = self.kind.worker_layout(first)
-                    tick = time.perf_counter()
-                    from pipeline.cluster import connect_ray, native_ray_lines_in_log_only
+                from pipeline.cluster import connect_ray, native_ray_lines_in_log_only
 
-                    started_ray = connect_ray(self.kind.ray_address, layout.workers, layout.object_store,
-                                              verbose=self.kind.verbose)
+                # Ray starts while the driver opens and plans the first images. A single image that fails
+                # at once (missing, unreadable) or was finished before starts no Ray at all.
+                if single and self.first_prepared.wait(FAST_CHECK) and self.first_job is None:
+                    pool = False
+                else:
+                    pool = True
+                    tick = time.perf_counter()
+                    cpus, store = self.kind.ray_resources()
+                    started_ray = connect_ray(self.kind.ray_address, cpus, store, verbose=self.kind.verbose)
                     self.ray_ready.set()
+                    log.debug("Ray ready after %.2f s", time.perf_counter() - start)
+                if single:  # one image: the pool is sized to its units
+                    self.first_prepared.wait()
+                    log.debug("first image prepared after %.2f s", time.perf_counter() - start)
+                    first = self.first_job
+                    pool = first is not None
+                if pool:
+                    layout = self.layout = self.kind.worker_layout(first)
                     setup_ref = ray.put(self.kind.worker_setup())
                     actor_cls = ray.remote(BlockWorker).options(
                         num_cpus=layout.num_cpus, num_gpus=layout.num_gpus, max_restarts=WORKER_RESTARTS,
@@ -541,12 +553,16 @@ class Engine:
                     with native_ray_lines_in_log_only(self.kind.verbose):
                         actors = [actor_cls.remote(setup_ref) for _ in range(layout.workers)]
                     self._await_workers(actors, layout)
+                    log.debug("workers ready after %.2f s", time.perf_counter() - start)
                     phases["startup"] = self.startup_seconds = time.perf_counter() - tick
+                self.ray_ready.set()  # (also when no pool is needed: nothing waits for it then)
                 if parent_future is not None:
                     parent_future.result()
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=0, desc=self.kind.name, unit="block", disable=not self.kind.progress,
+                # One image: a bar of its blocks; a collection: a bar of its images.
+                self.bar = tqdm(total=0 if single else len(self.tasks), desc=self.kind.name,
+                                unit="block" if single else "image", disable=not self.kind.progress,
                                 leave=False)
                 max_images = self.max_images or max(2, 2 * self.layout.workers)
                 while True:
@@ -651,7 +667,7 @@ class Engine:
             blocks_ready=ready, blocks_left=todo_set - set(ready), attempt=attempt, recomputed=recomputed,
         )
         self.blocks_total += len(todo)
-        if self.bar is not None:
+        if self.bar is not None and len(self.tasks) == 1:
             self.bar.total = self.blocks_total
             self.bar.refresh()
         return image
@@ -721,7 +737,7 @@ class Engine:
                         del image.seam_parts[k]
             image.blocks_done += 1
             self.blocks_done += 1
-            if self.bar is not None:
+            if self.bar is not None and len(self.tasks) == 1:
                 self.bar.update(1)
             if self.on_progress is not None:
                 self.on_progress(self.blocks_done, self.blocks_total)
@@ -742,6 +758,9 @@ class Engine:
         active.insert(0, again)
 
     def _record(self, key: int) -> None:
+        """An image has ended (done, failed or skipped)."""
+        if self.bar is not None and len(self.tasks) > 1:
+            self.bar.update(1)
         if self.manifest is not None:
             self.manifest.update(self.results[key].row())
 

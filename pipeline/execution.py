@@ -400,22 +400,6 @@ def job_fingerprint(config: SegmentConfig, source: RasterSource, bundle: ModelBu
     }
 
 
-def object_store_bytes(plan: BlockPlan, channels: int, workers: int) -> int:
-    """Room in an embedded Ray's object store for the seam sums that the units in flight use.
-
-    Seam sums wait in the object store until the blocks on both sides are written: about one row of
-    blocks, so their total grows with the image's width. Sized for the units in flight (and twice that
-    for those being made), the store spills the waiting ones to disk and memory stays flat.
-    """
-    feeds = plan.seams_of()
-
-    def imports(b: BlockId) -> int:
-        return sum((channels + 1) * 4 * plan.footprint(plan.seams[k].tiles, b).area for k in feeds.get(b, []))
-
-    largest = max((imports(b) for b in plan.busy_blocks()), default=0)
-    return max(OBJECT_STORE_MIN, 2 * IN_FLIGHT * workers * largest)
-
-
 class SegmentJob:
     """The segment job as the engine runs it: one model, many images (see `pipeline.engine`)."""
 
@@ -446,6 +430,7 @@ class SegmentJob:
         return dataclasses.replace(self.model()[0], source=item.source, output=output, level=level)
 
     def prepare(self, item: CollectionItem, output: str) -> ImageJob:
+        open_source(item.source)  # a missing or unreadable image fails here, before the model is loaded
         config = self.for_image(item, output)
         _, bundle, registered = self.model()
         source, grid = open_image(config, bundle)
@@ -465,6 +450,22 @@ class SegmentJob:
                         graph, spec, params, extra={"plan": plan, "skipped": len(grid) - len(active),
                                                     "source": source})
 
+    def ray_resources(self) -> tuple[int, int | None]:
+        """CPUs, and room in an embedded Ray's object store for the seam sums the units in flight use.
+
+        Seam sums wait in the object store until the blocks on both sides are written: about one row
+        of blocks, so their total grows with the image's width. Sized for the units in flight (and
+        twice that for those being made), the store spills the waiting ones to disk and memory stays
+        flat. It is sized from the settings alone (Ray starts while the model and the first images
+        load): a block imports at most four seam strips a tile wide; a tile of 512 px and 8 classes
+        are assumed when the settings do not say.
+        """
+        cpus = max(os.cpu_count() or 1, self.config.workers or 1)
+        workers = self.config.workers or cpus
+        tile = self.config.tile or 512
+        largest = (8 + 1) * 4 * 4 * self.config.block * tile  # four seam strips of a block, 8 classes + weights
+        return cpus, max(OBJECT_STORE_MIN, 2 * IN_FLIGHT * workers * largest)
+
     def worker_setup(self) -> SegmentSetup:
         config, _, _ = self.model()
         device = pick_device(config.device).type
@@ -473,19 +474,13 @@ class SegmentJob:
                             config.pipelined if config.pipelined is not None else device == "cuda")
 
     def worker_layout(self, first: ImageJob | None) -> WorkerLayout:
-        config, bundle, _ = self.model()
+        config = self.model()[0]
         device = pick_device(config.device).type
         workers, self._threads = self._layout(first)
-        channels = bundle.spec.num_classes
-        if first is not None:
-            store = object_store_bytes(first.extra["plan"], channels, workers)
-        else:  # a collection: room for the largest seam sums a block of this size can import
-            tile = config.tile or bundle.spec.tile_size
-            store = max(OBJECT_STORE_MIN, 2 * IN_FLIGHT * workers * (channels + 1) * 4 * 4 * config.block * tile)
         return WorkerLayout(
             workers=workers, num_cpus=1, num_gpus=1 / config.actors_per_gpu if device == "cuda" else 0,
             writes_behind=config.pipelined if config.pipelined is not None else device == "cuda",
-            object_store=store, hint="segment with fewer --workers or a smaller --batch-size",
+            hint="segment with fewer --workers or a smaller --batch-size",
         )
 
     def _layout(self, first: ImageJob | None) -> tuple[int, int]:

@@ -353,6 +353,10 @@ class RefineJob:
                         UnitGraph(tuple(sorted(busy))), spec, flat_params(config, job),
                         extra={"blocks": blocks, "busy": busy, "block": block, "input": item.source})
 
+    def ray_resources(self) -> tuple[int, int | None]:
+        """One CPU per core; blocks pass through the object store only as their reports (Ray's default store)."""
+        return max(os.cpu_count() or 1, self.config.workers or 1), None
+
     def worker_setup(self) -> RefineSetup:
         return RefineSetup()
 
@@ -407,18 +411,19 @@ def refine_mosaic(config: RefineConfig, on_progress: Callable[[int, int], None] 
 
 def refine_collection(config: RefineConfig, root: str, out_root: str,
                       on_progress: Callable[[int, int], None] | None = None) -> CollectionSummary:
-    """Refine every complete mosaic under `root` into `out_root`/<name>.zarr, on one pool of workers.
+    """Refine every mosaic in the folder `root` into `out_root`/<name>.zarr, on one pool of workers; an
+    unfinished one is a failed image (its segment job must finish first) and the others go on.
 
     Raises:
-        ConfigError: `root` holds no complete mosaic, or `out_root` is inside it.
+        ConfigError: `root` holds no mosaic, or `out_root` is inside it.
     """
     require()
     here, there = Path(root).resolve(), Path(out_root).resolve()
     if here == there or here in there.parents:
         raise ConfigError(f"output {out_root} is, or is inside, {root}: write the refined mosaics beside it")
-    found = sorted(p for p in here.iterdir() if p.is_dir() and is_mosaic(p) and Mosaic.open(p).complete)
+    found = sorted(p for p in here.iterdir() if p.is_dir() and is_mosaic(p))
     if not found:
-        raise ConfigError(f"{root} holds no complete mosaic: segment into it first (tessera segment ... --out {root})")
+        raise ConfigError(f"{root} holds no mosaic: segment into it first (tessera segment ... --out {root})")
     there.mkdir(parents=True, exist_ok=True)
     tasks = [(CollectionItem(str(p), p.stem), str(there / p.name)) for p in found]
     return run_collection(RefineJob(config), tasks, root=str(there), on_progress=on_progress)

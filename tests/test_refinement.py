@@ -285,3 +285,37 @@ def test_refine_workers_and_mosaic_readers_do_not_load_torch() -> None:
             "print(sorted(m for m in ('torch', 'segmentation_models_pytorch') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_a_collection_root_refines_on_the_same_engine(scene_mosaic: tuple[Path, Path, np.ndarray],
+                                                      refined: tuple[Path, RefineSummary], tmp_path: Path) -> None:
+    """`tessera refine ROOT -o OUT`: every complete mosaic under ROOT, one manifest row each; an unfinished
+    mosaic is a failed row with its one-line error, and the others go on."""
+    import shutil
+
+    from pipeline.manifest import Manifest
+    from pipeline.refinement import refine_inputs
+
+    mosaic, _, _ = scene_mosaic
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copytree(mosaic, root / f"{name}.zarr")
+    unfinished = Mosaic.open(root / "c.zarr", mode="r+")
+    unfinished.group.attrs["tessera"] = {**unfinished.meta, "complete": False}
+    (root / "notes.txt").write_text("not a mosaic")
+    out = tmp_path / "refined"
+    summary = refine_inputs(RefineConfig(str(root), str(out), crf=SMALL_CRF, progress=False))
+    assert summary.count("done") == 2  # type: ignore[union-attr]
+    (failed,) = summary.failed  # type: ignore[union-attr]
+    assert failed.item.name == "c" and "not complete" in failed.error and not (out / "c.zarr").exists()
+    expected = Mosaic.open(refined[0]).read("scores", 0)
+    for name in ("a", "b"):
+        m = Mosaic.open(out / f"{name}.zarr")
+        assert m.complete and m.lineage["refined"]["mosaic"] == str((root / f"{name}.zarr").resolve())
+        np.testing.assert_array_equal(m.read("scores", 0), expected)
+    rows = Manifest.read(out).rows
+    assert sorted((Path(r.input).name, r.status) for r in rows) == [
+        ("a.zarr", "done"), ("b.zarr", "done"), ("c.zarr", "failed")]
+    again = refine_inputs(RefineConfig(str(root), str(out), crf=SMALL_CRF, progress=False))
+    assert again.count("skipped") == 2 and len(again.failed) == 1  # type: ignore[union-attr]
