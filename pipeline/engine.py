@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import resource
 import threading
 import time
@@ -37,11 +38,11 @@ from typing import Any, Protocol
 
 from pipeline import lineage as lineage_info
 from pipeline.collection import CollectionItem
-from pipeline.errors import OutputExistsError, OutputLockedError, TesseraError
+from pipeline.errors import OutputLockedError, TesseraError
 from pipeline.locking import OutputLock, lock_path
 from pipeline.manifest import Manifest, ManifestRow
 from pipeline.memory import PeakMemory, limit_gdal_cache, release_memory
-from pipeline.mosaic import Mosaic, MosaicLayout, is_mosaic
+from pipeline.mosaic import Mosaic, MosaicLayout, output_state
 from pipeline.tiling import BlockId
 from pipeline.tracking import JobRun, Tracking, check_reachable, start_run
 
@@ -160,12 +161,16 @@ class JobKind(Protocol):
     """A job description: what the engine needs to know of segment, refine, or a future job."""
 
     name: str
+    params: dict[str, Any]  # the settings every image shares, tracked on the collection's run
     tracking: Tracking
     ray_address: str | None
     overwrite: bool
     progress: bool
     verbose: bool
 
+    def check(self) -> None:
+        """What every image shares, checked once before a collection starts; raises TesseraError."""
+        ...
     def prepare(self, item: CollectionItem, output: str) -> ImageJob: ...
     def ray_resources(self) -> tuple[int, int | None]:
         """CPUs and object-store bytes for an embedded Ray, known before any image is planned."""
@@ -330,7 +335,11 @@ class _Active:
                                                                        or self.blocks_left))
 
 
-class _Stop(Exception):
+# A unit in flight: its image, "seam" or "block", the seam's index or the block, the worker's slot and handle.
+_Unit = tuple["_Active", str, Any, int, Any]
+
+
+class _Stop(BaseException):
     """The driver is stopping: images not yet opened stay pending."""
 
 
@@ -345,7 +354,7 @@ class Engine:
         self.max_images = max_images
         self.on_progress = on_progress
         self.results = [ImageResult(item, output) for item, output in self.tasks]
-        self.manifest = Manifest(root, [r.row() for r in self.results]) if root else None
+        self.manifest = self._manifest(root) if root else None
         self.ray_ready = threading.Event()
         self.stopping = threading.Event()
         self.parent: JobRun | None = None
@@ -358,7 +367,16 @@ class Engine:
         self.first_job: ImageJob | None = None
         self.first_prepared = threading.Event()
         self.startup_seconds = 0.0
+        self._finishing: dict[int, _Active] = {}  # images handed to the finisher, by key
         self._manifest_written = 0.0
+
+    def _manifest(self, root: str) -> Manifest:
+        """This run's rows, then those of earlier runs into the same ROOT for images not in this run."""
+        rows = [r.row() for r in self.results]
+        ours = {r.output for r in rows}
+        with contextlib.suppress(TesseraError):  # none yet, or unreadable: this run's rows only
+            rows += [r for r in Manifest.read(root).rows if r.output not in ours]
+        return Manifest(root, rows)
 
     # -- driver threads: open an image ahead, finish one behind ----------------------------------
 
@@ -386,8 +404,9 @@ class Engine:
             waited = time.perf_counter() - waited
             lock = OutputLock(output)
             lock.acquire()
-        except TesseraError as e:
+        except Exception as e:  # this image fails (bad input, or a reader's own error); the others go on
             return self._failed(result, e)
+        run: JobRun | None = None
         try:
             state = output_state(output, self.kind.overwrite, job.fingerprint)  # authoritative, under the lock
             if state == "complete":
@@ -405,7 +424,10 @@ class Engine:
                 done = set()
         except BaseException as e:
             lock.release()
-            if isinstance(e, TesseraError):
+            if run is not None:
+                with contextlib.suppress(Exception):
+                    run.end("FAILED")
+            if isinstance(e, Exception):  # tracking or storage trouble with this image: the others go on
                 return self._failed(result, e)
             raise
         todo = [b for b in job.graph.blocks if b not in done]
@@ -421,11 +443,11 @@ class Engine:
         result.work = 0
         return result
 
-    @staticmethod
-    def _failed(result: ImageResult, error: BaseException) -> ImageResult:
+    def _failed(self, result: ImageResult, error: BaseException) -> ImageResult:
         result.status = "failed"
         result.error = one_line(error)
-        result.exception = error
+        if len(self.tasks) == 1:  # raised again to the caller; a collection keeps only the line
+            result.exception = error
         return result
 
     def _finish(self, active: _Active, flushed: list[Any], peak: PeakMemory) -> tuple[_Active, list[BlockId]]:
@@ -441,8 +463,8 @@ class Engine:
         import ray
 
         opened = active.opened
-        if flushed:
-            ray.get(flushed, timeout=FLUSH_TIMEOUT)  # the last blocks written behind
+        if flushed:  # the last blocks written behind; a write that failed or was lost has no marker (below)
+            ray.wait(flushed, num_returns=len(flushed), timeout=FLUSH_TIMEOUT)
         mosaic = Mosaic.open(opened.job.output, mode="r+")
         lost = sorted(set(opened.todo) - mosaic.marked_blocks())
         if lost:
@@ -451,7 +473,7 @@ class Engine:
             opened.phases["startup"] = self.startup_seconds
         opened.phases["blocks"] = time.perf_counter() - active.started
         tick = time.perf_counter()
-        mosaic.build_pyramid(num_workers=1)
+        mosaic.build_pyramid(num_workers=None if len(self.tasks) == 1 else 1)  # beside others' compute: one thread
         opened.phases["pyramid"] = time.perf_counter() - tick
         figures = ImageFigures(
             blocks_written=len(opened.todo), blocks_resumed=len(opened.done), written=tuple(opened.todo),
@@ -463,9 +485,13 @@ class Engine:
         )
         summary = self.kind.summarise(opened.job, figures)
         mosaic.finish({"summary": summary.as_dict(), "finished": lineage_info.now(), "mlflow": opened.run.lineage()})
-        opened.run.log_result(summary.as_dict(), opened.job.params, mosaic.preview_png(256))
-        opened.run.end("FINISHED")
         opened.lock.release()
+        try:  # the mosaic is complete: a tracking failure now is a warning, not the image's failure
+            opened.run.log_result(summary.as_dict(), opened.job.params, mosaic.preview_png(256))
+            opened.run.end("FINISHED")
+        except Exception as e:
+            log.warning("%s is complete, but its MLflow run %s could not be updated: %s", opened.job.output,
+                        opened.run.run_id, one_line(e))
         result = self.results[active.key]
         result.status, result.summary, result.run_id = "done", summary, opened.run.run_id
         result.seconds = sum(v for k, v in opened.phases.items() if k != "startup")  # its own, not the pool's
@@ -473,9 +499,10 @@ class Engine:
         return active, []
 
     def _abandon(self, active: _Active) -> None:
-        """An image that failed or was stopped: its run ends FAILED, its lock goes, its mosaic stays unfinished."""
-        active.opened.run.end("FAILED")
+        """An image that failed or was stopped: its lock goes, its run ends FAILED, its mosaic stays unfinished."""
         active.opened.lock.release()
+        with contextlib.suppress(Exception):
+            active.opened.run.end("FAILED")
         result = self.results[active.key]
         if active.error is not None:
             self._failed(result, active.error)
@@ -490,10 +517,13 @@ class Engine:
         tracking = self.kind.tracking
         if tracking.enabled:
             check_reachable(tracking.resolved_uri())
-        if self.kind.ray_address:
+        address = self.kind.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
             from pipeline.cluster import check_address
 
-            check_address(self.kind.ray_address)  # an unreachable cluster fails here, before any output
+            check_address(address)  # an unreachable cluster fails here, before any output
+        if len(self.tasks) > 1:
+            self.kind.check()  # what every image shares (the model, the device) fails once, for the whole job
         if self.root:
             Path(self.root).mkdir(parents=True, exist_ok=True)
         phases: dict[str, float] = {}
@@ -514,7 +544,7 @@ class Engine:
         actors: list[Any] = []
         active: list[_Active] = []
         finishing: dict[Future[Any], int] = {}
-        in_flight: dict[Any, tuple[_Active, str, Any, int]] = {}
+        in_flight: dict[Any, _Unit] = {}
         load: dict[int, int] = defaultdict(int)
         ready: deque[_Opened] = deque()
         try:
@@ -570,7 +600,7 @@ class Engine:
                     while next_task < len(self.tasks) and len(planning) + len(ready) < PLAN_AHEAD:
                         planning[planner.submit(self._open, next_task)] = next_task
                         next_task += 1
-                    while ready and len(active) < max_images:
+                    while ready and len(active) + len(finishing) < max_images:  # finishing ones hold memory too
                         opened = ready.popleft()
                         active.append(self._activate(opened.key, opened, None, 0))
                     # Hand units to workers, oldest image first.
@@ -591,6 +621,7 @@ class Engine:
                         else:
                             flushed = [w.flush.remote() for w in actors] if self.layout.writes_behind else []
                             finishing[finisher.submit(self._finish, image, flushed, peak)] = image.key
+                            self._finishing[image.key] = image
                     if not (in_flight or planning or finishing or ready or active or next_task < len(self.tasks)):
                         break
                     # Wait for a unit, a planned image or a finished one.
@@ -598,9 +629,9 @@ class Engine:
                         timeout = 0.05 if (planning or finishing) else None
                         done_refs, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout)
                         for ref in done_refs:
-                            image, kind, key, a = in_flight.pop(ref)
+                            image, kind, key, a, actor = in_flight.pop(ref)
                             load[a] -= 1
-                            self._unit_done(image, kind, key, ref, actors, a, actor_cls, setup_ref)
+                            self._unit_done(image, kind, key, ref, actors, a, actor, actor_cls, setup_ref)
                     elif planning or finishing:
                         wait_futures([*planning, *finishing], timeout=1.0, return_when=FIRST_COMPLETED)
                     for future in [f for f in planning if f.done()]:
@@ -612,6 +643,7 @@ class Engine:
                             self._record(index)
                     for future in [f for f in finishing if f.done()]:
                         key = finishing.pop(future)
+                        self._finishing.pop(key, None)
                         image, lost = future.result()
                         if lost:
                             self._requeue(image, lost, active)
@@ -621,9 +653,9 @@ class Engine:
                 phases["wall"] = time.perf_counter() - start
         except BaseException:
             self.stopping.set()
-            self._stop(in_flight, actors, active, ready, planning, planner, finisher)
+            self._stop(in_flight, actors, active, ready, planning, finishing, planner, finisher)
             raise
-        finally:
+        finally:  # each step on its own: one failing does not skip the others
             if self.bar is not None:
                 self.bar.close()
             for actor in actors:
@@ -631,11 +663,14 @@ class Engine:
                     ray.kill(actor)
             planner.shutdown(wait=True)
             finisher.shutdown(wait=True)
+            with contextlib.suppress(Exception):
+                self._write_manifest(force=True)
+            background.shutdown(wait=True)  # the collection's run exists, or has failed to start, after this
+            with contextlib.suppress(Exception):
+                self._end_parent()
             if started_ray:
-                ray.shutdown()
-            self._end_parent()
-            background.shutdown(wait=True)
-            self._write_manifest(force=True)
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
         return CollectionSummary(
             kind=self.kind.name, root=self.root, images=tuple(self.results), workers=self.workers,
             wall_seconds=time.perf_counter() - start, phases=phases, peak_memory_mib=peak.peak_mib,
@@ -652,11 +687,8 @@ class Engine:
         todo = opened.todo if blocks is None else blocks
         todo_set = set(todo)
         feeds = graph.feeds()
-        seam_order: list[int] = []
-        for b in todo:  # seams in the order their first block needs them
-            for k in feeds.get(b, []):
-                if k not in seam_order:
-                    seam_order.append(k)
+        # Seams in the order their first block needs them.
+        seam_order = list(dict.fromkeys(k for b in todo for k in feeds.get(b, [])))
         waiting = {b: len(feeds.get(b, [])) for b in todo}
         ready = deque(b for b in todo if waiting[b] == 0)
         # Seams shared by a block done in an earlier run and one still to do are computed again.
@@ -672,7 +704,7 @@ class Engine:
             self.bar.refresh()
         return image
 
-    def _next_unit(self, active: list[_Active], actor: Any, a: int) -> tuple[Any, tuple[_Active, str, Any, int]] | None:
+    def _next_unit(self, active: list[_Active], actor: Any, a: int) -> tuple[Any, _Unit] | None:
         for image in active:
             if image.error is not None:
                 continue
@@ -681,17 +713,17 @@ class Engine:
                 parts = [image.seam_parts[k][b] for k in image.feeds.get(b, [])]
                 ref = actor.block.remote(image.key, image.spec, b, *parts)
                 image.in_flight += 1
-                return ref, (image, "block", b, a)
+                return ref, (image, "block", b, a, actor)
             if image.seams_todo:
                 k = image.seams_todo.popleft()
                 blocks = image.opened.job.graph.seams[k]
                 *parts, report = actor.seam.options(num_returns=len(blocks) + 1).remote(image.key, image.spec, k)
                 image.seam_parts[k] = dict(zip(blocks, parts, strict=True))
                 image.in_flight += 1
-                return report, (image, "seam", k, a)
+                return report, (image, "seam", k, a, actor)
         return None
 
-    def _unit_done(self, image: _Active, kind: str, key: Any, ref: Any, actors: list[Any], a: int,
+    def _unit_done(self, image: _Active, kind: str, key: Any, ref: Any, actors: list[Any], a: int, actor: Any,
                    actor_cls: Any, setup_ref: Any) -> None:
         import ray
 
@@ -706,6 +738,10 @@ class Engine:
             if image.error is None:
                 image.error = cause
             return
+        except ray.exceptions.ActorUnavailableError as e:  # restarting: the image is tried again on a rerun
+            image.error = image.error or TesseraError(f"a worker was restarting ({one_line(e)}): rerun the job to "
+                                                      "resume this image")
+            return
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as e:
             hint = self.layout.hint
             if image.error is None:
@@ -713,9 +749,13 @@ class Engine:
                     f"a worker died {WORKER_RESTARTS + 1} times ({type(e).__name__}): {hint}; "
                     "rerunning the job resumes it"
                 )
-            with contextlib.suppress(Exception):
-                ray.kill(actors[a])
-            actors[a] = actor_cls.remote(setup_ref)  # the pool keeps its size
+            if actors[a] is actor:  # the first of its units to tell: the pool keeps its size
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+                actors[a] = actor_cls.remote(setup_ref)
+            return
+        except ray.exceptions.RayError as e:  # objects lost with a node, and the like: this image only
+            image.error = image.error or TesseraError(f"{one_line(e)}: rerun the job to resume this image")
             return
         if image.error is not None:
             return
@@ -754,7 +794,7 @@ class Engine:
         log.warning("%d block(s) lost with a worker process are computed again", len(lost))
         again = self._activate(image.key, image.opened, lost, image.attempt + 1)
         again.work, again.reports, again.started = image.work, image.reports, image.started
-        again.recomputed = image.recomputed
+        again.recomputed = image.recomputed + again.recomputed
         active.insert(0, again)
 
     def _record(self, key: int) -> None:
@@ -786,8 +826,10 @@ class Engine:
             raise TesseraError(f"a worker failed to start: {one_line(e)}") from None
 
     def _stop(self, in_flight: dict[Any, Any], actors: list[Any], active: list[_Active], ready: deque[_Opened],
-              planning: dict[Future[Any], int], planner: ThreadPoolExecutor, finisher: ThreadPoolExecutor) -> None:
-        """Stopped or failed: keep the blocks already computed (their writes finish), drop the rest."""
+              planning: dict[Future[Any], int], finishing: dict[Future[Any], int], planner: ThreadPoolExecutor,
+              finisher: ThreadPoolExecutor) -> None:
+        """Stopped or failed: keep the blocks already computed (their writes finish), drop the rest, and let
+        no worker write after the locks are released."""
         import ray
 
         for ref in in_flight:
@@ -796,25 +838,39 @@ class Engine:
         if actors:
             with contextlib.suppress(Exception):
                 ray.wait([a.flush.remote() for a in actors], num_returns=len(actors), timeout=FLUSH_TIMEOUT)
-        for future in planning:
+            for actor in actors:  # before any lock goes: a block stopped mid-write has no marker, and is redone
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+        for future in [*planning, *finishing]:
             future.cancel()
         planner.shutdown(wait=True)
-        for future in planning:
+        finisher.shutdown(wait=True)
+        for future, index in planning.items():
             if future.done() and not future.cancelled() and future.exception() is None:
                 opened = future.result()
                 if isinstance(opened, _Opened):
                     ready.append(opened)
-        finisher.shutdown(wait=True)
+                else:
+                    self._record(index)
+        for future, index in finishing.items():
+            if future.cancelled():
+                self._abandon(self._finishing[index])
+            elif future.exception() is None:
+                image, lost = future.result()
+                if lost:
+                    self._abandon(image)
+                self._record(index)
         for image in active:
             self._abandon(image)
         for opened in ready:
-            opened.run.end("FAILED")
             opened.lock.release()
+            with contextlib.suppress(Exception):
+                opened.run.end("FAILED")
 
     def _start_parent(self) -> None:
         try:
             tracking = self.kind.tracking
-            params = {"collection.root": self.root, "collection.images": len(self.tasks)}
+            params = {**self.kind.params, "collection.root": self.root, "collection.images": len(self.tasks)}
             self.parent = start_run(tracking, params, self.root or "", name=f"collection {self.root}")
         finally:
             self.parent_ready.set()
@@ -830,40 +886,14 @@ class Engine:
 
             assert self.parent.tracking_uri is not None
             logger = RunLogger(self.parent.run_id, self.parent.tracking_uri)
-            logger.log_metrics({f"images_{k}": float(v) for k, v in counts.items()})
+            done = [r for r in self.results if r.status == "done"]
+            logger.log_metrics({**{f"images_{k}": float(v) for k, v in counts.items()},
+                                "tiles_computed": float(sum(r.work for r in done)),
+                                "image_seconds": float(sum(r.seconds for r in done))})
             if self.manifest is not None:
                 self.manifest.write()
                 logger.log_files({"manifest.csv": self.manifest.path.read_bytes()})
         self.parent.end("FINISHED" if not counts.get("failed") and not counts.get("pending") else "FAILED")
-
-
-def output_state(output: str, overwrite: bool, fingerprint: dict[str, Any]) -> str:
-    """"absent" (create it), "resume" (an unfinished mosaic of the same job) or "complete" (same job, done).
-
-    Raises:
-        OutputExistsError: the path holds something else, or a mosaic made or started with other
-            settings, and `overwrite` is false.
-    """
-    p = Path(output)
-    if not p.exists():
-        return "absent"
-    if not is_mosaic(p):
-        if p.is_dir() and not any(p.iterdir()):
-            return "absent"
-        raise OutputExistsError(f"output {p} exists and is not a tessera mosaic: choose another output path or "
-                                "remove it")
-    if overwrite:
-        return "absent"
-    mosaic = Mosaic.open(p)
-    before = mosaic.meta.get("job", {})
-    if before != dict(fingerprint):
-        changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
-        state = "a complete mosaic made" if mosaic.complete else "an unfinished mosaic started"
-        raise OutputExistsError(
-            f"output {p} is {state} with other settings ({', '.join(changed)}): run the same command to "
-            f"{'keep' if mosaic.complete else 'resume'} it, or pass --overwrite to start over"
-        )
-    return "complete" if mosaic.complete else "resume"
 
 
 def one_line(error: BaseException) -> str:

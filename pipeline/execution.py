@@ -288,7 +288,10 @@ class SegmentRunner:
             acc.merge(part)
         region = acc.region  # read here: the source handle is not shared between threads at once
         valid = spec.source.valid(region.y0, region.x0, region.height, region.width)
-        self.flush()  # one block at a time in the writer, so memory stays at two blocks
+        try:
+            self.flush()  # one block at a time in the writer, so memory stays at two blocks
+        except Exception as e:  # that block (maybe another image's) has no marker: the engine computes it again
+            log.warning("a block written behind failed (%s); it is computed again", e)
         if self.writer is None:
             self._store(image, block, acc, valid)
         else:
@@ -346,9 +349,11 @@ def prepare(config: SegmentConfig) -> tuple[RasterSource, ModelBundle, TileGrid]
     return source, bundle, grid
 
 
-def open_image(config: SegmentConfig, bundle: ModelBundle) -> tuple[RasterSource, TileGrid]:
-    """The source at the level that matches the model, and its tile grid; raises TesseraError on bad input."""
-    source = open_source(config.source)
+def open_image(config: SegmentConfig, bundle: ModelBundle,
+               source: RasterSource | None = None) -> tuple[RasterSource, TileGrid]:
+    """The source (`source`, opened already at level 0, or `config.source`) at the level that matches the
+    model, and its tile grid; raises TesseraError on bad input."""
+    source = source or open_source(config.source)
     spec = bundle.spec
     level = config.level
     if level is None:
@@ -415,6 +420,11 @@ class SegmentJob:
         self._lock = threading.Lock()
         self._model: tuple[SegmentConfig, ModelBundle, dict[str, Any] | None] | None = None
         self._threads: int | None = None  # torch threads per worker, chosen with the layout
+        self.params = {f"config.{k}": v for k, v in dataclasses.asdict(config).items()
+                       if k not in ("source", "output", "level", "tracking")}
+
+    def check(self) -> None:
+        self.model()
 
     def model(self) -> tuple[SegmentConfig, ModelBundle, dict[str, Any] | None]:
         """The config with the model resolved to a local bundle, the bundle, and its registry version; loaded once."""
@@ -430,10 +440,10 @@ class SegmentJob:
         return dataclasses.replace(self.model()[0], source=item.source, output=output, level=level)
 
     def prepare(self, item: CollectionItem, output: str) -> ImageJob:
-        open_source(item.source)  # a missing or unreadable image fails here, before the model is loaded
+        full = open_source(item.source)  # a missing or unreadable image fails here, before the model is loaded
         config = self.for_image(item, output)
         _, bundle, registered = self.model()
-        source, grid = open_image(config, bundle)
+        source, grid = open_image(config, bundle, full)
         fg, factor = source.foreground() if config.skip_background else (None, 1.0)
         active = grid.active(fg, factor)
         plan = BlockPlan(grid, config.block, active)

@@ -77,6 +77,7 @@ class Manifest:
     def __init__(self, root: str | Path, rows: Sequence[ManifestRow]) -> None:
         self.root = Path(root)
         self.rows: list[ManifestRow] = list(rows)
+        self._index = {row.output: k for k, row in enumerate(self.rows)}  # so that `update` is O(1)
         self._lock = threading.Lock()
 
     @property
@@ -87,11 +88,12 @@ class Manifest:
     def update(self, row: ManifestRow) -> None:
         """Replace the row with the same output as `row` (or add `row` if there is none)."""
         with self._lock:
-            for k, existing in enumerate(self.rows):
-                if existing.output == row.output:
-                    self.rows[k] = row
-                    return
-            self.rows.append(row)
+            k = self._index.get(row.output)
+            if k is None:
+                self._index[row.output] = len(self.rows)
+                self.rows.append(row)
+            else:
+                self.rows[k] = row
 
     def counts(self) -> dict[str, int]:
         """How many rows have each status; every status is a key, zeros included."""

@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
@@ -131,43 +131,43 @@ def is_uri(path: str | Path) -> bool:
     return isinstance(path, str) and "://" in path and not path.startswith("file://")
 
 
-def check_output(path: str | Path, overwrite: bool, job: Mapping[str, Any] | None = None) -> bool:
-    """Refuse an output path that would lose someone's data; call before any compute.
+OutputState = Literal["absent", "resume", "complete"]
+
+
+def output_state(output: str | Path, overwrite: bool, fingerprint: Mapping[str, Any]) -> OutputState:
+    """What a job finds at its output, checked before any compute so that no one's data is lost:
+    "absent" (create it; also an empty folder, or anything with `overwrite`), "resume" (an unfinished
+    mosaic of the same job) or "complete" (a finished mosaic of the same job, kept as it is).
 
     Args:
-        path: the mosaic to write.
-        overwrite: a complete mosaic, or one started with other settings, may be replaced.
-        job: the settings that fix the mosaic's content (see `execution.job_fingerprint`).
-
-    Returns:
-        True when `path` holds an incomplete mosaic of the same job, to be resumed.
+        output: the mosaic to write.
+        overwrite: a mosaic made or started with other settings may be replaced.
+        fingerprint: the settings that fix the mosaic's content (the job kind's).
 
     Raises:
-        OutputExistsError: the path exists and is not a tessera mosaic, or is complete, or was
-            started with other settings, and `overwrite` is false.
+        OutputExistsError: the path holds something else, or a mosaic made or started with other
+            settings, and `overwrite` is false.
     """
-    p = Path(path)
+    p = Path(output)
     if not p.exists():
-        return False
+        return "absent"
     if not is_mosaic(p):
         if p.is_dir() and not any(p.iterdir()):
-            return False
-        raise OutputExistsError(
-            f"output {p} exists and is not a tessera mosaic: choose another output path or remove it"
-        )
+            return "absent"
+        raise OutputExistsError(f"output {p} exists and is not a tessera mosaic: choose another output path or "
+                                "remove it")
     if overwrite:
-        return False
+        return "absent"
     mosaic = Mosaic.open(p)
-    if mosaic.complete:
-        raise OutputExistsError(f"output {p} is a complete tessera mosaic: pass --overwrite to replace it")
     before = mosaic.meta.get("job", {})
-    if job is not None and before != dict(job):
-        changed = sorted(k for k in set(before) | set(job) if before.get(k) != job.get(k))
+    if before != dict(fingerprint):
+        changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
+        state = "a complete mosaic made" if mosaic.complete else "an unfinished mosaic started"
         raise OutputExistsError(
-            f"output {p} is an unfinished mosaic started with other settings ({', '.join(changed)}): "
-            "run the same command to resume it, or pass --overwrite to start over"
+            f"output {p} is {state} with other settings ({', '.join(changed)}): run the same command to "
+            f"{'keep' if mosaic.complete else 'resume'} it, or pass --overwrite to start over"
         )
-    return True
+    return "complete" if mosaic.complete else "resume"
 
 
 class Mosaic:
@@ -191,7 +191,7 @@ class Mosaic:
     ) -> Mosaic:
         """Create an empty, incomplete mosaic with all levels' arrays, replacing a tessera mosaic there.
 
-        Call `check_output` first: this replaces whatever tessera mosaic is at `path`.
+        Call `output_state` first: this replaces whatever tessera mosaic is at `path`.
         """
         p = Path(path)
         if p.exists() and is_mosaic(p):

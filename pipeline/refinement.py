@@ -330,6 +330,11 @@ class RefineJob:
         self.overwrite = config.overwrite
         self.progress = config.progress
         self.verbose = config.verbose
+        self.params = {f"config.{k}": v for k, v in dataclasses.asdict(config).items()
+                       if k not in ("mosaic", "output", "tracking")}
+
+    def check(self) -> None:
+        require()
 
     def prepare(self, item: CollectionItem, output: str) -> ImageJob:
         config = dataclasses.replace(self.config, mosaic=item.source, output=output)
@@ -418,13 +423,15 @@ def refine_collection(config: RefineConfig, root: str, out_root: str,
         ConfigError: `root` holds no mosaic, or `out_root` is inside it.
     """
     require()
+    if config.source is not None:
+        raise ConfigError(f"--source names one image, but {root} is a folder of mosaics, each refined against the "
+                          "image in its own lineage: refine a mosaic alone when its image has moved")
     here, there = Path(root).resolve(), Path(out_root).resolve()
     if here == there or here in there.parents:
         raise ConfigError(f"output {out_root} is, or is inside, {root}: write the refined mosaics beside it")
     found = sorted(p for p in here.iterdir() if p.is_dir() and is_mosaic(p))
     if not found:
         raise ConfigError(f"{root} holds no mosaic: segment into it first (tessera segment ... --out {root})")
-    there.mkdir(parents=True, exist_ok=True)
     tasks = [(CollectionItem(str(p), p.stem), str(there / p.name)) for p in found]
     return run_collection(RefineJob(config), tasks, root=str(there), on_progress=on_progress)
 

@@ -76,23 +76,6 @@ class JobRun:
         logger.log_files(files)
 
 
-@contextlib.contextmanager
-def job_run(tracking: Tracking, params: Mapping[str, Any], output: str) -> Iterator[JobRun]:
-    """Open a run for a job that writes a mosaic; it ends FINISHED, or FAILED if the job raises.
-
-    Args:
-        tracking: where to track; disabled gives a run that records nothing.
-        params: flat settings of the job (logged as parameters).
-        output: the mosaic path (a tag, to find the run from the mosaic's side).
-    """
-    if not tracking.enabled:
-        yield JobRun()
-        return
-    tags = {OUTPUT_TAG: str(Path(output).resolve()) if "://" not in output else output}
-    with open_run(tracking, Path(output).name, params, tags) as (run_id, uri, experiment_id):
-        yield JobRun(run_id, uri, experiment_id)
-
-
 def start_run(tracking: Tracking, params: Mapping[str, Any], output: str, parent: JobRun | None = None,
               name: str | None = None) -> JobRun:
     """Start a run of a job that writes a mosaic (`output`, tagged), nested under `parent` if given; end it

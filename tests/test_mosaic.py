@@ -10,7 +10,7 @@ import pytest
 from pipeline.blending import Accumulator
 from pipeline.errors import MosaicError, OutputExistsError
 from pipeline.models.bundle import ClassInfo
-from pipeline.mosaic import Mosaic, MosaicLayout, check_output, is_mosaic
+from pipeline.mosaic import Mosaic, MosaicLayout, is_mosaic, output_state
 from pipeline.stitching import finish_block
 from pipeline.tiling import Rect
 
@@ -60,13 +60,17 @@ def test_unfinished_mosaic_is_neither_complete_nor_an_ome_image(tmp_path: Path) 
     assert not Mosaic.open(path).complete
     assert "ome" not in dict(Mosaic.open(path).group.attrs)
     assert not any(node.data for node in Reader(parse_url(str(path)))())
-    check_output(path, overwrite=False)  # an interrupted job's output may be redone
+    assert output_state(path, False, {}) == "resume"  # an interrupted job's output is resumed
+    with pytest.raises(OutputExistsError, match=r"other settings .*--overwrite"):
+        output_state(path, False, {"tile": 256})
     m.build_pyramid()
     m.finish({"finished": "later"})
     done = Mosaic.open(path)
     assert done.complete and done.lineage == {"started": "now", "finished": "later"}
-    with pytest.raises(OutputExistsError, match="--overwrite"):
-        check_output(path, overwrite=False)
+    assert output_state(path, False, {}) == "complete"  # the same job again keeps it
+    assert output_state(path, True, {}) == "absent"  # --overwrite makes it again
+    with pytest.raises(OutputExistsError, match=r"complete mosaic made with other settings .*--overwrite"):
+        output_state(path, False, {"tile": 256})
 
 
 def test_unwritten_blocks_read_as_nodata(tmp_path: Path) -> None:
@@ -76,12 +80,12 @@ def test_unwritten_blocks_read_as_nodata(tmp_path: Path) -> None:
 
 
 def test_output_checks(tmp_path: Path) -> None:
-    check_output(tmp_path / "new.zarr", overwrite=False)
+    assert output_state(tmp_path / "new.zarr", False, {}) == "absent"
     (tmp_path / "empty").mkdir()
-    check_output(tmp_path / "empty", overwrite=False)
+    assert output_state(tmp_path / "empty", False, {}) == "absent"
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(OutputExistsError, match="not a tessera mosaic"):
-        check_output(tmp_path / "file.txt", overwrite=True)
+        output_state(tmp_path / "file.txt", True, {})
     assert not is_mosaic(tmp_path / "file.txt")
     with pytest.raises(MosaicError, match="not a tessera mosaic"):
         Mosaic.open(tmp_path / "empty")

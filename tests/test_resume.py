@@ -216,3 +216,9 @@ def test_corrupt_region_fails_fast_with_the_cause_and_leaves_it_incomplete(tmp_p
         segment(config(source, bundle, out))
     assert not Mosaic.open(out).complete
     assert not lock_path(out).exists()
+    import mlflow
+
+    from pipeline.tracking import find_runs
+
+    (run_id,) = find_runs(out)  # the image's run ends FAILED
+    assert mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id).info.status == "FAILED"
