@@ -23,6 +23,7 @@ Memory stays bounded whatever the number of images: at most `max_images` images 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -168,6 +169,11 @@ class JobKind(Protocol):
     progress: bool
     verbose: bool
 
+    @property
+    def summary_type(self) -> type:
+        """What one image's job reports: a dataclass with a `kept` field."""
+        ...
+
     def check(self) -> None:
         """What every image shares, checked once before a collection starts; raises TesseraError."""
         ...
@@ -178,6 +184,20 @@ class JobKind(Protocol):
     def worker_setup(self) -> WorkerSetup: ...
     def worker_layout(self, first: ImageJob | None) -> WorkerLayout: ...
     def summarise(self, job: ImageJob, figures: ImageFigures) -> Summary: ...
+
+
+class JobBase:
+    """What every job kind takes from its config alike; `per_image` names the fields each image sets."""
+
+    def __init__(self, config: Any, per_image: tuple[str, ...]) -> None:
+        self.config = config
+        self.tracking: Tracking = config.tracking
+        self.ray_address: str | None = config.ray_address
+        self.overwrite: bool = config.overwrite
+        self.progress: bool = config.progress
+        self.verbose: bool = config.verbose
+        self.params = {f"config.{k}": v for k, v in dataclasses.asdict(config).items()
+                       if k not in (*per_image, "tracking")}
 
 
 # -- the worker -----------------------------------------------------------------------------------
@@ -907,6 +927,20 @@ def one_line(error: BaseException) -> str:
             return type(error).__name__
         return f"{type(error).__name__}: {' '.join(lines)}"[:500]
     return " ".join(lines)[:1000]
+
+
+def run_image(kind: JobKind, item: CollectionItem, output: str,
+              on_progress: Callable[[int, int], None] | None = None) -> Any:
+    """One image, as a collection of one: its summary (`kind.summary_type`), or, for a mosaic finished
+    before by the same job, the summary recorded in it (`kept`). Raises the error that stopped it."""
+    result = run_collection(kind, [(item, output)], on_progress=on_progress).images[0]
+    if result.exception is not None:
+        raise result.exception
+    if result.status == "skipped":
+        recorded = Mosaic.open(output).lineage["summary"]
+        fields = {f.name for f in dataclasses.fields(kind.summary_type)} - {"kept"}
+        return kind.summary_type(**{k: v for k, v in recorded.items() if k in fields}, kept=True)
+    return result.summary
 
 
 def run_collection(kind: JobKind, tasks: Sequence[tuple[CollectionItem, str]], root: str | None = None,

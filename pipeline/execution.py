@@ -40,10 +40,12 @@ from pipeline.engine import (
     CollectionSummary,
     ImageFigures,
     ImageJob,
+    JobBase,
     UnitGraph,
     UnitReport,
     WorkerLayout,
     run_collection,
+    run_image,
 )
 from pipeline.errors import BandMismatchError, ConfigError
 from pipeline.inference import InferenceOptions, pick_device
@@ -405,23 +407,18 @@ def job_fingerprint(config: SegmentConfig, source: RasterSource, bundle: ModelBu
     }
 
 
-class SegmentJob:
+class SegmentJob(JobBase):
     """The segment job as the engine runs it: one model, many images (see `pipeline.engine`)."""
 
     name = "segment"
+    summary_type = SegmentSummary
 
     def __init__(self, config: SegmentConfig) -> None:
-        self.config = config
-        self.tracking = config.tracking
-        self.ray_address = config.ray_address
-        self.overwrite = config.overwrite
-        self.progress = config.progress
-        self.verbose = config.verbose
+        super().__init__(config, per_image=("source", "output", "level"))
+        self.config: SegmentConfig = config
         self._lock = threading.Lock()
         self._model: tuple[SegmentConfig, ModelBundle, dict[str, Any] | None] | None = None
         self._threads: int | None = None  # torch threads per worker, chosen with the layout
-        self.params = {f"config.{k}": v for k, v in dataclasses.asdict(config).items()
-                       if k not in ("source", "output", "level", "tracking")}
 
     def check(self) -> None:
         self.model()
@@ -535,14 +532,8 @@ def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | Non
         TesseraError: on bad input, before anything is written; or the error that stopped the job.
     """
     item = CollectionItem(config.source, Path(config.output).stem, config.level)
-    result = run_collection(SegmentJob(config), [(item, config.output)], on_progress=on_progress).images[0]
-    if result.exception is not None:
-        raise result.exception
-    if result.status == "skipped":
-        return SegmentSummary(**{k: v for k, v in Mosaic.open(config.output).lineage["summary"].items()
-                                 if k in SegmentSummary.__dataclass_fields__ and k != "kept"}, kept=True)
-    assert isinstance(result.summary, SegmentSummary)
-    return result.summary
+    summary: SegmentSummary = run_image(SegmentJob(config), item, config.output, on_progress)
+    return summary
 
 
 def segment_collection(config: SegmentConfig, items: Sequence[CollectionItem], root: str,

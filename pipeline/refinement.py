@@ -42,10 +42,12 @@ from pipeline.engine import (
     CollectionSummary,
     ImageFigures,
     ImageJob,
+    JobBase,
     UnitGraph,
     UnitReport,
     WorkerLayout,
     run_collection,
+    run_image,
 )
 from pipeline.errors import ConfigError, MosaicError
 from pipeline.mosaic import Mosaic, is_mosaic, is_uri
@@ -318,20 +320,15 @@ def worker_count(config: RefineConfig, block: int, halo: int, classes: int, todo
     return max(1, min(os.cpu_count() or 1, room, max(todo, 1)))
 
 
-class RefineJob:
+class RefineJob(JobBase):
     """The refine job as the engine runs it (see `pipeline.engine`): each image is a complete mosaic."""
 
     name = "refine"
+    summary_type = RefineSummary
 
     def __init__(self, config: RefineConfig) -> None:
-        self.config = config
-        self.tracking = config.tracking
-        self.ray_address = config.ray_address
-        self.overwrite = config.overwrite
-        self.progress = config.progress
-        self.verbose = config.verbose
-        self.params = {f"config.{k}": v for k, v in dataclasses.asdict(config).items()
-                       if k not in ("mosaic", "output", "tracking")}
+        super().__init__(config, per_image=("mosaic", "output"))
+        self.config: RefineConfig = config
 
     def check(self) -> None:
         require()
@@ -404,14 +401,8 @@ def refine_mosaic(config: RefineConfig, on_progress: Callable[[int, int], None] 
     """
     require()  # an optional package: missing, it is bad input, found before anything is written
     item = CollectionItem(config.mosaic, Path(config.output).stem)
-    result = run_collection(RefineJob(config), [(item, config.output)], on_progress=on_progress).images[0]
-    if result.exception is not None:
-        raise result.exception
-    if result.status == "skipped":
-        return RefineSummary(**{k: v for k, v in Mosaic.open(config.output).lineage["summary"].items()
-                                if k in RefineSummary.__dataclass_fields__ and k != "kept"}, kept=True)
-    assert isinstance(result.summary, RefineSummary)
-    return result.summary
+    summary: RefineSummary = run_image(RefineJob(config), item, config.output, on_progress)
+    return summary
 
 
 def refine_collection(config: RefineConfig, root: str, out_root: str,
