@@ -670,7 +670,6 @@ class Engine:
                         else:
                             self._record(key)
                     self._write_manifest()
-                phases["wall"] = time.perf_counter() - start
         except BaseException:
             self.stopping.set()
             self._stop(in_flight, actors, active, ready, planning, finishing, planner, finisher)
