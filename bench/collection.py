@@ -91,9 +91,18 @@ def run_job(folder: Path, model: str, root: str, count: int, tracking_uri: str |
         "megapixels": sum(float(r.summary.as_dict()["megapixels"]) for r in summary.images if r.summary),
         "manifest_seconds_median": statistics.median(seconds),
         "image_phase_medians": {k: statistics.median(p.get(k, 0.0) for p in phases) for k in names},
-        "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "driver_peak_rss_mib": own_peak_rss_mib(),
         "engine_peak_pss_mib": summary.peak_memory_mib,
     }
+
+
+def own_peak_rss_mib() -> float:
+    """This process's own peak RSS. Not getrusage: its ru_maxrss keeps the parent's peak across fork and exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
 def run_monai_loop(folder: Path, model: str, root: str, count: int) -> dict[str, Any]:
