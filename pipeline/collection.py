@@ -17,6 +17,7 @@ re-exported here). Nothing here imports Ray, Zarr or torch.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -34,12 +35,14 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "LIST_SUFFIXES",
     "STATUSES",
+    "BandStack",
     "CollectionItem",
     "Manifest",
     "ManifestRow",
     "SourceKind",
     "gdal_path",
     "is_collection",
+    "materialise",
     "output_path",
     "resolve_collection",
     "source_kind",
@@ -63,22 +66,25 @@ class CollectionItem:
     """One image of a collection and the name of its output mosaic.
 
     Attributes:
-        source: What to open: a local path made absolute, or a URL / GDAL virtual path as is.
+        source: What to open: a local path made absolute, or a URL / GDAL virtual path as is (for a
+            stack, the VRT that `materialise` writes).
         name: The output mosaic's name without ".zarr", unique within the collection.
         level: The pyramid level a list file asked for; None means the job's setting.
+        stack: The STAC assets `source` stacks as bands, or None for an image read as it is.
     """
 
     source: str
     name: str
     level: int | None = None
+    stack: BandStack | None = None
 
 
 @dataclass(frozen=True)
-class _Stack:
-    """STAC assets to stack as the bands of one image; the VRT is written once all names are checked."""
+class BandStack:
+    """STAC assets to stack as the bands of one image, in a VRT written when the image is prepared (so an
+    unreadable asset fails that image only, and a long collection does not wait on every asset's header)."""
 
     item_id: str
-    name: str
     keys: tuple[str, ...]
     files: tuple[str, ...]
 
@@ -89,16 +95,16 @@ class _Entry:
 
     origin: str
     name: str
-    target: CollectionItem | _Stack
+    target: CollectionItem
 
 
 def resolve_collection(sources: Sequence[str], *, pattern: str | None = None, assets: Sequence[str] = (),
                        stacking_dir: Path | None = None) -> list[CollectionItem]:
     """Turn what the user passed as source(s) into the images to segment, each with a unique output name.
 
-    Only folders, list files and STAC documents are read (and, when assets are stacked, each asset's
-    header); a local image that does not exist is still an item, so the job records it as failed
-    rather than refusing the whole collection.
+    Only folders, list files and STAC documents are read; a local image that does not exist is still an
+    item, so the job records it as failed rather than refusing the whole collection. Stacked assets are
+    read when their image is prepared (`materialise`), so an unreadable asset fails that image only.
 
     Args:
         sources: Paths, URLs, folders, list files (.csv/.txt/.lst), STAC files (.json/.geojson) or STAC
@@ -107,16 +113,15 @@ def resolve_collection(sources: Sequence[str], *, pattern: str | None = None, as
             suffix is one of `IMAGE_SUFFIXES` in any case, not recursive. Hidden files are skipped.
         assets: For STAC items: the asset key to read; several keys are stacked as bands in this order.
             Empty: the item's only asset with role "data", else its only GeoTIFF asset.
-        stacking_dir: Where the VRTs of stacked assets are written (`<item id>.vrt`); needed only then.
+        stacking_dir: Where the VRTs of stacked assets will be written (`<name>.vrt`); needed only then.
 
     Returns:
         The items in the order of `sources`; a folder's files sorted, list rows and STAC items in order.
 
     Raises:
         ConfigError: An empty folder, list or search; a bad row in a list file; a missing or ambiguous
-            STAC asset; stacked assets on different grids; two images with one output name; no images.
-        SourceNotFoundError: A list or STAC file, or an asset to stack, does not exist.
-        SourceReadError: An asset to stack cannot be read.
+            STAC asset; two images with one output name; no images.
+        SourceNotFoundError: A list or STAC file does not exist.
 
     Example:
         >>> items = resolve_collection(["scenes/", "s3://bucket/extra.tif"])
@@ -127,19 +132,25 @@ def resolve_collection(sources: Sequence[str], *, pattern: str | None = None, as
     if not entries:
         raise ConfigError("no images to segment: pass at least one image, folder, list file or STAC source")
     _check_unique_names(entries)
-    items = []
-    for entry in entries:
-        if isinstance(entry.target, CollectionItem):
-            items.append(entry.target)
-        elif stacking_dir is None:
-            raise ConfigError(f"stacking the assets {', '.join(entry.target.keys)} as bands needs a folder for "
-                              "the VRT files that combine them; pass stacking_dir")
-        else:
-            stack = entry.target
-            vrt = write_band_stack(stacking_dir / f"{stack.name}.vrt", stack.files, stack.keys,
-                                   f"STAC item {stack.item_id!r}")
-            items.append(CollectionItem(str(vrt), stack.name))
-    return items
+    stacks = [entry.target.stack for entry in entries if entry.target.stack is not None]
+    if stacks and stacking_dir is None:
+        raise ConfigError(f"stacking the assets {', '.join(stacks[0].keys)} as bands needs a folder for the VRT "
+                          "files that combine them; pass stacking_dir")
+    return [dataclasses.replace(entry.target, source=str((stacking_dir / f"{entry.name}.vrt").absolute()))
+            if entry.target.stack is not None and stacking_dir is not None else entry.target
+            for entry in entries]
+
+
+def materialise(item: CollectionItem) -> str:
+    """What to open for `item`: its source, after writing the VRT of its stacked assets if it has some.
+
+    Raises:
+        SourceNotFoundError, SourceReadError, ConfigError: As `band_stack.write_band_stack`: an asset is
+            missing or unreadable, or the assets are not on one grid.
+    """
+    if item.stack is not None:
+        write_band_stack(Path(item.source), item.stack.files, item.stack.keys, f"STAC item {item.stack.item_id!r}")
+    return item.source
 
 
 def output_path(root: str, item: CollectionItem) -> str:
@@ -285,9 +296,8 @@ def _stac_entries(source: str, assets: tuple[str, ...]) -> list[_Entry]:
     for image in stac_images(source, assets):
         name = _safe_name(image.item_id)
         files = tuple(gdal_path(href) for href in image.hrefs)
-        target = (CollectionItem(files[0], name) if len(files) == 1
-                  else _Stack(image.item_id, name, image.assets, files))
-        entries.append(_Entry(f"item {image.item_id!r} of {source}", name, target))
+        stack = BandStack(image.item_id, image.assets, files) if len(files) > 1 else None
+        entries.append(_Entry(f"item {image.item_id!r} of {source}", name, CollectionItem(files[0], name, stack=stack)))
     return entries
 
 

@@ -34,7 +34,7 @@ import psutil
 
 from pipeline import lineage as lineage_info
 from pipeline.blending import WINDOWS, Accumulator
-from pipeline.collection import CollectionItem, output_path
+from pipeline.collection import CollectionItem, materialise, output_path
 from pipeline.engine import (
     IN_FLIGHT,
     CollectionSummary,
@@ -437,7 +437,7 @@ class SegmentJob(JobBase):
         return dataclasses.replace(self.model()[0], source=item.source, output=output, level=level)
 
     def prepare(self, item: CollectionItem, output: str) -> ImageJob:
-        full = open_source(item.source)  # a missing or unreadable image fails here, before the model is loaded
+        full = open_source(materialise(item))  # a missing or unreadable image fails here, before the model is loaded
         config = self.for_image(item, output)
         _, bundle, registered = self.model()
         source, grid = open_image(config, bundle, full)

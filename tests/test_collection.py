@@ -16,7 +16,7 @@ import pystac
 import pytest
 import rasterio
 
-from pipeline.collection import CollectionItem, is_collection, output_path, resolve_collection
+from pipeline.collection import CollectionItem, is_collection, materialise, output_path, resolve_collection
 from pipeline.errors import ConfigError, SourceNotFoundError
 from tests.conftest import free_port, smooth_image, write_geotiff
 
@@ -291,10 +291,12 @@ def test_several_assets_are_stacked_into_a_vrt(stac_file: Path, band_files: dict
                                                order: tuple[str, str]) -> None:
     stacks = tmp_path / "out" / "stacks"
     items = resolve_collection([str(stac_file)], assets=order, stacking_dir=stacks)
-    assert items == [CollectionItem(str(stacks / "scene-1.vrt"), "scene-1"),
-                     CollectionItem(str(stacks / "tile_2.vrt"), "tile_2")]
+    assert [(item.source, item.name) for item in items] == [(str(stacks / "scene-1.vrt"), "scene-1"),
+                                                            (str(stacks / "tile_2.vrt"), "tile_2")]
+    assert not stacks.exists()  # each VRT is written when its image is prepared
     for item, scene in zip(items, ("scene-1", "scene-2"), strict=True):
-        with rasterio.open(item.source) as vrt, rasterio.open(stac_file.parent / "data" / f"{scene}_red.tif") as red:
+        red_file = stac_file.parent / "data" / f"{scene}_red.tif"
+        with rasterio.open(materialise(item)) as vrt, rasterio.open(red_file) as red:
             assert vrt.count == 2 and vrt.descriptions == order
             assert (vrt.crs, vrt.transform, vrt.shape) == (red.crs, red.transform, red.shape)
             pixels = vrt.read()
@@ -306,8 +308,10 @@ def test_several_assets_are_stacked_into_a_vrt(stac_file: Path, band_files: dict
 
 @pytest.mark.parametrize(("other", "differs"), [("coarse", "transform"), ("small", "size")])
 def test_assets_on_different_grids_are_refused(stac_file: Path, tmp_path: Path, other: str, differs: str) -> None:
-    with pytest.raises(ConfigError, match=rf"'{other}' has {differs} .* but 'red' has .*one pixel grid"):
-        resolve_collection([str(stac_file)], assets=["red", other], stacking_dir=tmp_path / "stacks")
+    items = resolve_collection([str(stac_file)], assets=["red", other], stacking_dir=tmp_path / "stacks")
+    with pytest.raises(ConfigError, match=rf"item 'scene-1': '{other}' has {differs} .* 'red' has .*one pixel grid"):
+        materialise(items[0])
+    assert not (tmp_path / "stacks" / "scene-1.vrt").exists()
 
 
 def test_stacking_needs_a_folder(stac_file: Path) -> None:

@@ -142,6 +142,28 @@ def test_stac_item_collection_segments_every_item(
         mosaic = Mosaic.open(root / f"item-{k}.zarr")
         assert mosaic.complete and mosaic.lineage["source"]["path"].endswith(f"cog{k}.tif")
 
+    # Bands as assets of their own, stacked per item: an item whose assets are not on one grid fails alone.
+    stacked = []
+    for k in range(2):
+        with rasterio.open(images[f"scene{k}"]) as src:
+            pixels, profile = src.read(), src.profile
+        item = pystac.Item(f"bands-{k}", geometry=None, bbox=items[k].bbox, datetime=dt.datetime(2026, 11, 29),
+                           properties={})
+        for b, key in enumerate("rgb"):
+            band = pixels[b:b + 1, : 300 if (k, key) == (1, "b") else None]  # item 1's blue is cut short
+            path = tmp_path / f"bands{k}_{key}.tif"
+            with rasterio.open(path, "w", **{**profile, "count": 1, "height": band.shape[1]}) as dst:
+                dst.write(band)
+            item.add_asset(key, pystac.Asset(path.name, media_type=pystac.MediaType.GEOTIFF, roles=["data"]))
+        stacked.append(item)
+    pystac.ItemCollection(stacked).save_object(str(tmp_path / "bands.json"))
+    root = tmp_path / "bands-root"
+    bands = resolve_collection([str(tmp_path / "bands.json")], assets=list("rgb"), stacking_dir=root / ".inputs")
+    summary = segment_collection(config(images["bundle"], root), bands, str(root))
+    assert [r.status for r in summary.images] == ["done", "failed"]
+    assert "STAC item 'bands-1': 'b' has size" in summary.images[1].error
+    assert_same_level0(Mosaic.open(root / "bands-0.zarr"), Mosaic.open(tmp_path / "stac-root" / "item-0.zarr"))
+
 
 def test_one_run_for_the_collection_with_a_nested_run_per_image(
     images: dict[str, Path], tmp_path: Path, ray_session: None, mlflow_store: str
