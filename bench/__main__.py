@@ -24,6 +24,7 @@ FULL = [
     ["bench.refine"],
     ["bench.collection"],
     ["bench.scheduler"],
+    ["bench.startup"],
 ]
 QUICK = [
     ["bench.efficiency", "--size", "1024", "--repeats", "1"],
@@ -35,6 +36,7 @@ QUICK = [
     ["bench.refine", "--size", "1024", "--seeds", "1"],
     ["bench.collection", "--images", "3", "--size", "1024", "--memory-counts", "2", "3"],
     ["bench.scheduler", "--counts", "20", "50"],
+    ["bench.startup", "--size", "1024", "--repeats", "1"],
 ]
 
 

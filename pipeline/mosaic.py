@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import dask.array as da
 import numpy as np
 import zarr
 from affine import Affine
@@ -352,6 +351,8 @@ class Mosaic:
         Scores are averaged over 2x2 pixels (ignoring nodata); mask and confidence are derived from
         the averaged scores exactly as for level 0, so every level is self-consistent.
         """
+        import dask.array as da  # here: a second of imports that block workers and readers never need
+
         kind = self.layout.scores_kind
         for k in range(self.layout.block_levels + 1, self.layout.num_levels):
             shard = self.layout.level_shard(k)
@@ -434,6 +435,7 @@ class Mosaic:
 
     def to_xarray(self, level: int = 0) -> Any:
         """The level as an `xarray.Dataset` (lazy, dask-backed): scores, confidence and mask."""
+        import dask.array as da
         import xarray as xr
 
         ds = xr.open_zarr(self.group.store, group=str(level), consolidated=False)

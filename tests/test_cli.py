@@ -16,6 +16,9 @@ from pipeline.mosaic import Mosaic
 from tests.conftest import make_bundle, smooth_image, write_geotiff
 
 REPO = Path(__file__).resolve().parents[1]
+# In-process commands join the suite's embedded Ray (as a command run inside a Ray job does); the
+# fresh-process tests below start their own, as a user's command does.
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 @pytest.fixture(scope="module")

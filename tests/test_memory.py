@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
-from pipeline.memory import PeakMemory
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_peak_counts_descendants_and_shares_pages() -> None:
     """A child holding 300 MB raises the peak by about that much; torch-free, so the base is small."""
-    # 4 s: the sampler waits 10x as long as a sample takes, and in a busy suite (an embedded Ray
-    # among this process's children) a sample can take a few hundred milliseconds.
-    code = "import numpy as np, time; a = np.ones(300 * 2**20, np.uint8); time.sleep(4)"
-    with PeakMemory(interval=0.05) as idle:
-        pass
-    with PeakMemory(interval=0.05) as busy:
-        subprocess.run([sys.executable, "-c", code], check=True)
-    assert 250 <= busy.peak_mib - idle.peak_mib <= 450
+    # Measured in a fresh process, whose only descendant is that child: this pytest worker's tree also
+    # holds the suite's embedded Ray, whose workers come and go. 4 s: the sampler waits 10x as long as
+    # a sample takes, and on a busy machine a sample can take a few hundred milliseconds.
+    child = "import numpy as np, time; a = np.ones(300 * 2**20, np.uint8); time.sleep(4)"
+    code = f"""
+import subprocess, sys
+from pipeline.memory import PeakMemory
+with PeakMemory(interval=0.05) as idle:
+    pass
+with PeakMemory(interval=0.05) as busy:
+    subprocess.run([sys.executable, "-c", {child!r}], check=True)
+print(busy.peak_mib - idle.peak_mib)
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert 250 <= float(out.stdout) <= 450
 
 
 def test_release_memory_gives_freed_heap_back() -> None:

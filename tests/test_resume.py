@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("resume")
-    source = write_geotiff(d / "scene.tif", smooth_image(1536, 1536, seed=4))
+    source = write_geotiff(d / "scene.tif", smooth_image(1024, 1024, seed=4))
     bundle = make_bundle(d / "slow.bundle", tile=128, overlap=32, arch_args={"depth": 6, "width": 32})
     return source, bundle
 

@@ -7,14 +7,13 @@ from a model bundle (``pipeline.models.bundle``).
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import segmentation_models_pytorch as smp
-import timm
 from torch import nn
 
 from pipeline.errors import ConfigError
@@ -24,7 +23,6 @@ from pipeline.models.frrn import FRRN
 from pipeline.models.fusionnet import FusionNet
 from pipeline.models.setr import SETR
 from pipeline.models.skipfcn import SkipFCN
-from pipeline.models.unet3plus import UNet3Plus
 
 # Arguments that would change what a model returns: the pipeline blends raw per-class logits.
 _OUTPUT_CHANGING_ARGS: Mapping[str, str] = MappingProxyType(
@@ -54,20 +52,41 @@ class Architecture:
         ]
 
 
-def _smp(factory: Callable[..., nn.Module], encoder_name: str = "resnet18") -> Architecture:
+class _Imported:
+    """A model class imported when first built or inspected. segmentation_models_pytorch pulls in timm
+    and torchvision (seconds of imports in every process); a job on a from-scratch model never needs them."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+        self.__qualname__ = name  # what error messages name
+
+    def resolve(self) -> Callable[..., nn.Module]:
+        return getattr(importlib.import_module(self.module), self.name)  # type: ignore[no-any-return]
+
+    def __call__(self, **kwargs: Any) -> nn.Module:
+        return self.resolve()(**kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # what `inspect.signature` reads: the class's own
+        return inspect.signature(self.resolve())
+
+
+def _smp(name: str, encoder_name: str = "resnet18") -> Architecture:
     """Register an smp architecture with a light default encoder."""
+    factory = _Imported("segmentation_models_pytorch", name)
     return Architecture(factory, MappingProxyType({"encoder_name": encoder_name}))
 
 
 ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
     {
-        "unet": _smp(smp.Unet),
-        "unetplusplus": _smp(smp.UnetPlusPlus),
-        "deeplabv3plus": _smp(smp.DeepLabV3Plus),
-        "segformer": _smp(smp.Segformer, encoder_name="mit_b0"),
-        "fpn": _smp(smp.FPN),
-        "pspnet": _smp(smp.PSPNet),
-        "unet3plus": Architecture(UNet3Plus, MappingProxyType({"encoder_name": "resnet18"})),
+        "unet": _smp("Unet"),
+        "unetplusplus": _smp("UnetPlusPlus"),
+        "deeplabv3plus": _smp("DeepLabV3Plus"),
+        "segformer": _smp("Segformer", encoder_name="mit_b0"),
+        "fpn": _smp("FPN"),
+        "pspnet": _smp("PSPNet"),
+        "unet3plus": Architecture(_Imported("pipeline.models.unet3plus", "UNet3Plus"),
+                                  MappingProxyType({"encoder_name": "resnet18"})),
         "fcn": Architecture(FCN, uses_encoder=False),
         "fcn32s": Architecture(SkipFCN, MappingProxyType({"variant": "32s"}), uses_encoder=False),
         "fcn16s": Architecture(SkipFCN, MappingProxyType({"variant": "16s"}), uses_encoder=False),
@@ -181,6 +200,9 @@ def _check_encoder_name(architecture: str, encoder_name: object) -> None:
             f"{architecture!r} encoder_name={encoder_name!r} is invalid; expected a string such "
             "as 'resnet18'."
         )
+    import segmentation_models_pytorch as smp
+    import timm
+
     if encoder_name.startswith("tu-"):
         if timm.is_model(encoder_name[3:]):
             return

@@ -38,7 +38,7 @@ from torch import nn
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 
 from pipeline.errors import ConfigError
-from pipeline.models import DeepSupervisionOutput
+from pipeline.models.unet3plus import DeepSupervisionOutput
 from pipeline.training.metrics import IGNORE_INDEX
 
 __all__ = ["LOSS_PRESETS", "LOSS_TERMS", "SegmentationLoss", "boundary_weights"]
