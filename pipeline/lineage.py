@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import importlib.metadata
 import platform
 import socket
@@ -24,7 +25,13 @@ def now() -> str:
 
 
 def versions() -> dict[str, str]:
-    """Installed versions of the packages that shape the output."""
+    """Installed versions of the packages that shape the output (a copy: callers may add to it)."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    """Read once a process: scanning the installed packages' metadata takes milliseconds per package, per image."""
     found = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
