@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.collection import verdict
 from bench.common import demo_like_bundle, save, table_row, write_large_scene
 from pipeline.mosaic import Mosaic
 
@@ -76,7 +77,7 @@ def main() -> None:
         table_row("startup", f"one {args.size}² px image, demo U-Net, `tessera segment` in a fresh process, "
                   f"defaults, {args.repeats} runs ({name}: {repos[name].name})",
                   f"fixed part (wall - blocks) median {fixed:.1f} s of {wall:.1f} s; recorded phases: {named} "
-                  f"(target under 5 s: {'met' if fixed < 5 else 'not met'})")
+                  f"(target under 5 s: {verdict(fixed < 5)})")
     save("startup", rows)
 
 

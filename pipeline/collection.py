@@ -133,12 +133,14 @@ def resolve_collection(sources: Sequence[str], *, pattern: str | None = None, as
         raise ConfigError("no images to segment: pass at least one image, folder, list file or STAC source")
     _check_unique_names(entries)
     stacks = [entry.target.stack for entry in entries if entry.target.stack is not None]
-    if stacks and stacking_dir is None:
+    if not stacks:
+        return [entry.target for entry in entries]
+    if stacking_dir is None:
         raise ConfigError(f"stacking the assets {', '.join(stacks[0].keys)} as bands needs a folder for the VRT "
                           "files that combine them; pass stacking_dir")
-    return [dataclasses.replace(entry.target, source=str((stacking_dir / f"{entry.name}.vrt").absolute()))
-            if entry.target.stack is not None and stacking_dir is not None else entry.target
-            for entry in entries]
+    folder = stacking_dir.absolute()
+    return [dataclasses.replace(entry.target, source=str(folder / f"{entry.name}.vrt")) if entry.target.stack
+            else entry.target for entry in entries]
 
 
 def materialise(item: CollectionItem) -> str:
