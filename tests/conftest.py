@@ -118,8 +118,10 @@ def start_head(temp: str, log: Path, env: Mapping[str, str]) -> RayHead:
         RuntimeError: the head exited before it answered (the log's tail says why) or took over 120 s.
     """
     port, dashboard, agent, agent_grpc, metrics, runtime_env, client = (free_port() for _ in range(7))
+    # GRPC_ENABLE_FORK_SUPPORT=0 as docs/cluster.md advises: Ray Client's per-driver server, forked from a
+    # multi-threaded gRPC server, otherwise crashed at start in 4 joins of 5 here (ray-project/ray#63202).
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(REPO), **env}
+           "PYTHONPATH": str(REPO), "GRPC_ENABLE_FORK_SUPPORT": "0", **env}
     with log.open("ab") as out:
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
