@@ -35,3 +35,27 @@ class ClassInfo:
                 "integers 0..255 (red, green, blue), e.g. (255, 0, 0)."
             )
         object.__setattr__(self, "color", color)
+
+
+def default_colors(count: int) -> list[tuple[int, int, int]]:
+    """`count` distinct display colours: black for class 0 (the background), then well-separated hues."""
+    import colorsys
+
+    hues = [(k * 0.618034) % 1.0 for k in range(count - 1)]  # the golden ratio spreads any number apart
+    return [(0, 0, 0)] + [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.85, 0.95)) for h in hues]  # type: ignore[misc]
+
+
+def parse_class(text: str, index: int) -> ClassInfo:
+    """A class from `NAME` or `NAME:R,G,B` (a command line's form); NAME alone takes a default colour.
+
+    Raises:
+        ConfigError: If the colour is not three integers 0..255.
+    """
+    name, _, color = text.partition(":")
+    if not color:
+        return ClassInfo(name.strip(), default_colors(index + 1)[index])
+    try:
+        rgb = tuple(int(c) for c in color.split(","))
+    except ValueError:
+        raise ConfigError(f"Class {text!r}: the colour after ':' must be R,G,B, three integers 0..255.") from None
+    return ClassInfo(name.strip(), rgb)  # type: ignore[arg-type]

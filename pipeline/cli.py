@@ -46,6 +46,8 @@ def segment(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: embedded).")] = None,
     skip_background: Annotated[bool, typer.Option(help="Skip tiles without foreground.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace complete mosaics at --out.")] = False,
+    accept_input: Annotated[bool, typer.Option(
+        "--accept-input", help="Run images whose data type or values differ from the model's training data.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Ray's own messages.")] = False,
     track: Annotated[bool, typer.Option(help="Track the job as an MLflow run.")] = True,
@@ -67,7 +69,7 @@ def segment(
             window=window, scores=scores, tta=tta, batch_size=batch_size, level=level, block=block,
             chunk=min(512, block), shard=min(block, 2048), workers=workers, threads=threads, device=device,
             actors_per_gpu=actors_per_gpu, pipelined=pipelined, compile=compile,
-            ray_address=ray_address, skip_background=skip_background, overwrite=overwrite,
+            ray_address=ray_address, skip_background=skip_background, overwrite=overwrite, accept_input=accept_input,
             progress=not quiet, verbose=verbose,
             tracking=Tracking(enabled=track, uri=tracking_uri, experiment=experiment),
         )
@@ -321,6 +323,172 @@ def serve(
         service = create_app(root, Limits(region_pixels=max_region_pixels), source_folders=sources or ())
     typer.echo(f"serving {root.resolve()} on http://{host}:{port}/ (API at /docs)")
     uvicorn.run(service, host=host, port=port, log_level="warning")
+
+
+model_app = typer.Typer(no_args_is_help=True, help="Models from elsewhere in, bundles out, and what a bundle is.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("import")
+def model_import(
+    source: Annotated[str, typer.Argument(help=(
+        "A TorchScript archive, a torch.export program (.pt2), an ONNX file, a segmentation-models-pytorch "
+        "folder (save_pretrained) or hub id, or a state dict (.pt/.pth/.safetensors, with --architecture)."))],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The bundle to write.")],
+    classes: Annotated[list[str] | None, typer.Option(
+        "--class", help="A class, background first: NAME or NAME:R,G,B (repeat, one per output channel).")] = None,
+    bands: Annotated[str | None, typer.Option(help="Source bands the model reads, 1-based, e.g. 1,2,3.")] = None,
+    normalization: Annotated[str | None, typer.Option(
+        help="imagenet (8-bit RGB, ImageNet mean/std), unit (8-bit to 0..1) or none (raw values).")] = None,
+    scale: Annotated[str | None, typer.Option(help="Factor on raw values, e.g. 1/255 (with --mean, --std).")] = None,
+    mean: Annotated[str | None, typer.Option(help="Per-band means after scaling, e.g. 0.485,0.456,0.406.")] = None,
+    std: Annotated[str | None, typer.Option(help="Per-band standard deviations after scaling.")] = None,
+    resolution: Annotated[float | None, typer.Option(help="Pixel size the model was made for.")] = None,
+    unit: Annotated[str | None, typer.Option(help="Unit of --resolution: m or um.")] = None,
+    tile: Annotated[int | None, typer.Option(help="Default tile size in px (a multiple of 32).")] = None,
+    overlap: Annotated[int | None, typer.Option(help="Default tile overlap in px.")] = None,
+    input_dtype: Annotated[str | None, typer.Option(
+        help="Data type of the images it was made for (default: uint8 for a scale of 1/255).")] = None,
+    architecture: Annotated[str | None, typer.Option(
+        help="For a state dict: the registry architecture (`tessera model architectures`). Else a label.")] = None,
+    arch_args: Annotated[str | None, typer.Option(help="For a state dict: the architecture's arguments, JSON.")] = None,
+    register: Annotated[str | None, typer.Option(help="Also register the bundle in MLflow's registry as NAME.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: ./mlflow.db).")] = None,
+) -> None:
+    """Make a bundle of a model from elsewhere; it is checked on one tile, then works wherever a trained one does.
+
+    What the file cannot say (classes, bands, normalisation, resolution, tile) is given as options, or read
+    from SOURCE.json beside it (`tessera model export` writes one).
+    """
+    from pipeline.classes import parse_class
+    from pipeline.models.interchange import ImportSettings, import_model
+
+    with user_errors():
+        settings = ImportSettings(
+            classes=tuple(parse_class(c, k) for k, c in enumerate(classes)) if classes else None,
+            bands=_ints("--bands", bands), normalization=_normalization(normalization, scale, mean, std),
+            resolution=resolution, resolution_unit=unit, tile_size=tile, overlap=overlap, input_dtype=input_dtype,
+            architecture=architecture, arch_args=_json_option("--arch-args", arch_args),
+        )
+        bundle = import_model(source, out, settings)
+        typer.echo(f"wrote {out} (sha256 {bundle.sha256 and bundle.sha256[:12]}): {_describe(bundle.spec)}")
+        if register:
+            _register(out, register, tracking_uri, {"source": source})
+
+
+@model_app.command("export")
+def model_export(
+    bundle: Annotated[str, typer.Argument(help="A bundle file, or models:/NAME@ALIAS (or /VERSION).")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx, torchscript or exported (torch.export .pt2).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The file to write; its spec goes to FILE.json.")],
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI, for models:/ references.")] = None,
+) -> None:
+    """Write a bundle's model for another runtime, and its spec beside it as JSON."""
+    from pipeline.models import ModelBundle
+    from pipeline.models.interchange import export_bundle
+
+    with user_errors():
+        spec = export_bundle(ModelBundle.load(_bundle_file(bundle, tracking_uri)), format, out)
+        size = f", input fixed at {spec.input_size} px" if spec.input_size else ""
+        typer.echo(f"wrote {out} ({format}{size}) and {out}.json")
+
+
+@model_app.command("info")
+def model_info(
+    bundle: Annotated[str, typer.Argument(help="A bundle file, or models:/NAME@ALIAS (or /VERSION).")],
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI, for models:/ references.")] = None,
+) -> None:
+    """Print a bundle's spec (what it is and how it is fed) and its sha256 as JSON."""
+    from pipeline.models import ModelBundle
+
+    with user_errors():
+        loaded = ModelBundle.load(_bundle_file(bundle, tracking_uri))
+        typer.echo(json.dumps({"sha256": loaded.sha256, **loaded.spec.to_dict()}, indent=2))
+
+
+@model_app.command("architectures")
+def model_architectures() -> None:
+    """List the architectures a bundle can be built with (for training, or to import a state dict)."""
+    from pipeline.models import available_architectures
+
+    typer.echo("\n".join(available_architectures()))
+
+
+def _bundle_file(bundle: str, tracking_uri: str | None) -> str:
+    """A local bundle file for a path or a registry reference."""
+    from pipeline import registry
+    from pipeline.tracking import Tracking, check_reachable
+
+    if not registry.is_model_uri(bundle):
+        return bundle
+    uri = Tracking(uri=tracking_uri).resolved_uri()
+    check_reachable(uri)
+    return str(registry.resolve_model(bundle, uri)[0])
+
+
+def _register(bundle: Path, name: str, tracking_uri: str | None, params: dict[str, Any]) -> None:
+    from pipeline.registry import register_bundle
+    from pipeline.tracking import Tracking, open_run
+
+    with open_run(Tracking(uri=tracking_uri, experiment="tessera-models"), f"import {bundle.name}", params) as (
+            run_id, uri, _):
+        ref = register_bundle(bundle, name, run_id, uri)
+    typer.echo(f"registered {ref.uri}")
+
+
+def _describe(spec: Any) -> str:
+    tile = f"tile {spec.tile_size}" + (" (fixed)" if spec.input_size else "")
+    return (f"{spec.runtime} {spec.architecture}, bands {list(spec.bands)}, classes "
+            f"{', '.join(c.name for c in spec.classes)}, {tile}")
+
+
+def _ints(option: str, text: str | None) -> tuple[int, ...] | None:
+    from pipeline.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: give integers separated by commas, e.g. 1,2,3.") from None
+
+
+def _floats(option: str, text: str) -> tuple[float, ...]:
+    from fractions import Fraction
+
+    from pipeline.errors import ConfigError
+
+    try:
+        return tuple(float(Fraction(v.strip())) for v in text.split(","))
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{option} {text!r}: give numbers separated by commas (1/255 is taken).") from None
+
+
+def _normalization(name: str | None, scale: str | None, mean: str | None, std: str | None) -> Any:
+    from pipeline.errors import ConfigError
+    from pipeline.models import Normalization
+
+    numbers = (scale, mean, std)
+    if all(v is None for v in numbers):
+        return name
+    if name is not None or any(v is None for v in numbers):
+        raise ConfigError("Give either --normalization NAME, or all of --scale, --mean and --std.")
+    assert scale is not None and mean is not None and std is not None
+    return Normalization(_floats("--scale", scale)[0], _floats("--mean", mean), _floats("--std", std))
+
+
+def _json_option(option: str, text: str | None) -> Any:
+    from pipeline.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{option} is not JSON: {text!r}; e.g. '{{\"encoder_name\": \"resnet34\"}}'.") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be a JSON object, e.g. '{{\"encoder_name\": \"resnet34\"}}'.")
+    return value
 
 
 HYDRA = {"allow_extra_args": True, "ignore_unknown_options": True}

@@ -137,7 +137,8 @@ def connect_ray(address: str | None, workers: int, object_store: int | None = No
                 if _CLIENT_SERVER_DIED in str(exc) and attempt < CLIENT_START_TRIES:
                     continue  # Ray Client's per-driver server died as it started: a new one is started
                 fix = _CLIENT_SERVER_FIX if _CLIENT_SERVER_DIED in str(exc) else _FIX
-                raise ConfigError(f"The Ray cluster at {address} cannot be joined ({_first_line(exc)}). {fix}") from None
+                cause = _first_line(exc)
+                raise ConfigError(f"The Ray cluster at {address} cannot be joined ({cause}). {fix}") from None
     else:
         # One process each to spill and restore the waiting seam sums: each is a Python process of
         # about 80 MB, and Ray's default of up to 4 of each made peak memory grow with the image.

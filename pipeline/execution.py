@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 
 from pipeline import lineage as lineage_info
@@ -49,7 +50,7 @@ from pipeline.engine import (
 )
 from pipeline.errors import BandMismatchError, ConfigError
 from pipeline.inference import InferenceOptions, pick_device
-from pipeline.models.bundle import ModelBundle
+from pipeline.models.bundle import BundleSpec, ModelBundle
 from pipeline.mosaic import Mosaic, MosaicLayout, check_storage
 from pipeline.sources import RasterSource, open_source
 from pipeline.tiling import BlockId, BlockPlan, TileGrid
@@ -85,6 +86,8 @@ class SegmentConfig:
             leaves the GPU idle; each holds its own copy of the model in GPU memory).
         compile: torch.compile the model in each worker (slower start, faster steady state on GPU).
         overwrite: replace a complete mosaic at `output`, or start an unfinished one over.
+        accept_input: run a source whose data type or values differ from what the model was trained on
+            (refused otherwise, see `check_input`).
         verbose: let Ray's own messages through to the terminal.
         tracking: the MLflow run of the job (default: MLFLOW_TRACKING_URI or ./mlflow.db).
     """
@@ -112,6 +115,7 @@ class SegmentConfig:
     actors_per_gpu: int = 1
     compile: bool = False
     overwrite: bool = False
+    accept_input: bool = False
     progress: bool = True
     verbose: bool = False
     tracking: Tracking = field(default_factory=Tracking)
@@ -372,12 +376,61 @@ def open_image(config: SegmentConfig, bundle: ModelBundle,
             f"model expects bands {list(spec.bands)} but {config.source} has {source.bands} band(s): "
             f"use a source with at least {max(spec.bands)} bands or a model trained on {source.bands}"
         )
+    if not config.accept_input:
+        check_input(source, spec, config.source)
     tile = config.tile or spec.tile_size
+    if spec.input_size is not None and tile != spec.input_size:
+        raise ConfigError(f"the model takes {spec.input_size} x {spec.input_size} px inputs only (its graph fixes the "
+                          f"size): leave the tile unset or give {spec.input_size}, not {tile}")
     overlap = spec.overlap if config.overlap is None else config.overlap
     grid = TileGrid(source.height, source.width, tile, overlap)
     if config.block < tile:
         raise ConfigError(f"block {config.block} is smaller than the tile {tile}: raise block or shard")
     return source, grid
+
+
+INPUT_SAMPLES = 4  # windows per side read to compare a source's values with the model's training range
+INPUT_OUTSIDE = 0.5  # the share of sampled values outside the (widened) range that refuses a source
+
+
+def check_input(source: RasterSource, spec: BundleSpec, name: str) -> None:
+    """Refuse a source the model was not made for: another data type (uint16 into a uint8 model), or
+    values mostly outside the range the model saw in training (widened by half its span each side).
+    Bundles that do not record these (made before tessera recorded them) are not checked.
+
+    Raises:
+        ConfigError: in one line, naming the difference and the fixes.
+    """
+    override = "or pass --accept-input (accept_input=true) if the values are right for the model"
+    if spec.input_dtype is not None and source.dtype.name != spec.input_dtype:
+        raise ConfigError(
+            f"{name} holds {source.dtype.name} values but the model was made for {spec.input_dtype} images, and its "
+            f"normalisation (scale {spec.normalization.scale:.6g}) would give it values it never saw: convert the "
+            f"image to {spec.input_dtype} (rescaling its range), use a model trained on {source.dtype.name} data, "
+            f"{override}"
+        )
+    if spec.input_range is None:
+        return
+    low, high = spec.input_range
+    margin = (high - low) / 2
+    size = min(64, source.height, source.width)
+    values = []
+    for i in range(INPUT_SAMPLES):
+        for j in range(INPUT_SAMPLES):
+            y0 = (source.height - size) * (2 * i + 1) // (2 * INPUT_SAMPLES)
+            x0 = (source.width - size) * (2 * j + 1) // (2 * INPUT_SAMPLES)
+            pixels = source.read(y0, x0, size, size)[np.asarray(spec.bands) - 1]
+            values.append(pixels[:, source.valid(y0, x0, size, size)].ravel())
+    sample = np.concatenate(values).astype(np.float64)
+    if sample.size == 0:
+        return
+    outside = float(np.mean((sample < low - margin) | (sample > high + margin)))
+    if outside > INPUT_OUTSIDE:
+        raise ConfigError(
+            f"{100 * outside:.0f}% of the values sampled from {name} lie far outside the range the model was trained "
+            f"on ({low:.6g} to {high:.6g}; sampled {sample.min():.6g} to {sample.max():.6g}): re-normalise the image "
+            f"to that range, use a model trained on data like it, {override}"
+        )
 
 
 def resolve_model(config: SegmentConfig) -> tuple[SegmentConfig, dict[str, Any] | None]:

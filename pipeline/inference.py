@@ -87,7 +87,7 @@ class Predictor:
         on_gpu = self.device.type == "cuda"
         if on_gpu and options.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if options.compile:
+        if options.compile and bundle.spec.runtime == "torch":  # programs are compiled already, or not torch's
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         self.autocast_dtype = (
             (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)

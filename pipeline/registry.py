@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,7 +98,12 @@ def register_bundle(bundle_path: str | Path, name: str, run_id: str, tracking_ur
     signature = infer_signature(example, np.zeros((1, spec.num_classes, 64, 64), np.float32))
     requirements = [f"{p}=={importlib.metadata.version(p)}" for p in ("tessera", "torch", "mlflow")]
     client = mlflow_client(tracking_uri)
-    with _fluent_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+    # MLflow prints "Successfully registered ..." and "Created version ..." to stderr, and warns that no
+    # input example was given (the signature says the shapes): the version is returned, and printed by
+    # the front doors that register, once.
+    with _fluent_uri(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings(), \
+            open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+        warnings.simplefilter("ignore")
         info = mlflow.pyfunc.log_model(
             name="model", python_model=BundleModel(), artifacts={_BUNDLE: str(bundle_path)}, signature=signature,
             registered_model_name=name, pip_requirements=requirements,
@@ -125,6 +131,19 @@ def _fluent_uri(uri: str) -> Iterator[None]:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         if before is not None:
             os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@contextlib.contextmanager
+def _env_default(name: str, value: str) -> Iterator[None]:
+    """`name` set to `value` for a moment, unless the environment sets it already."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def set_alias(ref: ModelRef, alias: str, tracking_uri: str) -> ModelRef:
@@ -178,7 +197,9 @@ def resolve_model(uri: str, tracking_uri: str, cache: str | Path | None = None) 
         target.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{ref.version}-"))
         try:
-            with _fluent_uri(tracking_uri):  # models:/ URIs are resolved through the registry of the fluent API
+            # models:/ URIs are resolved through the registry of the fluent API; MLflow's progress bar stays
+            # off the terminal unless the user turned it on.
+            with _fluent_uri(tracking_uri), _env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
                 mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{ref.version}",
                                                     dst_path=str(scratch), tracking_uri=tracking_uri)
             os.replace(scratch, target)  # whole or not at all: a cut download is never taken for a bundle

@@ -207,7 +207,7 @@ def smooth_image(h: int, w: int, bands: int = 3, seed: int = 0) -> np.ndarray:
 
 def make_bundle(path: Path, *, bands: int = 3, classes: int = 3, tile: int = 128, overlap: int = 32,
                 architecture: str = "fcn", arch_args: dict | None = None, seed: int = 0,
-                resolution: float | None = None, unit: str | None = None) -> Path:
+                resolution: float | None = None, unit: str | None = None, input_dtype: str | None = None) -> Path:
     """A randomly initialised (seeded) bundle; nothing is downloaded."""
     torch.manual_seed(seed)
     palette = [(0, 0, 0), (220, 40, 40), (40, 160, 40), (40, 40, 220), (200, 200, 40)]
@@ -217,7 +217,7 @@ def make_bundle(path: Path, *, bands: int = 3, classes: int = 3, tile: int = 128
         classes=tuple(ClassInfo(f"class{i}", palette[i % len(palette)]) for i in range(classes)),
         bands=tuple(range(1, bands + 1)),
         normalization=Normalization(scale=1 / 255, mean=(0.5,) * bands, std=(0.25,) * bands),
-        resolution=resolution, resolution_unit=unit, tile_size=tile, overlap=overlap,
+        resolution=resolution, resolution_unit=unit, tile_size=tile, overlap=overlap, input_dtype=input_dtype,
     )
     bundle = ModelBundle.create(spec)
     bundle.save(path)

@@ -2,10 +2,14 @@
 
 A bundle file is ``torch.save`` of::
 
-    {"format": "tessera.bundle", "version": 1, "spec": BundleSpec.to_dict(), "state_dict": ...}
+    {"format": "tessera.bundle", "version": 2, "spec": BundleSpec.to_dict(), "state_dict": ...}
 
-and is read with ``torch.load(..., weights_only=True)``, so loading one never runs pickled code.
-The model is rebuilt from the architecture registry and the state dict loaded strictly.
+(or ``"program": bytes`` in place of the state dict, see below) and is read with
+``torch.load(..., weights_only=True)``, so loading one never runs pickled code. With the runtime
+``torch`` (every bundle tessera trains) the model is rebuilt from the architecture registry and the
+state dict loaded strictly. A model imported from elsewhere keeps its own graph instead: a
+TorchScript archive, an ExportedProgram or an ONNX model (``pipeline.models.runtimes``). Version 1
+files (before runtimes) are read as runtime ``torch``.
 """
 
 from __future__ import annotations
@@ -28,16 +32,18 @@ from torch import nn
 from pipeline.classes import ClassInfo
 from pipeline.errors import BandMismatchError, BundleError, BundleNotFoundError, ConfigError
 from pipeline.models.registry import available_architectures, build_model
+from pipeline.models.runtimes import PROGRAMS, RUNTIMES, TORCH, load_program
 
 FORMAT = "tessera.bundle"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 RESOLUTION_UNITS: tuple[str | None, ...] = ("m", "um", None)
 TILE_MULTIPLE = 32
 
 _WHAT_A_BUNDLE_IS = (
     f"a tessera model bundle is a file written by ModelBundle.save() (a torch.save of a dict with "
-    f"format={FORMAT!r}, version={VERSION}, spec and state_dict); make one with "
-    "ModelBundle.create(spec) and save it after training"
+    f"format={FORMAT!r}, version={VERSION}, spec and state_dict or program); `tessera train` writes one, "
+    "and `tessera model import` makes one of a TorchScript, ExportedProgram, ONNX or smp model"
 )
 
 
@@ -121,6 +127,14 @@ class BundleSpec:
             and only if ``resolution`` is.
         tile_size: Default tile side in pixels, a positive multiple of 32.
         overlap: Default tile overlap in pixels, 0 <= overlap <= tile_size / 2.
+        runtime: ``"torch"`` (``architecture`` from the registry and a state dict) or the runtime of
+            an imported program: ``"torchscript"``, ``"exported"`` or ``"onnx"``; for those,
+            ``architecture`` is a free label (what the model is) and ``arch_args`` is empty.
+        input_size: The only tile side the model takes, for programs exported with a fixed input
+            size (then ``tile_size`` equals it); None when any multiple of 32 goes.
+        input_dtype: The data type of the images the model was made for (``"uint8"``,
+            ``"uint16"``, ...), or None if unknown.
+        input_range: The range of raw band values the model saw in training (low, high), or None.
 
     Raises:
         ConfigError: If any field is invalid; the message names the field and the fix.
@@ -148,14 +162,25 @@ class BundleSpec:
     resolution_unit: str | None = None
     tile_size: int = 512
     overlap: int = 64
+    runtime: str = TORCH
+    input_size: int | None = None
+    input_dtype: str | None = None
+    input_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.architecture not in available_architectures():
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"Bundle runtime {self.runtime!r} is unknown; expected one of {RUNTIMES}.")
+        if self.runtime == TORCH and self.architecture not in available_architectures():
             raise ConfigError(
                 f"Bundle architecture {self.architecture!r} is unknown; expected one of "
                 f"{available_architectures()}."
             )
+        if self.runtime != TORCH and (not isinstance(self.architecture, str) or not self.architecture):
+            raise ConfigError("An imported model's architecture is a label saying what it is, e.g. 'unet-resnet34'.")
         object.__setattr__(self, "arch_args", _json_copy(self.arch_args))
+        if self.runtime != TORCH and self.arch_args:
+            raise ConfigError(f"A {self.runtime} model carries its own graph; arch_args {self.arch_args} would not "
+                              "be used: remove them.")
         classes = _as_tuple("classes", self.classes)
         if len(classes) < 2 or not all(isinstance(c, ClassInfo) for c in classes):
             raise ConfigError(
@@ -181,6 +206,7 @@ class BundleSpec:
             )
         self._check_resolution()
         self._check_tiling()
+        self._check_input()
 
     def _check_resolution(self) -> None:
         """Validate the resolution and its unit together."""
@@ -213,6 +239,27 @@ class BundleSpec:
                 f"Bundle overlap={self.overlap!r} is invalid for tile_size={self.tile_size}; "
                 f"expected an integer from 0 to tile_size / 2 = {self.tile_size // 2}."
             )
+
+    def _check_input(self) -> None:
+        """Validate the fixed input size and what the model was made for."""
+        if self.input_size is not None and (not _is_int(self.input_size) or self.input_size != self.tile_size):
+            raise ConfigError(
+                f"Bundle input_size={self.input_size!r} with tile_size={self.tile_size}: a model that takes one "
+                "input size only is run on tiles of that size; give both the same."
+            )
+        if self.input_dtype is not None:
+            import numpy as np
+
+            try:
+                object.__setattr__(self, "input_dtype", np.dtype(self.input_dtype).name)
+            except TypeError as exc:
+                raise ConfigError(f"Bundle input_dtype={self.input_dtype!r} is not a data type; e.g. 'uint8'.") from exc
+        if self.input_range is not None:
+            low_high = _as_float_tuple("Bundle input_range", self.input_range)
+            if len(low_high) != 2 or not low_high[0] <= low_high[1]:
+                raise ConfigError(f"Bundle input_range={self.input_range!r} is invalid; expected (low, high), "
+                                  "low <= high.")
+            object.__setattr__(self, "input_range", low_high)
 
     def __hash__(self) -> int:
         return hash(json.dumps(self.to_dict(), sort_keys=True))
@@ -247,6 +294,11 @@ class BundleSpec:
             "resolution_unit": self.resolution_unit,
             "tile_size": self.tile_size,
             "overlap": self.overlap,
+            # Written only when set, so that the spec of a bundle from before they existed, and the
+            # fingerprints of the mosaics made with it, read the same.
+            **{name: list(value) if isinstance(value, tuple) else value for name, value in (
+                ("runtime", None if self.runtime == TORCH else self.runtime), ("input_size", self.input_size),
+                ("input_dtype", self.input_dtype), ("input_range", self.input_range)) if value is not None},
         }
 
     @classmethod
@@ -254,8 +306,7 @@ class BundleSpec:
         """Rebuild a spec from ``to_dict`` output (e.g. after a JSON round trip).
 
         Args:
-            d: A mapping with the keys ``to_dict`` writes; ``resolution``, ``resolution_unit``,
-                ``tile_size`` and ``overlap`` may be left out to take their defaults.
+            d: A mapping with the keys ``to_dict`` writes; those with defaults may be left out.
 
         Returns:
             The validated spec.
@@ -296,6 +347,8 @@ class ModelBundle:
         spec: What the model is and how to feed it.
         model: The model (in eval mode after ``load``).
         sha256: Hex SHA-256 of the file this bundle was last saved to or loaded from, or None.
+        program: The serialised program of an imported model (``spec.runtime`` other than torch),
+            saved in place of a state dict; None for registry architectures.
 
     Example:
         >>> import tempfile
@@ -310,6 +363,19 @@ class ModelBundle:
     spec: BundleSpec
     model: nn.Module
     sha256: str | None = None
+    program: bytes | None = None
+
+    @classmethod
+    def from_program(cls, spec: BundleSpec, program: bytes, map_location: str = "cpu") -> ModelBundle:
+        """A bundle of an imported program (``spec.runtime`` torchscript, exported or onnx).
+
+        Raises:
+            BundleError: the bytes are not a program of that runtime.
+        """
+        if spec.runtime not in PROGRAMS:
+            raise ConfigError(f"from_program takes a spec with a program runtime {PROGRAMS}, not {spec.runtime!r}.")
+        model = load_program(spec.runtime, program, map_location)
+        return cls(spec=spec, model=model.eval(), program=program)
 
     @classmethod
     def create(cls, spec: BundleSpec) -> ModelBundle:
@@ -342,15 +408,17 @@ class ModelBundle:
             Hex SHA-256 of the written file (also stored in ``self.sha256``).
         """
         path = Path(path)
-        state_dict = {
-            key: value.detach().cpu() if isinstance(value, torch.Tensor) else value
-            for key, value in self.model.state_dict().items()
-        }
+        payload: dict[str, Any] = {"format": FORMAT, "version": VERSION, "spec": self.spec.to_dict()}
+        if self.spec.runtime == TORCH:
+            payload["state_dict"] = {
+                key: value.detach().cpu() if isinstance(value, torch.Tensor) else value
+                for key, value in self.model.state_dict().items()
+            }
+        else:
+            assert self.program is not None, "an imported model's bundle keeps its program"
+            payload["program"] = self.program
         buffer = io.BytesIO()
-        torch.save(
-            {"format": FORMAT, "version": VERSION, "spec": self.spec.to_dict(), "state_dict": state_dict},
-            buffer,
-        )
+        torch.save(payload, buffer)
         data = buffer.getvalue()
         path.parent.mkdir(parents=True, exist_ok=True)
         # A unique name in the same folder: rename is atomic only within one filesystem, and
@@ -401,15 +469,21 @@ class ModelBundle:
                 f"Model bundle {str(path)!r} cannot be read ({type(exc).__name__}: {exc}); the "
                 f"file is corrupt or not a bundle: {_WHAT_A_BUNDLE_IS}."
             ) from exc
-        spec, state_dict = _unpack(path, payload)
-        try:
-            bundle = cls.create(spec)
-            bundle.model.load_state_dict(state_dict, strict=True)
-        except (ConfigError, RuntimeError) as exc:
-            raise BundleError(
-                f"Model bundle {str(path)!r} has weights that do not fit its spec ({exc}); "
-                "re-save it with ModelBundle.save()."
-            ) from exc
+        spec, weights = _unpack(path, payload)
+        if isinstance(weights, bytes):
+            try:
+                bundle = cls.from_program(spec, weights, map_location)
+            except BundleError as exc:
+                raise BundleError(f"Model bundle {str(path)!r}: {exc} Import the model again.") from exc
+        else:
+            try:
+                bundle = cls.create(spec)
+                bundle.model.load_state_dict(weights, strict=True)
+            except (ConfigError, RuntimeError) as exc:
+                raise BundleError(
+                    f"Model bundle {str(path)!r} has weights that do not fit its spec ({exc}); "
+                    "re-save it with ModelBundle.save()."
+                ) from exc
         bundle.model.to(torch.device(map_location)).eval()
         bundle.sha256 = hashlib.sha256(data).hexdigest()
         return bundle
@@ -434,20 +508,17 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _unpack(path: Path, payload: object) -> tuple[BundleSpec, Mapping[str, torch.Tensor]]:
-    """Check a loaded payload's format and version; return its spec and state dict."""
+def _unpack(path: Path, payload: object) -> tuple[BundleSpec, Mapping[str, torch.Tensor] | bytes]:
+    """Check a loaded payload's format and version; return its spec and its state dict or program."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise BundleError(f"{str(path)!r} is not a tessera model bundle; {_WHAT_A_BUNDLE_IS}.")
     version = payload.get("version")
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise BundleError(
             f"Model bundle {str(path)!r} has format version {version!r}, but this tessera reads "
-            f"version {VERSION}; use the tessera release that wrote it, or re-save the model "
+            f"versions {list(READABLE_VERSIONS)}; use the tessera release that wrote it, or re-save the model "
             "with this one."
         )
-    state_dict = payload.get("state_dict")
-    if not isinstance(state_dict, Mapping):
-        raise BundleError(f"Model bundle {str(path)!r} has no state_dict; {_WHAT_A_BUNDLE_IS}.")
     spec_dict = payload.get("spec")
     if not isinstance(spec_dict, Mapping):
         raise BundleError(f"Model bundle {str(path)!r} has no spec; {_WHAT_A_BUNDLE_IS}.")
@@ -455,7 +526,11 @@ def _unpack(path: Path, payload: object) -> tuple[BundleSpec, Mapping[str, torch
         spec = BundleSpec.from_dict(spec_dict)
     except ConfigError as exc:
         raise BundleError(f"Model bundle {str(path)!r} has an invalid spec: {exc}") from exc
-    return spec, state_dict
+    key = "state_dict" if spec.runtime == TORCH else "program"
+    weights = payload.get(key)
+    if not isinstance(weights, Mapping if key == "state_dict" else bytes):
+        raise BundleError(f"Model bundle {str(path)!r} has no {key}; {_WHAT_A_BUNDLE_IS}.")
+    return spec, weights
 
 
 def _is_int(value: object) -> bool:

@@ -395,8 +395,12 @@ class _Run:
         if any(r.bands != first.bands for r in self.rasters):
             raise ConfigError(f"The catalog's images have different bands ({sorted({r.bands for r in self.rasters})}); "
                               "set `bands:` in the catalog to bands every image has.")
-        normalization = compute_normalization(np.concatenate(
-            [_pixels(r.image[:, s.train]) for r, s in zip(self.rasters, self.splits, strict=True)], axis=2))
+        training_pixels = np.concatenate(
+            [_pixels(r.image[:, s.train]) for r, s in zip(self.rasters, self.splits, strict=True)], axis=2)
+        normalization = compute_normalization(training_pixels)
+        # What the model is made for, so that segment can refuse images unlike it (another data type, or
+        # values far outside this range): the data type, and the 0.5th to 99.5th percentile of the values.
+        low, high = np.percentile(training_pixels, [0.5, 99.5])
         spec = BundleSpec(
             architecture=config.architecture,
             arch_args=config.arch_args or {},
@@ -407,6 +411,8 @@ class _Run:
             resolution_unit=first.resolution_unit if first.resolution is not None else None,
             tile_size=config.inference_tile_size,
             overlap=config.overlap,
+            input_dtype=first.image.dtype.name,
+            input_range=(float(low), float(high)),
         )
         self.bundle = ModelBundle.create(spec)
         self.batches = [
