@@ -289,6 +289,19 @@ def _normalization(given: Normalization | str | None, from_file: Normalization |
     return chosen
 
 
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict file (torch.save or safetensors), as `_state_dict` takes them.
+
+    Raises:
+        BundleError: the file is neither, or holds something else than tensors.
+    """
+    data = Path(path).read_bytes()
+    kind = sniff(data)
+    if kind not in ("state_dict", "safetensors"):
+        raise BundleError(f"{str(path)!r} is not a state dict (torch.save or .safetensors).")
+    return _state_dict(data, kind, Path(path))
+
+
 def _state_dict(data: bytes, kind: str, path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a torch.save or safetensors file; a checkpoint's nested `state_dict` and DDP's
     `module.` prefix are taken off."""

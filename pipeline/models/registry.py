@@ -1,7 +1,7 @@
 """The architecture registry: one name -> one model factory, built with one lookup.
 
-Every architecture is built from scratch: nothing here downloads weights. Trained weights come
-from a model bundle (``pipeline.models.bundle``).
+Every architecture is built here without weights: trained weights come from a model bundle
+(``pipeline.models.bundle``), pretrained encoders are loaded by training (``pipeline.training.pretrained``).
 """
 
 from __future__ import annotations
@@ -170,9 +170,9 @@ def _without_weights(architecture: str, arch_args: Mapping[str, Any]) -> dict[st
     weights = kwargs.pop("encoder_weights", None)
     if weights is not None:
         raise ConfigError(
-            f"{architecture!r} got encoder_weights={weights!r}, but tessera never downloads "
-            "weights; remove the argument (or pass None) and load trained weights from a model "
-            "bundle instead."
+            f"{architecture!r} got encoder_weights={weights!r}, but a model is built here without weights: a "
+            "bundle holds its own, and pretrained encoders are loaded by training (tessera train "
+            "arch_args.encoder_weights=NAME or PATH, see pipeline.training.pretrained)."
         )
     for name, reason in _OUTPUT_CHANGING_ARGS.items():
         if kwargs.get(name) is not None:

@@ -51,6 +51,7 @@ from pipeline.training.data import (
 from pipeline.training.figures import FinalReport, display_rgb
 from pipeline.training.losses import SegmentationLoss
 from pipeline.training.metrics import IGNORE_INDEX, SegmentationMetrics
+from pipeline.training.pretrained import encoder_parameters, init_from_bundle, load_encoder_weights
 
 __all__ = [
     "DEFAULT_ARCH_ARGS", "LocalSession", "Session", "TrainConfig", "TrainResult", "balanced_weights", "predict_area",
@@ -114,6 +115,11 @@ class TrainConfig:
             scaled to mean 1), or None for equal weights.
         seed: Seeds window sampling, augmentation and model initialisation.
         threads: torch CPU threads during training; None leaves torch's setting alone.
+        init: A bundle to start from (fine-tuning): its weights where names and shapes match, a first
+            convolution adapted to other bands, a fresh head when the classes differ. Pretrained
+            encoders are ``arch_args.encoder_weights`` (a weight name such as ``imagenet``, or a path).
+        freeze_encoder_epochs: Epochs at the start during which the encoder's weights are not updated.
+        encoder_lr_scale: The encoder's learning rate as a share of ``lr`` (e.g. 0.1 when fine-tuning).
     """
 
     image: str | None
@@ -143,6 +149,9 @@ class TrainConfig:
     class_weights: str | tuple[float, ...] | None = None
     seed: int = 0
     threads: int | None = None
+    init: str | None = None
+    freeze_encoder_epochs: int = 0
+    encoder_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.catalog is not None:
@@ -172,6 +181,13 @@ class TrainConfig:
                 raise ConfigError(f"{name}={value!r} is invalid; expected an integer >= 1.")
         if self.patience is not None and (not _is_int(self.patience) or self.patience < 1):
             raise ConfigError(f"patience={self.patience!r} is invalid; expected an integer >= 1 (epochs), or None.")
+        if not _is_int(self.freeze_encoder_epochs) or self.freeze_encoder_epochs < 0:
+            raise ConfigError(f"freeze_encoder_epochs={self.freeze_encoder_epochs!r} is invalid; expected epochs >= 0.")
+        scale = self.encoder_lr_scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale < math.inf:
+            raise ConfigError(f"encoder_lr_scale={scale!r} is invalid; expected a share of lr > 0, e.g. 0.1.")
+        if self.init is not None and "://" not in self.init and not Path(self.init).is_file():
+            raise ConfigError(f"init={self.init!r} does not exist; give the bundle to fine-tune from.")
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise ConfigError(f"threads={self.threads!r} is invalid; expected an integer >= 1 or None.")
         for name in ("lr", "weight_decay", "jitter"):
@@ -401,9 +417,11 @@ class _Run:
         # What the model is made for, so that segment can refuse images unlike it (another data type, or
         # values far outside this range): the data type, and the 0.5th to 99.5th percentile of the values.
         low, high = np.percentile(training_pixels, [0.5, 99.5])
+        arch_args = dict(config.arch_args or {})
+        weights = arch_args.pop("encoder_weights", None)  # the bundle's state dict will hold them
         spec = BundleSpec(
             architecture=config.architecture,
-            arch_args=config.arch_args or {},
+            arch_args=arch_args,
             classes=classes,
             bands=first.bands,
             normalization=normalization,
@@ -415,6 +433,10 @@ class _Run:
             input_range=(float(low), float(high)),
         )
         self.bundle = ModelBundle.create(spec)
+        if weights is not None:
+            load_encoder_weights(self.bundle.model, config.architecture, arch_args, str(weights), spec.in_channels)
+        if config.init is not None:
+            init_from_bundle(self.bundle.model, config.init)
         self.batches = [
             WindowBatches(r, s, normalization, config.tile_size, config.batch_size // session.world_size,
                           np.random.default_rng(config.seed), jitter=config.jitter, elastic=config.elastic,
@@ -434,9 +456,15 @@ class _Run:
                               f"{len(classes)} in all ({[c.name for c in classes]}), or 'balanced'.")
         self.loss = SegmentationLoss(config.loss, class_weights=weights).to(session.device)
         self.model = session.prepare(self.bundle.model)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # Two parameter groups, the encoder's first, so that it can learn slower or wait (frozen epochs).
+        encoder = {id(p) for p in encoder_parameters(self.bundle.model)}
+        groups = [[p for p in self.model.parameters() if id(p) in encoder],
+                  [p for p in self.model.parameters() if id(p) not in encoder]]
+        rates = [config.lr * config.encoder_lr_scale, config.lr]
+        self.optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=config.lr,
+                                           weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.15
+            self.optimizer, max_lr=rates, total_steps=config.steps, pct_start=0.15
         )
         self.history: list[dict[str, float]] = []
         self.best_miou = -math.inf
@@ -509,6 +537,8 @@ class _Run:
                 loss = self.loss(self.model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.epoch < config.freeze_encoder_epochs:  # AdamW moves nothing at a rate of 0
+                self.optimizer.param_groups[0]["lr"] = 0.0
             self.optimizer.step()
             self.schedule.step()
             losses.append(float(loss.detach()))

@@ -1,0 +1,164 @@
+"""Where training starts: pretrained encoder weights, or the weights of an existing bundle.
+
+- ``arch_args.encoder_weights=NAME`` (``imagenet``, or any weight name smp or timm knows for the
+  encoder) downloads them through the Hugging Face hub, or finds them in its cache (``HF_HOME``). With
+  no network and nothing cached it fails at once, in one line naming what to download and where to put
+  it, instead of retrying the hub for half a minute.
+- ``arch_args.encoder_weights=PATH`` loads a local encoder checkpoint: the encoder's state dict, or a
+  whole model's whose encoder keys start with ``encoder.``.
+- ``init=BUNDLE`` starts from a bundle's weights: every tensor whose name and shape match is copied; a
+  first convolution made for another number of bands is adapted (its kernels summed over the old bands
+  and spread over the new), and whatever else differs (the head, when the classes differ) keeps its
+  fresh initialisation.
+
+The bundle written after training never names the weights it started from: its state dict holds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError
+
+HUB_PROBE_TIMEOUT = 3.0  # seconds for the hub to answer before it is taken as unreachable
+
+
+def load_encoder_weights(model: nn.Module, architecture: str, arch_args: Mapping[str, Any], weights: str,
+                         in_channels: int) -> None:
+    """Load pretrained weights into `model.encoder`, in place.
+
+    Raises:
+        ConfigError: the architecture has no encoder, the file does not fit it, or the named weights are
+            unknown, or neither cached nor reachable (one line, naming the fix).
+    """
+    encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, nn.Module):
+        raise ConfigError(f"{architecture!r} has no pretrained encoder; encoder_weights is for the smp architectures "
+                          "and unet3plus (use init=BUNDLE to start any architecture from a bundle).")
+    if os.path.sep in weights or os.path.exists(weights):
+        state = _encoder_state(Path(weights))
+        try:
+            encoder.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ConfigError(f"The encoder checkpoint {weights!r} does not fit {arch_args.get('encoder_name')!r} "
+                              f"with {in_channels} bands ({_first_line(exc)}).") from None
+        return
+    encoder.load_state_dict(_hub_encoder(arch_args, weights, in_channels).state_dict(), strict=True)
+
+
+def init_from_bundle(model: nn.Module, path: str) -> list[str]:
+    """Copy a bundle's weights into `model` where names and shapes match; the names left as initialised.
+
+    Raises:
+        BundleError: the bundle cannot be read.
+        ConfigError: nothing at all matches (another architecture).
+    """
+    from pipeline.models import ModelBundle
+
+    source = ModelBundle.load(path).model.state_dict()
+    target = model.state_dict()
+    copied, fresh = {}, []
+    for name, tensor in target.items():
+        old = source.get(name)
+        if old is not None and old.shape == tensor.shape:
+            copied[name] = old
+        elif old is not None and _other_bands(old, tensor):
+            copied[name] = old.sum(dim=1, keepdim=True).repeat(1, tensor.shape[1], 1, 1) / tensor.shape[1]
+        else:
+            fresh.append(name)
+    if not any(tensor.is_floating_point() and tensor.ndim > 1 for tensor in copied.values()):
+        raise ConfigError(f"init={path!r}: none of its weights fit this model; fine-tune from a bundle of the same "
+                          "architecture and arch_args.")
+    model.load_state_dict({**target, **copied})
+    return fresh
+
+
+def encoder_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The encoder's parameters (empty for architectures without one)."""
+    encoder = getattr(model, "encoder", None)
+    return list(encoder.parameters()) if isinstance(encoder, nn.Module) else []
+
+
+def _other_bands(old: torch.Tensor, new: torch.Tensor) -> bool:
+    """True for the kernels of a convolution that differ only in their input channels."""
+    return old.ndim == 4 and new.ndim == 4 and old.shape[0] == new.shape[0] and old.shape[2:] == new.shape[2:]
+
+
+def _encoder_state(path: Path) -> dict[str, torch.Tensor]:
+    from pipeline.models.interchange import read_state_dict
+
+    if not path.is_file():
+        raise ConfigError(f"encoder_weights={str(path)!r} does not exist; give a local encoder checkpoint (a state "
+                          "dict) or a weight name such as 'imagenet'.")
+    state = read_state_dict(path)
+    prefixed = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    return prefixed or state
+
+
+def _hub_encoder(arch_args: Mapping[str, Any], weights: str, in_channels: int) -> nn.Module:
+    """The encoder built with the named weights, from the Hugging Face cache or hub."""
+    import segmentation_models_pytorch as smp
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    name = str(arch_args.get("encoder_name", "resnet18"))
+    depth = int(arch_args.get("encoder_depth", 5))
+    offline = constants.HF_HUB_OFFLINE
+    reachable = offline or _hub_answers(constants.ENDPOINT)
+    try:
+        with _hub_offline(not reachable):
+            if name.startswith("tu-"):
+                return smp.encoders.get_encoder(name, in_channels=in_channels, depth=depth,  # type: ignore[no-any-return]
+                                                weights=True if weights == "imagenet" else weights)
+            return smp.encoders.get_encoder(name, in_channels=in_channels, depth=depth,  # type: ignore[no-any-return]
+                                            weights=weights)
+    except (KeyError, ValueError) as exc:
+        cause = _first_line(exc)
+        raise ConfigError(f"encoder_weights={weights!r} is not a weight name of {name!r} ({cause}).") from None
+    except (LocalEntryNotFoundError, OSError) as exc:
+        why = "the hub is not reachable from here" if not reachable else _first_line(exc)
+        asked = "True" if name.startswith("tu-") else repr(weights)
+        raise ConfigError(
+            f"Pretrained weights {weights!r} for encoder {name!r} are not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and {why}. Where there is a network, run `python -c \"import "
+            f"segmentation_models_pytorch as smp; smp.encoders.get_encoder('{name}', weights={asked})\"` and copy "
+            "that cache here (or set HF_HOME to it), or give encoder_weights=PATH, a local encoder checkpoint."
+        ) from None
+
+
+def _hub_answers(endpoint: str) -> bool:
+    """Whether the hub's host accepts a connection within a few seconds (DNS failing counts as no)."""
+    parts = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((parts.hostname or "huggingface.co", parts.port or 443),
+                                 timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub looks in its cache only, for a moment (no retries against an unreachable hub)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
