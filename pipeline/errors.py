@@ -54,6 +54,12 @@ class MissingDependencyError(TesseraError, ImportError):
     """An optional package that a feature needs is not installed."""
 
 
+def cause(exc: BaseException) -> str:
+    """`Type: first line` of an exception another library raised, for a one-line message of ours."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """For front doors: a TesseraError becomes one line on stderr and exit status 2."""

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from pipeline.classes import ClassInfo, default_colors
-from pipeline.errors import BundleError, ConfigError
+from pipeline.errors import BundleError, ConfigError, cause
 from pipeline.models.bundle import BundleSpec, ModelBundle, Normalization
 from pipeline.models.runtimes import PROGRAMS, TORCH, input_channels, load_program, sniff, to_program
 
@@ -113,10 +113,17 @@ def export_bundle(bundle: ModelBundle, runtime: str, output: str | Path) -> Bund
     spec = bundle.spec
     tile = spec.input_size or spec.tile_size
     example = torch.randn(2, spec.in_channels, tile, tile)
-    try:
-        program, fixed = to_program(bundle.model, runtime, example)
-    except Exception as exc:  # the exporters raise many types
-        raise BundleError(f"The model cannot be exported as {runtime} ({_first_line(exc)}).") from exc
+    if spec.runtime == runtime:  # already that program: written as it is
+        assert bundle.program is not None
+        program, fixed = bundle.program, (spec.input_size, spec.input_size) if spec.input_size else None
+    elif spec.runtime == "onnx":  # torch's tracers would record onnxruntime's answer as a constant
+        raise BundleError(f"An ONNX model cannot be exported as {runtime}; export it as onnx, or export the "
+                          "original PyTorch model.")
+    else:
+        try:
+            program, fixed = to_program(bundle.model, runtime, example)
+        except Exception as exc:  # the exporters raise many types
+            raise BundleError(f"The model cannot be exported as {runtime} ({cause(exc)}).") from exc
     label = spec.architecture if spec.runtime != TORCH else _label(spec)
     exported = dataclasses.replace(spec, runtime=runtime, architecture=label, arch_args={},
                                    input_size=fixed[0] if fixed else spec.input_size)
@@ -140,7 +147,7 @@ def check_on_a_tile(bundle: ModelBundle) -> None:
     except Exception as exc:  # whatever the model raises on an input it was not made for
         raise BundleError(
             f"The model does not run on a batch of shape {shape} (bands {list(spec.bands)}, tile "
-            f"{spec.tile_size}): {_first_line(exc)}. Give --bands for the number of input channels it takes, "
+            f"{spec.tile_size}): {cause(exc)}. Give --bands for the number of input channels it takes, "
             "and --tile for the input size of a model made for one size."
         ) from None
     if not isinstance(y, torch.Tensor):
@@ -225,7 +232,7 @@ def _registry_bundle(state: Mapping[str, torch.Tensor], settings: ImportSettings
         bundle.model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise BundleError(f"The weights do not fit {architecture!r} with arch_args {dict(spec.arch_args)}, "
-                          f"{spec.in_channels} bands and {spec.num_classes} classes ({_first_line(exc)}); give the "
+                          f"{spec.in_channels} bands and {spec.num_classes} classes ({cause(exc)}); give the "
                           "--architecture, --arch-args, --bands and classes it was built with.") from None
     return dataclasses.replace(bundle, model=bundle.model.eval())
 
@@ -313,7 +320,7 @@ def _state_dict(data: bytes, kind: str, path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for unreadable files
-        raise BundleError(f"{str(path)!r} cannot be read as a state dict ({_first_line(exc)}).") from None
+        raise BundleError(f"{str(path)!r} cannot be read as a state dict ({cause(exc)}).") from None
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -331,7 +338,7 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.bin"]))
     except Exception as exc:  # offline, unknown repo, refused: huggingface_hub raises many types
         raise BundleError(
-            f"Hub model {repo_id!r} cannot be fetched ({_first_line(exc)}). Without a network, download it where "
+            f"Hub model {repo_id!r} cannot be fetched ({cause(exc)}). Without a network, download it where "
             "there is one (huggingface-cli download REPO --local-dir FOLDER) and import the folder, or set HF_HOME "
             "to a cache that holds it."
         ) from None
@@ -351,9 +358,4 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import BundleError, MissingDependencyError
+from pipeline.errors import BundleError, MissingDependencyError, cause
 
 TORCH = "torch"
 PROGRAMS = ("torchscript", "exported", "onnx")
@@ -67,7 +67,7 @@ class OnnxModule(nn.Module):
         try:
             self.session = ort.InferenceSession(program, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own types for invalid graphs
-            raise BundleError(f"The ONNX model cannot be loaded by onnxruntime ({_first_line(exc)}).") from exc
+            raise BundleError(f"The ONNX model cannot be loaded by onnxruntime ({cause(exc)}).") from exc
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or not outputs:
             raise BundleError(f"The ONNX model has {len(inputs)} inputs and {len(outputs)} outputs; tessera runs "
@@ -117,7 +117,7 @@ def load_program(runtime: str, program: bytes, device: torch.device | str = "cpu
             if runtime == "exported":
                 return ExportedModule(torch.export.load(io.BytesIO(program))).to(device)
     except (RuntimeError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise BundleError(f"The {runtime} program cannot be loaded ({_first_line(exc)}).") from exc
+        raise BundleError(f"The {runtime} program cannot be loaded ({cause(exc)}).") from exc
     if runtime == "onnx":
         return OnnxModule(program, device)
     raise BundleError(f"Unknown runtime {runtime!r}; expected one of {RUNTIMES}.")
@@ -219,7 +219,3 @@ def _quiet() -> Iterator[None]:
         warnings.simplefilter("ignore")
         yield
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

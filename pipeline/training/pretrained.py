@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, cause
 
 HUB_PROBE_TIMEOUT = 3.0  # seconds for the hub to answer before it is taken as unreachable
 
@@ -50,7 +50,7 @@ def load_encoder_weights(model: nn.Module, architecture: str, arch_args: Mapping
             encoder.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise ConfigError(f"The encoder checkpoint {weights!r} does not fit {arch_args.get('encoder_name')!r} "
-                              f"with {in_channels} bands ({_first_line(exc)}).") from None
+                              f"with {in_channels} bands ({cause(exc)}).") from None
         return
     encoder.load_state_dict(_hub_encoder(arch_args, weights, in_channels).state_dict(), strict=True)
 
@@ -122,10 +122,10 @@ def _hub_encoder(arch_args: Mapping[str, Any], weights: str, in_channels: int) -
             return smp.encoders.get_encoder(name, in_channels=in_channels, depth=depth,  # type: ignore[no-any-return]
                                             weights=weights)
     except (KeyError, ValueError) as exc:
-        cause = _first_line(exc)
-        raise ConfigError(f"encoder_weights={weights!r} is not a weight name of {name!r} ({cause}).") from None
+        why = cause(exc)
+        raise ConfigError(f"encoder_weights={weights!r} is not a weight name of {name!r} ({why}).") from None
     except (LocalEntryNotFoundError, OSError) as exc:
-        why = "the hub is not reachable from here" if not reachable else _first_line(exc)
+        why = "the hub is not reachable from here" if not reachable else cause(exc)
         asked = "True" if name.startswith("tu-") else repr(weights)
         raise ConfigError(
             f"Pretrained weights {weights!r} for encoder {name!r} are not in the Hugging Face cache "
@@ -158,7 +158,3 @@ def _hub_offline(offline: bool) -> Iterator[None]:
     finally:
         constants.HF_HUB_OFFLINE = before
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
