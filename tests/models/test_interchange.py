@@ -24,7 +24,7 @@ FORMATS = {"torchscript": "pt", "exported": "pt2", "onnx": "onnx"}
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("interchange")
-    return {"dir": d, "image": write_geotiff(d / "scene.tif", smooth_image(300, 360, seed=3)),
+    return {"dir": d, "image": write_geotiff(d / "scene.tif", smooth_image(256, 300, seed=3)),
             "bundle": make_bundle(d / "fcn.bundle", classes=4, arch_args={"depth": 3, "width": 8},
                                   input_dtype="uint8")}
 
