@@ -261,7 +261,8 @@ class SegmentRunner:
         with tempfile.NamedTemporaryFile(suffix=".bundle") as f:
             f.write(setup.bundle_bytes)
             f.flush()
-            bundle = ModelBundle.load(f.name)
+            # On the worker's device: an ONNX model's session picks its provider when it is made.
+            bundle = ModelBundle.load(f.name, map_location=str(pick_device(setup.inference.device)))
         self.predictor = Predictor(bundle, setup.inference)
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="tessera-read") if setup.pipelined else None
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="tessera-write") if setup.pipelined else None

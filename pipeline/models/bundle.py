@@ -5,7 +5,8 @@ A bundle file is ``torch.save`` of::
     {"format": "tessera.bundle", "version": 2, "spec": BundleSpec.to_dict(), "state_dict": ...}
 
 (or ``"program": bytes`` in place of the state dict, see below) and is read with
-``torch.load(..., weights_only=True)``, so loading one never runs pickled code. With the runtime
+``torch.load(..., weights_only=True)``, so reading the file never runs pickled code (what loading an
+imported program may run is said in ``pipeline.models.runtimes``). With the runtime
 ``torch`` (every bundle tessera trains) the model is rebuilt from the architecture registry and the
 state dict loaded strictly. A model imported from elsewhere keeps its own graph instead: a
 TorchScript archive, an ExportedProgram or an ONNX model (``pipeline.models.runtimes``). Version 1

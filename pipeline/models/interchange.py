@@ -83,7 +83,8 @@ def import_model(source: str | Path, output: str | Path, settings: ImportSetting
     """
     source = str(source)
     spec_file = Path(f"{source}{SPEC_SUFFIX}")
-    base = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
+    base = _json_object(spec_file) if spec_file.is_file() else {}
+    base.pop("sha256", None)  # `tessera model info` output is a spec file too
     path = Path(source)
     if path.is_dir():
         bundle = _from_smp_folder(path, settings, base)
@@ -193,7 +194,7 @@ def _from_smp_folder(folder: Path, settings: ImportSettings, base: Mapping[str, 
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise BundleError(f"{str(folder)!r} is a folder without config.json; give {_FORMATS}.")
-    config = json.loads(config_file.read_text())
+    config = _json_object(config_file)
     model_class = config.get("_model_class")
     if model_class not in SMP_CLASSES:
         raise BundleError(f"{str(folder)!r} holds an smp {model_class!r} model; tessera imports "
@@ -276,6 +277,17 @@ def _spec(settings: ImportSettings, base: Mapping[str, Any], *, runtime: str, ch
     if settings.tile_size is not None and fields.get("input_size") not in (None, settings.tile_size):
         fields["input_size"] = None  # re-checked on a tile of the size given
     return BundleSpec(**fields)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON file's object; ConfigError in one line for anything else."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{str(path)!r} is not readable JSON ({cause(exc)}); fix or remove it.") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{str(path)!r} holds JSON {type(value).__name__}, not an object; fix or remove it.")
+    return value
 
 
 def _normalization(given: Normalization | str | None, from_file: Normalization | None, bands: int) -> Normalization:

@@ -9,15 +9,21 @@ serialised program that carries its own graph:
   is installed).
 
 Each loads as an ``nn.Module`` taking a float32 (N, C, H, W) batch and returning (N, K, h, w)
-logits, so the predictor, the stitching and every job treat them alike. Loading a program never
-unpickles Python objects: TorchScript and ExportedProgram archives hold graphs and tensors, ONNX a
-protobuf.
+logits, so the predictor, the stitching and every job treat them alike.
+
+What loading may run: an ONNX model is a protobuf, run by onnxruntime's operators. An ExportedProgram
+is a graph of ATen operators and tensors, but its archive format allows pickled weights, constants and
+objects, and torch.export.load unpickles them (and falls back to unpickling sample inputs it cannot
+read safely): tessera refuses any archive with such entries before torch sees it. A TorchScript archive
+is code, compiled and run by PyTorch's TorchScript interpreter: import and run TorchScript only from
+sources you trust, as you would a Python package.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import warnings
 import zipfile
@@ -44,9 +50,17 @@ class ExportedModule(nn.Module):
         super().__init__()
         self.graph = program.module()
         self.input_shape = _exported_input_shape(program)
+        self.one_at_a_time = bool(self.input_shape) and self.input_shape[0] == 1  # exported with a batch of 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.one_at_a_time and len(x) > 1:
+            return torch.cat([self.graph(part) for part in x.split(1)])
         return self.graph(x)  # type: ignore[no-any-return]
+
+    def fixed_size(self) -> tuple[int, int] | None:
+        """(H, W) when the graph takes only that input size, else None."""
+        h, w = self.input_shape[2:4] if len(self.input_shape) == 4 else (None, None)
+        return (h, w) if isinstance(h, int) and isinstance(w, int) else None
 
     def train(self, mode: bool = True) -> ExportedModule:
         return self
@@ -115,12 +129,38 @@ def load_program(runtime: str, program: bytes, device: torch.device | str = "cpu
             if runtime == "torchscript":
                 return torch.jit.load(io.BytesIO(program), map_location=device)  # type: ignore[no-any-return]
             if runtime == "exported":
+                _refuse_pickles(program)
                 return ExportedModule(torch.export.load(io.BytesIO(program))).to(device)
+    except BundleError:
+        raise
     except (RuntimeError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise BundleError(f"The {runtime} program cannot be loaded ({cause(exc)}).") from exc
     if runtime == "onnx":
         return OnnxModule(program, device)
     raise BundleError(f"Unknown runtime {runtime!r}; expected one of {RUNTIMES}.")
+
+
+def _refuse_pickles(program: bytes) -> None:
+    """BundleError unless an ExportedProgram archive holds only plain tensors: no entry torch.export.load
+    would unpickle (weights or constants marked `use_pickle`, custom or opaque objects, sample inputs that
+    do not read with weights_only)."""
+    from torch.export.pt2_archive.constants import CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX
+
+    archive = zipfile.ZipFile(io.BytesIO(program))
+    for name in archive.namelist():
+        if name.endswith(("model_weights_config.json", "model_constants_config.json")):
+            entries = json.loads(archive.read(name)).get("config", {}).values()
+            for entry in entries:
+                path = str(entry.get("path_name", ""))
+                if entry.get("use_pickle") or path.startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX)):
+                    raise BundleError("The ExportedProgram holds pickled objects, which loading would run; tessera "
+                                      "takes programs of plain tensors only: export the model without them.")
+        elif "sample_inputs" in name:
+            try:
+                torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+            except Exception:  # anything weights_only refuses would be unpickled by torch.export.load
+                raise BundleError("The ExportedProgram's sample inputs are not plain tensors, and loading them "
+                                  "would run pickled code; export the model with tensor inputs.") from None
 
 
 def to_program(model: nn.Module, runtime: str, example: torch.Tensor) -> tuple[bytes, tuple[int, int] | None]:

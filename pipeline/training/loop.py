@@ -557,7 +557,7 @@ class _Run:
             "step": float(min(self.epoch * self.config.steps_per_epoch, self.config.steps)),
             "loss": loss,
             "val_miou": miou,
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "lr": float(self.optimizer.param_groups[-1]["lr"]),  # the rest's: the encoder's may be scaled or held
             "seconds": time.perf_counter() - self.start,
         }
         self.history.append(figures)
@@ -603,7 +603,11 @@ class _Run:
         """Continue from a checkpoint written by `_save`."""
         state = torch.load(folder / CHECKPOINT_STATE, map_location=self.session.device, weights_only=False)
         self.bundle.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError:  # one parameter group: written before the encoder had its own
+            raise ConfigError(f"The checkpoint in {folder.parent} was written by an older tessera and cannot be "
+                              "continued; start a new run (another distributed.name, or remove that folder).") from None
         self.schedule.load_state_dict(state["schedule"])
         self.epoch = self.resumed_from = int(state["epoch"])
         self.history = list(state["history"])
@@ -689,7 +693,7 @@ def predict_area(
     tile_w = min(tile, -(-width // _TILE_MULTIPLE) * _TILE_MULTIPLE)
     prediction = np.empty((height, width), dtype=np.uint8)
     model.eval()
-    device = next(model.parameters()).device
+    device = next(iter(model.parameters()), torch.empty(0)).device  # an ONNX model has none: the CPU
     with torch.inference_mode():
         for row in range(0, height, tile_h):
             for col in range(0, width, tile_w):

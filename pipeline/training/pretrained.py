@@ -46,13 +46,16 @@ def load_encoder_weights(model: nn.Module, architecture: str, arch_args: Mapping
                           "and unet3plus (use init=BUNDLE to start any architecture from a bundle).")
     if os.path.sep in weights or os.path.exists(weights):
         state = _encoder_state(Path(weights))
-        try:
-            encoder.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
+        try:  # nn.Module's own: some smp encoders (mit_*, densenet, xception) override it without `strict`
+            nn.Module.load_state_dict(encoder, state, strict=True)
+        except (RuntimeError, TypeError) as exc:
             raise ConfigError(f"The encoder checkpoint {weights!r} does not fit {arch_args.get('encoder_name')!r} "
                               f"with {in_channels} bands ({cause(exc)}).") from None
         return
-    encoder.load_state_dict(_hub_encoder(arch_args, weights, in_channels).state_dict(), strict=True)
+    from pipeline.models.registry import ARCHITECTURES
+
+    named = {**ARCHITECTURES[architecture].defaults, **arch_args}  # the encoder the registry builds by default
+    nn.Module.load_state_dict(encoder, _hub_encoder(named, weights, in_channels).state_dict(), strict=True)
 
 
 def init_from_bundle(model: nn.Module, path: str) -> list[str]:

@@ -184,3 +184,36 @@ def test_an_imported_model_registers_and_is_read_back_from_the_registry(
     assert code == 0, output
     assert json.loads(output)["sha256"] == ModelBundle.load(bundle).sha256
     assert json.loads(output)["runtime"] == "onnx"
+
+
+def test_a_plain_exported_program_imports_and_one_holding_pickles_is_refused(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    from pipeline.models.fcn import FCN
+
+    model = FCN(in_channels=3, classes=2, depth=2, width=4).eval()
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 64, 64),)), tmp_path / "plain.pt2")
+    args = ["--class", "a", "--class", "b", "--normalization", "unit"]
+    code, output = run("model", "import", str(tmp_path / "plain.pt2"), "--out", str(tmp_path / "plain.bundle"), *args)
+    assert code == 0, output
+    bundle = ModelBundle.load(tmp_path / "plain.bundle")  # a batch of 1 and 64 px fixed by the graph
+    assert (bundle.spec.tile_size, bundle.spec.input_size) == (64, 64)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        np.testing.assert_allclose(bundle.model(x), model(x), atol=1e-6)
+
+    # The same archive with a weight marked as pickled, which torch.export.load would unpickle.
+    source = zipfile.ZipFile(tmp_path / "plain.pt2")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            if name.endswith("model_weights_config.json"):
+                data = data.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
+            target.writestr(name, data)
+    (tmp_path / "pickled.pt2").write_bytes(buffer.getvalue())
+    result = CliRunner().invoke(app, ["model", "import", str(tmp_path / "pickled.pt2"), "--out",
+                                      str(tmp_path / "pickled.bundle"), *args])
+    assert result.exit_code == 2 and "holds pickled objects" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "pickled.bundle").exists()
