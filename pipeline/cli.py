@@ -366,7 +366,7 @@ def model_import(
     with user_errors():
         settings = ImportSettings(
             classes=tuple(parse_class(c, k) for k, c in enumerate(classes)) if classes else None,
-            bands=_ints("--bands", bands), normalization=_normalization(normalization, scale, mean, std),
+            bands=_numbers("--bands", bands, int), normalization=_normalization(normalization, scale, mean, std),
             resolution=resolution, resolution_unit=unit, tile_size=tile, overlap=overlap, input_dtype=input_dtype,
             architecture=architecture, arch_args=_json_option("--arch-args", arch_args),
         )
@@ -442,26 +442,19 @@ def _describe(spec: Any) -> str:
             f"{', '.join(c.name for c in spec.classes)}, {tile}")
 
 
-def _ints(option: str, text: str | None) -> tuple[int, ...] | None:
+def _numbers(option: str, text: str | None, kind: type = float) -> tuple[Any, ...] | None:
+    """A comma-separated list typed on the command line: ints, or numbers where 1/255 is taken."""
+    from fractions import Fraction
+
     from pipeline.errors import ConfigError
 
     if text is None:
         return None
     try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"{option} {text!r}: give integers separated by commas, e.g. 1,2,3.") from None
-
-
-def _floats(option: str, text: str) -> tuple[float, ...]:
-    from fractions import Fraction
-
-    from pipeline.errors import ConfigError
-
-    try:
-        return tuple(float(Fraction(v.strip())) for v in text.split(","))
+        return tuple(int(v) if kind is int else float(Fraction(v.strip())) for v in text.split(","))
     except (ValueError, ZeroDivisionError):
-        raise ConfigError(f"{option} {text!r}: give numbers separated by commas (1/255 is taken).") from None
+        raise ConfigError(f"{option} {text!r}: give {'integers' if kind is int else 'numbers'} separated by "
+                          f"commas, e.g. {'1,2,3' if kind is int else '0.485,0.456,0.406 (1/255 is taken)'}.") from None
 
 
 def _normalization(name: str | None, scale: str | None, mean: str | None, std: str | None) -> Any:
@@ -473,8 +466,9 @@ def _normalization(name: str | None, scale: str | None, mean: str | None, std: s
         return name
     if name is not None or any(v is None for v in numbers):
         raise ConfigError("Give either --normalization NAME, or all of --scale, --mean and --std.")
-    assert scale is not None and mean is not None and std is not None
-    return Normalization(_floats("--scale", scale)[0], _floats("--mean", mean), _floats("--std", std))
+    values = [_numbers(option, text) for option, text in (("--scale", scale), ("--mean", mean), ("--std", std))]
+    assert values[0] is not None and values[1] is not None and values[2] is not None
+    return Normalization(values[0][0], values[1], values[2])
 
 
 def _json_option(option: str, text: str | None) -> Any:

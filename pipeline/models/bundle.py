@@ -20,8 +20,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from torch import nn
 
 from pipeline.classes import ClassInfo
 from pipeline.errors import BandMismatchError, BundleError, BundleNotFoundError, ConfigError
+from pipeline.files import write_atomically
 from pipeline.models.registry import available_architectures, build_model
 from pipeline.models.runtimes import PROGRAMS, RUNTIMES, TORCH, load_program
 
@@ -421,18 +420,7 @@ class ModelBundle:
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         data = buffer.getvalue()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A unique name in the same folder: rename is atomic only within one filesystem, and
-        # readers never see a half-written bundle under the final name.
-        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(temporary, "xb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        write_atomically(path, data)  # readers never see a half-written bundle under the final name
         self.sha256 = hashlib.sha256(data).hexdigest()
         return self.sha256
 

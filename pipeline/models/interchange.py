@@ -17,9 +17,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 
 from pipeline.classes import ClassInfo, default_colors
 from pipeline.errors import BundleError, ConfigError, cause
+from pipeline.files import write_atomically
 from pipeline.models.bundle import BundleSpec, ModelBundle, Normalization
 from pipeline.models.runtimes import PROGRAMS, TORCH, input_channels, load_program, sniff, to_program
 
@@ -128,8 +127,8 @@ def export_bundle(bundle: ModelBundle, runtime: str, output: str | Path) -> Bund
     label = spec.architecture if spec.runtime != TORCH else _label(spec)
     exported = dataclasses.replace(spec, runtime=runtime, architecture=label, arch_args={},
                                    input_size=fixed[0] if fixed else spec.input_size)
-    _write_atomically(Path(output), program)
-    _write_atomically(Path(f"{output}{SPEC_SUFFIX}"), json.dumps(exported.to_dict(), indent=2).encode())
+    write_atomically(output, program)
+    write_atomically(f"{output}{SPEC_SUFFIX}", json.dumps(exported.to_dict(), indent=2).encode())
     return exported
 
 
@@ -360,14 +359,4 @@ def _label(spec: BundleSpec) -> str:
     """A registry architecture with the arguments that tell its variants apart, e.g. 'unet-resnet34'."""
     encoder = spec.arch_args.get("encoder_name")
     return f"{spec.architecture}-{encoder}" if encoder else spec.architecture
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import RegionError
+from pipeline.files import write_atomically
 from pipeline.mosaic import Mosaic
 from pipeline.query.region import read_window
 from pipeline.query.window import MAX_PIXELS, Window, check_size, full, resolve, window_transform
@@ -133,15 +134,7 @@ def export_png(
         win = full(m.layout, m.preview_level(math.isqrt(max_pixels)))  # the finest level that fits
     check_size(win, max_pixels)
     png = render_png(m, win, layer)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        partial.write_bytes(png)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
-    return out
+    return write_atomically(path, png)
 
 
 def render_png(m: Mosaic, win: Window, layer: str) -> bytes:

@@ -1,0 +1,31 @@
+"""Writing a file whole or not at all: the one helper every writer of a small file uses."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+
+def write_atomically(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file beside it, flushed to disk, then renamed: readers see
+    the old file or the new one, never half of one, and a crash leaves no file under the final name.
+
+    The temporary file has a unique name in the same folder (a rename is atomic only within one file
+    system) and the permissions the umask allows (not tempfile's private 0600). Parent folders are made.
+
+    Returns:
+        `path`, as a Path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
