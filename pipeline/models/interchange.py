@@ -164,6 +164,8 @@ def check_on_a_tile(bundle: ModelBundle) -> None:
 def _from_file(path: Path, settings: ImportSettings, base: Mapping[str, Any]) -> ModelBundle:
     data = path.read_bytes()
     kind = sniff(data)
+    if kind == "onnx":
+        data = _onnx_whole(path)
     if kind in PROGRAMS:
         try:
             model = load_program(kind, data)
@@ -187,6 +189,18 @@ def _from_file(path: Path, settings: ImportSettings, base: Mapping[str, Any]) ->
         state = _state_dict(data, kind, path)
         return _registry_bundle(state, settings, base, path.stem)
     raise BundleError(f"{str(path)!r} is not a model file tessera imports; give {_FORMATS}.")
+
+
+def _onnx_whole(path: Path) -> bytes:
+    """An ONNX model with its weights inside: torch's exporter and others keep large weights in files
+    beside the model (external data), which a bundle would otherwise lose."""
+    import onnx
+
+    try:
+        return onnx.load_model(str(path), load_external_data=True).SerializeToString()  # type: ignore[no-any-return]
+    except (OSError, ValueError) as exc:  # a weights file named by the model is missing or unreadable
+        raise BundleError(f"{str(path)!r}: its weights, kept in files beside it, cannot be read ({cause(exc)}); "
+                          "keep the .onnx.data file(s) in the model's folder.") from None
 
 
 def _from_smp_folder(folder: Path, settings: ImportSettings, base: Mapping[str, Any]) -> ModelBundle:

@@ -217,3 +217,22 @@ def test_a_plain_exported_program_imports_and_one_holding_pickles_is_refused(tmp
                                       str(tmp_path / "pickled.bundle"), *args])
     assert result.exit_code == 2 and "holds pickled objects" in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "pickled.bundle").exists()
+
+
+def test_an_onnx_model_with_its_weights_beside_it_keeps_them_in_the_bundle(tmp_path: Path) -> None:
+    import onnx
+
+    from pipeline.models.fcn import FCN
+
+    model = FCN(in_channels=3, classes=2, depth=2, width=4).eval()
+    program = torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), dynamo=True, verbose=False)
+    assert program is not None
+    onnx.save_model(program.model_proto, str(tmp_path / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
+    code, output = run("model", "import", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "m.bundle"),
+                       "--class", "a", "--class", "b", "--normalization", "unit")
+    assert code == 0, output
+    (tmp_path / "m.onnx.data").unlink()  # the bundle is whole without the files it was made from
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        np.testing.assert_allclose(ModelBundle.load(tmp_path / "m.bundle").model(x), model(x), atol=1e-5)
