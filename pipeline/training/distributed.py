@@ -120,10 +120,12 @@ def fit(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.cluster import connect_ray
+    from pipeline.training.pretrained import check_encoder_weights
 
     start = time.perf_counter()
     if settings.address is None and not os.environ.get("RAY_ADDRESS"):
         _check_inputs(config)  # on this machine, a missing file fails now rather than in a worker
+        check_encoder_weights(config.architecture, config.arch_args or {})  # and weights it cannot get
         config = _absolute_inputs(config)  # workers run in folders of their own
     config = dataclasses.replace(config, threads=settings.threads)
     storage = settings.storage if "://" in settings.storage else str(Path(settings.storage).resolve())

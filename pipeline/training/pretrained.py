@@ -58,6 +58,25 @@ def load_encoder_weights(model: nn.Module, architecture: str, arch_args: Mapping
     nn.Module.load_state_dict(encoder, _hub_encoder(named, weights, in_channels).state_dict(), strict=True)
 
 
+def check_encoder_weights(architecture: str, arch_args: Mapping[str, Any]) -> None:
+    """Fail now, in this process, if `encoder_weights` names hub weights that can be neither downloaded
+    nor found in the cache (a training worker would find out only after Ray and its imports had started).
+
+    Raises:
+        ConfigError: as `load_encoder_weights` would.
+    """
+    from huggingface_hub import constants
+
+    weights = arch_args.get("encoder_weights")
+    if not isinstance(weights, str) or os.path.sep in weights or os.path.exists(weights):
+        return  # none, or a local file: read where it is used
+    if constants.HF_HUB_OFFLINE or not _hub_answers(constants.ENDPOINT):
+        from pipeline.models.registry import ARCHITECTURES
+
+        if architecture in ARCHITECTURES:
+            _hub_encoder({**ARCHITECTURES[architecture].defaults, **arch_args}, weights, 3)  # from the cache only
+
+
 def init_from_bundle(model: nn.Module, path: str) -> list[str]:
     """Copy a bundle's weights into `model` where names and shapes match; the names left as initialised.
 
