@@ -21,6 +21,7 @@ FULL = [
     ["bench.training"],
     ["bench.query"],
     ["bench.models"],
+    ["bench.models", "--runtimes"],
     ["bench.refine"],
     ["bench.collection"],
     ["bench.scheduler"],
@@ -33,6 +34,7 @@ QUICK = [
     ["bench.training", "--steps-per-epoch", "5", "--batch", "4", "--window", "64"],
     ["bench.query", "--size", "2048", "--requests", "20"],
     ["bench.models", "--repeats", "1"],
+    ["bench.models", "--runtimes", "--repeats", "1"],
     ["bench.refine", "--size", "1024", "--seeds", "1"],
     ["bench.collection", "--images", "3", "--size", "1024", "--memory-counts", "2", "3"],
     ["bench.scheduler", "--counts", "20", "50"],
@@ -43,9 +45,9 @@ QUICK = [
 def main() -> None:
     plan = QUICK if "--quick" in sys.argv else FULL
     if torch.cuda.is_available():
-        plan = [*plan, ["bench.gpu"]]
+        plan = [*plan, ["bench.gpu"], ["bench.models", "--runtimes", "--device", "cuda"]]
     else:
-        print("no GPU here: bench.gpu skipped (run it on a GPU machine)")
+        print("no GPU here: bench.gpu and the GPU runtimes skipped (run them on a GPU machine)")
     start = time.perf_counter()
     for args in plan:
         tick = time.perf_counter()

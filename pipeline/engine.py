@@ -610,10 +610,10 @@ class Engine:
                     parent_future.result()
                 from tqdm import tqdm
 
-                # One image: a bar of its blocks; a collection: a bar of its images.
+                # One image: a bar of its blocks (none when it failed to open); a collection: a bar of its images.
                 self.bar = tqdm(total=0 if single else len(self.tasks), desc=self.kind.name,
-                                unit="block" if single else "image", disable=not self.kind.progress,
-                                leave=False)
+                                unit="block" if single else "image",
+                                disable=not self.kind.progress or (single and first is None), leave=False)
                 max_images = self.max_images or max(2, 2 * self.layout.workers)
                 while True:
                     # Keep images planned ahead and in flight.

@@ -163,6 +163,7 @@ class SegmentSummary:
     worker_peak_rss_mib: float  # the largest single worker
     run_id: str | None = None  # the MLflow run that tracked the job
     kept: bool = False  # finished before by the same job and kept as it was (this run computed nothing)
+    input_check: str = ""  # what was checked of the image's values against the model's training data
 
     @property
     def pyramid_seconds(self) -> float:
@@ -195,6 +196,7 @@ class SegmentSummary:
             f"blocks      {self.blocks_written} written of {self.blocks_total}"
             + (f" ({self.blocks_resumed} verified from an earlier run)" if self.blocks_resumed else "")
             + f", {self.workers} worker(s)",
+            *([f"input       {self.input_check}"] if self.input_check else []),
             *cost_lines(self.mpix_per_second, self.wall_seconds, self.phases, self.peak_memory_mib,
                         self.worker_peak_rss_mib, self.run_id),
         ])
@@ -352,14 +354,15 @@ def prepare(config: SegmentConfig) -> tuple[RasterSource, ModelBundle, TileGrid]
     """Open and check everything before anything is written; raises TesseraError on bad input."""
     pick_device(config.device)  # a GPU asked for and not visible fails here, not in a worker
     bundle = ModelBundle.load(config.model)
-    source, grid = open_image(config, bundle)
+    source, grid, _ = open_image(config, bundle)
     return source, bundle, grid
 
 
 def open_image(config: SegmentConfig, bundle: ModelBundle,
-               source: RasterSource | None = None) -> tuple[RasterSource, TileGrid]:
+               source: RasterSource | None = None) -> tuple[RasterSource, TileGrid, str]:
     """The source (`source`, opened already at level 0, or `config.source`) at the level that matches the
-    model, and its tile grid; raises TesseraError on bad input."""
+    model, its tile grid, and what was checked of its values (`check_input`); raises TesseraError on bad
+    input."""
     source = source or open_source(config.source)
     spec = bundle.spec
     level = config.level
@@ -377,8 +380,7 @@ def open_image(config: SegmentConfig, bundle: ModelBundle,
             f"model expects bands {list(spec.bands)} but {config.source} has {source.bands} band(s): "
             f"use a source with at least {max(spec.bands)} bands or a model trained on {source.bands}"
         )
-    if not config.accept_input:
-        check_input(source, spec, config.source)
+    input_check = "not checked (accept_input)" if config.accept_input else check_input(source, spec, config.source)
     tile = config.tile or spec.tile_size
     if spec.input_size is not None and tile != spec.input_size:
         raise ConfigError(f"the model takes {spec.input_size} x {spec.input_size} px inputs only (its graph fixes the "
@@ -387,17 +389,20 @@ def open_image(config: SegmentConfig, bundle: ModelBundle,
     grid = TileGrid(source.height, source.width, tile, overlap)
     if config.block < tile:
         raise ConfigError(f"block {config.block} is smaller than the tile {tile}: raise block or shard")
-    return source, grid
+    return source, grid, input_check
 
 
 INPUT_SAMPLES = 4  # windows per side read to compare a source's values with the model's training range
 INPUT_OUTSIDE = 0.5  # the share of sampled values outside the (widened) range that refuses a source
 
 
-def check_input(source: RasterSource, spec: BundleSpec, name: str) -> None:
+def check_input(source: RasterSource, spec: BundleSpec, name: str) -> str:
     """Refuse a source the model was not made for: another data type (uint16 into a uint8 model), or
     values mostly outside the range the model saw in training (widened by half its span each side).
     Bundles that do not record these (made before tessera recorded them) are not checked.
+
+    Returns:
+        What was checked, in a few words, for the job's summary.
 
     Raises:
         ConfigError: in one line, naming the difference and the fixes.
@@ -410,8 +415,9 @@ def check_input(source: RasterSource, spec: BundleSpec, name: str) -> None:
             f"image to {spec.input_dtype} (rescaling its range), use a model trained on {source.dtype.name} data, "
             f"{override}"
         )
+    dtype = f"{source.dtype.name} as in training" if spec.input_dtype is not None else "data type not recorded"
     if spec.input_range is None:
-        return
+        return f"{dtype}; value range not checked (the model does not record its training range)"
     low, high = spec.input_range
     margin = (high - low) / 2
     size = min(64, source.height, source.width)
@@ -424,7 +430,7 @@ def check_input(source: RasterSource, spec: BundleSpec, name: str) -> None:
             values.append(pixels[:, source.valid(y0, x0, size, size)].ravel())
     sample = np.concatenate(values).astype(np.float64)
     if sample.size == 0:
-        return
+        return f"{dtype}; value range not checked (no valid pixel in the sampled windows)"
     outside = float(np.mean((sample < low - margin) | (sample > high + margin)))
     if outside > INPUT_OUTSIDE:
         raise ConfigError(
@@ -432,6 +438,7 @@ def check_input(source: RasterSource, spec: BundleSpec, name: str) -> None:
             f"on ({low:.6g} to {high:.6g}; sampled {sample.min():.6g} to {sample.max():.6g}): re-normalise the image "
             f"to that range, use a model trained on data like it, {override}"
         )
+    return f"{dtype}; {100 * (1 - outside):.0f}% of sampled values near the training range ({low:.6g} to {high:.6g})"
 
 
 def resolve_model(config: SegmentConfig) -> tuple[SegmentConfig, dict[str, Any] | None]:
@@ -494,7 +501,7 @@ class SegmentJob(JobBase):
         full = open_source(materialise(item))  # a missing or unreadable image fails here, before the model is loaded
         config = self.for_image(item, output)
         _, bundle, registered = self.model()
-        source, grid = open_image(config, bundle, full)
+        source, grid, input_check = open_image(config, bundle, full)
         fg, factor = source.foreground() if config.skip_background else (None, 1.0)
         active = grid.active(fg, factor)
         plan = BlockPlan(grid, config.block, active)
@@ -509,7 +516,7 @@ class SegmentJob(JobBase):
         params = flat_params(config, job) | {f"model.{k}": v for k, v in (registered or {}).items()}
         return ImageJob(item, output, job, layout, lineage_info.describe(config, source, bundle, grid, registered),
                         graph, spec, params, extra={"plan": plan, "skipped": len(grid) - len(active),
-                                                    "source": source})
+                                                    "source": source, "input_check": input_check})
 
     def ray_resources(self) -> tuple[int, int | None]:
         """CPUs, and room in an embedded Ray's object store for the seam sums the units in flight use.
@@ -568,6 +575,7 @@ class SegmentJob(JobBase):
             blocks_resumed=figures.blocks_resumed, workers=figures.workers, wall_seconds=figures.wall_seconds,
             phases=figures.phases, peak_memory_mib=figures.peak_memory_mib,
             worker_peak_rss_mib=figures.worker_peak_rss_mib, run_id=figures.run_id,
+            input_check=job.extra["input_check"],
         )
 
 

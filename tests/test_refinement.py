@@ -287,16 +287,23 @@ def test_refine_workers_and_mosaic_readers_do_not_load_torch() -> None:
     assert done.stdout.strip() == "[]", done.stdout
 
 
-def test_a_collection_root_refines_on_the_same_engine(scene_mosaic: tuple[Path, Path, np.ndarray],
-                                                      refined: tuple[Path, RefineSummary], tmp_path: Path) -> None:
-    """`tessera refine ROOT -o OUT`: every complete mosaic under ROOT, one manifest row each; an unfinished
-    mosaic is a failed row with its one-line error, and the others go on."""
+def test_a_collection_root_refines_on_the_same_engine(ray_session: None, tmp_path: Path) -> None:
+    """`tessera refine ROOT -o OUT`: every complete mosaic under ROOT, one manifest row each, each equal to
+    refining it alone; an unfinished mosaic is a failed row with its one-line error, and the others go on."""
     import shutil
 
     from pipeline.manifest import Manifest
     from pipeline.refinement import refine_inputs
 
-    mosaic, _, _ = scene_mosaic
+    scene = generate_scene(256, 256, seed=8)  # four 128 px blocks: the engine's collection path, cheaply
+    image = tmp_path / "scene.tif"
+    write_scene(scene, image, tmp_path / "labels.tif")
+    mosaic = tmp_path / "coarse.zarr"
+    logits = coarse_logits(scene.labels, len(CLASSES), seed=3)
+    write_label_mosaic(scene.labels, mosaic, chunk=64, shard=128, scores=logits,
+                       lineage={"source": {"path": str(image), "level": 0}})
+    alone = tmp_path / "alone.zarr"
+    refine_mosaic(RefineConfig(str(mosaic), str(alone), crf=SMALL_CRF, progress=False))
     root = tmp_path / "root"
     root.mkdir()
     for name in ("a", "b", "c"):
@@ -309,7 +316,7 @@ def test_a_collection_root_refines_on_the_same_engine(scene_mosaic: tuple[Path, 
     assert summary.count("done") == 2  # type: ignore[union-attr]
     (failed,) = summary.failed  # type: ignore[union-attr]
     assert failed.item.name == "c" and "not complete" in failed.error and not (out / "c.zarr").exists()
-    expected = Mosaic.open(refined[0]).read("scores", 0)
+    expected = Mosaic.open(alone).read("scores", 0)
     for name in ("a", "b"):
         m = Mosaic.open(out / f"{name}.zarr")
         assert m.complete and m.lineage["refined"]["mosaic"] == str((root / f"{name}.zarr").resolve())

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from pipeline import hub
 from pipeline.classes import ClassInfo, default_colors
 from pipeline.errors import BundleError, ConfigError, cause
 from pipeline.files import write_atomically
@@ -287,6 +288,9 @@ def _spec(settings: ImportSettings, base: Mapping[str, Any], *, runtime: str, ch
     fields["normalization"] = _normalization(settings.normalization, fields.get("normalization"), len(fields["bands"]))
     if fields.get("input_dtype") is None:
         fields["input_dtype"] = {1 / 255: "uint8", 1 / 65535: "uint16"}.get(fields["normalization"].scale)
+    if "overlap" not in fields and "tile_size" in fields:  # the default's share of the default tile, for a tile given
+        default = {f.name: f.default for f in dataclasses.fields(BundleSpec)}
+        fields["overlap"] = min(default["overlap"], fields["tile_size"] * default["overlap"] // default["tile_size"])
     if settings.tile_size is not None and fields.get("input_size") not in (None, settings.tile_size):
         fields["input_size"] = None  # re-checked on a tile of the size given
     return BundleSpec(**fields)
@@ -356,16 +360,21 @@ def _state_dict(data: bytes, kind: str, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _download(repo_id: str) -> Path:
-    """A hub model's folder, from the Hugging Face cache or the hub."""
-    from huggingface_hub import snapshot_download
+    """A hub model's folder, from the Hugging Face hub, or from its cache where the hub does not answer."""
+    from huggingface_hub import constants, snapshot_download
 
+    online = hub.reachable()
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.bin"]))
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.bin"],
+                                      local_files_only=not online))
     except Exception as exc:  # offline, unknown repo, refused: huggingface_hub raises many types
+        why = cause(exc) if online else f"it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and " + (
+            "huggingface_hub is in offline mode (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE
+            else "the hub is not reachable from here")
         raise BundleError(
-            f"Hub model {repo_id!r} cannot be fetched ({cause(exc)}). Without a network, download it where "
-            "there is one (huggingface-cli download REPO --local-dir FOLDER) and import the folder, or set HF_HOME "
-            "to a cache that holds it."
+            f"Hub model {repo_id!r} cannot be fetched: {why}. Where there is a network, download it "
+            f"(huggingface-cli download {repo_id} --local-dir FOLDER) and import the folder, or set HF_HOME to a "
+            "cache that holds it."
         ) from None
 
 

@@ -40,6 +40,8 @@ TORCH = "torch"
 PROGRAMS = ("torchscript", "exported", "onnx")
 RUNTIMES = (TORCH, *PROGRAMS)
 ONNX_OPSET = 18
+# A legacy torch.save file starts with pickle protocol 2 storing torch's magic number 0x1950a86a20f9469cfc6c.
+_LEGACY_TORCH_SAVE = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
 class ExportedModule(nn.Module):
@@ -222,6 +224,8 @@ def sniff(data: bytes) -> str | None:
         if any(n.endswith("data.pkl") for n in names):
             return "state_dict"
         return None
+    if data.startswith(_LEGACY_TORCH_SAVE):  # torch.save before PyTorch 1.6 (or _use_new_zipfile_serialization=False)
+        return "state_dict"
     if len(data) > 8 and int.from_bytes(data[:8], "little") < len(data) and data[8:9] == b"{":
         return "safetensors"
     if _is_onnx(data):

@@ -118,7 +118,8 @@ class TrainConfig:
         init: A bundle to start from (fine-tuning): its weights where names and shapes match, a first
             convolution adapted to other bands, a fresh head when the classes differ. Pretrained
             encoders are ``arch_args.encoder_weights`` (a weight name such as ``imagenet``, or a path).
-        freeze_encoder_epochs: Epochs at the start during which the encoder's weights are not updated.
+        freeze_encoder_epochs: Epochs at the start during which the encoder is not trained: its weights and
+            its batch-norm statistics stay as they started.
         encoder_lr_scale: The encoder's learning rate as a share of ``lr`` (e.g. 0.1 when fine-tuning).
     """
 
@@ -229,7 +230,7 @@ class TrainResult:
         bundle_path: The bundle file (the best model by validation mIoU).
         sha256: Hex SHA-256 of that file.
         history: One entry per epoch: epoch, step, loss (mean training loss of the epoch),
-            val_miou, lr and seconds since the (last) start.
+            val_miou, val_iou_NAME per class, lr and seconds since the (last) start.
         val_miou: Best validation mean IoU.
         val_iou: Per-class validation IoU of the best model (NaN for classes absent from both the
             validation truth and the prediction).
@@ -528,7 +529,11 @@ class _Run:
         for batches in self.batches:
             batches.reseed(rng)
         steps = min(config.steps_per_epoch, config.steps - self.epoch * config.steps_per_epoch)
+        frozen = self.epoch < config.freeze_encoder_epochs
         self.model.train()
+        encoder = getattr(self.bundle.model, "encoder", None)
+        if frozen and isinstance(encoder, nn.Module):
+            encoder.eval()  # its batch-norm statistics stay those it started with
         losses = []
         for _ in range(steps):
             x, y = next(self.batches[rng.choice(len(self.batches), p=self.odds)])
@@ -537,8 +542,9 @@ class _Run:
                 loss = self.loss(self.model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if self.epoch < config.freeze_encoder_epochs:  # AdamW moves nothing at a rate of 0
-                self.optimizer.param_groups[0]["lr"] = 0.0
+            if frozen:  # AdamW leaves parameters without a gradient alone: no step, no decay, no moments
+                for parameter in self.optimizer.param_groups[0]["params"]:
+                    parameter.grad = None
             self.optimizer.step()
             self.schedule.step()
             losses.append(float(loss.detach()))
@@ -559,14 +565,14 @@ class _Run:
             "val_miou": miou,
             "lr": float(self.optimizer.param_groups[-1]["lr"]),  # the rest's: the encoder's may be scaled or held
             "seconds": time.perf_counter() - self.start,
+            **{f"val_iou_{c.name}": float(v) for c, v in zip(self.bundle.spec.classes, scores["iou"], strict=True)},
         }
         self.history.append(figures)
         if miou > self.best_miou:
             self.best_miou, self.best_iou, self.best_epoch = miou, list(scores["iou"]), self.epoch
             self.sha256 = self.bundle.save(self.best_path)
         if self.logger is not None:
-            self.logger.log_epoch(self.epoch, {**figures, **{f"val_iou_{c.name}": v for c, v in
-                                                            zip(self.bundle.spec.classes, scores["iou"], strict=True)}})
+            self.logger.log_epoch(self.epoch, figures)
         return miou
 
     def _final_report(self, model: nn.Module, samples: int = 4) -> FinalReport:
@@ -677,7 +683,8 @@ def predict_area(
     """Class ids of an area, inferred on non-overlapping tiles.
 
     Tiles are reflect-padded where the area ends, so every prediction sees data from the area only;
-    tiles are at most ``tile`` pixels a side (less for areas smaller than that, rounded up to 32).
+    tiles are at most ``tile`` pixels a side (less for areas smaller than that, rounded up to 32), or
+    the size a program with a fixed input size takes (an imported bundle).
 
     Args:
         model: The model; it is put in eval mode.
@@ -691,6 +698,9 @@ def predict_area(
     _, height, width = image.shape
     tile_h = min(tile, -(-height // _TILE_MULTIPLE) * _TILE_MULTIPLE)
     tile_w = min(tile, -(-width // _TILE_MULTIPLE) * _TILE_MULTIPLE)
+    fixed = getattr(model, "fixed_size", lambda: None)()
+    if fixed is not None:
+        tile_h, tile_w = fixed
     prediction = np.empty((height, width), dtype=np.uint8)
     model.eval()
     device = next(iter(model.parameters()), torch.empty(0)).device  # an ONNX model has none: the CPU

@@ -16,20 +16,16 @@ The bundle written after training never names the weights it started from: its s
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from pipeline import hub
 from pipeline.errors import ConfigError, cause
-
-HUB_PROBE_TIMEOUT = 3.0  # seconds for the hub to answer before it is taken as unreachable
 
 
 def load_encoder_weights(model: nn.Module, architecture: str, arch_args: Mapping[str, Any], weights: str,
@@ -65,12 +61,10 @@ def check_encoder_weights(architecture: str, arch_args: Mapping[str, Any]) -> No
     Raises:
         ConfigError: as `load_encoder_weights` would.
     """
-    from huggingface_hub import constants
-
     weights = arch_args.get("encoder_weights")
     if not isinstance(weights, str) or os.path.sep in weights or os.path.exists(weights):
         return  # none, or a local file: read where it is used
-    if constants.HF_HUB_OFFLINE or not _hub_answers(constants.ENDPOINT):
+    if not hub.reachable():
         from pipeline.models.registry import ARCHITECTURES
 
         if architecture in ARCHITECTURES:
@@ -134,10 +128,9 @@ def _hub_encoder(arch_args: Mapping[str, Any], weights: str, in_channels: int) -
 
     name = str(arch_args.get("encoder_name", "resnet18"))
     depth = int(arch_args.get("encoder_depth", 5))
-    offline = constants.HF_HUB_OFFLINE
-    reachable = offline or _hub_answers(constants.ENDPOINT)
+    online = hub.reachable()
     try:
-        with _hub_offline(not reachable):
+        with hub.cache_only(not online):
             if name.startswith("tu-"):
                 return smp.encoders.get_encoder(name, in_channels=in_channels, depth=depth,  # type: ignore[no-any-return]
                                                 weights=True if weights == "imagenet" else weights)
@@ -147,7 +140,8 @@ def _hub_encoder(arch_args: Mapping[str, Any], weights: str, in_channels: int) -
         why = cause(exc)
         raise ConfigError(f"encoder_weights={weights!r} is not a weight name of {name!r} ({why}).") from None
     except (LocalEntryNotFoundError, OSError) as exc:
-        why = "the hub is not reachable from here" if not reachable else cause(exc)
+        why = cause(exc) if online else ("huggingface_hub is in offline mode (HF_HUB_OFFLINE)"
+                                         if constants.HF_HUB_OFFLINE else "the hub is not reachable from here")
         asked = "True" if name.startswith("tu-") else repr(weights)
         raise ConfigError(
             f"Pretrained weights {weights!r} for encoder {name!r} are not in the Hugging Face cache "
@@ -155,28 +149,3 @@ def _hub_encoder(arch_args: Mapping[str, Any], weights: str, in_channels: int) -
             f"segmentation_models_pytorch as smp; smp.encoders.get_encoder('{name}', weights={asked})\"` and copy "
             "that cache here (or set HF_HOME to it), or give encoder_weights=PATH, a local encoder checkpoint."
         ) from None
-
-
-def _hub_answers(endpoint: str) -> bool:
-    """Whether the hub's host accepts a connection within a few seconds (DNS failing counts as no)."""
-    parts = urllib.parse.urlsplit(endpoint)
-    try:
-        socket.create_connection((parts.hostname or "huggingface.co", parts.port or 443),
-                                 timeout=HUB_PROBE_TIMEOUT).close()
-    except OSError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _hub_offline(offline: bool) -> Iterator[None]:
-    """huggingface_hub looks in its cache only, for a moment (no retries against an unreachable hub)."""
-    from huggingface_hub import constants
-
-    before = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = before or offline
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = before
-

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipeline.classes import ClassInfo
 from pipeline.cli import app
 from pipeline.execution import SegmentConfig, segment
 from pipeline.models import ModelBundle
@@ -61,7 +64,8 @@ def test_exported_and_imported_back_segments_to_the_same_mosaic(
     assert code == 0 and json.loads(output)["sha256"] == bundle.sha256
 
     mosaic = tmp_path / "imported.zarr"
-    segment(SegmentConfig(source=str(scene["image"]), model=str(imported), output=str(mosaic), **SETTINGS))  # type: ignore[arg-type]
+    summary = segment(SegmentConfig(source=str(scene["image"]), model=str(imported), output=str(mosaic), **SETTINGS))  # type: ignore[arg-type]
+    assert "input       uint8 as in training" in summary.describe()  # the summary states the input check
     ours = Mosaic.open(mosaic)
     assert ours.complete
     np.testing.assert_array_equal(ours.read("mask"), original.read("mask"))
@@ -93,15 +97,56 @@ def test_an_smp_folder_imports_and_segments(scene: dict[str, Path], tmp_path: Pa
     assert Mosaic.open(mosaic).complete
 
 
+def test_a_hub_id_imports_from_the_cache_when_the_hub_does_not_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import segmentation_models_pytorch as smp
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a hub that is not there: nothing listens on this port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    # The cache as huggingface_hub lays it out after a download of lab/buildings.
+    repo = tmp_path / "hub" / "models--lab--buildings"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    torch.manual_seed(0)
+    model = smp.Unet(encoder_name="resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(32, 16, 8),
+                     classes=2)
+    model.save_pretrained(str(repo / "snapshots" / ("0" * 40)))
+
+    settings = ImportSettings(classes=(ClassInfo("background", (0, 0, 0)), ClassInfo("building", (255, 0, 0))),
+                              normalization="imagenet", tile_size=64)
+    bundle = import_model("lab/buildings", tmp_path / "hub.bundle", settings)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        np.testing.assert_allclose(bundle.model(x), model.eval()(x), atol=1e-5)
+
+    start = time.perf_counter()
+    result = CliRunner().invoke(app, ["model", "import", "lab/roads", "--class", "a", "--class", "b",
+                                      "--out", str(tmp_path / "roads.bundle")])
+    elapsed = time.perf_counter() - start
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'lab/roads' cannot be fetched" in lines[0] and "not reachable" in lines[0], lines
+    assert elapsed < 10 and not (tmp_path / "roads.bundle").exists()
+
+
 def test_a_state_dict_imports_for_a_registry_architecture(scene: dict[str, Path], tmp_path: Path) -> None:
     original = ModelBundle.load(scene["bundle"])
     torch.save({"state_dict": {f"module.{k}": v for k, v in original.model.state_dict().items()}}, tmp_path / "ckpt.pt")
     settings = ImportSettings(architecture="fcn", arch_args={"depth": 3, "width": 8}, bands=(1, 2, 3),
                               classes=original.spec.classes, normalization=original.spec.normalization, tile_size=128)
     bundle = import_model(tmp_path / "ckpt.pt", tmp_path / "sd.bundle", settings)
+    # The same weights in torch.save's format before PyTorch 1.6 (not a zip archive), as old checkpoints are.
+    torch.save(original.model.state_dict(), tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    old = import_model(tmp_path / "old.pth", tmp_path / "old.bundle", settings)
     x = torch.randn(1, 3, 128, 128)
     with torch.inference_mode():
         np.testing.assert_array_equal(bundle.model(x), original.model(x))
+        np.testing.assert_array_equal(old.model(x), original.model(x))
 
 
 @pytest.fixture(scope="module")

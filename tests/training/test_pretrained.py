@@ -27,8 +27,8 @@ def config(scene_files: tuple[str, str], output: Path, **overrides: object) -> T
 
 
 def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A module's learned tensors (not batch-norm statistics, which move in training mode)."""
-    return {k: v for k, v in module.state_dict().items() if v.is_floating_point() and "running" not in k}
+    """A module's floating-point tensors: weights and batch-norm statistics."""
+    return {k: v for k, v in module.state_dict().items() if v.is_floating_point()}
 
 
 def test_a_local_encoder_checkpoint_is_loaded_exactly_and_held_while_frozen(
@@ -38,7 +38,8 @@ def test_a_local_encoder_checkpoint_is_loaded_exactly_and_held_while_frozen(
     encoder = smp.encoders.get_encoder(ARCH["encoder_name"], in_channels=3, depth=ARCH["encoder_depth"])
     checkpoint = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}  # as a whole model's keys
     torch.save(checkpoint, tmp_path / "encoder.pt")
-    # Two steps with the encoder frozen for the first epoch: its weights are the checkpoint's, bit for bit.
+    # Two steps with the encoder frozen for the first epoch: its weights and batch-norm statistics are the
+    # checkpoint's, bit for bit.
     pretrained = {**ARCH, "encoder_weights": str(tmp_path / "encoder.pt")}
     result = train(config(scene_files, tmp_path / "m.bundle", arch_args=pretrained, freeze_encoder_epochs=1),
                    progress=False)
