@@ -19,7 +19,7 @@ def to_config(cfg: DictConfig) -> SegmentConfig:
         batch_size=t.batch_size, level=t.level, block=t.block, skip_background=t.skip_background,
         chunk=s.chunk, shard=s.shard, scores_dtype=s.scores_dtype,
         workers=c.workers, threads=c.threads, device=c.device, ray_address=c.address,
-        actors_per_gpu=c.actors_per_gpu, pipelined=c.pipelined, compile=c.compile,
+        actors_per_gpu=c.actors_per_gpu, pipelined=c.pipelined, compile=c.compile, runtime=cfg.runtime,
         overwrite=cfg.overwrite, accept_input=cfg.accept_input, progress=cfg.progress, verbose=cfg.verbose,
         tracking=Tracking(enabled=cfg.tracking.enabled, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment),
     )

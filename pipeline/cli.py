@@ -43,6 +43,8 @@ def segment(
         "--pipelined/--no-pipelined", help="Read ahead and write behind in each worker (default: on GPU).",
         show_default=False)] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model in each worker.")] = False,
+    runtime: Annotated[str | None, typer.Option(
+        help="Run a PyTorch bundle on another runtime: onnx (onnxruntime). Default: the bundle's own.")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: embedded).")] = None,
     skip_background: Annotated[bool, typer.Option(help="Skip tiles without foreground.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace complete mosaics at --out.")] = False,
@@ -68,7 +70,7 @@ def segment(
             source=",".join(sources), model=str(model), output=str(out), tile=tile, overlap=overlap,
             window=window, scores=scores, tta=tta, batch_size=batch_size, level=level, block=block,
             chunk=min(512, block), shard=min(block, 2048), workers=workers, threads=threads, device=device,
-            actors_per_gpu=actors_per_gpu, pipelined=pipelined, compile=compile,
+            actors_per_gpu=actors_per_gpu, pipelined=pipelined, compile=compile, runtime=runtime,
             ray_address=ray_address, skip_background=skip_background, overwrite=overwrite, accept_input=accept_input,
             progress=not quiet, verbose=verbose,
             tracking=Tracking(enabled=track, uri=tracking_uri, experiment=experiment),

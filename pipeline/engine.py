@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline import lineage as lineage_info
+from pipeline import warm_pool
 from pipeline.collection import CollectionItem
 from pipeline.errors import OutputLockedError, TesseraError
 from pipeline.locking import OutputLock, lock_path
@@ -204,26 +205,49 @@ class JobBase:
 
 
 class BlockWorker:
-    """A warm worker: keeps what the job kind loads once (the model) and the handles of recent images."""
+    """A warm worker: keeps what the job kind loads once (the model) and the handles of recent images.
 
-    def __init__(self, setup: WorkerSetup) -> None:
+    `setup` is a one-element list holding the ref of the job's WorkerSetup, so that Ray passes the ref
+    itself: a worker kept warm for the next job (`pipeline.warm_pool`) is handed that job's setup, and
+    every unit names its job's, so that a worker restarted by Ray (with the arguments it was created
+    with, perhaps another job's) loads the right one before it computes anything.
+    """
+
+    def __init__(self, setup: list[Any]) -> None:
         limit_gdal_cache()
-        self.runner = setup.start()
-        self.contexts: OrderedDict[int, Any] = OrderedDict()
+        self.setup_key = ""
+        self.runner: Any = None
+        self.contexts: OrderedDict[int, Any] = OrderedDict()  # `setup` is loaded by the first call: see above
 
-    def ready(self) -> bool:
-        """Answers once the model is loaded, so start-up is timed apart from compute."""
+    def ready(self, setup: list[Any]) -> bool:
+        """Answers once the job's model is loaded, so start-up is timed apart from compute."""
+        self._use(setup)
         return True
 
-    def seam(self, image: int, spec: list[Any], index: int) -> tuple[Any, ...]:
+    def seam(self, setup: list[Any], image: int, spec: list[Any], index: int) -> tuple[Any, ...]:
         """A seam's results, one per block it feeds, then its report."""
+        self._use(setup)
         release_memory()
         parts, report = self.runner.seam(self._context(image, spec), index)
         return (*parts, report)
 
-    def block(self, image: int, spec: list[Any], block: BlockId, *parts: Any) -> UnitReport:
+    def block(self, setup: list[Any], image: int, spec: list[Any], block: BlockId, *parts: Any) -> UnitReport:
+        self._use(setup)
         release_memory()
         return self.runner.block(self._context(image, spec), block, parts)
+
+    def _use(self, setup: list[Any]) -> None:
+        """Load the job's setup unless it is the one loaded; the last job's image handles go with it."""
+        import ray
+
+        if setup[0].hex() == self.setup_key:
+            return
+        if self.runner is not None:
+            with contextlib.suppress(Exception):  # the last job ended: nothing of it is pending
+                self.runner.flush()
+        self.runner, self.contexts = None, OrderedDict()
+        self.runner = ray.get(setup[0]).start()
+        self.setup_key = setup[0].hex()
 
     def flush(self) -> bool:
         """Wait for the block being written behind; raises its error."""
@@ -387,6 +411,7 @@ class Engine:
         self.first_job: ImageJob | None = None
         self.first_prepared = threading.Event()
         self.startup_seconds = 0.0
+        self.setup: list[Any] = []  # the ref of the workers' setup, in a list (see BlockWorker)
         self._finishing: dict[int, _Active] = {}  # images handed to the finisher, by key
         self._manifest_written = 0.0
 
@@ -559,8 +584,9 @@ class Engine:
         single = len(self.tasks) == 1
         first: ImageJob | None = None
         started_ray = False
+        ended_normally = False
+        shape: tuple[Any, ...] | None = None  # the workers' resources, where they may be kept warm
         actor_cls: Any = None
-        setup_ref: Any = None
         actors: list[Any] = []
         active: list[_Active] = []
         finishing: dict[Future[Any], int] = {}
@@ -592,16 +618,19 @@ class Engine:
                     pool = first is not None
                 if pool:
                     layout = self.layout = self.kind.worker_layout(first)
-                    setup_ref = ray.put(self.kind.worker_setup())
+                    self.setup = [ray.put(self.kind.worker_setup())]  # passed as a ref, see BlockWorker
                     actor_cls = ray.remote(BlockWorker).options(
                         num_cpus=layout.num_cpus, num_gpus=layout.num_gpus, max_restarts=WORKER_RESTARTS,
                         max_task_retries=WORKER_RESTARTS,
                     )
                     self.workers = layout.workers
+                    # On a Ray this job did not start, workers outlive it: the last job's idle ones are taken.
+                    shape = None if started_ray else warm_pool.key(layout.num_cpus, layout.num_gpus)
+                    actors = warm_pool.take(shape, layout.workers) if shape else []
                     # The setup stays in the object store for restarts (the driver holds its ref for the whole job);
                     # Ray's warning about that, printed once a process, goes to its log only.
                     with native_ray_lines_in_log_only(self.kind.verbose):
-                        actors = [actor_cls.remote(setup_ref) for _ in range(layout.workers)]
+                        actors += [actor_cls.remote(self.setup) for _ in range(layout.workers - len(actors))]
                     self._await_workers(actors, layout)
                     log.debug("workers ready after %.2f s", time.perf_counter() - start)
                     phases["startup"] = self.startup_seconds = time.perf_counter() - tick
@@ -651,7 +680,7 @@ class Engine:
                         for ref in done_refs:
                             image, kind, key, a, actor = in_flight.pop(ref)
                             load[a] -= 1
-                            self._unit_done(image, kind, key, ref, actors, a, actor, actor_cls, setup_ref)
+                            self._unit_done(image, kind, key, ref, actors, a, actor, actor_cls)
                     elif planning or finishing:
                         wait_futures([*planning, *finishing], timeout=1.0, return_when=FIRST_COMPLETED)
                     for future in [f for f in planning if f.done()]:
@@ -670,6 +699,7 @@ class Engine:
                         else:
                             self._record(key)
                     self._write_manifest()
+            ended_normally = True
         except BaseException:
             self.stopping.set()
             self._stop(in_flight, actors, active, ready, planning, finishing, planner, finisher)
@@ -677,9 +707,12 @@ class Engine:
         finally:  # each step on its own: one failing does not skip the others
             if self.bar is not None:
                 self.bar.close()
-            for actor in actors:
-                with contextlib.suppress(Exception):
-                    ray.kill(actor)
+            if ended_normally and shape is not None and actors:
+                warm_pool.give(shape, actors)  # for the next job of this process
+            else:
+                for actor in actors:
+                    with contextlib.suppress(Exception):
+                        ray.kill(actor)
             planner.shutdown(wait=True)
             finisher.shutdown(wait=True)
             with contextlib.suppress(Exception):
@@ -730,20 +763,21 @@ class Engine:
             if image.blocks_ready:
                 b = image.blocks_ready.popleft()
                 parts = [image.seam_parts[k][b] for k in image.feeds.get(b, [])]
-                ref = actor.block.remote(image.key, image.spec, b, *parts)
+                ref = actor.block.remote(self.setup, image.key, image.spec, b, *parts)
                 image.in_flight += 1
                 return ref, (image, "block", b, a, actor)
             if image.seams_todo:
                 k = image.seams_todo.popleft()
                 blocks = image.opened.job.graph.seams[k]
-                *parts, report = actor.seam.options(num_returns=len(blocks) + 1).remote(image.key, image.spec, k)
+                *parts, report = actor.seam.options(num_returns=len(blocks) + 1).remote(self.setup, image.key,
+                                                                                        image.spec, k)
                 image.seam_parts[k] = dict(zip(blocks, parts, strict=True))
                 image.in_flight += 1
                 return report, (image, "seam", k, a, actor)
         return None
 
     def _unit_done(self, image: _Active, kind: str, key: Any, ref: Any, actors: list[Any], a: int, actor: Any,
-                   actor_cls: Any, setup_ref: Any) -> None:
+                   actor_cls: Any) -> None:
         import ray
 
         image.in_flight -= 1
@@ -771,7 +805,7 @@ class Engine:
             if actors[a] is actor:  # the first of its units to tell: the pool keeps its size
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
-                actors[a] = actor_cls.remote(setup_ref)
+                actors[a] = actor_cls.remote(self.setup)
             return
         except ray.exceptions.RayError as e:  # objects lost with a node, and the like: this image only
             image.error = image.error or TesseraError(f"{one_line(e)}: rerun the job to resume this image")
@@ -835,7 +869,7 @@ class Engine:
         import ray
 
         try:
-            ray.get([a.ready.remote() for a in actors], timeout=STARTUP_TIMEOUT)
+            ray.get([a.ready.remote(self.setup) for a in actors], timeout=STARTUP_TIMEOUT)
         except ray.exceptions.GetTimeoutError:
             raise TesseraError(
                 f"{layout.workers} worker(s) needing {'a GPU' if layout.num_gpus else 'a CPU'} each could not start "

@@ -51,6 +51,7 @@ from pipeline.engine import (
 from pipeline.errors import BandMismatchError, ConfigError
 from pipeline.inference import InferenceOptions, pick_device
 from pipeline.models.bundle import BundleSpec, ModelBundle
+from pipeline.models.runtimes import RUNTIMES
 from pipeline.mosaic import Mosaic, MosaicLayout, check_storage
 from pipeline.sources import RasterSource, open_source
 from pipeline.tiling import BlockId, BlockPlan, TileGrid
@@ -85,6 +86,8 @@ class SegmentConfig:
         actors_per_gpu: model actors sharing each GPU (more than 1 helps when one actor's CPU work
             leaves the GPU idle; each holds its own copy of the model in GPU memory).
         compile: torch.compile the model in each worker (slower start, faster steady state on GPU).
+        runtime: run a PyTorch bundle's model on another runtime ("onnx": onnxruntime, see
+            docs/models.md#runtimes); None runs each bundle on its own.
         overwrite: replace a complete mosaic at `output`, or start an unfinished one over.
         accept_input: run a source whose data type or values differ from what the model was trained on
             (refused otherwise, see `check_input`).
@@ -114,6 +117,7 @@ class SegmentConfig:
     pipelined: bool | None = None
     actors_per_gpu: int = 1
     compile: bool = False
+    runtime: str | None = None
     overwrite: bool = False
     accept_input: bool = False
     progress: bool = True
@@ -133,6 +137,9 @@ class SegmentConfig:
             value = getattr(self, name)
             if value is not None and value < (0 if name == "level" else 1):
                 raise ConfigError(f"{name}={value} is out of range: use a positive number or leave it unset")
+        if self.runtime is not None and self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime={self.runtime!r} is unknown: use one of {', '.join(RUNTIMES)}, or leave it "
+                              "unset to run the bundle on its own")
         self.inference  # noqa: B018  (validates scores, batch size and device before anything is written)
 
     @property
@@ -465,6 +472,7 @@ def job_fingerprint(config: SegmentConfig, source: RasterSource, bundle: ModelBu
         "tile": grid.tile, "overlap": grid.overlap, "window": config.window, "scores": config.scores,
         "scores_dtype": config.scores_dtype, "tta": config.tta, "chunk": config.chunk, "shard": config.shard,
         "block": config.block, "skip_background": config.skip_background,
+        **({"runtime": config.runtime} if config.runtime not in (None, bundle.spec.runtime) else {}),
     }
 
 
@@ -479,6 +487,7 @@ class SegmentJob(JobBase):
         self.config: SegmentConfig = config
         self._lock = threading.Lock()
         self._model: tuple[SegmentConfig, ModelBundle, dict[str, Any] | None] | None = None
+        self._run_bytes: bytes | None = None  # the bundle the workers run: the file, or it on `runtime`
         self._threads: int | None = None  # torch threads per worker, chosen with the layout
 
     def check(self) -> None:
@@ -490,7 +499,14 @@ class SegmentJob(JobBase):
             if self._model is None:
                 pick_device(self.config.device)  # a GPU asked for and not visible fails here, not in a worker
                 config, registered = resolve_model(self.config)
-                self._model = config, ModelBundle.load(config.model), registered
+                bundle = ModelBundle.load(config.model)
+                if config.runtime is None or config.runtime == bundle.spec.runtime:
+                    self._run_bytes = Path(config.model).read_bytes()
+                else:  # converted once here, before anything is written; every worker gets the result
+                    from pipeline.models.interchange import on_runtime
+
+                    self._run_bytes = on_runtime(bundle, config.runtime).to_bytes()
+                self._model = config, bundle, registered
             return self._model
 
     def for_image(self, item: CollectionItem, output: str) -> SegmentConfig:
@@ -536,9 +552,10 @@ class SegmentJob(JobBase):
 
     def worker_setup(self) -> SegmentSetup:
         config, _, _ = self.model()
+        assert self._run_bytes is not None, "set with the model"
         device = pick_device(config.device).type
         threads = self._threads or self._layout(None)[1]
-        return SegmentSetup(Path(config.model).read_bytes(), config.inference, threads,
+        return SegmentSetup(self._run_bytes, config.inference, threads,
                             config.pipelined if config.pipelined is not None else device == "cuda")
 
     def worker_layout(self, first: ImageJob | None) -> WorkerLayout:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,38 @@ def test_mosaic_equals_single_process_reference(
     summary = mosaic.lineage["summary"]
     assert summary["tiles_recomputed"] == 0
     assert summary["tiles_computed"] == summary["tiles_total"]
+
+
+def test_the_next_job_in_this_process_runs_its_own_model_on_the_last_jobs_workers(
+    scene: Path, fcn_bundle: Path, reference: np.ndarray, tmp_path: Path
+) -> None:
+    """On a Ray the job did not start (this session's), its workers wait for the next job of the process
+    (pipeline.warm_pool): no new processes, and each job's mosaic is its own model's."""
+    import psutil
+
+    from pipeline import warm_pool
+
+    def block_workers() -> set[int]:
+        found = set()
+        for process in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # gone, or a zombie, between the listing and the look
+                if process.status() != psutil.STATUS_ZOMBIE and "BlockWorker" in " ".join(process.cmdline()):
+                    found.add(process.pid)
+        return found
+
+    other = make_bundle(tmp_path / "other.bundle", seed=7)  # the same architecture, other weights
+    first = run(scene, other, tmp_path / "other.zarr", workers=2)
+    kept = block_workers()
+    assert len(kept) == 2
+    second = run(scene, fcn_bundle, tmp_path / "m.zarr", workers=2)
+    assert block_workers() == kept  # the same processes
+    assert np.abs(second.read("scores") - reference).max() <= 1e-4  # and the second job's model
+    assert np.abs(first.read("scores") - reference).max() > 0.1
+    warm_pool.release()
+    deadline = time.monotonic() + 30
+    while block_workers() & kept:  # ray.kill returns before the processes have gone
+        assert time.monotonic() < deadline, "released workers still run"
+        time.sleep(0.1)
 
 
 def test_stitched_logits_agree_with_one_whole_image_forward(

@@ -407,7 +407,13 @@ class ModelBundle:
         Returns:
             Hex SHA-256 of the written file (also stored in ``self.sha256``).
         """
-        path = Path(path)
+        data = self.to_bytes()
+        write_atomically(path, data)  # readers never see a half-written bundle under the final name
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        return self.sha256
+
+    def to_bytes(self) -> bytes:
+        """The bundle file's bytes, as `save` writes them."""
         payload: dict[str, Any] = {"format": FORMAT, "version": VERSION, "spec": self.spec.to_dict()}
         if self.spec.runtime == TORCH:
             payload["state_dict"] = {
@@ -419,10 +425,7 @@ class ModelBundle:
             payload["program"] = self.program
         buffer = io.BytesIO()
         torch.save(payload, buffer)
-        data = buffer.getvalue()
-        write_atomically(path, data)  # readers never see a half-written bundle under the final name
-        self.sha256 = hashlib.sha256(data).hexdigest()
-        return self.sha256
+        return buffer.getvalue()
 
     @classmethod
     def load(cls, path: str | Path, map_location: str = "cpu") -> ModelBundle:

@@ -109,6 +109,19 @@ def export_bundle(bundle: ModelBundle, runtime: str, output: str | Path) -> Bund
         ConfigError: an unknown runtime.
         BundleError: the model cannot be exported (the exporter's reason).
     """
+    spec, program = as_program(bundle, runtime)
+    write_atomically(output, program)
+    write_atomically(f"{output}{SPEC_SUFFIX}", json.dumps(spec.to_dict(), indent=2).encode())
+    return spec
+
+
+def as_program(bundle: ModelBundle, runtime: str) -> tuple[BundleSpec, bytes]:
+    """The bundle's model as a `runtime` program, and the spec that describes it.
+
+    Raises:
+        ConfigError: an unknown runtime.
+        BundleError: the model cannot be exported (the exporter's reason).
+    """
     if runtime not in PROGRAMS:
         raise ConfigError(f"Export format {runtime!r} is unknown; choose one of {list(PROGRAMS)}.")
     spec = bundle.spec
@@ -126,11 +139,25 @@ def export_bundle(bundle: ModelBundle, runtime: str, output: str | Path) -> Bund
         except Exception as exc:  # the exporters raise many types
             raise BundleError(f"The model cannot be exported as {runtime} ({cause(exc)}).") from exc
     label = spec.architecture if spec.runtime != TORCH else _label(spec)
-    exported = dataclasses.replace(spec, runtime=runtime, architecture=label, arch_args={},
-                                   input_size=fixed[0] if fixed else spec.input_size)
-    write_atomically(output, program)
-    write_atomically(f"{output}{SPEC_SUFFIX}", json.dumps(exported.to_dict(), indent=2).encode())
-    return exported
+    return dataclasses.replace(spec, runtime=runtime, architecture=label, arch_args={},
+                               input_size=fixed[0] if fixed else spec.input_size), program
+
+
+def on_runtime(bundle: ModelBundle, runtime: str) -> ModelBundle:
+    """The bundle run by another runtime: a PyTorch bundle as an ONNX, TorchScript or ExportedProgram
+    program (the same weights, the logits equal to float32 rounding). A program runs on its own only.
+
+    Raises:
+        ConfigError: a program bundle asked to run on another runtime, or an unknown runtime.
+        BundleError: the model cannot be exported (the exporter's reason).
+    """
+    if runtime == bundle.spec.runtime:
+        return bundle
+    if bundle.spec.runtime != TORCH:
+        raise ConfigError(f"runtime={runtime!r}: this bundle is a {bundle.spec.runtime} program and runs on that "
+                          "runtime only; leave runtime unset.")
+    spec, program = as_program(bundle, runtime)
+    return ModelBundle.from_program(spec, program)
 
 
 def check_on_a_tile(bundle: ModelBundle) -> None:

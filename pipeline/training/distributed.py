@@ -119,6 +119,7 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline import warm_pool
     from pipeline.cluster import connect_ray
     from pipeline.training.pretrained import check_encoder_weights
 
@@ -145,6 +146,7 @@ def fit(
         ),
     )
     started = connect_ray(settings.address, settings.workers * settings.threads)
+    warm_pool.release()  # idle block workers of this process's earlier jobs give their CPUs back
     try:
         try:
             result = trainer.fit()

@@ -72,6 +72,22 @@ def test_exported_and_imported_back_segments_to_the_same_mosaic(
     np.testing.assert_allclose(ours.read("scores"), original.read("scores"), atol=1e-4)
 
 
+def test_a_pytorch_bundle_runs_on_onnxruntime_when_the_job_asks(
+    scene: dict[str, Path], original: Mosaic, tmp_path: Path
+) -> None:
+    mosaic = tmp_path / "ort.zarr"
+    segment(SegmentConfig(source=str(scene["image"]), model=str(scene["bundle"]), output=str(mosaic), runtime="onnx",
+                          **SETTINGS))  # type: ignore[arg-type]
+    ours = Mosaic.open(mosaic)
+    assert ours.complete and ours.lineage["config"]["runtime"] == "onnx"
+    np.testing.assert_array_equal(ours.read("mask"), original.read("mask"))
+    np.testing.assert_allclose(ours.read("scores"), original.read("scores"), atol=1e-4)
+    result = CliRunner().invoke(app, ["segment", str(scene["image"]), "--model", str(scene["bundle"]), "--out",
+                                      str(tmp_path / "x.zarr"), "--runtime", "tensorrt", "--no-track"])
+    assert result.exit_code == 2 and "runtime='tensorrt' is unknown" in result.stderr
+    assert not (tmp_path / "x.zarr").exists()
+
+
 def test_an_smp_folder_imports_and_segments(scene: dict[str, Path], tmp_path: Path, ray_session: None) -> None:
     import segmentation_models_pytorch as smp
 
