@@ -1,4 +1,5 @@
-"""Writing a file whole or not at all: the one helper every writer of a small file uses."""
+"""Writing a file whole or not at all (the one helper every writer of a small file uses), and where
+tessera keeps what it caches."""
 
 from __future__ import annotations
 
@@ -29,3 +30,8 @@ def write_atomically(path: str | Path, data: bytes) -> Path:
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+def cache_folder(name: str) -> Path:
+    """tessera's cache for one kind of file: ``$TESSERA_CACHE/name``, by default ~/.cache/tessera/name."""
+    return Path(os.environ.get("TESSERA_CACHE") or Path.home() / ".cache" / "tessera") / name

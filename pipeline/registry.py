@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
 from pipeline.errors import ConfigError
+from pipeline.files import cache_folder
 from pipeline.models import ModelBundle, file_sha256
 from pipeline.tracking import mlflow_client
 
@@ -190,7 +191,7 @@ def resolve_model(uri: str, tracking_uri: str, cache: str | Path | None = None) 
             "aliases in the MLflow UI, or train and register one first (tessera train ... tracking.register=NAME)."
         ) from None
     ref = ModelRef(name, str(found.version), found.run_id, alias, found.tags.get(SHA256_TAG))
-    root = Path(cache or os.environ.get("TESSERA_CACHE") or Path.home() / ".cache" / "tessera") / "models"
+    root = Path(cache) / "models" if cache else cache_folder("models")
     store = hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]  # two stores may both have NAME/1
     target = root / store / name / ref.version
     if not target.is_dir():

@@ -54,6 +54,21 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def tessera_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """tessera's cache (registry downloads, converted programs) in a throwaway folder, not the user's."""
+    import os
+
+    folder = tmp_path_factory.mktemp("tessera-cache")
+    before = os.environ.get("TESSERA_CACHE")
+    os.environ["TESSERA_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("TESSERA_CACHE", None)
+    else:
+        os.environ["TESSERA_CACHE"] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
 def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Every job the tests run is tracked in a throwaway MLflow store (subprocesses inherit it)."""
     import os

@@ -14,9 +14,11 @@ as JSON (``FILE.json``), which import reads back so that nothing has to be said 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,9 +30,11 @@ import torch
 from pipeline import hub
 from pipeline.classes import ClassInfo, default_colors
 from pipeline.errors import BundleError, ConfigError, cause
-from pipeline.files import write_atomically
+from pipeline.files import cache_folder, write_atomically
 from pipeline.models.bundle import BundleSpec, ModelBundle, Normalization
 from pipeline.models.runtimes import PROGRAMS, TORCH, input_channels, load_program, sniff, to_program
+
+log = logging.getLogger(__name__)
 
 SPEC_SUFFIX = ".json"
 # smp's model classes (save_pretrained's `_model_class`) and the registry names they are built with.
@@ -147,6 +151,10 @@ def on_runtime(bundle: ModelBundle, runtime: str) -> ModelBundle:
     """The bundle run by another runtime: a PyTorch bundle as an ONNX, TorchScript or ExportedProgram
     program (the same weights, the logits equal to float32 rounding). A program runs on its own only.
 
+    Exporting takes a while (about 30 s for the demo's U-Net to ONNX on 2 cores), so the program is kept
+    in tessera's cache (``$TESSERA_CACHE/programs``), named by the bundle's sha256: the next job with the
+    same bundle loads it at once.
+
     Raises:
         ConfigError: a program bundle asked to run on another runtime, or an unknown runtime.
         BundleError: the model cannot be exported (the exporter's reason).
@@ -156,8 +164,18 @@ def on_runtime(bundle: ModelBundle, runtime: str) -> ModelBundle:
     if bundle.spec.runtime != TORCH:
         raise ConfigError(f"runtime={runtime!r}: this bundle is a {bundle.spec.runtime} program and runs on that "
                           "runtime only; leave runtime unset.")
+    cached = cache_folder("programs") / f"{bundle.sha256}-{runtime}.bundle" if bundle.sha256 else None
+    if cached is not None and cached.is_file():
+        with contextlib.suppress(BundleError, ConfigError):  # unreadable: made again below
+            return ModelBundle.load(cached)
+    log.warning("runtime %s: exporting the model for it, once (it is kept in %s for the next jobs)", runtime,
+                cached.parent if cached is not None else "no cache: the bundle has no sha256")
     spec, program = as_program(bundle, runtime)
-    return ModelBundle.from_program(spec, program)
+    converted = ModelBundle.from_program(spec, program)
+    if cached is not None:
+        with contextlib.suppress(OSError):  # a cache that cannot be written costs the next job the export
+            converted.save(cached)
+    return converted
 
 
 def check_on_a_tile(bundle: ModelBundle) -> None:
