@@ -626,7 +626,7 @@ class Engine:
                     self.workers = layout.workers
                     # On a Ray this job did not start, workers outlive it: the last job's idle ones are taken.
                     shape = None if started_ray else warm_pool.key(layout.num_cpus, layout.num_gpus)
-                    actors = warm_pool.take(shape, layout.workers) if shape else []
+                    actors = self._alive(warm_pool.take(shape, layout.workers)) if shape else []
                     # The setup stays in the object store for restarts (the driver holds its ref for the whole job);
                     # Ray's warning about that, printed once a process, goes to its log only.
                     with native_ray_lines_in_log_only(self.kind.verbose):
@@ -864,6 +864,23 @@ class Engine:
         if force or now - self._manifest_written >= MANIFEST_EVERY:
             self.manifest.write()
             self._manifest_written = now
+
+    def _alive(self, warm: list[Any]) -> list[Any]:
+        """The idle workers of an earlier job that take this job's setup; one that has died since is dropped."""
+        import ray
+
+        loading = {actor.ready.remote(self.setup): actor for actor in warm}  # all at once
+        if loading:
+            ray.wait(list(loading), num_returns=len(loading), timeout=STARTUP_TIMEOUT)
+        alive = []
+        for ref, actor in loading.items():
+            try:
+                ray.get(ref, timeout=0)
+                alive.append(actor)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+        return alive
 
     def _await_workers(self, actors: list[Any], layout: WorkerLayout) -> None:
         import ray

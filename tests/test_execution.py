@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -99,6 +101,12 @@ def test_the_next_job_in_this_process_runs_its_own_model_on_the_last_jobs_worker
     assert block_workers() == kept  # the same processes
     assert np.abs(second.read("scores") - reference).max() <= 1e-4  # and the second job's model
     assert np.abs(first.read("scores") - reference).max() > 0.1
+    # An idle worker killed between jobs is restarted by Ray with the arguments it was created with
+    # (the first job's setup); it loads the third job's own before computing.
+    os.kill(min(kept), signal.SIGKILL)
+    third = run(scene, fcn_bundle, tmp_path / "third.zarr", workers=2)
+    np.testing.assert_array_equal(third.read("scores"), second.read("scores"))
+    kept = block_workers()
     warm_pool.release()
     deadline = time.monotonic() + 30
     while block_workers() & kept:  # ray.kill returns before the processes have gone
