@@ -32,7 +32,7 @@ from pipeline.classes import ClassInfo, default_colors
 from pipeline.errors import BundleError, ConfigError, cause
 from pipeline.files import cache_folder, write_atomically
 from pipeline.models.bundle import BundleSpec, ModelBundle, Normalization
-from pipeline.models.runtimes import PROGRAMS, TORCH, input_channels, load_program, sniff, to_program
+from pipeline.models.runtimes import PROGRAMS, TORCH, fixed_size, input_channels, load_program, sniff, to_program
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def _from_file(path: Path, settings: ImportSettings, base: Mapping[str, Any]) ->
             raise BundleError(f"{str(path)!r}: {exc}") from None
         spec = _spec(settings, base, runtime=kind, channels=input_channels(model), label=path.stem)
         bundle = ModelBundle(spec, model.eval(), program=data)
-        fixed = getattr(bundle.model, "fixed_size", lambda: None)()
+        fixed = fixed_size(bundle.model)
         if fixed is not None:  # an ONNX graph that says its input size
             if fixed[0] != fixed[1]:
                 raise BundleError(f"{str(path)!r} takes {fixed[0]} x {fixed[1]} px inputs only; tessera's tiles are "

@@ -61,8 +61,7 @@ class ExportedModule(nn.Module):
 
     def fixed_size(self) -> tuple[int, int] | None:
         """(H, W) when the graph takes only that input size, else None."""
-        h, w = self.input_shape[2:4] if len(self.input_shape) == 4 else (None, None)
-        return (h, w) if isinstance(h, int) and isinstance(w, int) else None
+        return _fixed(self.input_shape)
 
     def train(self, mode: bool = True) -> ExportedModule:
         return self
@@ -100,8 +99,19 @@ class OnnxModule(nn.Module):
 
     def fixed_size(self) -> tuple[int, int] | None:
         """(H, W) when the graph takes only that input size, else None."""
-        h, w = self.input_shape[2:4] if len(self.input_shape) == 4 else (None, None)
-        return (h, w) if isinstance(h, int) and isinstance(w, int) else None
+        return _fixed(self.input_shape)
+
+
+def fixed_size(model: nn.Module) -> tuple[int, int] | None:
+    """The (H, W) a program's graph takes only, or None: any size (every registry model, TorchScript)."""
+    size = getattr(model, "fixed_size", None)
+    return size() if callable(size) else None  # type: ignore[no-any-return]
+
+
+def _fixed(shape: list[int | str]) -> tuple[int, int] | None:
+    """The (H, W) of an (N, C, H, W) input shape whose height and width are numbers, not free dimensions."""
+    h, w = shape[2:4] if len(shape) == 4 else (None, None)
+    return (h, w) if isinstance(h, int) and isinstance(w, int) else None
 
 
 def input_channels(model: nn.Module) -> int | None:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from pipeline.errors import ConfigError
 from pipeline.models import BundleSpec, ClassInfo, ModelBundle, Normalization
+from pipeline.models.runtimes import fixed_size
 from pipeline.synthetic import CLASSES as SYNTHETIC_CLASSES
 from pipeline.training.catalog import LabelledPair, load_catalog, read_pair
 from pipeline.training.data import (
@@ -698,7 +699,7 @@ def predict_area(
     _, height, width = image.shape
     tile_h = min(tile, -(-height // _TILE_MULTIPLE) * _TILE_MULTIPLE)
     tile_w = min(tile, -(-width // _TILE_MULTIPLE) * _TILE_MULTIPLE)
-    fixed = getattr(model, "fixed_size", lambda: None)()
+    fixed = fixed_size(model)
     if fixed is not None:
         tile_h, tile_w = fixed
     prediction = np.empty((height, width), dtype=np.uint8)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -116,19 +115,11 @@ def test_an_smp_folder_imports_and_segments(scene: dict[str, Path], tmp_path: Pa
     assert Mosaic.open(mosaic).complete
 
 
-def test_a_hub_id_imports_from_the_cache_when_the_hub_does_not_answer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_hub_id_imports_from_the_cache_when_the_hub_does_not_answer(tmp_path: Path, unreachable_hub: Path) -> None:
     import segmentation_models_pytorch as smp
-    from huggingface_hub import constants
 
-    with socket.socket() as s:  # a hub that is not there: nothing listens on this port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     # The cache as huggingface_hub lays it out after a download of lab/buildings.
-    repo = tmp_path / "hub" / "models--lab--buildings"
+    repo = unreachable_hub / "models--lab--buildings"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0" * 40)
     torch.manual_seed(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -76,15 +75,8 @@ def test_fine_tuning_starts_from_the_bundle_with_a_fresh_head_and_adapted_bands(
 
 
 def test_hub_weights_with_no_network_and_no_cache_fail_in_one_line_within_seconds(
-    scene_files: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    scene_files: tuple[str, str], tmp_path: Path, unreachable_hub: Path
 ) -> None:
-    from huggingface_hub import constants
-
-    with socket.socket() as s:  # a hub that is not there: nothing listens on this port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     begin = time.monotonic()
     with pytest.raises(ConfigError) as error:
         train(config(scene_files, tmp_path / "m.bundle", arch_args={**ARCH, "encoder_weights": "imagenet"}),
