@@ -22,8 +22,9 @@ def segment(
         show_default=False)],
     model: Annotated[str, typer.Option(
         "--model", "-m", help="Model bundle file, or models:/NAME@ALIAS (or /VERSION) from the MLflow registry.")],
-    out: Annotated[Path, typer.Option(
-        "--out", "-o", help="The mosaic (.zarr) of one image, or the folder of a collection's mosaics and manifest.")],
+    out: Annotated[str, typer.Option(
+        "--out", "-o", help="The mosaic (.zarr) of one image, or the folder of a collection's mosaics and manifest; "
+                            "a local path or object storage (s3://bucket/path).")],
     glob: Annotated[str | None, typer.Option(help="Pattern of the files to take from a folder, e.g. '*.svs'.")] = None,
     asset: Annotated[list[str] | None, typer.Option(
         help="STAC asset to read (repeat to stack several assets as bands).")] = None,
@@ -131,7 +132,8 @@ def refine(
 
 
 @app.command()
-def info(mosaic: Annotated[Path, typer.Argument(help="A mosaic written by `tessera segment`.")]) -> None:
+def info(mosaic: Annotated[str, typer.Argument(help="A mosaic written by `tessera segment` (a path or s3://...).")],
+         ) -> None:
     """Print a mosaic's state, layout and lineage as JSON."""
     from pipeline.mosaic import Mosaic
 
@@ -309,7 +311,7 @@ def query_export(
 
 @app.command()
 def serve(
-    root: Annotated[Path, typer.Argument(help="The folder whose mosaics to serve (read-only).")],
+    root: Annotated[str, typer.Argument(help="The folder whose mosaics to serve (read-only): a path or s3://...")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     max_region_pixels: Annotated[int, typer.Option(help="Largest region one request may read.")] = 4096 * 4096,
@@ -320,10 +322,11 @@ def serve(
     import uvicorn
 
     from pipeline.service.app import Limits, create_app
+    from pipeline.storage import Location
 
     with user_errors():
         service = create_app(root, Limits(region_pixels=max_region_pixels), source_folders=sources or ())
-    typer.echo(f"serving {root.resolve()} on http://{host}:{port}/ (API at /docs)")
+    typer.echo(f"serving {Location.parse(root)} on http://{host}:{port}/ (API at /docs)")
     uvicorn.run(service, host=host, port=port, log_level="warning")
 
 

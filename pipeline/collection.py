@@ -30,6 +30,7 @@ from pipeline.band_stack import write_band_stack
 from pipeline.errors import ConfigError, SourceNotFoundError
 from pipeline.manifest import STATUSES, Manifest, ManifestRow
 from pipeline.stac import is_search_url, is_stac_file, stac_images
+from pipeline.storage import Location
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -157,7 +158,7 @@ def materialise(item: CollectionItem) -> str:
 
 def output_path(root: str, item: CollectionItem) -> str:
     """The mosaic that `item` is written to inside the collection's output root."""
-    return str(Path(root) / f"{item.name}.zarr")
+    return Location.parse(root).join(f"{item.name}.zarr").url
 
 
 def is_collection(sources: Sequence[str], out: str) -> bool:

@@ -41,10 +41,11 @@ from pipeline import lineage as lineage_info
 from pipeline import warm_pool
 from pipeline.collection import CollectionItem
 from pipeline.errors import OutputLockedError, TesseraError
-from pipeline.locking import OutputLock, lock_path
+from pipeline.locking import OutputLock, lock_location
 from pipeline.manifest import Manifest, ManifestRow
 from pipeline.memory import PeakMemory, limit_gdal_cache, release_memory
 from pipeline.mosaic import Mosaic, MosaicLayout, output_state
+from pipeline.storage import Location, storage_for
 from pipeline.tiling import BlockId
 from pipeline.tracking import JobRun, Tracking, check_reachable, start_run
 
@@ -479,7 +480,8 @@ class Engine:
         return _Opened(index, job, lock, run, todo, done, start, {"prepare": time.perf_counter() - start - waited})
 
     def _skipped(self, result: ImageResult, output: str) -> ImageResult:
-        if lock_path(output).exists():  # left by a job killed after it finished: broken if its owner is dead
+        lock = lock_location(output)
+        if storage_for(lock).exists(lock):  # left by a job killed after it finished: broken if its owner is dead
             with contextlib.suppress(OutputLockedError):
                 OutputLock(output).__enter__().release()
         mosaic = Mosaic.open(output)
@@ -529,6 +531,9 @@ class Engine:
             run_id=opened.run.run_id,
         )
         summary = self.kind.summarise(opened.job, figures)
+        if opened.lock.lost:  # stalled past the heartbeat: another job took the output over and finishes it
+            raise OutputLockedError(f"{opened.job.output} was taken over by another job while this one stalled "
+                                    f"(no heartbeat for {opened.lock.stale_after:.0f} s); that job finishes it")
         mosaic.finish({"summary": summary.as_dict(), "finished": lineage_info.now(), "mlflow": opened.run.lineage()})
         opened.lock.release()
         try:  # the mosaic is complete: a tracking failure now is a warning, not the image's failure
@@ -567,9 +572,13 @@ class Engine:
             from pipeline.cluster import check_address
 
             check_address(address)  # an unreachable cluster fails here, before any output
+        # Where the output goes: an unreachable store, missing credentials or bucket fail here, in one line.
+        where = Location.parse(self.root) if self.root else Location.parse(self.tasks[0][1]) if self.tasks else None
+        if where is not None:
+            storage_for(where).check(where)
         if len(self.tasks) > 1:
             self.kind.check()  # what every image shares (the model, the device) fails once, for the whole job
-        if self.root:
+        if self.root and Location.parse(self.root).is_local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
         phases: dict[str, float] = {}
         planner = ThreadPoolExecutor(PLAN_AHEAD, thread_name_prefix="tessera-plan")

@@ -50,6 +50,10 @@ class BundleNotFoundError(BundleError, FileNotFoundError):
     """The model bundle file does not exist."""
 
 
+class StorageError(TesseraError, OSError):
+    """Storage cannot be reached or used: an unreachable endpoint, missing credentials, a missing bucket."""
+
+
 class MissingDependencyError(TesseraError, ImportError):
     """An optional package that a feature needs is not installed."""
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,7 @@ from pipeline.models.bundle import BundleSpec, ModelBundle
 from pipeline.models.runtimes import RUNTIMES
 from pipeline.mosaic import Mosaic, MosaicLayout, check_storage
 from pipeline.sources import RasterSource, open_source
+from pipeline.storage import Location
 from pipeline.tiling import BlockId, BlockPlan, TileGrid
 from pipeline.tracking import Tracking, check_reachable, flat_params
 
@@ -228,7 +229,7 @@ class ImageSpec:
     plan: BlockPlan
     window: str
     scores: str
-    mosaic: str
+    mosaic: Location
 
 
 @dataclass(frozen=True)
@@ -528,7 +529,7 @@ class SegmentJob(JobBase):
             transform=tuple(source.transform)[:6] if source.transform is not None else None, mpp=source.mpp,
         )
         graph = UnitGraph(tuple(plan.busy_blocks()), tuple(g.blocks for g in plan.seams))
-        spec = ImageSpec(source, plan, config.window, config.scores, str(Path(output).resolve()))
+        spec = ImageSpec(source, plan, config.window, config.scores, Location.parse(output))
         params = flat_params(config, job) | {f"model.{k}": v for k, v in (registered or {}).items()}
         return ImageJob(item, output, job, layout, lineage_info.describe(config, source, bundle, grid, registered),
                         graph, spec, params, extra={"plan": plan, "skipped": len(grid) - len(active),
@@ -610,7 +611,7 @@ def segment(config: SegmentConfig, on_progress: Callable[[int, int], None] | Non
     Raises:
         TesseraError: on bad input, before anything is written; or the error that stopped the job.
     """
-    item = CollectionItem(config.source, Path(config.output).stem, config.level)
+    item = CollectionItem(config.source, PurePosixPath(Location.parse(config.output).name).stem, config.level)
     summary: SegmentSummary = run_image(SegmentJob(config), item, config.output, on_progress)
     return summary
 

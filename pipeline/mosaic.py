@@ -17,9 +17,7 @@ is neither complete for tessera nor an image for OME readers.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +32,7 @@ from zarr.codecs import BloscCodec
 from pipeline.classes import ClassInfo
 from pipeline.errors import ConfigError, MosaicError, OutputExistsError
 from pipeline.stitching import NODATA_CLASS, BlockOutput, summarise
+from pipeline.storage import Location, storage_for
 from pipeline.tiling import Rect
 
 FORMAT = "tessera.mosaic"
@@ -113,27 +112,25 @@ def check_storage(chunk: int, shard: int) -> None:
         )
 
 
-def is_mosaic(path: str | Path) -> bool:
-    """Whether `path` holds a tessera mosaic (complete or not)."""
-    meta = Path(path) / "zarr.json"
-    if not meta.is_file():
-        return False
+def is_mosaic(path: str | Path | Location) -> bool:
+    """Whether `path` holds a tessera mosaic (complete or not), on a disk or object storage.
+
+    Raises:
+        StorageError: the object store cannot be reached or used.
+    """
+    location = Location.parse(path)
     try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError):
+        document = storage_for(location).read_json(location.join("zarr.json"))
+    except (ValueError, IsADirectoryError, NotADirectoryError):
         return False
-    return attrs.get("tessera", {}).get("format") == FORMAT
-
-
-def is_uri(path: str | Path) -> bool:
-    """Whether `path` names object storage or another fsspec location rather than a local folder."""
-    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+    attrs = document.get("attributes", {}) if isinstance(document, dict) else {}
+    return bool(attrs.get("tessera", {}).get("format") == FORMAT)
 
 
 OutputState = Literal["absent", "resume", "complete"]
 
 
-def output_state(output: str | Path, overwrite: bool, fingerprint: Mapping[str, Any]) -> OutputState:
+def output_state(output: str | Path | Location, overwrite: bool, fingerprint: Mapping[str, Any]) -> OutputState:
     """What a job finds at its output, checked before any compute so that no one's data is lost:
     "absent" (create it; also an empty folder, or anything with `overwrite`), "resume" (an unfinished
     mosaic of the same job) or "complete" (a finished mosaic of the same job, kept as it is).
@@ -147,11 +144,12 @@ def output_state(output: str | Path, overwrite: bool, fingerprint: Mapping[str, 
         OutputExistsError: the path holds something else, or a mosaic made or started with other
             settings, and `overwrite` is false.
     """
-    p = Path(output)
-    if not p.exists():
+    p = Location.parse(output)
+    storage = storage_for(p)
+    if not storage.exists(p):
         return "absent"
     if not is_mosaic(p):
-        if p.is_dir() and not any(p.iterdir()):
+        if (not p.is_local or p.local_path().is_dir()) and not storage.list(p):
             return "absent"
         raise OutputExistsError(f"output {p} exists and is not a tessera mosaic: choose another output path or "
                                 "remove it")
@@ -170,14 +168,15 @@ def output_state(output: str | Path, overwrite: bool, fingerprint: Mapping[str, 
 
 
 class Mosaic:
-    """A tessera mosaic on local disk. Use `create` or `open`, not the constructor."""
+    """A tessera mosaic on a local disk or object storage. Use `create` or `open`, not the constructor."""
 
-    def __init__(self, path: Path | str, group: zarr.Group) -> None:
-        self.path = path  # a local Path, or the URI of a mosaic in object storage
+    def __init__(self, location: Location, group: zarr.Group) -> None:
+        self.location = location
+        self.path: Path | str = location.local_path() if location.is_local else location.url
         self.group = group
         meta: dict[str, Any] = dict(group.attrs.get("tessera", {}))  # type: ignore[arg-type]
         if meta.get("format") != FORMAT:
-            raise MosaicError(f"{path} is not a tessera mosaic (no tessera metadata)")
+            raise MosaicError(f"{location} is not a tessera mosaic (no tessera metadata)")
         self.layout = MosaicLayout.from_dict(meta["layout"])
         self._read_only = group.read_only
         self._arrays: dict[str, zarr.Array] = {}
@@ -186,16 +185,18 @@ class Mosaic:
 
     @classmethod
     def create(
-        cls, path: str | Path, layout: MosaicLayout, lineage: Mapping[str, Any], job: Mapping[str, Any] | None = None
+        cls, path: str | Path | Location, layout: MosaicLayout, lineage: Mapping[str, Any],
+        job: Mapping[str, Any] | None = None,
     ) -> Mosaic:
         """Create an empty, incomplete mosaic with all levels' arrays, replacing a tessera mosaic there.
 
         Call `output_state` first: this replaces whatever tessera mosaic is at `path`.
         """
-        p = Path(path)
-        if p.exists() and is_mosaic(p):
-            shutil.rmtree(p)
-        group = zarr.open_group(str(p), mode="w", zarr_format=3)
+        p = Location.parse(path)
+        storage = storage_for(p)
+        if is_mosaic(p):
+            storage.delete(p, recursive=True)
+        group = zarr.open_group(storage.zarr_store(p, read_only=False), mode="w", zarr_format=3)
         group.attrs["tessera"] = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -230,34 +231,22 @@ class Mosaic:
         return cls(p, group)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> Mosaic:
-        """Open an existing mosaic: a local folder, or a URI that fsspec reads (s3://, gs://, https://...).
+    def open(cls, path: str | Path | Location, mode: str = "r",
+             storage_options: Mapping[str, Any] | None = None) -> Mosaic:
+        """Open an existing mosaic: a local folder, or a URL of object storage (s3://, gs://...) or any
+        location fsspec reads (https://, memory://...).
 
-        Remote mosaics are read-only; `storage_options` go to fsspec (e.g. endpoint_url, anon).
+        `storage_options` go to fsspec (e.g. endpoint_url, anon); credentials come from the environment.
 
         Raises:
             MosaicError: when `path` is not a tessera mosaic.
+            StorageError: the object store cannot be reached or used.
         """
-        if is_uri(path):
-            return cls._open_uri(str(path), storage_options)
-        p = Path(str(path).removeprefix("file://"))
-        if not is_mosaic(p):
-            raise MosaicError(f"{p} is not a tessera mosaic: expected a folder written by `tessera segment`")
-        return cls(p, zarr.open_group(str(p), mode=mode))  # type: ignore[arg-type]
-
-    @classmethod
-    def _open_uri(cls, uri: str, storage_options: Mapping[str, Any] | None) -> Mosaic:
-        from zarr.storage import FsspecStore
-
-        try:
-            store = FsspecStore.from_url(uri, storage_options=dict(storage_options or {}), read_only=True)
-            group = zarr.open_group(store, mode="r", zarr_format=3)
-        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError) as e:
-            raise MosaicError(f"{uri} is not a tessera mosaic (no readable zarr.json: {e})") from None
-        except (ImportError, ValueError) as e:
-            raise MosaicError(f"{uri} cannot be opened: {e} (install the fsspec backend for its scheme, "
-                              "e.g. s3fs for s3://)") from None
-        return cls(uri, group)
+        location = Location.parse(path, storage_options)
+        if not is_mosaic(location):
+            raise MosaicError(f"{location} is not a tessera mosaic: expected a folder written by `tessera segment`")
+        store = storage_for(location).zarr_store(location, read_only=mode == "r")
+        return cls(location, zarr.open_group(store, mode=mode, zarr_format=3))  # type: ignore[arg-type]
 
     # -- state ----------------------------------------------------------------------------------
 

@@ -50,9 +50,10 @@ from pipeline.engine import (
     run_image,
 )
 from pipeline.errors import ConfigError, MosaicError
-from pipeline.mosaic import Mosaic, is_mosaic, is_uri
+from pipeline.mosaic import Mosaic, is_mosaic
 from pipeline.sources import RasterSource, open_source
 from pipeline.stitching import NODATA_CLASS, BlockOutput, summarise
+from pipeline.storage import Location
 from pipeline.tiling import Rect
 from pipeline.tracking import Tracking, flat_params
 
@@ -258,7 +259,7 @@ def open_input(config: RefineConfig) -> tuple[Mosaic, RasterSource, int]:
     Paths come back absolute: Ray workers run in folders of their own.
     """
     require()  # an optional package: missing, it is bad input, found before anything is written
-    if is_uri(config.mosaic):
+    if not Location.parse(config.mosaic).is_local:
         raise ConfigError(f"{config.mosaic}: refine reads a local mosaic; copy it to this machine first")
     mosaic = Mosaic.open(config.mosaic)
     if not mosaic.complete:
@@ -430,7 +431,8 @@ def refine_collection(config: RefineConfig, root: str, out_root: str,
 def refine_inputs(config: RefineConfig) -> RefineSummary | CollectionSummary:
     """What the front doors run: one mosaic into `config.output`, or every complete mosaic of the folder
     `config.mosaic` into the folder `config.output`."""
-    if not is_uri(config.mosaic) and Path(config.mosaic).is_dir() and not is_mosaic(config.mosaic):
+    mosaic = Location.parse(config.mosaic)
+    if mosaic.is_local and mosaic.local_path().is_dir() and not is_mosaic(mosaic):
         return refine_collection(config, config.mosaic, config.output)
     return refine_mosaic(config)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.storage import Location
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 OUTPUT_TAG = "tessera.output"
@@ -92,10 +93,10 @@ def start_run(tracking: Tracking, params: Mapping[str, Any], output: str, parent
     check_reachable(uri)
     client = mlflow_client(uri)
     experiment_id = _experiment_id(client, tracking.experiment, uri)
-    tags = {OUTPUT_TAG: str(Path(output).resolve()) if "://" not in output else output}
+    tags = {OUTPUT_TAG: _output_tag(output)}
     if parent is not None and parent.run_id is not None:
         tags["mlflow.parentRunId"] = parent.run_id
-    run_id = client.create_run(experiment_id, run_name=name or Path(output).name, tags=tags).info.run_id
+    run_id = client.create_run(experiment_id, run_name=name or Location.parse(output).name, tags=tags).info.run_id
     try:
         client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
     except BaseException:
@@ -231,8 +232,8 @@ def find_runs(output: str | Path, tracking: Tracking = Tracking()) -> list[str]:
     experiment = client.get_experiment_by_name(tracking.experiment)
     if experiment is None:
         return []
-    path = str(Path(output).resolve()) if "://" not in str(output) else str(output)
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{OUTPUT_TAG}` = '{path}'",
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`{OUTPUT_TAG}` = '{_output_tag(output)}'",
                               order_by=["attributes.start_time DESC"])
     return [r.info.run_id for r in runs]
 
@@ -250,3 +251,9 @@ def _artifact_root(uri: str) -> str | None:
         db = Path(uri.removeprefix("sqlite:///"))
         return (db.resolve().parent / "mlruns").as_uri()
     return None
+
+
+def _output_tag(output: str | Path) -> str:
+    """How a run names its mosaic: an absolute local path (symlinks resolved) or the storage URL."""
+    location = Location.parse(output)
+    return str(location.local_path().resolve()) if location.is_local else location.url

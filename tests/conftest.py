@@ -93,6 +93,41 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Object storage in the tests is a real S3 server (moto's) on 127.0.0.1, one per test process,
+    # started by the `s3_server` fixture on first use. Its address and credentials go into the
+    # environment now, before any Ray starts, so that Ray workers read them as boto does on a cluster.
+    if "TESSERA_TEST_S3_PORT" not in os.environ:
+        os.environ.update({
+            "TESSERA_TEST_S3_PORT": str(free_port()),
+            "AWS_ACCESS_KEY_ID": "tessera-test", "AWS_SECRET_ACCESS_KEY": "tessera-test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        })
+        os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{os.environ['TESSERA_TEST_S3_PORT']}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3-compatible server (moto) on 127.0.0.1, started here and stopped after; its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(os.environ["TESSERA_TEST_S3_PORT"]), verbose=False)
+    server.start()
+    yield os.environ["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A new, empty bucket on the test S3 server: its URL, ``s3://NAME``."""
+    import s3fs
+
+    name = f"tessera-{os.urandom(4).hex()}"
+    s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True).mkdir(name)
+    return f"s3://{name}"
+
+
 @pytest.fixture
 def unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A Hugging Face hub that does not answer (nothing listens on its port) and an empty cache, returned."""

@@ -21,7 +21,7 @@ from pipeline.cli import app
 from pipeline.collection import CollectionItem
 from pipeline.errors import MosaicError
 from pipeline.execution import SegmentConfig, segment, segment_collection
-from pipeline.locking import lock_path
+from pipeline.locking import lock_location
 from pipeline.manifest import Manifest
 from pipeline.mosaic import BLOCKS, Mosaic
 from tests.conftest import make_bundle, smooth_image, write_geotiff
@@ -229,7 +229,7 @@ def test_driver_killed_mid_collection_resumes_to_the_undisturbed_result(
     assert 1 <= len(finished) < 3
     digests = {n: tree_digest(root / f"{n}.zarr") for n in finished}
     unfinished = [n for n in (f"b{k}" for k in range(3)) if n not in finished and (root / f"{n}.zarr").exists()]
-    assert unfinished and any(lock_path(root / f"{n}.zarr").exists() for n in unfinished)
+    assert unfinished and any(lock_location(root / f"{n}.zarr").local_path().exists() for n in unfinished)
 
     from pipeline.collection import resolve_collection
 
@@ -241,7 +241,7 @@ def test_driver_killed_mid_collection_resumes_to_the_undisturbed_result(
     assert any(r.summary is not None and r.summary.as_dict()["blocks_resumed"] > 0 for r in resumed)
     for k in range(3):
         assert_same_level0(Mosaic.open(undisturbed / f"b{k}.zarr"), Mosaic.open(root / f"b{k}.zarr"))
-        assert not lock_path(root / f"b{k}.zarr").exists()
+        assert not lock_location(root / f"b{k}.zarr").local_path().exists()
 
 
 def test_unreachable_cluster_fails_fast_in_one_line_and_creates_nothing(

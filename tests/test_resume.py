@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 
-from pipeline.errors import OutputExistsError, OutputLockedError
+from pipeline.errors import OutputExistsError
 from pipeline.execution import SegmentConfig, segment
-from pipeline.locking import OutputLock, lock_path
+from pipeline.locking import lock_location
 from pipeline.mosaic import BLOCKS, Mosaic
 from tests.conftest import make_bundle, smooth_image, write_geotiff
 
@@ -51,66 +47,6 @@ def assert_same_mosaic(a: Mosaic, b: Mosaic) -> None:
     for level in range(a.layout.num_levels):
         np.testing.assert_array_equal(a.read("mask", level), b.read("mask", level))
         np.testing.assert_allclose(a.read("scores", level), b.read("scores", level), atol=1e-5, equal_nan=True)
-
-
-def test_second_job_on_the_same_output_is_refused(tmp_path: Path) -> None:
-    out = tmp_path / "m.zarr"
-    with OutputLock(out):
-        with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
-            OutputLock(out).acquire()
-        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
-    assert not lock_path(out).exists()
-
-
-def test_lock_of_a_dead_owner_is_broken(tmp_path: Path) -> None:
-    out = tmp_path / "m.zarr"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    lock_path(out).write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "token": "x",
-                                          "started": time.time(), "heartbeat": time.time()}))
-    with OutputLock(out) as lock:
-        assert json.loads(lock_path(out).read_text())["token"] == lock.owner["token"]
-
-
-def test_lock_without_heartbeat_is_broken_after_stale_after(tmp_path: Path) -> None:
-    out = tmp_path / "m.zarr"
-    lock_path(out).write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "x", "started": 0,
-                                          "heartbeat": time.time() - 5}))
-    with pytest.raises(OutputLockedError):
-        OutputLock(out, stale_after=60).acquire()
-    with OutputLock(out, stale_after=2):
-        assert json.loads(lock_path(out).read_text())["host"] != "elsewhere"
-
-
-@pytest.mark.slow
-def test_job_killed_hard_is_incomplete_then_resumes_to_the_same_mosaic(
-    job_inputs: tuple[Path, Path], undisturbed: Mosaic, tmp_path: Path
-) -> None:
-    source, bundle = job_inputs
-    out = tmp_path / "m.zarr"
-    cmd = [sys.executable, "-m", "jobs.segment", f"source={source}", f"model={bundle}", f"output={out}",
-           "progress=false", "storage.chunk=128", "storage.shard=256", "storage.scores_dtype=float32",
-           "tiling.block=256", "cluster.workers=2"]
-    job = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    markers = out / BLOCKS
-    deadline = time.monotonic() + 240
-    while not (markers.is_dir() and len(list(markers.glob("*_*"))) >= 2):
-        assert job.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)  # the driver and its embedded Ray, at once
-    job.wait()
-
-    interrupted = Mosaic.open(out)
-    assert not interrupted.complete
-    assert "ome" not in dict(interrupted.group.attrs)
-    assert lock_path(out).exists(), "the dead driver's lock is left behind..."
-    summary = segment(config(source, bundle, out))  # ...and broken, since its owner is gone
-    assert summary.blocks_resumed >= 2
-    assert summary.blocks_written + summary.blocks_resumed == undisturbed.lineage["summary"]["blocks_written"]
-    assert 0 < summary.tiles_computed < undisturbed.lineage["summary"]["tiles_computed"]
-    assert_same_mosaic(undisturbed, Mosaic.open(out))
-    assert not lock_path(out).exists()
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -216,7 +152,7 @@ def test_corrupt_region_fails_fast_with_the_cause_and_leaves_it_incomplete(tmp_p
     with pytest.raises(SourceReadError, match=r"scene\.tif"):
         segment(config(source, bundle, out))
     assert not Mosaic.open(out).complete
-    assert not lock_path(out).exists()
+    assert not lock_location(out).local_path().exists()
     import mlflow
 
     from pipeline.tracking import find_runs

@@ -52,6 +52,7 @@ from pipeline.query.window import (
     parse_window,
     resolve,
 )
+from pipeline.storage import Location, storage_for
 
 VIEWER = Path(__file__).parent / "viewer"
 LEAFLET = VIEWER / "node_modules" / "leaflet" / "dist"
@@ -101,9 +102,14 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
         source_folders: where source images may be read for the viewer's preview, besides `root`
             (a mosaic names its source; only sources inside these folders are opened).
     """
-    base = Path(root).resolve()
-    if not base.is_dir():
-        raise MosaicError(f"{root} is not a folder: give the folder that holds your .zarr mosaics")
+    where = Location.parse(root)
+    if where.is_local:
+        base: Path | Location = where.local_path().resolve()
+        if not base.is_dir():  # type: ignore[union-attr]
+            raise MosaicError(f"{root} is not a folder: give the folder that holds your .zarr mosaics")
+    else:  # object storage: a prefix; an unreachable store or a missing bucket fails here, in one line
+        storage_for(where).check(where)
+        base = where
     sources = [Path(f).resolve() for f in source_folders]
     for folder in sources:
         if not folder.is_dir():
@@ -125,7 +131,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
     def preview(mid: str, m: Mosaic) -> SourcePreview:
         def make() -> SourcePreview:
             try:
-                return source_preview(m, allowed=[base, *sources])
+                return source_preview(m, allowed=[*([base] if isinstance(base, Path) else []), *sources])
             except RegionError as e:
                 raise MosaicError(str(e)) from None  # no preview: 404; the mask still shows
 
@@ -269,9 +275,24 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def find_mosaics(base: Path) -> list[str]:
+def find_mosaics(base: Path | Location) -> list[str]:
     """Mosaic folders under `base` (not following links out of it, not looking inside mosaics)."""
     found: list[str] = []
+    if isinstance(base, Location):
+        storage = storage_for(base)
+
+        def walk_prefix(folder: Location, depth: int) -> None:
+            for name in storage.list(folder):
+                if name.startswith("."):
+                    continue
+                inner = folder.join(name)
+                if is_mosaic(inner):
+                    found.append(inner.path.removeprefix(base.path + "/"))
+                elif depth < MAX_DEPTH:
+                    walk_prefix(inner, depth + 1)
+
+        walk_prefix(base, 1)
+        return found
 
     def walk(folder: Path, depth: int) -> None:
         try:
@@ -329,15 +350,22 @@ class _Cache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._mosaics: dict[str, tuple[float, Mosaic]] = {}
+        self._mosaics: dict[str, tuple[float | str, Mosaic]] = {}
         self._values: dict[tuple[Any, ...], Any] = {}
         self._computing: dict[tuple[Any, ...], threading.Lock] = {}
 
-    def mosaic(self, base: Path, mid: str) -> Mosaic:
-        """The open mosaic `mid` names; a request costs a path check and one stat while it is unchanged."""
+    def mosaic(self, base: Path | Location, mid: str) -> Mosaic:
+        """The open mosaic `mid` names; a request costs a path check and one stat (on object storage,
+        one HEAD) while it is unchanged."""
         path = _inside(base, mid)
         try:
-            stamp = (path / "zarr.json").stat().st_mtime
+            if isinstance(path, Location):
+                version = storage_for(path).version(path.join("zarr.json"))
+                if version is None:
+                    raise FileNotFoundError(path)
+                stamp: float | str = version.tag
+            else:
+                stamp = (path / "zarr.json").stat().st_mtime
         except OSError:
             raise MosaicError(f"no mosaic {mid!r} under the served folder: GET /api/mosaics lists them") from None
         with self._lock:
@@ -375,16 +403,18 @@ class _Cache:
             raise value
         return value
 
-    def stamp(self, mid: str) -> float:
+    def stamp(self, mid: str) -> float | str:
         """The metadata time of the mosaic as `mosaic` last opened it (call that first)."""
         with self._lock:
             return self._mosaics[mid][0]
 
 
-def _inside(base: Path, mid: str) -> Path:
+def _inside(base: Path | Location, mid: str) -> Path | Location:
     """The mosaic folder `mid` names, refusing anything that resolves outside `base`."""
     if not re.fullmatch(MOSAIC_ID, mid) or ".." in mid.split("/"):
         raise MosaicError(f"no mosaic {mid!r}: GET /api/mosaics lists the mosaics served")
+    if isinstance(base, Location):  # keys have no links: the checked name stays under the prefix
+        return base.join(mid)
     path = (base / mid).resolve()
     if not path.is_relative_to(base):
         raise MosaicError(f"no mosaic {mid!r} under the served folder: GET /api/mosaics lists them")

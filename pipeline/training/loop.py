@@ -103,7 +103,8 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         val_fraction: Share of the raster's rows, below the training band, used for validation only.
         holdout_fraction: Share of the rows at the bottom never trained on nor used to pick the
-            best model; the best model is scored there at the end (0: no holdout).
+            best model; the best model is scored there at the end (0: no holdout). Each epoch also
+            scores the current model there, for the learning curve in the history only.
         steps_per_epoch: Steps per epoch. Windows are drawn at random, so an epoch is a period:
             after each, the validation band is scored, the best bundle kept and a checkpoint made.
         patience: Stop early after this many epochs without a better validation mIoU; None: never.
@@ -568,6 +569,12 @@ class _Run:
             "seconds": time.perf_counter() - self.start,
             **{f"val_iou_{c.name}": float(v) for c, v in zip(self.bundle.spec.classes, scores["iou"], strict=True)},
         }
+        if self.config.holdout_fraction:
+            # The learning curve on the holdout, for reports only: the best bundle is chosen on validation.
+            held = self._score(self.bundle.model, [s.holdout for s in self.splits])
+            figures["holdout_miou"] = held["miou"]
+            figures.update({f"holdout_iou_{c.name}": float(v)
+                            for c, v in zip(self.bundle.spec.classes, held["iou"], strict=True)})
         self.history.append(figures)
         if miou > self.best_miou:
             self.best_miou, self.best_iou, self.best_epoch = miou, list(scores["iou"]), self.epoch

@@ -1,0 +1,178 @@
+"""The storage contract on object storage, through fsspec (s3fs for ``s3://``).
+
+Credentials and the endpoint come from the environment as boto reads them (``AWS_ACCESS_KEY_ID``,
+``AWS_PROFILE``, ``AWS_ENDPOINT_URL``, an instance role...), or from the location's storage options.
+A PUT is atomic on object stores, so whole-object writes need no temporary object. The conditional
+operations are S3's conditional requests: ``If-None-Match: *`` creates only where nothing is,
+``If-Match: <ETag>`` replaces or deletes only the version read (AWS S3 since 2024, MinIO, Ceph, moto).
+Listings are never cached: a lock or a marker must be seen the moment another process writes it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from pipeline.errors import MissingDependencyError, StorageError, cause
+from pipeline.storage.base import Storage, Version
+from pipeline.storage.location import Location
+
+# A store that does not answer fails in seconds, not minutes: botocore's default waits 60 s per
+# connection attempt and retries.
+_S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
+_CONDITIONAL = ("s3", "s3a")
+
+
+class ObjectStorage(Storage):
+    """One fsspec file system (one scheme and set of options)."""
+
+    def __init__(self, scheme: str, options: dict[str, Any]) -> None:
+        import fsspec
+
+        self.scheme = scheme
+        options = dict(options)
+        if scheme in _CONDITIONAL:
+            options.setdefault("config_kwargs", _S3_CONFIG)
+        try:
+            self.fs = fsspec.filesystem(scheme, use_listings_cache=False, **options)
+        except (ImportError, ValueError) as e:
+            raise MissingDependencyError(f"{scheme}:// needs an fsspec backend that is not installed ({cause(e)}); "
+                                         "install it, e.g. `pip install s3fs` for s3://, gcsfs for gs://, adlfs for "
+                                         "az://.") from None
+
+    def check(self, location: Location) -> None:
+        with self._errors(location):
+            try:
+                if self.scheme in _CONDITIONAL:
+                    self.fs.call_s3("head_bucket", Bucket=location.bucket)
+                    return
+                found = self.fs.exists(location.bucket)
+            except FileNotFoundError:
+                found = False
+            if not found:
+                raise StorageError(f"The bucket {location.bucket!r} of {location.url} does not exist: create it, "
+                                   "or name one that does.")
+
+    def exists(self, location: Location) -> bool:
+        with self._errors(location):
+            return bool(self.fs.exists(location.path))
+
+    def list(self, location: Location) -> list[str]:
+        with self._errors(location):
+            try:
+                entries = self.fs.ls(location.path, detail=False)
+            except FileNotFoundError:
+                return []
+        prefix = location.path.rstrip("/") + "/"
+        return sorted({e.rstrip("/").removeprefix(prefix) for e in entries if e.rstrip("/") != location.path})
+
+    def read_bytes(self, location: Location) -> bytes:
+        with self._errors(location):
+            return bytes(self.fs.cat_file(location.path))
+
+    def write_bytes(self, location: Location, data: bytes) -> None:
+        with self._errors(location):
+            self.fs.pipe_file(location.path, data)
+
+    def create(self, location: Location, data: bytes) -> str | None:
+        bucket, key = self._split(location)
+        with self._errors(location), self._refused() as refused:
+            answer = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        return None if refused else str(answer["ETag"])
+
+    def version(self, location: Location) -> Version | None:
+        with self._errors(location):
+            try:
+                info = self.fs.info(location.path)
+            except FileNotFoundError:
+                return None
+        if info.get("type") == "directory":
+            return None
+        return Version(str(info["ETag"]), info["LastModified"].timestamp())
+
+    def replace_if(self, location: Location, data: bytes, tag: str) -> str | None:
+        bucket, key = self._split(location)
+        with self._errors(location), self._refused() as refused:
+            answer = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=tag)
+        return None if refused else str(answer["ETag"])
+
+    def delete_if(self, location: Location, tag: str) -> bool:
+        bucket, key = self._split(location)
+        with self._errors(location), self._refused() as refused:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=tag)
+        return not refused
+
+    def delete(self, location: Location, recursive: bool = False) -> None:
+        with self._errors(location), contextlib.suppress(FileNotFoundError):
+            if recursive:
+                self.fs.rm(location.path, recursive=True)
+            elif self.fs.isfile(location.path):
+                self.fs.rm_file(location.path)
+
+    def zarr_store(self, location: Location, read_only: bool) -> Any:
+        from zarr.storage import FsspecStore
+
+        options = {"use_listings_cache": False, **location.options}
+        if self.scheme in _CONDITIONAL:
+            options.setdefault("config_kwargs", _S3_CONFIG)
+        return FsspecStore.from_url(location.url, storage_options=options, read_only=read_only)
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _split(self, location: Location) -> tuple[str, str]:
+        if self.scheme not in _CONDITIONAL:
+            raise StorageError(f"{location.url}: tessera's output lock needs conditional writes, which it makes on "
+                               "s3:// (and S3-compatible stores) only; write to s3:// or a local folder.")
+        bucket, _, key = location.path.partition("/")
+        return bucket, key
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _refused() -> Iterator[builtins.list[bool]]:
+        """Catch a failed condition (HTTP 412; 409 when a concurrent conditional write is under way);
+        the yielded list is then true."""
+        refused: builtins.list[bool] = []
+        try:
+            yield refused
+        except FileExistsError:  # s3fs: If-None-Match failed
+            refused.append(True)
+        except FileNotFoundError:  # If-Match on an object that is gone
+            refused.append(True)
+        except OSError as e:
+            if e.errno != errno.EINVAL or ("condition" not in str(e).lower() and "conflict" not in str(e).lower()):
+                raise
+            refused.append(True)
+
+    @contextlib.contextmanager
+    def _errors(self, location: Location) -> Iterator[None]:
+        """Turn the store's failures (unreachable, no credentials, no bucket, denied) into one-line StorageErrors."""
+        try:
+            yield
+        except StorageError:
+            raise
+        except FileNotFoundError as e:
+            if "bucket" in str(e).lower():
+                raise StorageError(f"The bucket {location.bucket!r} of {location.url} does not exist: create it, "
+                                   "or name one that does.") from None
+            raise
+        except PermissionError as e:
+            raise StorageError(f"Access to {location.url} was refused ({cause(e)}): check the credentials "
+                               "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and their permissions "
+                               "on the bucket.") from None
+        except Exception as e:
+            name = type(e).__name__
+            if name in ("NoCredentialsError", "PartialCredentialsError"):
+                raise StorageError(f"No credentials for {location.url}: set AWS_ACCESS_KEY_ID and "
+                                   "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or run where an instance role "
+                                   "gives them.") from None
+            if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+                        "ClientConnectorError", "ServerTimeoutError") or isinstance(e, ConnectionError | TimeoutError):
+                endpoint = (location.options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                            or os.environ.get("AWS_ENDPOINT_URL") or "its endpoint")
+                raise StorageError(f"Cannot reach the object store for {location.url} at {endpoint} ({cause(e)}): "
+                                   "check the endpoint (endpoint_url, AWS_ENDPOINT_URL) and the network.") from None
+            raise

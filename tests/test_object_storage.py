@@ -1,0 +1,145 @@
+"""Mosaics written straight to object storage: a real S3 server (moto's) on 127.0.0.1, real Ray, and the
+same jobs as on a disk. Credentials and the endpoint reach the driver and the workers through the
+environment (tests/conftest.py), as on a cluster."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.errors import OutputLockedError
+from pipeline.execution import SegmentConfig, segment
+from pipeline.locking import lock_location
+from pipeline.mosaic import BLOCKS, Mosaic
+from pipeline.storage import Location, storage_for
+from pipeline.tiling import Rect
+from tests.conftest import free_port, make_bundle, smooth_image, wait_until_serving, write_geotiff
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("s3-inputs")
+    source = write_geotiff(d / "scene.tif", smooth_image(600, 520, seed=11))
+    return source, make_bundle(d / "m.bundle", tile=128, overlap=32)
+
+
+def config(inputs: tuple[Path, Path], out: str | Path, **kw: object) -> SegmentConfig:
+    settings: dict[str, object] = {"scores_dtype": "float32", "chunk": 128, "shard": 256, "block": 256,
+                                   "workers": 2, "progress": False, **kw}
+    return SegmentConfig(source=str(inputs[0]), model=str(inputs[1]), output=str(out), **settings)  # type: ignore[arg-type]
+
+
+def assert_same_mosaic(a: Mosaic, b: Mosaic) -> None:
+    assert a.complete and b.complete
+    assert a.layout == b.layout
+    for level in range(a.layout.num_levels):
+        for name in ("mask", "scores", "confidence"):
+            np.testing.assert_array_equal(a.read(name, level), b.read(name, level))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_mosaic_written_to_s3_equals_the_one_written_locally(
+    inputs: tuple[Path, Path], s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    segment(config(inputs, tmp_path / "a.zarr"))
+    url = f"{s3_bucket}/scenes/a.zarr"
+    summary = segment(config(inputs, url))
+    assert summary.blocks_written == 9  # 3 x 3 blocks of 256 px
+    remote = Mosaic.open(url)
+    assert remote.location.url == url
+    assert_same_mosaic(Mosaic.open(tmp_path / "a.zarr"), remote)
+    assert dict(remote.group.attrs)["ome"]["multiscales"]
+    lock = lock_location(url)
+    assert not storage_for(lock).exists(lock)
+    assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())  # nothing of it landed on the disk
+    again = segment(config(inputs, url))  # the same job again: the complete mosaic is kept
+    assert again.kept
+
+    # The query commands and the service read it where it is.
+    info = CliRunner().invoke(app, ["query", "info", url])
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.output)["complete"] is True
+    stats = CliRunner().invoke(app, ["query", "stats", url])
+    assert stats.exit_code == 0, stats.output
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "tessera"), "serve", s3_bucket, "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_serving(f"{base}/api/mosaics", server, 60, lambda: server.communicate()[0])
+        with urllib.request.urlopen(f"{base}/api/mosaics") as answer:
+            assert [m["id"] for m in json.load(answer)] == ["scenes/a.zarr"]
+        window = "0,0,64,64"
+        with urllib.request.urlopen(f"{base}/api/mosaics/scenes/a.zarr/region.npy?window={window}") as answer:
+            served = np.load(io.BytesIO(answer.read()))
+        np.testing.assert_array_equal(served, remote.read("mask", 0, Rect(0, 0, 64, 64)))
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def slow_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An image of 16 blocks and a model slow enough for a job to be caught in the middle."""
+    d = tmp_path_factory.mktemp("s3-slow")
+    source = write_geotiff(d / "scene.tif", smooth_image(1024, 1024, seed=4))
+    return source, make_bundle(d / "slow.bundle", tile=128, overlap=32, arch_args={"depth": 6, "width": 16})
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_a_job_on_s3_refuses_a_second_and_resumes_after_a_kill(
+    slow_inputs: tuple[Path, Path], s3_bucket: str, tmp_path: Path
+) -> None:
+    source, bundle = slow_inputs
+    reference = tmp_path / "reference.zarr"
+    segment(config(slow_inputs, reference))
+    url = f"{s3_bucket}/m.zarr"
+    out = Location.parse(url)
+    storage = storage_for(out)
+    cmd = [sys.executable, "-m", "jobs.segment", f"source={source}", f"model={bundle}", f"output={url}",
+           "progress=false", "storage.chunk=128", "storage.shard=256", "storage.scores_dtype=float32",
+           "tiling.block=256", "cluster.workers=2"]
+    first = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def markers() -> int:
+        return len(storage.list(out.join(BLOCKS)))
+
+    deadline = time.monotonic() + 240
+    while markers() < 2:
+        assert first.poll() is None and time.monotonic() < deadline, "the job ended before it could be stopped"
+        time.sleep(0.1)
+    with pytest.raises(OutputLockedError, match=f"pid {first.pid}"):  # a second job on the same output
+        segment(config(slow_inputs, url))
+    seen = markers()
+    while markers() == seen:  # the first job goes on writing, its lock untouched
+        assert first.poll() is None and time.monotonic() < deadline, "the first job stopped"
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and its embedded Ray, at once
+    first.wait()
+
+    interrupted = Mosaic.open(url)
+    assert not interrupted.complete and "ome" not in dict(interrupted.group.attrs)
+    lock = lock_location(url)
+    assert storage.exists(lock), "the dead driver's lock is left behind..."
+    summary = segment(config(slow_inputs, url))  # ...and broken, since its owner is gone
+    assert summary.blocks_resumed >= 3
+    assert summary.blocks_written + summary.blocks_resumed == 16
+    assert_same_mosaic(Mosaic.open(reference), Mosaic.open(url))
+    assert not storage.exists(lock)
