@@ -119,6 +119,9 @@ class ObjectStorage(Storage):
         options = {"use_listings_cache": False, **location.options}
         if self.scheme in _CONDITIONAL:
             options.setdefault("config_kwargs", _S3_CONFIG)
+            # One GET per read: with more, s3fs asks for the size first (a HEAD, and a listing when the
+            # key is missing, as every new shard is when zarr reads it before writing it).
+            options.setdefault("max_concurrency", 1)
         return FsspecStore.from_url(location.url, storage_options=options, read_only=read_only)
 
     # -- helpers --------------------------------------------------------------------------------------
