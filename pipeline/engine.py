@@ -564,6 +564,10 @@ class Engine:
         import ray
 
         start = time.perf_counter()
+        # Where the output goes: an unreachable store, missing credentials or bucket fail here, in one line.
+        where = Location.parse(self.root) if self.root else Location.parse(self.tasks[0][1]) if self.tasks else None
+        if where is not None:
+            storage_for(where).check(where)
         tracking = self.kind.tracking
         if tracking.enabled:
             check_reachable(tracking.resolved_uri())
@@ -572,10 +576,6 @@ class Engine:
             from pipeline.cluster import check_address
 
             check_address(address)  # an unreachable cluster fails here, before any output
-        # Where the output goes: an unreachable store, missing credentials or bucket fail here, in one line.
-        where = Location.parse(self.root) if self.root else Location.parse(self.tasks[0][1]) if self.tasks else None
-        if where is not None:
-            storage_for(where).check(where)
         if len(self.tasks) > 1:
             self.kind.check()  # what every image shares (the model, the device) fails once, for the whole job
         if self.root and Location.parse(self.root).is_local:
@@ -736,7 +736,7 @@ class Engine:
             kind=self.kind.name, root=self.root, images=tuple(self.results), workers=self.workers,
             wall_seconds=time.perf_counter() - start, phases=phases, peak_memory_mib=peak.peak_mib,
             run_id=self.parent.run_id if self.parent else None,
-            manifest=str(self.manifest.path) if self.manifest else None,
+            manifest=self.manifest.path.url if self.manifest else None,
         )
 
     # -- helpers of the loop ----------------------------------------------------------------------
@@ -971,7 +971,8 @@ class Engine:
                                 "image_seconds": float(sum(r.seconds for r in done))})
             if self.manifest is not None:
                 self.manifest.write()
-                logger.log_files({"manifest.csv": self.manifest.path.read_bytes()})
+                csv_file = self.manifest.path
+                logger.log_files({"manifest.csv": storage_for(csv_file).read_bytes(csv_file)})
         self.parent.end("FINISHED" if not counts.get("failed") and not counts.get("pending") else "FAILED")
 
 

@@ -655,5 +655,18 @@ def segment_inputs(config: SegmentConfig, sources: Sequence[str], pattern: str |
         raise ConfigError(f"--out {config.output} is a mosaic: give a new folder for the collection's mosaics, "
                           "or a path ending in .zarr for one image's mosaic")
     items = resolve_collection(sources, pattern=pattern, assets=assets,
-                               stacking_dir=Path(config.output) / ".inputs")
+                               stacking_dir=_stacking_dir(config.output))
     return segment_collection(config, items, config.output)
+
+
+def _stacking_dir(root: str) -> Path:
+    """Where the VRTs that stack a STAC item's assets go: ROOT/.inputs, or, for a ROOT on object storage
+    (GDAL opens VRTs from local files), a folder of tessera's cache named after the ROOT."""
+    location = Location.parse(root)
+    if location.is_local:
+        return location.local_path() / ".inputs"
+    import hashlib
+
+    from pipeline.files import cache_folder
+
+    return cache_folder("inputs") / hashlib.sha256(location.url.encode()).hexdigest()[:16]

@@ -10,15 +10,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import os
 import threading
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from pipeline.errors import ConfigError, MosaicError
+from pipeline.storage import Location, storage_for
 
 __all__ = ["STATUSES", "Manifest", "ManifestRow"]
 
@@ -63,27 +61,27 @@ class Manifest:
     `update`, `counts` and `write` may be called from several threads.
 
     Example:
-        >>> manifest = Manifest("out", [ManifestRow("/data/a.tif", "out/a.zarr")])
-        >>> manifest.write()
-        PosixPath('out/manifest.csv')
-        >>> manifest.update(ManifestRow("/data/a.tif", "out/a.zarr", "done", tiles_computed=64, seconds=3.2))
-        >>> manifest.write(), manifest.counts()["done"]
-        (PosixPath('out/manifest.csv'), 1)
+        >>> manifest = Manifest("/data/out", [ManifestRow("/data/a.tif", "/data/out/a.zarr")])
+        >>> manifest.write().url  # doctest: +SKIP
+        '/data/out/manifest.csv'
+        >>> manifest.update(ManifestRow("/data/a.tif", "/data/out/a.zarr", "done", tiles_computed=64, seconds=3.2))
+        >>> manifest.counts()["done"]
+        1
     """
 
     CSV_NAME = "manifest.csv"
     PARQUET_NAME = "manifest.parquet"
 
-    def __init__(self, root: str | Path, rows: Sequence[ManifestRow]) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Path | Location, rows: Sequence[ManifestRow]) -> None:
+        self.root = Location.parse(root)
         self.rows: list[ManifestRow] = list(rows)
         self._index = {row.output: k for k, row in enumerate(self.rows)}  # so that `update` is O(1)
         self._lock = threading.Lock()
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Location:
         """ROOT/manifest.csv, where `write` puts the CSV."""
-        return self.root / self.CSV_NAME
+        return self.root.join(self.CSV_NAME)
 
     def update(self, row: ManifestRow) -> None:
         """Replace the row with the same output as `row` (or add `row` if there is none)."""
@@ -103,39 +101,43 @@ class Manifest:
                 found[row.status] += 1
             return found
 
-    def write(self) -> Path:
-        """Write ROOT/manifest.csv and ROOT/manifest.parquet, each replaced atomically; returns the CSV's path."""
+    def write(self) -> Location:
+        """Write ROOT/manifest.csv and ROOT/manifest.parquet, each replaced whole; returns the CSV's location."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         with self._lock:
             records = [dataclasses.asdict(row) | {"error": _one_line(row.error)} for row in self.rows]
-            self.root.mkdir(parents=True, exist_ok=True)
+            storage = storage_for(self.root)
             text = io.StringIO(newline="")
             writer = csv.DictWriter(text, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(records)
-            _replace_atomically(self.path, lambda f: f.write(text.getvalue().encode("utf-8")))
+            storage.write_bytes(self.path, text.getvalue().encode("utf-8"))
             table = pa.Table.from_pylist(records, schema=pa.schema([
                 ("input", pa.string()), ("output", pa.string()), ("status", pa.string()),
                 ("tiles_computed", pa.int64()), ("seconds", pa.float64()), ("error", pa.string()),
                 ("run_id", pa.string()),
             ]))
-            _replace_atomically(self.root / self.PARQUET_NAME, lambda f: pq.write_table(table, f))
+            parquet = io.BytesIO()
+            pq.write_table(table, parquet)
+            storage.write_bytes(self.root.join(self.PARQUET_NAME), parquet.getvalue())
             return self.path
 
     @classmethod
-    def read(cls, root: str | Path) -> Manifest:
+    def read(cls, root: str | Path | Location) -> Manifest:
         """The manifest a collection job wrote to ROOT/manifest.csv.
 
         Raises:
             MosaicError: There is no manifest there, or it is not one tessera wrote.
         """
-        path = Path(root) / cls.CSV_NAME
-        if not path.is_file():
+        path = Location.parse(root).join(cls.CSV_NAME)
+        try:
+            data = storage_for(path).read_bytes(path)
+        except (FileNotFoundError, IsADirectoryError):
             raise MosaicError(f"{root} has no {cls.CSV_NAME}, so it is not the output root of a collection job; "
-                              "pass the folder that was the job's output")
-        with path.open(newline="", encoding="utf-8") as f:
+                              "pass the folder that was the job's output") from None
+        with io.StringIO(data.decode("utf-8"), newline="") as f:
             reader = csv.DictReader(f)
             if tuple(reader.fieldnames or ()) != COLUMNS:
                 raise MosaicError(f"{path} has the columns {', '.join(reader.fieldnames or ['(none)'])}, not a "
@@ -153,19 +155,6 @@ class Manifest:
                     raise MosaicError(f"{path}, line {reader.line_num}: {_one_line(e)}; the manifest is damaged, "
                                       "so rerun the collection job to rewrite it") from e
         return cls(root, rows)
-
-
-def _replace_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write `path` through a temporary file beside it, so readers see the old file or the new, never half."""
-    # Not tempfile.mkstemp: its files are private (0600), and the manifest is for everyone the umask allows.
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with temp.open("xb") as f:
-            write(f)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def _one_line(text: object) -> str:

@@ -12,6 +12,7 @@ import pytest
 from pipeline.collection import Manifest as ReExported
 from pipeline.errors import ConfigError, MosaicError
 from pipeline.manifest import STATUSES, Manifest, ManifestRow
+from pipeline.storage import Location
 
 
 def rows(n: int, root: Path) -> list[ManifestRow]:
@@ -29,7 +30,7 @@ def test_write_then_read_round_trips(tmp_path: Path) -> None:
                                 seconds=3.25, run_id="abc123"))
     manifest.update(ManifestRow("/data/scene-2.tif", str(root / "scene-2.zarr"), "failed",
                                 error="cannot open:\n  truncated file\n"))
-    assert manifest.write() == manifest.path == root / "manifest.csv"
+    assert manifest.write() == manifest.path == Location.parse(root / "manifest.csv")
     again = Manifest.read(root)
     assert again.rows == manifest.rows
     assert again.rows[1] == ManifestRow("/data/scene-1.tif", str(root / "scene-1.zarr"), "done", 64, 3.25, "", "abc123")
@@ -39,7 +40,7 @@ def test_write_then_read_round_trips(tmp_path: Path) -> None:
 def test_the_csv_reads_with_the_csv_module(tmp_path: Path) -> None:
     manifest = Manifest(tmp_path, rows(2, tmp_path))
     manifest.update(ManifestRow("/data/a,b.tif", str(tmp_path / "scene-0.zarr"), "failed", error='said "no"\nthen'))
-    with manifest.write().open(newline="") as f:
+    with open(manifest.write().path, newline="") as f:
         records = list(csv.reader(f))
     assert records[0] == ["input", "output", "status", "tiles_computed", "seconds", "error", "run_id"]
     assert records[1] == ["/data/a,b.tif", str(tmp_path / "scene-0.zarr"), "failed", "0", "0.0", 'said "no" then', ""]
@@ -106,3 +107,12 @@ def test_reading_a_foreign_or_damaged_csv_is_refused(tmp_path: Path) -> None:
     (tmp_path / "manifest.csv").write_text(text)
     with pytest.raises(MosaicError, match=r"manifest.csv, line 2: .*'many'"):
         Manifest.read(tmp_path)
+
+
+def test_a_manifest_on_object_storage_round_trips(s3_bucket: str) -> None:
+    root = f"{s3_bucket}/run"
+    manifest = Manifest(root, [ManifestRow("/data/a.tif", f"{root}/a.zarr", "done", 4, 1.5)])
+    assert manifest.write().url == f"{root}/manifest.csv"
+    assert Manifest.read(root).rows == manifest.rows
+    with pytest.raises(MosaicError, match=r"has no manifest\.csv"):
+        Manifest.read(f"{s3_bucket}/elsewhere")

@@ -19,9 +19,11 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.collection import resolve_collection
 from pipeline.errors import OutputLockedError
-from pipeline.execution import SegmentConfig, segment
+from pipeline.execution import SegmentConfig, segment, segment_collection
 from pipeline.locking import lock_location
+from pipeline.manifest import Manifest
 from pipeline.mosaic import BLOCKS, Mosaic
 from pipeline.storage import Location, storage_for
 from pipeline.tiling import Rect
@@ -92,6 +94,18 @@ def test_a_mosaic_written_to_s3_equals_the_one_written_locally(
         server.terminate()
         server.wait(timeout=20)
 
+    # A collection: its mosaics and its manifest under a ROOT on the bucket.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(2):
+        write_geotiff(folder / f"b{k}.tif", smooth_image(300, 260, seed=20 + k))
+    root = f"{s3_bucket}/run"
+    summary = segment_collection(config(inputs, root), resolve_collection([str(folder)]), root)
+    assert not summary.failed
+    assert {(Path(r.input).name, r.output, r.status) for r in Manifest.read(root).rows} == {
+        ("b0.tif", f"{root}/b0.zarr", "done"), ("b1.tif", f"{root}/b1.zarr", "done")}
+    assert Mosaic.open(f"{root}/b1.zarr").complete
+
 
 @pytest.fixture(scope="module")
 def slow_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
@@ -143,3 +157,42 @@ def test_a_job_on_s3_refuses_a_second_and_resumes_after_a_kill(
     assert summary.blocks_written + summary.blocks_resumed == 16
     assert_same_mosaic(Mosaic.open(reference), Mosaic.open(url))
     assert not storage.exists(lock)
+
+
+def test_unusable_object_storage_fails_at_once_in_one_line(
+    inputs: tuple[Path, Path], s3_bucket: str, tmp_path: Path
+) -> None:
+    """A missing bucket, no credentials, an endpoint that does not answer: one line each, nothing written."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    s3 = {"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "AWS_DEFAULT_REGION": "us-east-1"}
+    keys = {"AWS_ACCESS_KEY_ID": "tessera-test", "AWS_SECRET_ACCESS_KEY": "tessera-test"}
+    cases = {
+        "does not exist: create it": ({**s3, **keys}, f"{s3_bucket}-missing/a.zarr"),
+        "No credentials": ({**s3, "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                            "AWS_EC2_METADATA_DISABLED": "true"}, f"{s3_bucket}/b.zarr"),
+        "Cannot reach the object store": ({**s3, **keys, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"},
+                                          f"{s3_bucket}/c.zarr"),
+    }
+    tessera = str(Path(sys.executable).parent / "tessera")
+    runs = {}
+    for expected, (env, out) in cases.items():
+        folder = tmp_path / str(len(runs))
+        folder.mkdir()
+        runs[expected] = (time.monotonic(), folder, subprocess.Popen(
+            [tessera, "segment", str(inputs[0]), "--model", str(inputs[1]), "--out", out],
+            cwd=folder, env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    ended: dict[str, float] = {}
+    deadline = time.monotonic() + 120
+    while len(ended) < len(runs) and time.monotonic() < deadline:
+        ended.update({k: time.monotonic() for k, (_, _, run) in runs.items()
+                      if k not in ended and run.poll() is not None})
+        time.sleep(0.1)
+    for expected, (started, folder, run) in runs.items():
+        _, stderr = run.communicate(timeout=10)
+        seconds = ended[expected] - started
+        assert run.returncode == 2, stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
+        assert seconds < 30, f"{expected}: {seconds:.0f} s"
+        assert list(folder.iterdir()) == []  # not even a tracking database
+    assert storage_for(Location.parse(s3_bucket)).list(Location.parse(s3_bucket)) == []
