@@ -97,13 +97,15 @@ def pytest_configure(config: pytest.Config) -> None:
     # Object storage in the tests is a real S3 server (moto's) on 127.0.0.1, one per test process,
     # started by the `s3_server` fixture on first use. Its address and credentials go into the
     # environment now, before any Ray starts, so that Ray workers read them as boto does on a cluster.
-    if "TESSERA_TEST_S3_PORT" not in os.environ:
+    # Each pytest process its own port: xdist's workers inherit the environment of the process that
+    # started them.
+    if os.environ.get("TESSERA_TEST_S3_PID") != str(os.getpid()):
+        port = free_port()
         os.environ.update({
-            "TESSERA_TEST_S3_PORT": str(free_port()),
+            "TESSERA_TEST_S3_PID": str(os.getpid()), "TESSERA_TEST_S3_PORT": str(port),
             "AWS_ACCESS_KEY_ID": "tessera-test", "AWS_SECRET_ACCESS_KEY": "tessera-test",
-            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         })
-        os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{os.environ['TESSERA_TEST_S3_PORT']}"
 
 
 @pytest.fixture(scope="session")
@@ -112,8 +114,16 @@ def s3_server() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(os.environ["TESSERA_TEST_S3_PORT"]), verbose=False)
+    port = int(os.environ["TESSERA_TEST_S3_PORT"])
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    deadline = time.monotonic() + 20
+    while True:  # answering, or fail now rather than at each test's timeout
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the test S3 server did not start on 127.0.0.1:{port}")
+        time.sleep(0.1)
     yield os.environ["AWS_ENDPOINT_URL"]
     server.stop()
 
