@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,11 +19,10 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.collection import resolve_collection
-from pipeline.errors import OutputLockedError
 from pipeline.execution import SegmentConfig, segment, segment_collection
 from pipeline.locking import lock_location
 from pipeline.manifest import Manifest
-from pipeline.mosaic import BLOCKS, Mosaic
+from pipeline.mosaic import Mosaic
 from pipeline.storage import Location, storage_for
 from pipeline.tiling import Rect
 from tests.conftest import free_port, make_bundle, smooth_image, wait_until_serving, write_geotiff
@@ -107,58 +105,6 @@ def test_a_mosaic_written_to_s3_equals_the_one_written_locally(
     assert Mosaic.open(f"{root}/b1.zarr").complete
 
 
-@pytest.fixture(scope="module")
-def slow_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """An image of 16 blocks and a model slow enough for a job to be caught in the middle."""
-    d = tmp_path_factory.mktemp("s3-slow")
-    source = write_geotiff(d / "scene.tif", smooth_image(1024, 1024, seed=4))
-    return source, make_bundle(d / "slow.bundle", tile=128, overlap=32, arch_args={"depth": 6, "width": 16})
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("ray_session")
-def test_a_job_on_s3_refuses_a_second_and_resumes_after_a_kill(
-    slow_inputs: tuple[Path, Path], s3_bucket: str, tmp_path: Path
-) -> None:
-    source, bundle = slow_inputs
-    reference = tmp_path / "reference.zarr"
-    segment(config(slow_inputs, reference))
-    url = f"{s3_bucket}/m.zarr"
-    out = Location.parse(url)
-    storage = storage_for(out)
-    cmd = [sys.executable, "-m", "jobs.segment", f"source={source}", f"model={bundle}", f"output={url}",
-           "progress=false", "storage.chunk=128", "storage.shard=256", "storage.scores_dtype=float32",
-           "tiling.block=256", "cluster.workers=2"]
-    first = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-    def markers() -> int:
-        return len(storage.list(out.join(BLOCKS)))
-
-    deadline = time.monotonic() + 240
-    while markers() < 2:
-        assert first.poll() is None and time.monotonic() < deadline, "the job ended before it could be stopped"
-        time.sleep(0.1)
-    with pytest.raises(OutputLockedError, match=f"pid {first.pid}"):  # a second job on the same output
-        segment(config(slow_inputs, url))
-    seen = markers()
-    while markers() == seen:  # the first job goes on writing, its lock untouched
-        assert first.poll() is None and time.monotonic() < deadline, "the first job stopped"
-        time.sleep(0.1)
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and its embedded Ray, at once
-    first.wait()
-
-    interrupted = Mosaic.open(url)
-    assert not interrupted.complete and "ome" not in dict(interrupted.group.attrs)
-    lock = lock_location(url)
-    assert storage.exists(lock), "the dead driver's lock is left behind..."
-    summary = segment(config(slow_inputs, url))  # ...and broken, since its owner is gone
-    assert summary.blocks_resumed >= 3
-    assert summary.blocks_written + summary.blocks_resumed == 16
-    assert_same_mosaic(Mosaic.open(reference), Mosaic.open(url))
-    assert not storage.exists(lock)
-
-
 def test_unusable_object_storage_fails_at_once_in_one_line(
     inputs: tuple[Path, Path], s3_bucket: str, tmp_path: Path
 ) -> None:
@@ -174,7 +120,7 @@ def test_unusable_object_storage_fails_at_once_in_one_line(
                                           f"{s3_bucket}/c.zarr"),
     }
     tessera = str(Path(sys.executable).parent / "tessera")
-    runs = {}
+    runs: dict[str, tuple[float, Path, subprocess.Popen[str]]] = {}
     for expected, (env, out) in cases.items():
         folder = tmp_path / str(len(runs))
         folder.mkdir()

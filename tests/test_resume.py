@@ -1,4 +1,5 @@
-"""Resume, the exclusive output lock, and surviving a worker killed mid-job (real Ray, real kills)."""
+"""Resume, the exclusive output lock, and surviving a job or a worker killed mid-job (real Ray, real kills;
+the killed job writes to a real S3 server on 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,20 @@ import logging
 import os
 import re
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 
-from pipeline.errors import OutputExistsError
+from pipeline.errors import OutputExistsError, OutputLockedError
 from pipeline.execution import SegmentConfig, segment
 from pipeline.locking import lock_location
 from pipeline.mosaic import BLOCKS, Mosaic
+from pipeline.storage import Location, storage_for
 from tests.conftest import make_bundle, smooth_image, write_geotiff
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +34,7 @@ def job_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return source, bundle
 
 
-def config(source: Path, bundle: Path, out: Path, **kw: object) -> SegmentConfig:
+def config(source: Path, bundle: Path, out: Path | str, **kw: object) -> SegmentConfig:
     settings: dict[str, object] = {"scores_dtype": "float32", "chunk": 128, "shard": 256, "block": 256,
                                    "workers": 2, "progress": False, **kw}
     return SegmentConfig(source=str(source), model=str(bundle), output=str(out), **settings)  # type: ignore[arg-type]
@@ -47,6 +52,48 @@ def assert_same_mosaic(a: Mosaic, b: Mosaic) -> None:
     for level in range(a.layout.num_levels):
         np.testing.assert_array_equal(a.read("mask", level), b.read("mask", level))
         np.testing.assert_allclose(a.read("scores", level), b.read("scores", level), atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.slow
+def test_a_job_on_s3_refuses_a_second_and_resumes_after_a_kill(
+    job_inputs: tuple[Path, Path], undisturbed: Mosaic, s3_bucket: str, tmp_path: Path
+) -> None:
+    """On object storage (a real S3 server on 127.0.0.1): the output lock, the markers and resume."""
+    source, bundle = job_inputs
+    url = f"{s3_bucket}/m.zarr"
+    out = Location.parse(url)
+    storage = storage_for(out)
+    cmd = [sys.executable, "-m", "jobs.segment", f"source={source}", f"model={bundle}", f"output={url}",
+           "progress=false", "storage.chunk=128", "storage.shard=256", "storage.scores_dtype=float32",
+           "tiling.block=256", "cluster.workers=2"]
+    first = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def markers() -> int:
+        return len(storage.list(out.join(BLOCKS)))
+
+    deadline = time.monotonic() + 240
+    while markers() < 2:
+        assert first.poll() is None and time.monotonic() < deadline, "the job ended before it could be stopped"
+        time.sleep(0.1)
+    with pytest.raises(OutputLockedError, match=f"pid {first.pid}"):  # a second job on the same output
+        segment(config(source, bundle, url))
+    seen = markers()
+    while markers() == seen:  # the first job goes on writing, its lock untouched
+        assert first.poll() is None and time.monotonic() < deadline, "the first job stopped"
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and its embedded Ray, at once
+    first.wait()
+
+    interrupted = Mosaic.open(url)
+    assert not interrupted.complete and "ome" not in dict(interrupted.group.attrs)
+    lock = lock_location(url)
+    assert storage.exists(lock), "the dead driver's lock is left behind..."
+    summary = segment(config(source, bundle, url))  # ...and broken, since its owner is gone
+    assert summary.blocks_resumed >= 3
+    assert summary.blocks_written + summary.blocks_resumed == 16
+    assert_same_mosaic(undisturbed, Mosaic.open(url))
+    assert not storage.exists(lock)
 
 
 @pytest.mark.usefixtures("ray_session")
