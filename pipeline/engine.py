@@ -34,7 +34,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline import lineage as lineage_info
@@ -565,7 +564,8 @@ class Engine:
 
         start = time.perf_counter()
         # Where the output goes: an unreachable store, missing credentials or bucket fail here, in one line.
-        where = Location.parse(self.root) if self.root else Location.parse(self.tasks[0][1]) if self.tasks else None
+        root = Location.parse(self.root) if self.root else None
+        where = root or (Location.parse(self.tasks[0][1]) if self.tasks else None)
         if where is not None:
             storage_for(where).check(where)
         tracking = self.kind.tracking
@@ -578,8 +578,8 @@ class Engine:
             check_address(address)  # an unreachable cluster fails here, before any output
         if len(self.tasks) > 1:
             self.kind.check()  # what every image shares (the model, the device) fails once, for the whole job
-        if self.root and Location.parse(self.root).is_local:
-            Path(self.root).mkdir(parents=True, exist_ok=True)
+        if root is not None and root.is_local:
+            root.local_path().mkdir(parents=True, exist_ok=True)
         phases: dict[str, float] = {}
         planner = ThreadPoolExecutor(PLAN_AHEAD, thread_name_prefix="tessera-plan")
         finisher = ThreadPoolExecutor(1, thread_name_prefix="tessera-finish")

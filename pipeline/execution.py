@@ -19,6 +19,7 @@ cluster; only `ray_address` differs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import tempfile
@@ -49,6 +50,7 @@ from pipeline.engine import (
     run_image,
 )
 from pipeline.errors import BandMismatchError, ConfigError
+from pipeline.files import cache_folder
 from pipeline.inference import InferenceOptions, pick_device
 from pipeline.models.bundle import BundleSpec, ModelBundle
 from pipeline.models.runtimes import RUNTIMES
@@ -665,8 +667,4 @@ def _stacking_dir(root: str) -> Path:
     location = Location.parse(root)
     if location.is_local:
         return location.local_path() / ".inputs"
-    import hashlib
-
-    from pipeline.files import cache_folder
-
     return cache_folder("inputs") / hashlib.sha256(location.url.encode()).hexdigest()[:16]

@@ -20,16 +20,27 @@ def write_atomically(path: str | Path, data: bytes) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = write_beside(path, data)
+    try:
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def write_beside(path: Path, data: bytes) -> Path:
+    """`data` written whole and flushed to disk in a new temporary file beside `path` (same folder, a
+    unique name, the umask's permissions): its path, for the caller to rename or link into place."""
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(temporary, "xb") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
+    except BaseException:
         temporary.unlink(missing_ok=True)
-    return path
+        raise
+    return temporary
 
 
 def cache_folder(name: str) -> Path:

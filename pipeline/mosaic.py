@@ -173,7 +173,6 @@ class Mosaic:
 
     def __init__(self, location: Location, group: zarr.Group) -> None:
         self.location = location
-        self.path: Path | str = location.local_path() if location.is_local else location.url
         self.group = group
         meta: dict[str, Any] = dict(group.attrs.get("tessera", {}))  # type: ignore[arg-type]
         if meta.get("format") != FORMAT:
@@ -196,15 +195,13 @@ class Mosaic:
         storage = storage_for(p)
         if is_mosaic(p):
             storage.delete(p, recursive=True)
-        if p.is_local:
-            group = zarr.open_group(storage.zarr_store(p, read_only=False), mode="w", zarr_format=3)
-            _lay_out(group, layout, lineage, job)
-            return cls(p, group)
-        # Laid out in memory, then written object by object in parallel: zarr's own creation checks every
-        # node's parents one round trip at a time (3.7 s for three levels against a local S3 server).
+        # Laid out in memory, then written object by object in parallel, the root document last: until it
+        # is there, nothing here is a mosaic to resume. zarr's own creation checks every node's parents one
+        # round trip at a time (3.7 s for three levels against a local S3 server, 1.0 s this way; on a
+        # disk 0.3 s against 0.15 s for a 20,000 px mosaic).
         objects: dict[str, Any] = {}
         _lay_out(zarr.open_group(zarr.storage.MemoryStore(objects), mode="w", zarr_format=3), layout, lineage, job)
-        root = objects.pop("zarr.json")  # last: until it is there, nothing here is a mosaic to resume
+        root = objects.pop("zarr.json")
         with ThreadPoolExecutor(16, thread_name_prefix="tessera-create") as pool:
             list(pool.map(lambda key: storage.write_bytes(p.join(key), objects[key].to_bytes()), objects))
         storage.write_bytes(p.join("zarr.json"), root.to_bytes())
@@ -229,6 +226,11 @@ class Mosaic:
         return cls(location, zarr.open_group(store, mode=mode, zarr_format=3))  # type: ignore[arg-type]
 
     # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path | str:
+        """The local folder, or the URL of a mosaic on object storage."""
+        return self.location.local_path() if self.location.is_local else self.location.url
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -413,7 +415,6 @@ class Mosaic:
         ds = xr.open_zarr(self.group.store, group=str(level), consolidated=False)
         mask = da.from_zarr(self.array("mask", level))
         return ds.assign(mask=(("y", "x"), mask))
-
 
 
 def _lay_out(group: zarr.Group, layout: MosaicLayout, lineage: Mapping[str, Any],

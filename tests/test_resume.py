@@ -65,7 +65,7 @@ def test_a_job_on_s3_refuses_a_second_and_resumes_after_a_kill(
     storage = storage_for(out)
     cmd = [sys.executable, "-m", "jobs.segment", f"source={source}", f"model={bundle}", f"output={url}",
            "progress=false", "storage.chunk=128", "storage.shard=256", "storage.scores_dtype=float32",
-           "tiling.block=256", "cluster.workers=2"]
+           "tiling.block=256", "cluster.workers=1"]  # one worker: still writing when the second job is refused
     first = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StorageError
-from pipeline.files import write_atomically
+from pipeline.files import write_atomically, write_beside
 from pipeline.storage.base import Storage, Version
 from pipeline.storage.location import Location
 
@@ -61,7 +61,7 @@ class LocalStorage(Storage):
     def create(self, location: Location, data: bytes) -> str | None:
         path = location.local_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self._temporary(path, data)
+        temporary = write_beside(path, data)
         try:
             os.link(temporary, path)
         except FileExistsError:
@@ -83,7 +83,7 @@ class LocalStorage(Storage):
         aside = self._take(path, tag)
         if aside is None:
             return None
-        temporary = self._temporary(path, data)
+        temporary = write_beside(path, data)
         try:
             os.link(temporary, path)
         except FileExistsError:  # created by someone else while ours was aside: theirs stands
@@ -115,15 +115,6 @@ class LocalStorage(Storage):
         from zarr.storage import LocalStore
 
         return LocalStore(location.path, read_only=read_only)
-
-    @staticmethod
-    def _temporary(path: Path, data: bytes) -> Path:
-        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with open(temporary, "xb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        return temporary
 
     @staticmethod
     def _take(path: Path, tag: str) -> Path | None:

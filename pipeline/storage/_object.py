@@ -34,11 +34,15 @@ class ObjectStorage(Storage):
         import fsspec
 
         self.scheme = scheme
-        options = dict(options)
+        # The same options for this file system and for zarr's (an async one of its own).
+        self.options: dict[str, Any] = {"use_listings_cache": False, **options}
         if scheme in _CONDITIONAL:
-            options.setdefault("config_kwargs", _S3_CONFIG)
+            self.options.setdefault("config_kwargs", _S3_CONFIG)
+            # One GET per read: with more, s3fs asks for the size first (a HEAD, and a listing when the
+            # key is missing, as every new shard is when zarr reads it before writing it).
+            self.options.setdefault("max_concurrency", 1)
         try:
-            self.fs = fsspec.filesystem(scheme, use_listings_cache=False, **options)
+            self.fs = fsspec.filesystem(scheme, **self.options)
         except (ImportError, ValueError) as e:
             raise MissingDependencyError(f"{scheme}:// needs an fsspec backend that is not installed ({cause(e)}); "
                                          "install it, e.g. `pip install s3fs` for s3://, gcsfs for gs://, adlfs for "
@@ -116,13 +120,7 @@ class ObjectStorage(Storage):
     def zarr_store(self, location: Location, read_only: bool) -> Any:
         from zarr.storage import FsspecStore
 
-        options = {"use_listings_cache": False, **location.options}
-        if self.scheme in _CONDITIONAL:
-            options.setdefault("config_kwargs", _S3_CONFIG)
-            # One GET per read: with more, s3fs asks for the size first (a HEAD, and a listing when the
-            # key is missing, as every new shard is when zarr reads it before writing it).
-            options.setdefault("max_concurrency", 1)
-        return FsspecStore.from_url(location.url, storage_options=options, read_only=read_only)
+        return FsspecStore.from_url(location.url, storage_options=self.options, read_only=read_only)
 
     # -- helpers --------------------------------------------------------------------------------------
 
