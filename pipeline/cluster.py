@@ -13,7 +13,9 @@ What it promises, measured on Ray 2.60:
   Ray instance") and the workers' output stay in Ray's log files (/tmp/ray/session_*/logs); errors
   raised in workers still reach the driver as exceptions. The one line no Ray setting keeps off the
   terminal, the C++ core's warning when restartable actors get arguments from the object store, is
-  kept off by creating them inside `native_ray_lines_in_log_only`.
+  kept off by creating them inside `native_ray_lines_in_log_only`. The cluster's messages to the driver
+  (a task retried after a node was lost, the lost node's last raylet log lines) go to tessera's log
+  too.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def connect_ray(address: str | None, workers: int, object_store: int | None = No
         "logging_level": logging.INFO if verbose else logging.ERROR,
         "log_to_driver": verbose,
     }
+    _cluster_messages_to_log(not verbose)
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address.strip() != "local":
         check_address(address)
@@ -145,6 +148,33 @@ def connect_ray(address: str | None, workers: int, object_store: int | None = No
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False,
                  object_store_memory=object_store, _system_config={"max_io_workers": 1}, **output)
     return True
+
+
+_quiet_cluster_messages = False
+
+
+def _cluster_messages_to_log(quiet: bool) -> None:
+    """Keep the cluster's messages to the driver (a task retried, a node marked dead with the last lines of
+    its raylet's log) in tessera's log (DEBUG) unless `verbose`. Ray prints them to stdout from a thread of
+    its own whatever `log_to_driver` says; they reach the driver through `print_to_stdstream`, marked as
+    the raylet's, and nothing else Ray prints is held back here."""
+    global _quiet_cluster_messages
+    import ray._private.worker as ray_worker
+
+    _quiet_cluster_messages = quiet
+    if getattr(ray_worker.print_to_stdstream, "tessera", False):
+        return
+    printer = ray_worker.print_to_stdstream
+
+    def print_to_stdstream(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if _quiet_cluster_messages and data.get("pid") == "raylet":
+            for line in data.get("lines", []):
+                logging.getLogger(__name__).debug("Ray: %s", line)
+            return
+        printer(data, ignore_prefix)
+
+    print_to_stdstream.tessera = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 @contextlib.contextmanager

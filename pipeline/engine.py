@@ -368,6 +368,7 @@ class _Active:
     started: float = field(default_factory=time.perf_counter)
     attempt: int = 0
     recomputed: tuple[int, ...] = ()
+    lost_worker: bool = False  # a unit failed with its worker or node, not with an error of its own
 
     @property
     def runnable(self) -> bool:
@@ -515,6 +516,7 @@ class Engine:
         lost = sorted(set(opened.todo) - mosaic.marked_blocks())
         if lost:
             return active, lost
+        active.error = None  # a worker was lost after every block was stored: nothing is missing
         if len(self.tasks) == 1:  # a single image pays the pool's start-up itself
             opened.phases["startup"] = self.startup_seconds
         opened.phases["blocks"] = time.perf_counter() - active.started
@@ -673,7 +675,7 @@ class Engine:
                     # Images with nothing left to run go to the finisher, failed ones are abandoned.
                     for image in [i for i in active if i.finished]:
                         active.remove(image)
-                        if image.error is not None:
+                        if image.error is not None and not image.lost_worker:
                             self._abandon(image)
                             self._record(image.key)
                         else:
@@ -800,24 +802,20 @@ class Engine:
             if image.error is None:
                 image.error = cause
             return
-        except ray.exceptions.ActorUnavailableError as e:  # restarting: the image is tried again on a rerun
-            image.error = image.error or TesseraError(f"a worker was restarting ({one_line(e)}): rerun the job to "
-                                                      "resume this image")
-            return
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as e:
-            hint = self.layout.hint
+        except ray.exceptions.RayError as e:
+            # The unit's worker was lost (its process died, or its node: unavailable, dead, or the objects it
+            # made gone with it). Its image goes on from its markers in this job (`_requeue`): the blocks not
+            # stored are computed again, with the seams that feed them. The worker is replaced, so that the
+            # pool keeps its size where the cluster has room (Ray places the new one on a live node).
+            image.lost_worker = True
             if image.error is None:
-                image.error = TesseraError(
-                    f"a worker died {WORKER_RESTARTS + 1} times ({type(e).__name__}): {hint}; "
-                    "rerunning the job resumes it"
-                )
-            if actors[a] is actor:  # the first of its units to tell: the pool keeps its size
+                image.error = TesseraError(f"a worker was lost ({type(e).__name__}: {one_line(e)}): "
+                                           f"{self.layout.hint}; rerunning the job resumes it")
+            if actors[a] is actor and isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                                                      ray.exceptions.OutOfMemoryError)):
                 with contextlib.suppress(Exception):
-                    ray.kill(actor)
+                    ray.kill(actor, no_restart=True)
                 actors[a] = actor_cls.remote(self.setup)
-            return
-        except ray.exceptions.RayError as e:  # objects lost with a node, and the like: this image only
-            image.error = image.error or TesseraError(f"{one_line(e)}: rerun the job to resume this image")
             return
         if image.error is not None:
             return
@@ -845,9 +843,10 @@ class Engine:
                 self.on_progress(self.blocks_done, self.blocks_total)
 
     def _requeue(self, image: _Active, lost: list[BlockId], active: list[_Active]) -> None:
-        """Blocks reported but never stored (written behind by a worker that died): computed again."""
+        """Blocks not stored because a worker (or its node) was lost, or reported but never stored (written
+        behind by a worker that died): computed again, with the seams that feed them."""
         if image.attempt >= WORKER_RESTARTS:
-            image.error = TesseraError(
+            image.error = image.error or TesseraError(
                 f"{len(lost)} block(s) were still lost with their worker processes after {WORKER_RESTARTS} "
                 "reruns: check the workers' logs; rerunning the job resumes it")
             self._abandon(image)

@@ -72,6 +72,8 @@ def _end(actors: list[Any]) -> None:
         return
     import ray
 
+    if not ray.is_initialized():  # Ray was stopped, and the workers with it (a call would start a new Ray)
+        return
     for actor in actors:
-        with contextlib.suppress(Exception):  # gone already, or Ray was stopped
+        with contextlib.suppress(Exception):  # gone already
             ray.kill(actor, no_restart=True)

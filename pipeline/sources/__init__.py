@@ -20,6 +20,7 @@ from pipeline.sources.base import Level, RasterSource, SourceInfo, reflect_indic
 from pipeline.sources.geotiff import GeoTiffSource
 from pipeline.sources.slide import SlideSource, detect_tissue
 from pipeline.sources.tiff import TiffSource, describe_truncation, is_ome_tiff, is_tiff
+from pipeline.storage import Location, storage_for
 
 __all__ = [
     "GeoTiffSource",
@@ -33,6 +34,7 @@ __all__ = [
     "reflect_indices",
 ]
 
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs"})  # checked before GDAL reads them
 SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"})
 
 
@@ -44,7 +46,8 @@ def open_source(path: str | Path, level: int = 0) -> RasterSource:
     fails here rather than later in a worker.
 
     Args:
-        path: A local file, or a URL / GDAL virtual path (read with rasterio).
+        path: A local file, an object-storage URL (s3://bucket/key.tif, read in place through GDAL's
+            /vsis3/), another URL or a GDAL virtual path (read with rasterio).
         level: The working pyramid level (0 = full resolution).
 
     Returns:
@@ -60,8 +63,13 @@ def open_source(path: str | Path, level: int = 0) -> RasterSource:
         >>> source.mpp, source.height, source.width
     """
     name = str(path)
-    remote = "://" in name or name.startswith("/vsi")
-    if remote:
+    if name.startswith("/vsi"):  # a GDAL virtual path, as the user wrote it
+        return _first_readable(name, level, (GeoTiffSource,), {})
+    location = Location.parse(name)
+    if not location.is_local:
+        if location.scheme in OBJECT_STORES and not storage_for(location).exists(location):
+            raise SourceNotFoundError(f"{location.url} does not exist; check the bucket and the key "
+                                      f"(`aws s3 ls {location.parent.url}/` lists what is there)")
         return _first_readable(name, level, (GeoTiffSource,), {})
     if not Path(name).exists():
         raise SourceNotFoundError(

@@ -14,6 +14,7 @@ from rasterio.windows import Window
 
 from pipeline.errors import SourceReadError
 from pipeline.sources.base import Level, RasterSource, SourceInfo, grow_mask
+from pipeline.storage.gdal import configure_for
 
 FOREGROUND_CACHE_MB = 64  # GDAL block cache while scanning the dataset mask
 
@@ -42,6 +43,7 @@ class GeoTiffSource(RasterSource):
         with warnings.catch_warnings():
             # Plain images (no geotransform) are legitimate here; `transform` reports None.
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            configure_for(self.path)  # an image on s3:// is read through GDAL's /vsis3/
             full = rasterio.open(self.path)
             try:
                 info = self._describe(full)
