@@ -1,5 +1,6 @@
 """A real Ray cluster of three nodes on this machine (a head and two worker nodes, each its own raylet and
-object store), with the image and the mosaic on the S3 server, so that nothing relies on a shared folder.
+object store), with the image, the model and the mosaic on the S3 server, so that nothing relies on a
+shared folder.
 One worker node is killed in the middle of a job: the job completes, and its mosaic equals an undisturbed
 run's."""
 
@@ -18,6 +19,7 @@ import psutil
 import pytest
 
 from pipeline.execution import SegmentConfig, segment
+from pipeline.models import ModelBundle
 from pipeline.mosaic import BLOCKS, Mosaic
 from pipeline.storage import Location, storage_for
 from tests.conftest import free_port, make_bundle, smooth_image, write_geotiff
@@ -58,13 +60,15 @@ def test_a_worker_node_killed_mid_job_the_job_completes_to_the_undisturbed_mosai
     bundle = make_bundle(tmp_path / "slow.bundle", tile=128, overlap=32, arch_args={"depth": 6, "width": 16})
     source = Location.parse(f"{s3_bucket}/in/scene.tif")
     storage_for(source).write_bytes(source, local.read_bytes())
+    model = f"{s3_bucket}/models/slow.bundle"
+    ModelBundle.load(bundle).save(model)
     out = Location.parse(f"{s3_bucket}/m.zarr")
     undisturbed = tmp_path / "undisturbed.zarr"  # from the local file, on this process's embedded Ray
     segment(SegmentConfig(source=str(local), model=str(bundle), output=str(undisturbed), block=256, shard=256,
                           chunk=256, workers=2, progress=False))
 
     job = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "segment", source.url, "--model", str(bundle), "--out", out.url,
+        [sys.executable, "-m", "pipeline.cli", "segment", source.url, "--model", model, "--out", out.url,
          "--ray-address", cluster.address, *SETTINGS],  # type: ignore[attr-defined]
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,

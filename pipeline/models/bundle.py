@@ -30,9 +30,9 @@ from torch import nn
 
 from pipeline.classes import ClassInfo
 from pipeline.errors import BandMismatchError, BundleError, BundleNotFoundError, ConfigError
-from pipeline.files import write_atomically
 from pipeline.models.registry import available_architectures, build_model
 from pipeline.models.runtimes import PROGRAMS, RUNTIMES, TORCH, load_program
+from pipeline.storage import Location, storage_for
 
 FORMAT = "tessera.bundle"
 VERSION = 2
@@ -402,13 +402,15 @@ class ModelBundle:
         """Write the bundle to one file atomically (temporary file, then rename).
 
         Args:
-            path: Destination file; its parent folders are created. An existing file is replaced.
+            path: Destination file (or object-storage URL, s3://bucket/key.bundle); its parent folders are
+                created. An existing file is replaced.
 
         Returns:
             Hex SHA-256 of the written file (also stored in ``self.sha256``).
         """
         data = self.to_bytes()
-        write_atomically(path, data)  # readers never see a half-written bundle under the final name
+        location = Location.parse(path)
+        storage_for(location).write_bytes(location, data)  # readers never see a half-written bundle
         self.sha256 = hashlib.sha256(data).hexdigest()
         return self.sha256
 
@@ -432,7 +434,7 @@ class ModelBundle:
         """Read a bundle file and rebuild its model.
 
         Args:
-            path: A file written by ``save``.
+            path: A file written by ``save``, local or on object storage (s3://bucket/key.bundle).
             map_location: Device the model is put on (e.g. ``"cpu"``, ``"cuda:0"``).
 
         Returns:
@@ -443,17 +445,18 @@ class ModelBundle:
             BundleError: If the file is corrupt, not a tessera bundle, of an unknown format
                 version, or its weights do not fit its spec.
         """
-        path = Path(path)
+        location = Location.parse(path)
+        path = Path(path) if location.is_local else location.url  # as the user wrote it, in messages
+        if location.is_local and Path(location.path).is_dir():
+            raise BundleError(f"Model bundle {str(path)!r} is a directory; {_WHAT_A_BUNDLE_IS}.")
         try:
             # Hash the very bytes that are loaded, so the recorded sha256 cannot describe a file
             # replaced between hashing and loading.
-            data = path.read_bytes()
+            data = storage_for(location).read_bytes(location)
         except FileNotFoundError as exc:
             raise BundleNotFoundError(
                 f"Model bundle {str(path)!r} does not exist; {_WHAT_A_BUNDLE_IS}."
             ) from exc
-        except IsADirectoryError as exc:
-            raise BundleError(f"Model bundle {str(path)!r} is a directory; {_WHAT_A_BUNDLE_IS}.") from exc
         try:
             payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
         except Exception as exc:  # torch raises many types for unreadable files
@@ -500,7 +503,7 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _unpack(path: Path, payload: object) -> tuple[BundleSpec, Mapping[str, torch.Tensor] | bytes]:
+def _unpack(path: Path | str, payload: object) -> tuple[BundleSpec, Mapping[str, torch.Tensor] | bytes]:
     """Check a loaded payload's format and version; return its spec and its state dict or program."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise BundleError(f"{str(path)!r} is not a tessera model bundle; {_WHAT_A_BUNDLE_IS}.")

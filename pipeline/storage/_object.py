@@ -84,7 +84,7 @@ class ObjectStorage(Storage):
 
     def create(self, location: Location, data: bytes) -> str | None:
         bucket, key = self._split(location)
-        with self._errors(location), self._refused() as refused:
+        with self._errors(location), self._refused(gone_is_refusal=False) as refused:  # no bucket: an error
             answer = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         return None if refused else str(answer["ETag"])
 
@@ -133,15 +133,17 @@ class ObjectStorage(Storage):
 
     @staticmethod
     @contextlib.contextmanager
-    def _refused() -> Iterator[builtins.list[bool]]:
-        """Catch a failed condition (HTTP 412; 409 when a concurrent conditional write is under way);
-        the yielded list is then true."""
+    def _refused(gone_is_refusal: bool = True) -> Iterator[builtins.list[bool]]:
+        """Catch a failed condition (HTTP 412; 409 when a concurrent conditional write is under way; with
+        `gone_is_refusal`, If-Match on an object that is gone); the yielded list is then true."""
         refused: builtins.list[bool] = []
         try:
             yield refused
         except FileExistsError:  # s3fs: If-None-Match failed
             refused.append(True)
-        except FileNotFoundError:  # If-Match on an object that is gone
+        except FileNotFoundError:
+            if not gone_is_refusal:
+                raise
             refused.append(True)
         except OSError as e:
             if e.errno != errno.EINVAL or ("condition" not in str(e).lower() and "conflict" not in str(e).lower()):

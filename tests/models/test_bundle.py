@@ -235,6 +235,19 @@ def test_missing_file_raises_bundle_not_found(tmp_path: Path) -> None:
     assert isinstance(excinfo.value, FileNotFoundError)
 
 
+def test_a_bundle_on_object_storage_saves_and_loads_as_a_file(s3_bucket: str, tmp_path: Path) -> None:
+    bundle = ModelBundle.create(make_spec())
+    url = f"{s3_bucket}/models/m.bundle"
+    digest = bundle.save(url)
+    assert digest == bundle.save(tmp_path / "m.bundle") == file_sha256(tmp_path / "m.bundle")  # the same bytes
+    loaded = ModelBundle.load(url)
+    assert loaded.sha256 == digest and loaded.spec == bundle.spec
+    for name, value in bundle.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value)
+    with pytest.raises(BundleNotFoundError, match=r"'s3://.*/models/nope.bundle' does not exist"):
+        ModelBundle.load(f"{s3_bucket}/models/nope.bundle")
+
+
 def write_payload(path: Path, payload: object) -> Path:
     torch.save(payload, path)
     return path

@@ -140,6 +140,8 @@ def test_check_names_what_is_wrong(tmp_path: Path, s3_bucket: str) -> None:
     missing = Location.parse(s3_bucket + "-missing/a.zarr")
     with pytest.raises(StorageError, match="does not exist: create it"):
         storage_for(missing).check(missing)
+    with pytest.raises(StorageError, match="does not exist: create it"):  # an error, not "someone else has it"
+        storage_for(missing).create(missing.join("x.lock"), b"{}")
 
 
 def test_locations_parse_once() -> None:
