@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -52,7 +51,7 @@ from pipeline.engine import (
 from pipeline.errors import BandMismatchError, ConfigError
 from pipeline.files import cache_folder
 from pipeline.inference import InferenceOptions, pick_device
-from pipeline.models.bundle import BundleSpec, ModelBundle
+from pipeline.models.bundle import BundleSpec, ModelBundle, read_bundle_bytes
 from pipeline.models.runtimes import RUNTIMES
 from pipeline.mosaic import Mosaic, MosaicLayout, check_storage
 from pipeline.sources import RasterSource, open_source
@@ -270,11 +269,9 @@ class SegmentRunner:
         from pipeline.inference import Predictor
 
         torch.set_num_threads(setup.threads)
-        with tempfile.NamedTemporaryFile(suffix=".bundle") as f:
-            f.write(setup.bundle_bytes)
-            f.flush()
-            # On the worker's device: an ONNX model's session picks its provider when it is made.
-            bundle = ModelBundle.load(f.name, map_location=str(pick_device(setup.inference.device)))
+        # On the worker's device: an ONNX model's session picks its provider when it is made.
+        bundle = ModelBundle.from_bytes(setup.bundle_bytes, "the job's model",
+                                        map_location=str(pick_device(setup.inference.device)))
         self.predictor = Predictor(bundle, setup.inference)
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="tessera-read") if setup.pipelined else None
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="tessera-write") if setup.pipelined else None
@@ -502,9 +499,10 @@ class SegmentJob(JobBase):
             if self._model is None:
                 pick_device(self.config.device)  # a GPU asked for and not visible fails here, not in a worker
                 config, registered = resolve_model(self.config)
-                bundle = ModelBundle.load(config.model)
+                data = read_bundle_bytes(config.model)  # read once: the bundle checked is the one that runs
+                bundle = ModelBundle.from_bytes(data, config.model)
                 if config.runtime is None or config.runtime == bundle.spec.runtime:
-                    self._run_bytes = Path(config.model).read_bytes()
+                    self._run_bytes = data
                 else:  # converted once here, before anything is written; every worker gets the result
                     from pipeline.models.interchange import on_runtime
 

@@ -445,18 +445,15 @@ class ModelBundle:
             BundleError: If the file is corrupt, not a tessera bundle, of an unknown format
                 version, or its weights do not fit its spec.
         """
-        location = Location.parse(path)
-        path = Path(path) if location.is_local else location.url  # as the user wrote it, in messages
-        if location.is_local and Path(location.path).is_dir():
-            raise BundleError(f"Model bundle {str(path)!r} is a directory; {_WHAT_A_BUNDLE_IS}.")
-        try:
-            # Hash the very bytes that are loaded, so the recorded sha256 cannot describe a file
-            # replaced between hashing and loading.
-            data = storage_for(location).read_bytes(location)
-        except FileNotFoundError as exc:
-            raise BundleNotFoundError(
-                f"Model bundle {str(path)!r} does not exist; {_WHAT_A_BUNDLE_IS}."
-            ) from exc
+        return cls.from_bytes(read_bundle_bytes(path), path, map_location)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path: str | Path = "<bytes>", map_location: str = "cpu") -> ModelBundle:
+        """The bundle whose file's bytes are `data` (as `load` reads them); `path` names it in errors.
+
+        Raises:
+            BundleError: As `load` does.
+        """
         try:
             payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
         except Exception as exc:  # torch raises many types for unreadable files
@@ -482,6 +479,23 @@ class ModelBundle:
         bundle.model.to(torch.device(map_location)).eval()
         bundle.sha256 = hashlib.sha256(data).hexdigest()
         return bundle
+
+
+def read_bundle_bytes(path: str | Path) -> bytes:
+    """A bundle file's bytes, local or on object storage: what `ModelBundle.from_bytes` loads and what
+    workers are sent, read once so that the recorded sha256 describes the model that runs.
+
+    Raises:
+        BundleNotFoundError: There is no such file.
+        BundleError: The path is a folder.
+    """
+    location = Location.parse(path)
+    if location.is_local and Path(location.path).is_dir():
+        raise BundleError(f"Model bundle {str(path)!r} is a directory; {_WHAT_A_BUNDLE_IS}.")
+    try:
+        return storage_for(location).read_bytes(location)
+    except FileNotFoundError as exc:
+        raise BundleNotFoundError(f"Model bundle {str(path)!r} does not exist; {_WHAT_A_BUNDLE_IS}.") from exc
 
 
 def file_sha256(path: str | Path) -> str:
