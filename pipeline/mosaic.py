@@ -10,9 +10,12 @@ Layout (docs/FORMAT.md has the full description)::
         spatial_ref ()           CF grid mapping (crs_wkt, GeoTransform) for rioxarray; rasters only
       labels/mask/0 ... N        class mask, uint8, 255 = nodata; OME-Zarr labels with class colours
 
+Georeferenced arrays also carry the GeoZarr `proj:` and `spatial:` attributes, and the root and
+`labels/mask` a GeoZarr `multiscales` layout, which GDAL 3.13 reads as georeferencing and overviews.
+
 Every array is sharded; a block of the job is a whole number of shards and is written exactly once.
-The `ome` metadata and `tessera.complete = true` are written last, so a mosaic interrupted at any point
-is neither complete for tessera nor an image for OME readers.
+The `ome` and `multiscales` metadata and `tessera.complete = true` are written last, so a mosaic
+interrupted at any point is neither complete for tessera nor an image for OME or GeoZarr readers.
 """
 
 from __future__ import annotations
@@ -42,6 +45,20 @@ FORMAT_VERSION = 1
 # LZ4 with byte shuffle: blocks of the 8192² tiny-model job took 17-19 s against 24-33 s with zarr's
 # default zstd, for a mosaic 9% larger (docs/benchmarks.md). Readers take the codec from the metadata.
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+# The GeoZarr conventions written beside the CF and OME metadata, as their v0.1 schemas fix their
+# registration in `zarr_conventions` (readers such as GDAL match the uuid). See docs/FORMAT.md.
+GEOZARR_CONVENTIONS = {
+    name: {
+        "uuid": uuid, "name": name, "description": description,
+        "schema_url": f"https://raw.githubusercontent.com/zarr-conventions/{name}/refs/tags/v0.1/schema.json",
+        "spec_url": f"https://github.com/zarr-conventions/{name}/blob/v0.1/README.md",
+    }
+    for name, uuid, description in (
+        ("proj", "f17cb550-5864-4468-aeb7-f3180cfb622f", "Coordinate reference system information for geospatial data"),
+        ("spatial", "689b58e2-cf7b-45e0-9fff-9cfc0883d6b4", "Spatial coordinate information"),
+        ("multiscales", "d35379db-88df-4056-af3a-620245f8e347", "Multiscale layout of zarr datasets"),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -345,7 +362,8 @@ class Mosaic:
             )
 
     def finish(self, lineage: Mapping[str, Any]) -> None:
-        """Record the final lineage, write the OME metadata and mark the mosaic complete (last step)."""
+        """Record the final lineage, write the OME and GeoZarr multiscales metadata and mark the mosaic
+        complete (last step)."""
         labels = self.group["labels"]
         labels.attrs["ome"] = {"version": "0.5", "labels": ["mask"]}
         mask = self.group["labels/mask"]
@@ -359,13 +377,17 @@ class Mosaic:
                 "source": {"image": "../../"},
             },
         }
+        mask.attrs.update(_geozarr(self.layout))  # its levels are the arrays 0 ... N
         meta = self.meta
         meta["lineage"] = {**meta.get("lineage", {}), **lineage}
         meta["complete"] = True
-        # One metadata write makes the mosaic an OME image and complete at the same instant.
+        # One metadata write makes the mosaic an OME image, a GeoZarr pyramid and complete at the same
+        # instant. (ome-zarr-py also reads a root `multiscales` as OME 0.4 where `ome` is missing, so an
+        # unfinished mosaic must have neither.)
         self.group.attrs.update({
             "tessera": meta,
             "ome": _ome_multiscales(self.layout, "scores", with_channel=True, path="{k}/scores"),
+            **_geozarr(self.layout),  # its levels are the groups 0 ... N
         })
 
     # -- reading --------------------------------------------------------------------------------
@@ -434,22 +456,24 @@ def _lay_out(group: zarr.Group, layout: MosaicLayout, lineage: Mapping[str, Any]
         h, w = layout.level_shape(k)
         chunk, shard = layout.chunk, layout.level_shard(k)
         level = group.create_group(str(k))
+        geo = _geozarr(layout, k)
         grid_attrs = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"} if layout.crs else {}
         scores = level.create_array(
             "scores", shape=(c, h, w), dtype=layout.scores_dtype, chunks=(c, chunk, chunk),
             shards=(c, shard, shard), fill_value=np.nan, dimension_names=("c", "y", "x"), compressors=COMPRESSOR,
         )
-        scores.attrs.update({**grid_attrs, "kind": layout.scores_kind,
+        scores.attrs.update({**grid_attrs, **geo, "kind": layout.scores_kind,
                              "classes": [cl.name for cl in layout.classes]})
         conf = level.create_array(
             "confidence", shape=(h, w), dtype="float16", chunks=(chunk, chunk),
             shards=(shard, shard), fill_value=np.nan, dimension_names=("y", "x"), compressors=COMPRESSOR,
         )
-        conf.attrs.update(grid_attrs)
-        group.create_array(
+        conf.attrs.update({**grid_attrs, **geo})
+        mask = group.create_array(
             f"labels/mask/{k}", shape=(h, w), dtype="uint8", chunks=(chunk, chunk),
             shards=(shard, shard), fill_value=NODATA_CLASS, dimension_names=("y", "x"), compressors=COMPRESSOR,
         )
+        mask.attrs.update(geo)
         _write_coordinates(level, layout, k)
 
 
@@ -521,6 +545,44 @@ def _ome_multiscales(layout: MosaicLayout, name: str, *, with_channel: bool, pat
             ],
         })
     return {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": datasets}]}
+
+
+def _geozarr(layout: MosaicLayout, level: int | None = None) -> dict[str, Any]:
+    """GeoZarr attributes of one array of `level` or, without `level`, of a group whose children `0` ... `N`
+    are the levels (the root, `labels/mask`), which also gets the `multiscales` layout of those levels.
+
+    `proj:` and `spatial:` (CRS, transform, shape, extent) only where the mosaic is georeferenced. Level k's
+    transform is level 0's scaled by 2^k with the same origin: its pixel (i, j) covers level-0 pixels
+    [2^k i, 2^k (i+1)) x [2^k j, 2^k (j+1)).
+    """
+    from pyproj import CRS
+
+    def grid(k: int) -> dict[str, Any]:
+        if layout.crs is None or layout.transform is None:
+            return {}
+        t = Affine(*layout.transform[:6]) @ Affine.scale(2**k)
+        return {"spatial:transform": list(t)[:6], "spatial:shape": list(layout.level_shape(k))}
+
+    attrs = grid(level or 0)
+    if attrs:
+        crs = CRS.from_user_input(layout.crs)
+        code = crs.to_authority(min_confidence=100)  # a code only for a CRS that is exactly the authority's
+        (h, w), t = attrs["spatial:shape"], Affine(*attrs["spatial:transform"])
+        xs, ys = zip(*(t * corner for corner in ((0, 0), (w, 0), (0, h), (w, h))), strict=True)
+        attrs = {
+            **({"proj:code": ":".join(code)} if code else {"proj:wkt2": crs.to_wkt("WKT2_2019")}),
+            "spatial:dimensions": ["y", "x"],
+            **attrs,
+            "spatial:bbox": [min(xs), min(ys), max(xs), max(ys)],
+        }
+    if level is None:
+        attrs["multiscales"] = {"layout": [
+            {"asset": str(k), **({"derived_from": str(k - 1)} if k else {}),
+             "transform": {"scale": [2.0 if k else 1.0] * 2, "translation": [0.0, 0.0]}, **grid(k)}
+            for k in range(layout.num_levels)
+        ]}
+    used = [c for name, c in GEOZARR_CONVENTIONS.items() if any(key.startswith(name) for key in attrs)]
+    return {"zarr_conventions": used, **attrs} if attrs else {}
 
 
 def _write_coordinates(level: zarr.Group, layout: MosaicLayout, k: int) -> None:

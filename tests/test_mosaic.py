@@ -1,11 +1,15 @@
-"""The Zarr mosaic on its own: idempotent block writes, completeness, output checks, layout."""
+"""The Zarr mosaic on its own: idempotent block writes, completeness, output checks, layout, GeoZarr."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from pyproj import CRS
 
 from pipeline.blending import Accumulator
 from pipeline.errors import MosaicError, OutputExistsError
@@ -15,6 +19,11 @@ from pipeline.stitching import finish_block
 from pipeline.tiling import Rect
 
 CLASSES = (ClassInfo("background", (0, 0, 0)), ClassInfo("water", (0, 0, 255)), ClassInfo("road", (90, 90, 90)))
+GEO_TRANSFORM = (0.5, 0.0, 500000.0, 0.0, -0.5, 5200000.0)
+# The uuids that register the GeoZarr conventions (github.com/zarr-conventions/proj, spatial, multiscales).
+PROJ = "f17cb550-5864-4468-aeb7-f3180cfb622f"
+SPATIAL = "689b58e2-cf7b-45e0-9fff-9cfc0883d6b4"
+MULTISCALES = "d35379db-88df-4056-af3a-620245f8e347"
 
 
 def layout(**kw: object) -> MosaicLayout:
@@ -29,6 +38,12 @@ def block(region: Rect, seed: int = 0) -> object:
     valid = np.ones((region.height, region.width), bool)
     valid[:5] = False
     return finish_block(acc, valid, "logits")
+
+
+def stored(path: Path, node: str = "") -> dict[str, Any]:
+    """A node's metadata document as stored: what GDAL and every other Zarr reader sees."""
+    document: dict[str, Any] = json.loads((path / node / "zarr.json").read_text())
+    return document
 
 
 def shard_files(path: Path) -> dict[str, bytes]:
@@ -103,3 +118,49 @@ def test_block_levels_map_one_block_onto_one_shard_per_level() -> None:
     lay = layout(height=5000, width=5000, chunk=512, shard=2048)
     assert lay.block_levels == 2
     assert [lay.level_shard(k) for k in range(4)] == [2048, 1024, 512, 512]
+
+
+def test_georeferenced_mosaic_carries_geozarr_georeferencing_and_overviews(tmp_path: Path) -> None:
+    path = tmp_path / "m.zarr"
+    m = Mosaic.create(path, layout(crs=CRS.from_epsg(32632).to_wkt(), transform=GEO_TRANSFORM), {})
+    assert "multiscales" not in stored(path)["attributes"]  # no pyramid to read until it is finished
+    m.finish({})
+    a, _, c, _, e, f = GEO_TRANSFORM
+    levels = []
+    for k in range(4):  # 700 x 900 px, chunk 128: levels 0 to 3, a level-k pixel is 2^k level-0 pixels wide
+        grid = {"spatial:transform": [a * 2**k, 0.0, c, 0.0, e * 2**k, f],
+                "spatial:shape": [math.ceil(700 / 2**k), math.ceil(900 / 2**k)]}
+        for node in (f"{k}/scores", f"{k}/confidence", f"labels/mask/{k}"):
+            array = stored(path, node)
+            attrs = array["attributes"]
+            assert {key: attrs[key] for key in grid} == grid and array["shape"][-2:] == grid["spatial:shape"], node
+            assert attrs["proj:code"] == "EPSG:32632"
+            assert attrs["spatial:dimensions"] == ["y", "x"] == array["dimension_names"][-2:]
+            assert {cv["uuid"] for cv in attrs["zarr_conventions"]} == {PROJ, SPATIAL}
+        levels.append({"asset": str(k), **grid})
+    # The CF grid mapping that rioxarray reads says the same, in GDAL's order.
+    gt = [float(v) for v in stored(path, "0/spatial_ref")["attributes"]["GeoTransform"].split()]
+    assert [gt[1], gt[2], gt[0], gt[4], gt[5], gt[3]] == levels[0]["spatial:transform"]
+    for node in ("", "labels/mask"):  # the levels as the child groups 0..3, and as the child arrays 0..3
+        attrs = stored(path, node)["attributes"]
+        pyramid = attrs["multiscales"]["layout"]
+        assert [{key: lv[key] for key in ("asset", "spatial:transform", "spatial:shape")} for lv in pyramid] == levels
+        assert [lv.get("derived_from") for lv in pyramid] == [None, "0", "1", "2"]
+        assert [lv["transform"] for lv in pyramid[1:]] == [{"scale": [2.0, 2.0], "translation": [0.0, 0.0]}] * 3
+        assert attrs["proj:code"] == "EPSG:32632"
+        assert attrs["spatial:bbox"] == [500000.0, 5199650.0, 500450.0, 5200000.0]
+        assert {cv["uuid"] for cv in attrs["zarr_conventions"]} == {PROJ, SPATIAL, MULTISCALES}
+
+
+def test_geozarr_without_an_authority_code_or_without_a_crs(tmp_path: Path) -> None:
+    custom = CRS.from_proj4("+proj=tmerc +lon_0=9 +k=0.9996 +x_0=500000 +ellps=GRS80 +units=m")
+    Mosaic.create(tmp_path / "geo.zarr", layout(crs=custom.to_wkt(), transform=GEO_TRANSFORM), {})
+    attrs = stored(tmp_path / "geo.zarr", "0/confidence")["attributes"]
+    assert "proj:code" not in attrs and CRS.from_wkt(attrs["proj:wkt2"]) == custom
+    Mosaic.create(tmp_path / "slide.zarr", layout(mpp=0.25), {}).finish({})
+    root = stored(tmp_path / "slide.zarr")["attributes"]
+    assert [cv["uuid"] for cv in root["zarr_conventions"]] == [MULTISCALES]
+    assert [lv["asset"] for lv in root["multiscales"]["layout"]] == ["0", "1", "2", "3"]
+    for node in ("0/scores", "labels/mask/0"):
+        assert not [key for key in stored(tmp_path / "slide.zarr", node)["attributes"] if ":" in key]
+    assert not [key for key in root if key.startswith(("proj:", "spatial:"))]
