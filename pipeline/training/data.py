@@ -33,6 +33,8 @@ from rasterio.errors import RasterioIOError
 
 from pipeline.errors import ConfigError, SourceNotFoundError, SourceReadError
 from pipeline.models import Normalization
+from pipeline.storage import Location, storage_for
+from pipeline.storage.gdal import configure_for
 from pipeline.training.augment import Augmenter
 from pipeline.training.metrics import IGNORE_INDEX
 
@@ -351,14 +353,17 @@ class WindowBatches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
 
 
 def _open(path: str | os.PathLike[str], role: str) -> rasterio.DatasetReader:
-    """Open a raster, mapping rasterio's errors onto tessera's."""
-    if not os.path.exists(path):
+    """Open a raster, local or on object storage (read through GDAL's /vsis3/), mapping rasterio's errors
+    onto tessera's."""
+    location = Location.parse(path)
+    if not storage_for(location).exists(location):
         raise SourceNotFoundError(
             f"The {role} raster {str(path)!r} does not exist; check the path (relative paths are "
             f"relative to {os.getcwd()!r})."
         )
+    configure_for(location.url)
     try:
-        return rasterio.open(path)
+        return rasterio.open(location.url)
     except RasterioIOError as exc:
         raise SourceReadError(
             f"The {role} raster {str(path)!r} cannot be read ({exc}); expected a GeoTIFF or "

@@ -22,7 +22,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import ConfigError, TesseraError
+from pipeline.storage import Location, storage_for
 from pipeline.training.loop import EpochLogger, TrainConfig, TrainResult, result_from_metrics, run_loop
 
 __all__ = ["Distributed", "fit", "run_name"]
@@ -75,7 +75,7 @@ def _absolute_inputs(config: TrainConfig) -> TrainConfig:
     """The config with its local input files as absolute paths (a catalog name is left as it is)."""
 
     def absolute(path: str | None) -> str | None:
-        return str(Path(path).resolve()) if path and "://" not in path and Path(path).exists() else path
+        return str(Path(path).resolve()) if path and Location.parse(path).is_local and Path(path).exists() else path
 
     return dataclasses.replace(config, image=absolute(config.image), labels=absolute(config.labels),
                                polygons=absolute(config.polygons), catalog=absolute(config.catalog))
@@ -129,7 +129,7 @@ def fit(
         check_encoder_weights(config.architecture, config.arch_args or {})  # and weights it cannot get
         config = _absolute_inputs(config)  # workers run in folders of their own
     config = dataclasses.replace(config, threads=settings.threads)
-    storage = settings.storage if "://" in settings.storage else str(Path(settings.storage).resolve())
+    storage = Location.parse(settings.storage).url  # Ray Train takes a local path or a URL
     name = run_name(config, settings)
     trainer = TorchTrainer(
         _worker,  # type: ignore[arg-type]  # Ray Train v2 (the default) returns its value; the stubs are v1's
@@ -151,12 +151,13 @@ def fit(
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
-            if "://" not in storage:
+            if Location.parse(storage).is_local:
                 _remove_if_no_checkpoint(Path(storage), name)
             raise _user_error(exc) or RuntimeError(f"Training failed: {exc}") from exc
         assert result.checkpoint is not None, "a finished run reports a checkpoint every epoch"
         with result.checkpoint.as_directory() as folder:
-            _copy_atomically(Path(folder) / "best.bundle", Path(config.output))
+            output = Location.parse(config.output)
+            storage_for(output).write_bytes(output, (Path(folder) / "best.bundle").read_bytes())  # whole, at once
     finally:
         if started:
             ray.shutdown()
@@ -230,7 +231,7 @@ def _input_stamps(config: TrainConfig) -> list[tuple[str, int, int]]:
             paths += [f for p in load_catalog(config.catalog).pairs for f in (p.image, p.truth)]
     stamps = []
     for path in paths:
-        if path is not None and "://" not in path and os.path.exists(path):
+        if path is not None and Location.parse(path).is_local and os.path.exists(path):
             info = os.stat(path)
             stamps.append((os.path.abspath(path), info.st_size, info.st_mtime_ns))
     return stamps
@@ -245,9 +246,12 @@ def _check_inputs(config: TrainConfig) -> None:
         load_catalog(config.catalog)
     paths = {"image": config.image, "labels": config.labels, "polygons": config.polygons}
     for role, path in paths.items():
-        if path is not None and "://" not in path and not os.path.exists(path):
+        location = None if path is None else Location.parse(path)
+        if location is not None and not storage_for(location).exists(location):
             raise SourceNotFoundError(f"The {role} {path!r} does not exist; check the path (relative paths are "
                                       f"relative to {os.getcwd()!r}).")
+    output = Location.parse(config.output)
+    storage_for(output).check(output)  # a missing bucket or no credentials: now, not after the training
 
 
 def _user_error(exc: BaseException) -> TesseraError | None:
@@ -272,14 +276,3 @@ def _remove_if_no_checkpoint(storage: Path, name: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
     if storage.is_dir() and not any(storage.iterdir()):
         storage.rmdir()
-
-
-def _copy_atomically(source: Path, target: Path) -> None:
-    """Copy a file so that readers see the old file or the new one, never half of one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        shutil.copyfile(source, temporary)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from pipeline.errors import ConfigError
 from pipeline.models import BundleSpec, ClassInfo, ModelBundle, Normalization
 from pipeline.models.runtimes import fixed_size
+from pipeline.storage import Location, storage_for
 from pipeline.synthetic import CLASSES as SYNTHETIC_CLASSES
 from pipeline.training.catalog import LabelledPair, load_catalog, read_pair
 from pipeline.training.data import (
@@ -336,7 +337,15 @@ def train(config: TrainConfig, progress: bool = True, logger: EpochLogger | None
         0.83
     """
     start = time.perf_counter()
-    metrics = run_loop(config, LocalSession(), Path(config.output), progress=progress, logger=logger)
+    output = Location.parse(config.output)
+    storage_for(output).check(output)  # a missing bucket or no credentials: now, not after the training
+    if output.is_local:  # the best bundle so far is kept there, replaced atomically
+        metrics = run_loop(config, LocalSession(), output.local_path(), progress=progress, logger=logger)
+    else:  # on object storage: kept here, and written there once, at the end
+        with tempfile.TemporaryDirectory(prefix="tessera-train-") as scratch:
+            best = Path(scratch) / "best.bundle"
+            metrics = run_loop(config, LocalSession(), best, progress=progress, logger=logger)
+            storage_for(output).write_bytes(output, best.read_bytes())
     return result_from_metrics(config.output, metrics, time.perf_counter() - start)
 
 

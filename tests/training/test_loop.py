@@ -17,8 +17,9 @@ from omegaconf import DictConfig
 from rasterio.transform import from_origin
 
 from jobs.train import to_config
-from pipeline.errors import ConfigError, SourceNotFoundError
+from pipeline.errors import ConfigError, SourceNotFoundError, StorageError
 from pipeline.models import ClassInfo, ModelBundle, Normalization, build_model
+from pipeline.storage import Location, storage_for
 from pipeline.synthetic import CLASSES, generate_scene, write_scene
 from pipeline.training import (
     DEFAULT_ARCH_ARGS,
@@ -77,6 +78,23 @@ def test_same_seed_same_run(scene_files: tuple[str, str], tmp_path: Path) -> Non
     second = train(tiny_config(scene_files, tmp_path / "b.bundle", steps=4, steps_per_epoch=2), progress=False)
     assert [h["loss"] for h in first.history] == [h["loss"] for h in second.history]
     assert first.sha256 == second.sha256
+
+
+def test_training_data_and_bundle_on_object_storage_train_as_local_files(
+    scene_files: tuple[str, str], s3_bucket: str, tmp_path: Path
+) -> None:
+    urls = []
+    for path in scene_files:
+        url = Location.parse(f"{s3_bucket}/train/{Path(path).name}")
+        storage_for(url).write_bytes(url, Path(path).read_bytes())
+        urls.append(url.url)
+    local = train(tiny_config(scene_files, tmp_path / "a.bundle", steps=4, steps_per_epoch=2), progress=False)
+    output = f"{s3_bucket}/models/m.bundle"
+    remote = train(tiny_config((urls[0], urls[1]), output, steps=4, steps_per_epoch=2), progress=False)  # type: ignore[arg-type]
+    assert [h["loss"] for h in remote.history] == [h["loss"] for h in local.history]
+    assert remote.bundle_path == output and ModelBundle.load(output).sha256 == remote.sha256 == local.sha256
+    with pytest.raises(StorageError, match="does not exist: create it"):  # at once, not after the training
+        train(tiny_config(scene_files, f"{s3_bucket}-missing/m.bundle", steps=4), progress=False)  # type: ignore[arg-type]
 
 
 def test_unet3plus_deep_supervision_trains(scene_files: tuple[str, str], tmp_path: Path) -> None:
