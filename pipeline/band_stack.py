@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, SourceNotFoundError, SourceReadError
+from pipeline.sources.base import is_local_file
 
 __all__ = ["write_band_stack"]
 
@@ -87,8 +88,7 @@ def _read_band_file(file: str, label: str, owner: str) -> _BandFile:
     import rasterio
     from rasterio.errors import RasterioIOError
 
-    local = not file.startswith("/vsi") and "://" not in file
-    if local and not Path(file).exists():
+    if is_local_file(file) and not Path(file).exists():
         raise SourceNotFoundError(f"{owner}: {label!r} ({file}) does not exist; check its path")
     try:
         with rasterio.open(file) as ds:

@@ -55,6 +55,7 @@ from pipeline.models.bundle import BundleSpec, ModelBundle, read_bundle_bytes
 from pipeline.models.runtimes import RUNTIMES
 from pipeline.mosaic import Mosaic, MosaicLayout, check_storage
 from pipeline.sources import RasterSource, open_source
+from pipeline.sources.base import is_local_file
 from pipeline.storage import Location
 from pipeline.tiling import BlockId, BlockPlan, TileGrid
 from pipeline.tracking import Tracking, check_reachable, flat_params
@@ -467,7 +468,7 @@ def resolve_model(config: SegmentConfig) -> tuple[SegmentConfig, dict[str, Any] 
 def job_fingerprint(config: SegmentConfig, source: RasterSource, bundle: ModelBundle, grid: TileGrid) -> dict[str, Any]:
     """The settings that fix a mosaic's content: a rerun with the same ones resumes it."""
     return {
-        "source": str(Path(source.path).resolve()) if "://" not in source.path else source.path,
+        "source": str(Path(source.path).resolve()) if is_local_file(source.path) else source.path,
         "level": source.level, "height": source.height, "width": source.width, "model_sha256": bundle.sha256,
         "tile": grid.tile, "overlap": grid.overlap, "window": config.window, "scores": config.scores,
         "scores_dtype": config.scores_dtype, "tta": config.tta, "chunk": config.chunk, "shard": config.shard,

@@ -52,6 +52,7 @@ from pipeline.engine import (
 from pipeline.errors import ConfigError, MosaicError
 from pipeline.mosaic import Mosaic, is_mosaic
 from pipeline.sources import RasterSource, open_source
+from pipeline.sources.base import is_local_file
 from pipeline.stitching import NODATA_CLASS, BlockOutput, summarise
 from pipeline.storage import Location
 from pipeline.tiling import Rect
@@ -270,7 +271,7 @@ def open_input(config: RefineConfig) -> tuple[Mosaic, RasterSource, int]:
                           "write the refined mosaic beside it")
     described = mosaic.lineage.get("source", {})
     path = config.source or recorded_source(mosaic)
-    if "://" not in path:
+    if is_local_file(path):
         path = str(Path(path).resolve())
     source = open_source(path, int(described.get("level", 0)))
     layout = mosaic.layout
@@ -294,7 +295,7 @@ def recorded_source(mosaic: Mosaic) -> str:
     """
     named = [p for p in (mosaic.meta.get("job", {}).get("source"), mosaic.lineage.get("source", {}).get("path")) if p]
     for path in named:
-        if "://" in path or Path(path).exists():
+        if not is_local_file(path) or Path(path).exists():
             return str(path)
     if not named:
         raise ConfigError(f"{mosaic.path} does not record its source image: pass --source")

@@ -26,6 +26,7 @@ from pipeline.errors import (
     SourceReadError,
     TesseraError,
 )
+from pipeline.storage.location import Location
 
 UNITS = ("m", "um")
 
@@ -101,9 +102,10 @@ def grow_mask(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(mask, structure=np.ones((3, 3), dtype=bool))
 
 
-def _is_remote(path: str) -> bool:
-    """True for URLs and GDAL virtual paths, which cannot be checked with the local filesystem."""
-    return "://" in path or path.startswith("/vsi")
+def is_local_file(path: str) -> bool:
+    """False for object-storage and other URLs and for GDAL virtual paths (/vsis3/, /vsicurl/...), which
+    cannot be checked with the local file system."""
+    return not path.startswith("/vsi") and Location.parse(path).is_local
 
 
 def _check_window(h: int, w: int) -> None:
@@ -422,7 +424,7 @@ class RasterSource(ABC):
         """Open the file if this source has no handle yet."""
         if self._handle is not None:
             return
-        if not _is_remote(self.path) and not Path(self.path).exists():
+        if is_local_file(self.path) and not Path(self.path).exists():
             raise SourceNotFoundError(
                 f"{self.path} does not exist; check the path (relative paths are resolved from {Path.cwd()})"
             )

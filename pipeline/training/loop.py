@@ -190,7 +190,7 @@ class TrainConfig:
         scale = self.encoder_lr_scale
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 < scale < math.inf:
             raise ConfigError(f"encoder_lr_scale={scale!r} is invalid; expected a share of lr > 0, e.g. 0.1.")
-        if self.init is not None and "://" not in self.init and not Path(self.init).is_file():
+        if self.init is not None and Location.parse(self.init).is_local and not Path(self.init).is_file():
             raise ConfigError(f"init={self.init!r} does not exist; give the bundle to fine-tune from.")
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise ConfigError(f"threads={self.threads!r} is invalid; expected an integer >= 1 or None.")
