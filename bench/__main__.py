@@ -27,6 +27,7 @@ FULL = [
     ["bench.collection"],
     ["bench.scheduler"],
     ["bench.startup"],
+    ["bench.storage"],
 ]
 QUICK = [
     ["bench.efficiency", "--size", "1024", "--repeats", "1"],
@@ -41,6 +42,7 @@ QUICK = [
     ["bench.collection", "--images", "3", "--size", "1024", "--memory-counts", "2", "3"],
     ["bench.scheduler", "--counts", "20", "50"],
     ["bench.startup", "--size", "1024", "--repeats", "1"],
+    ["bench.storage", "--size", "1024", "--repeats", "1"],
 ]
 
 

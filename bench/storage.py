@@ -1,6 +1,6 @@
 """The same segment job writing its mosaic to a local disk and to an S3 server (issue 16).
 
-    python -m bench.storage [--size 4096] [--repeats 3]
+    python -m bench.storage [--size 8192] [--repeats 3]
 
 Runs `tessera segment scene.tif --out OUT --quiet` as a user does, in a fresh process each time, with
 the tiny FCN (so that the job's own costs, writes among them, are not hidden behind the model's),
@@ -111,7 +111,7 @@ def run_once(scene: Path, model: Path, out: str, folder: Path, env: dict[str, st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tessera-bench-storage-") as tmp, s3_server() as env:

@@ -95,8 +95,8 @@ def test_collection_with_bad_images_then_rerun_computes_only_those(
     with (root / "manifest.csv").open() as f:  # opens without tessera
         assert [r["status"] for r in csv.DictReader(f)].count("done") == 5
 
-    # Each mosaic equals a single-image job on the same image.
-    for n in (names[0], names[-1]):
+    # A mosaic of the collection equals a single-image job on the same image.
+    for n in (names[-1],):
         single = tmp_path / f"{n}.single.zarr"
         segment(config(images["bundle"], single, str(images[n]), scores_dtype="float16", chunk=256))  # the CLI's
         ours = Mosaic.open(root / f"{n}.zarr")
