@@ -28,7 +28,8 @@ from typing import Any
 from pipeline.errors import ConfigError
 from pipeline.storage import Location
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+SQLITE = "sqlite:///"
+DEFAULT_URI = f"{SQLITE}mlflow.db"
 OUTPUT_TAG = "tessera.output"
 
 
@@ -41,7 +42,13 @@ class Tracking:
     experiment: str = "tessera-segment"
 
     def resolved_uri(self) -> str:
-        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+        """The store to use; a relative sqlite file (the default, ./mlflow.db) made absolute here, so that
+        processes in other folders (Ray Train's workers) write to the same one."""
+        uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+        relative = uri.removeprefix(SQLITE)
+        if uri.startswith(SQLITE) and not relative.startswith("/"):
+            return SQLITE + os.path.abspath(relative)
+        return uri
 
 
 @dataclass

@@ -42,3 +42,16 @@ def test_tracking_can_be_switched_off(tmp_path: Path) -> None:
     run = start_run(Tracking(enabled=False), {}, str(tmp_path / "x.zarr"))
     assert run.run_id is None and run.lineage()["run_id"] is None
     run.end("FINISHED")  # a stand-in: nothing to end
+
+
+def test_the_default_store_is_one_file_whatever_folder_a_process_runs_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ray Train's workers run in folders of their own: a relative sqlite path must not reach them as such
+    # (the README's training command once failed in a worker with "Run with id=... not found").
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert Tracking().resolved_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    assert Tracking(uri="sqlite:///runs/t.db").resolved_uri() == f"sqlite:///{tmp_path}/runs/t.db"
+    for kept in ("sqlite:////data/m.db", "http://127.0.0.1:5000", "databricks"):
+        assert Tracking(uri=kept).resolved_uri() == kept
