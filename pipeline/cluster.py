@@ -120,6 +120,7 @@ def connect_ray(address: str | None, workers: int, object_store: int | None = No
     """
     import ray
 
+    _cluster_messages_to_log(not verbose)
     if ray.is_initialized():
         return False
     output: dict[str, Any] = {
@@ -128,7 +129,6 @@ def connect_ray(address: str | None, workers: int, object_store: int | None = No
         "logging_level": logging.INFO if verbose else logging.ERROR,
         "log_to_driver": verbose,
     }
-    _cluster_messages_to_log(not verbose)
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address.strip() != "local":
         check_address(address)
@@ -151,13 +151,17 @@ def connect_ray(address: str | None, workers: int, object_store: int | None = No
 
 
 _quiet_cluster_messages = False
+# What the cluster tells the driver about a loss tessera recovers from: a task retried, a node marked dead,
+# and the tail of that node's raylet log. Anything else (a task that cannot be scheduled, a version
+# mismatch) is printed as Ray prints it.
+_RECOVERED = re.compile(r"retries remaining|Raylet is terminated|marked (as )?dead|has died")
 
 
 def _cluster_messages_to_log(quiet: bool) -> None:
-    """Keep the cluster's messages to the driver (a task retried, a node marked dead with the last lines of
-    its raylet's log) in tessera's log (DEBUG) unless `verbose`. Ray prints them to stdout from a thread of
-    its own whatever `log_to_driver` says; they reach the driver through `print_to_stdstream`, marked as
-    the raylet's, and nothing else Ray prints is held back here."""
+    """Keep the cluster's messages about losses tessera recovers from (a task retried, a node marked dead
+    with the last lines of its raylet's log) off the terminal unless `verbose` (DEBUG in tessera's log).
+    Ray prints them to stdout from a thread of its own whatever `log_to_driver` says, through
+    `print_to_stdstream`, marked as the raylet's; its other messages are printed as before."""
     global _quiet_cluster_messages
     import ray._private.worker as ray_worker
 
@@ -168,9 +172,13 @@ def _cluster_messages_to_log(quiet: bool) -> None:
 
     def print_to_stdstream(data: dict[str, Any], ignore_prefix: bool) -> None:
         if _quiet_cluster_messages and data.get("pid") == "raylet":
-            for line in data.get("lines", []):
-                logging.getLogger(__name__).debug("Ray: %s", line)
-            return
+            messages = [str(message) for message in data.get("lines", [])]  # each may run to many lines
+            for message in messages:
+                if _RECOVERED.search(message):
+                    logging.getLogger(__name__).debug("Ray: %s", message)
+            data = {**data, "lines": [message for message in messages if not _RECOVERED.search(message)]}
+            if not data["lines"]:
+                return
         printer(data, ignore_prefix)
 
     print_to_stdstream.tessera = True  # type: ignore[attr-defined]

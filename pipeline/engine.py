@@ -369,6 +369,7 @@ class _Active:
     attempt: int = 0
     recomputed: tuple[int, ...] = ()
     lost_worker: bool = False  # a unit failed with its worker or node, not with an error of its own
+    lost_before: int = 2**62  # blocks left when this attempt started (after a loss)
 
     @property
     def runnable(self) -> bool:
@@ -414,6 +415,7 @@ class Engine:
         self.startup_seconds = 0.0
         self.setup: list[Any] = []  # the ref of the workers' setup, in a list (see BlockWorker)
         self._finishing: dict[int, _Active] = {}  # images handed to the finisher, by key
+        self.retired: set[int] = set()  # worker slots whose lost worker could not be replaced
         self._manifest_written = 0.0
 
     def _manifest(self, root: str) -> Manifest:
@@ -664,7 +666,7 @@ class Engine:
                         opened = ready.popleft()
                         active.append(self._activate(opened.key, opened, None, 0))
                     # Hand units to workers, oldest image first.
-                    for a in sorted(range(len(actors)), key=lambda i: load[i]):
+                    for a in sorted(set(range(len(actors))) - self.retired, key=lambda i: load[i]):
                         while load[a] < IN_FLIGHT:
                             unit = self._next_unit(active, actors[a], a)
                             if unit is None:
@@ -706,7 +708,12 @@ class Engine:
                         self._finishing.pop(key, None)
                         image, lost = future.result()
                         if lost:
-                            self._requeue(image, lost, active)
+                            try:
+                                self._requeue(image, lost, active)
+                            except Exception as e:  # it cannot go on: it fails, its lock released
+                                image.error = e
+                                self._abandon(image)
+                                self._record(key)
                         else:
                             self._record(key)
                     self._write_manifest()
@@ -802,22 +809,29 @@ class Engine:
             if image.error is None:
                 image.error = cause
             return
-        except ray.exceptions.RayError as e:
-            # The unit's worker was lost (its process died, or its node: unavailable, dead, or the objects it
-            # made gone with it). Its image goes on from its markers in this job (`_requeue`): the blocks not
-            # stored are computed again, with the seams that feed them. The worker is replaced, so that the
-            # pool keeps its size where the cluster has room (Ray places the new one on a live node).
+        except ray.exceptions.OutOfMemoryError as e:  # the same unit would kill its next worker too: not retried
+            if image.error is None:
+                image.error = TesseraError(f"a worker died {WORKER_RESTARTS + 1} times ({type(e).__name__}): "
+                                           f"{self.layout.hint}; rerunning the job resumes it")
+            if actors[a] is actor:
+                self._replace(actors, a, actor_cls)
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                ray.exceptions.LocalRayletDiedError, ray.exceptions.ObjectLostError) as e:
+            # The unit's worker was lost: its process died, or its node (the worker unavailable or dead, the
+            # objects it made gone with it). Its image goes on from its markers in this job (`_requeue`): the
+            # blocks not stored are computed again, with the seams that feed them. The worker is replaced.
             image.lost_worker = True
             if image.error is None:
-                image.error = TesseraError(f"a worker was lost ({type(e).__name__}: {one_line(e)}): "
-                                           f"{self.layout.hint}; rerunning the job resumes it")
-            if actors[a] is actor and isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                                                      ray.exceptions.OutOfMemoryError)):
-                with contextlib.suppress(Exception):
-                    ray.kill(actor, no_restart=True)
-                actors[a] = actor_cls.remote(self.setup)
+                image.error = TesseraError(f"a worker or its node was lost ({type(e).__name__}: {one_line(e)}) "
+                                           f"{WORKER_RESTARTS} times; rerunning the job resumes it")
+            if actors[a] is actor and isinstance(e, ray.exceptions.RayActorError | ray.exceptions.WorkerCrashedError):
+                self._replace(actors, a, actor_cls)
             return
-        if image.error is not None:
+        except ray.exceptions.RayError as e:  # the object store full, a disk full, nowhere to run...: this image
+            image.error = image.error or TesseraError(f"{one_line(e)}: rerun the job to resume this image")
+            return
+        if image.error is not None and not image.lost_worker:  # (after a lost worker, what is stored counts)
             return
         image.reports.append(report)
         image.work += report.work
@@ -842,6 +856,29 @@ class Engine:
             if self.on_progress is not None:
                 self.on_progress(self.blocks_done, self.blocks_total)
 
+    def _replace(self, actors: list[Any], a: int, actor_cls: Any) -> None:
+        """A new worker in slot `a` for one that was lost, used once it has started. One that cannot start
+        within STARTUP_TIMEOUT (the cluster has no room for it) retires the slot: the job goes on with the
+        others, and fails, naming the cause, when none is left."""
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.kill(actors[a], no_restart=True)
+        new = actor_cls.remote(self.setup)
+        try:
+            ray.get(new.ready.remote(self.setup), timeout=STARTUP_TIMEOUT)
+            actors[a] = new
+            return
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            with contextlib.suppress(Exception):
+                ray.kill(new, no_restart=True)
+        self.retired.add(a)
+        if len(self.retired) == len(actors):
+            raise TesseraError(f"every worker was lost and none could be started again within {STARTUP_TIMEOUT:.0f} s "
+                               "(the cluster lacks the resources): rerunning the job resumes it")
+        log.warning("a lost worker could not be replaced within %.0f s (the cluster lacks the resources): the job "
+                    "goes on with %d worker(s)", STARTUP_TIMEOUT, len(actors) - len(self.retired))
+
     def _requeue(self, image: _Active, lost: list[BlockId], active: list[_Active]) -> None:
         """Blocks not stored because a worker (or its node) was lost, or reported but never stored (written
         behind by a worker that died): computed again, with the seams that feed them."""
@@ -853,7 +890,12 @@ class Engine:
             self._record(image.key)
             return
         log.warning("%d block(s) lost with a worker process are computed again", len(lost))
-        again = self._activate(image.key, image.opened, lost, image.attempt + 1)
+        if image.lost_worker:  # never counted as done: they stay in the total once
+            self.blocks_total -= len(lost)
+        # An attempt that stored blocks does not count against the budget (a long image on spot nodes).
+        progress = len(lost) < image.lost_before
+        again = self._activate(image.key, image.opened, lost, image.attempt if progress else image.attempt + 1)
+        again.lost_before = len(lost)
         again.work, again.reports, again.started = image.work, image.reports, image.started
         again.recomputed = image.recomputed + again.recomputed
         active.insert(0, again)

@@ -46,7 +46,7 @@ class Tracking:
         processes in other folders (Ray Train's workers) write to the same one."""
         uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
         relative = uri.removeprefix(SQLITE)
-        if uri.startswith(SQLITE) and not relative.startswith("/"):
+        if uri.startswith(SQLITE) and not relative.startswith("/") and relative != ":memory:":
             return SQLITE + os.path.abspath(relative)
         return uri
 

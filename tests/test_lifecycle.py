@@ -123,7 +123,7 @@ def test_nightly_promotes_keeps_and_is_idempotent_then_segment_uses_the_champion
 
     # Night 3: another scene, a longer run; it beats the champion by more than the margin.
     add_scene(tmp_path, catalog, seed=23, added="2026-11-02")
-    third = nightly(night_config(catalog, out, server, "2026-11-03", steps=150, steps_per_epoch=50))
+    third = nightly(night_config(catalog, out, server, "2026-11-03", steps=100, steps_per_epoch=50))
     assert (third.decision, third.new_pairs) == ("promoted", 1)
     assert third.challenger is not None and third.champion is not None
     assert third.champion["version"] == "1"

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import openslide
@@ -34,7 +35,8 @@ __all__ = [
     "reflect_indices",
 ]
 
-OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs"})  # checked before GDAL reads them
+# Slides of one file, read on object storage through a local copy (MIRAX and VMS have side files).
+CACHED_SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".scn", ".bif", ".svslide"})
 SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"})
 
 
@@ -47,7 +49,8 @@ def open_source(path: str | Path, level: int = 0) -> RasterSource:
 
     Args:
         path: A local file, an object-storage URL (s3://bucket/key.tif, read in place through GDAL's
-            /vsis3/), another URL or a GDAL virtual path (read with rasterio).
+            /vsis3/; a single-file slide, s3://bucket/key.svs, through a local copy), another URL or a
+            GDAL virtual path (read with rasterio).
         level: The working pyramid level (0 = full resolution).
 
     Returns:
@@ -67,9 +70,12 @@ def open_source(path: str | Path, level: int = 0) -> RasterSource:
         return _first_readable(name, level, (GeoTiffSource,), {})
     location = Location.parse(name)
     if not location.is_local:
-        if location.scheme in OBJECT_STORES and not storage_for(location).exists(location):
+        checked = location.scheme in ("s3", "s3a") and os.environ.get("AWS_NO_SIGN_REQUEST", "").upper() != "YES"
+        if checked and not storage_for(location).exists(location):  # gs://, az://, public buckets: GDAL says
             raise SourceNotFoundError(f"{location.url} does not exist; check the bucket and the key "
                                       f"(`aws s3 ls {location.parent.url}/` lists what is there)")
+        if location.is_object_storage and Path(location.path).suffix.lower() in CACHED_SLIDE_SUFFIXES:
+            return _first_readable(name, level, (SlideSource,), {})  # OpenSlide, on a local copy
         return _first_readable(name, level, (GeoTiffSource,), {})
     if not Path(name).exists():
         raise SourceNotFoundError(

@@ -12,6 +12,8 @@ from PIL import Image
 from scipy import ndimage
 
 from pipeline.sources.base import Level, RasterSource, SourceInfo, grow_mask
+from pipeline.storage.cache import local_copy
+from pipeline.storage.location import Location
 
 # Saturation bounds for the tissue threshold: below MIN, a blank slide's JPEG noise would
 # pass as tissue; above MAX, Otsu on an all-tissue slide would split tissue from tissue.
@@ -33,7 +35,8 @@ class SlideSource(RasterSource):
     says otherwise), as OpenSlide's own thumbnails are, and are invalid in `valid`.
 
     Args:
-        path: The slide file (for MIRAX, the ``.mrxs`` file).
+        path: The slide file (for MIRAX, the ``.mrxs`` file), or a single-file slide on object storage
+            (``s3://bucket/CMU-1.svs``), copied once to this machine's cache (`pipeline.storage.cache`).
         level: Working level (0 = full resolution).
 
     Example:
@@ -51,7 +54,8 @@ class SlideSource(RasterSource):
         self._last_region: tuple[tuple[int, int, int, int], np.ndarray] | None = None
 
     def _open(self) -> tuple[Any, SourceInfo]:
-        slide = openslide.OpenSlide(self.path)
+        # OpenSlide reads files only: a slide on object storage is read from this machine's copy of it.
+        slide = openslide.OpenSlide(local_copy(Location.parse(self.path)))
         try:
             levels = tuple(
                 Level(height, width, float(downsample))

@@ -55,6 +55,12 @@ class LocalStorage(Storage):
             raise FileNotFoundError(f"{path} is a folder, not an object")
         return path.read_bytes()
 
+    def download(self, location: Location, target: Path) -> None:
+        path = location.local_path()
+        if path.is_dir():
+            raise FileNotFoundError(f"{path} is a folder, not an object")
+        shutil.copyfile(path, target)
+
     def write_bytes(self, location: Location, data: bytes) -> None:
         write_atomically(location.local_path(), data)
 

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import MissingDependencyError, StorageError, cause
@@ -77,6 +78,10 @@ class ObjectStorage(Storage):
     def read_bytes(self, location: Location) -> bytes:
         with self._errors(location):
             return bytes(self.fs.cat_file(location.path))
+
+    def download(self, location: Location, target: Path) -> None:
+        with self._errors(location):
+            self.fs.get_file(location.path, str(target))
 
     def write_bytes(self, location: Location, data: bytes) -> None:
         with self._errors(location):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.storage.location import Location
@@ -50,6 +51,11 @@ class Storage(ABC):
     @abstractmethod
     def read_bytes(self, location: Location) -> bytes:
         """The object's bytes. Raises FileNotFoundError when there is none."""
+
+    @abstractmethod
+    def download(self, location: Location, target: Path) -> None:
+        """Copy the object to the local file ``target``, streamed (not whole in memory). Raises
+        FileNotFoundError when there is none."""
 
     @abstractmethod
     def write_bytes(self, location: Location, data: bytes) -> None:

@@ -53,11 +53,7 @@ def configure_for(path: str) -> None:
             return
         from rasterio.env import set_gdal_config
 
-        options = gdal_options(os.environ)
-        # No directory listing on open: GDAL would otherwise list the image's folder to look for
-        # side-car files, one more request per image (and per worker).
-        if "GDAL_DISABLE_READDIR_ON_OPEN" not in os.environ:
-            options["GDAL_DISABLE_READDIR_ON_OPEN"] = "EMPTY_DIR"
-        for key, value in options.items():
-            set_gdal_config(key, value)
+        for key, value in gdal_options(os.environ).items():  # they concern /vsis3/ only
+            if key not in os.environ:  # the user's own GDAL settings win
+                set_gdal_config(key, value)
         _done = True

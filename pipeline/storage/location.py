@@ -26,6 +26,7 @@ from pipeline.errors import ConfigError
 __all__ = ["Location"]
 
 LOCAL = "file"
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,11 @@ class Location:
     @property
     def is_local(self) -> bool:
         return self.scheme == LOCAL
+
+    @property
+    def is_object_storage(self) -> bool:
+        """A bucket of S3, Google Cloud Storage or Azure Blob (not a web server, not a local file)."""
+        return self.scheme in OBJECT_STORES
 
     @property
     def url(self) -> str:

@@ -128,6 +128,8 @@ def fit(
         _check_inputs(config)  # on this machine, a missing file fails now rather than in a worker
         check_encoder_weights(config.architecture, config.arch_args or {})  # and weights it cannot get
         config = _absolute_inputs(config)  # workers run in folders of their own
+    output = Location.parse(config.output)
+    storage_for(output).check(output)  # a missing bucket or no credentials: now, not after the training
     config = dataclasses.replace(config, threads=settings.threads)
     storage = Location.parse(settings.storage).url  # Ray Train takes a local path or a URL
     name = run_name(config, settings)
@@ -250,8 +252,7 @@ def _check_inputs(config: TrainConfig) -> None:
         if location is not None and not storage_for(location).exists(location):
             raise SourceNotFoundError(f"The {role} {path!r} does not exist; check the path (relative paths are "
                                       f"relative to {os.getcwd()!r}).")
-    output = Location.parse(config.output)
-    storage_for(output).check(output)  # a missing bucket or no credentials: now, not after the training
+
 
 
 def _user_error(exc: BaseException) -> TesseraError | None:

@@ -61,7 +61,7 @@ def test_no_request_the_schema_allows_gets_a_server_error(served: Served) -> Non
         strategies += [operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)]
 
         @given(case=st.one_of(strategies))
-        @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+        @settings(max_examples=40, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         def fuzz(case: Any) -> None:
             response = case.call(timeout=60)
@@ -73,7 +73,7 @@ def test_no_request_the_schema_allows_gets_a_server_error(served: Served) -> Non
           f"statuses {sorted(calls.items())}")
     assert not any(code >= 500 for code in calls)
     # Many requests got past validation to real data (most of the rest are regions off the image: 422).
-    assert calls.get(200, 0) > 30 and sum(calls.values()) > 400, calls
+    assert calls.get(200, 0) > 20 and sum(calls.values()) > 300, calls
 
 
 def test_paths_never_escape_the_served_folder(served: Served) -> None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, SourceNotFoundError
 from pipeline.sources import SlideSource, detect_tissue, open_source
 from pipeline.sources.slide import _composite, otsu_threshold
+from pipeline.storage import Location, storage_for
+from pipeline.storage.cache import local_copy
 from tests.sources.conftest import SVS_DISC, SVS_MPP, SVS_SHAPE, write_svs
 
 
@@ -26,6 +29,29 @@ def test_cmu_svs_metadata(cmu_svs_path: Path) -> None:
     assert source.best_level(0.5, "um") == 0
     with pytest.raises(ConfigError, match="metres"):
         source.best_level(0.5, "m")
+
+
+def test_a_slide_on_object_storage_reads_as_the_file_through_one_bounded_local_copy(
+    cmu_svs_path: Path, s3_bucket: str, tessera_cache: Path
+) -> None:
+    url = Location.parse(f"{s3_bucket}/slides/CMU-1-Small.svs")
+    storage_for(url).write_bytes(url, cmu_svs_path.read_bytes())
+    remote, local = open_source(url.url), open_source(cmu_svs_path)
+    assert isinstance(remote, SlideSource) and remote.path == url.url  # workers get the URL, not the copy
+    assert (remote.mpp, remote.height, remote.width) == (local.mpp, local.height, local.width)
+    np.testing.assert_array_equal(remote.read(1000, 900, 300, 200), local.read(1000, 900, 300, 200))
+    again = pickle.loads(pickle.dumps(remote))
+    np.testing.assert_array_equal(again.read(10, 20, 64, 64), local.read(10, 20, 64, 64))
+    copies = list((tessera_cache / "objects").rglob("*.svs"))
+    assert len(copies) == 1 and copies[0].read_bytes() == cmu_svs_path.read_bytes()  # fetched once
+
+    # A bound of one slide: fetching a second evicts the copy used least recently, never the new one.
+    other = Location.parse(f"{s3_bucket}/slides/other.svs")
+    storage_for(other).write_bytes(other, cmu_svs_path.read_bytes())
+    kept = local_copy(other, max_bytes=cmu_svs_path.stat().st_size)
+    assert list((tessera_cache / "objects").rglob("*.svs")) == [kept] and not copies[0].exists()
+    with pytest.raises(SourceNotFoundError, match="does not exist"):
+        open_source(f"{s3_bucket}/slides/missing.svs")
 
 
 def test_cmu_svs_tissue_is_neither_empty_nor_full(cmu_svs_path: Path) -> None:

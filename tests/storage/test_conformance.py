@@ -46,6 +46,15 @@ def test_objects_are_written_whole_and_read_back(storage: Storage, root: Locatio
     assert storage.exists(a) and storage.exists(root.join("a")) and not storage.exists(root.join("c"))
 
 
+def test_an_object_downloads_to_a_local_file(storage: Storage, root: Location, tmp_path: Path) -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB
+    storage.write_bytes(root.join("big.bin"), data)
+    storage.download(root.join("big.bin"), tmp_path / "copy.bin")
+    assert (tmp_path / "copy.bin").read_bytes() == data
+    with pytest.raises(FileNotFoundError):
+        storage.download(root.join("missing.bin"), tmp_path / "none.bin")
+
+
 def test_create_succeeds_only_where_nothing_is(storage: Storage, root: Location) -> None:
     lock = root.join("m.zarr.lock")
     tag = storage.create(lock, b"first")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -46,15 +47,19 @@ def test_two_workers_killed_after_an_epoch_resume_and_reach_the_quality_of_one(
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     job = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
-    # Meanwhile, the one-process reference: the same loop in this process, one thread as a Ray Train
-    # worker has.
-    one = train(config(scene_files, tmp_path / "one.bundle", threads=1), progress=False)
-    deadline = time.monotonic() + 240
-    while not has_a_registered_checkpoint(tmp_path / "ckpt"):
-        assert job.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.1)
-    os.killpg(job.pid, signal.SIGKILL)  # the driver, its embedded Ray and the training workers, at once
-    job.wait()
+    # Meanwhile, beside it, the one-process reference: the same loop in this process, one thread as a Ray
+    # Train worker has.
+    with ThreadPoolExecutor(1) as beside:
+        reference = beside.submit(train, config(scene_files, tmp_path / "one.bundle", threads=1), progress=False)
+        try:
+            deadline = time.monotonic() + 240
+            while not has_a_registered_checkpoint(tmp_path / "ckpt"):
+                assert job.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+                time.sleep(0.1)
+        finally:
+            os.killpg(job.pid, signal.SIGKILL)  # the driver, its embedded Ray and the training workers, at once
+            job.wait()
+        one = reference.result()
     assert not (tmp_path / "two.bundle").exists()  # the output is only written by a finished run
 
     # The same run again (here in this process, whose Ray is running already: the command's own start
