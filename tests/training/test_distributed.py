@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.models import ModelBundle
+from pipeline.storage import Location, storage_for
 from pipeline.training import TrainConfig, train
 from pipeline.training.distributed import Distributed, fit, run_name
 
@@ -33,17 +33,18 @@ def config(scene_files: tuple[str, str], output: Path, **overrides: object) -> T
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 def test_two_workers_killed_after_an_epoch_resume_and_reach_the_quality_of_one(
-    scene_files: tuple[str, str], tmp_path: Path
+    scene_files: tuple[str, str], s3_bucket: str, tmp_path: Path
 ) -> None:
-    # A two-worker DDP run (4 + 4 windows a step) is killed with its driver after its first checkpoint,
-    # run again, continues from that checkpoint, and lands where one process with the same steps and
-    # global batch (8 windows a step, different draws) lands.
+    # A two-worker DDP run (4 + 4 windows a step), its checkpoints on the S3 server, is killed with its
+    # driver after its first checkpoint, run again, continues from that checkpoint, and lands where one
+    # process with the same steps and global batch (8 windows a step, different draws) lands.
     image, labels = scene_files
+    checkpoints = Location.parse(f"{s3_bucket}/checkpoints")  # Ray Train writes them there, through pyarrow
     args = [sys.executable, "-m", "jobs.train", f"image={image}", f"labels={labels}", "output=two.bundle",
             "architecture=fcn", "arch_args={depth: 3, width: 16}", "tile_size=64", "inference_tile_size=128",
             "overlap=16", "batch_size=8", "steps=60", "steps_per_epoch=20", "lr=0.02", "holdout_fraction=0.2",
-            "progress=false", "distributed.workers=2", "distributed.storage=ckpt", "distributed.name=killed",
-            "tracking.enabled=false"]
+            "progress=false", "distributed.workers=2", f"distributed.storage={checkpoints.url}",
+            "distributed.name=killed", "tracking.enabled=false"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     job = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
@@ -53,7 +54,7 @@ def test_two_workers_killed_after_an_epoch_resume_and_reach_the_quality_of_one(
         reference = beside.submit(train, config(scene_files, tmp_path / "one.bundle", threads=1), progress=False)
         try:
             deadline = time.monotonic() + 240
-            while not has_a_registered_checkpoint(tmp_path / "ckpt"):
+            while not has_a_registered_checkpoint(checkpoints.join("killed")):
                 assert job.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
                 time.sleep(0.1)
         finally:
@@ -64,7 +65,7 @@ def test_two_workers_killed_after_an_epoch_resume_and_reach_the_quality_of_one(
 
     # The same run again (here in this process, whose Ray is running already: the command's own start
     # was tested above), from the checkpoint the killed one left.
-    two = fit(config(scene_files, tmp_path / "two.bundle"), Distributed(workers=2, storage=str(tmp_path / "ckpt"),
+    two = fit(config(scene_files, tmp_path / "two.bundle"), Distributed(workers=2, storage=checkpoints.url,
                                                                        name="killed"))
     assert one.resumed_from is None and two.resumed_from is not None and 1 <= two.resumed_from < 3
     for result in (one, two):
@@ -77,21 +78,19 @@ def test_two_workers_killed_after_an_epoch_resume_and_reach_the_quality_of_one(
     assert abs(one.holdout["miou"] - two.holdout["miou"]) < 0.1
     # A run's checkpoints live under its own name; the derived name changes with the number of workers,
     # so a run started again with other settings does not resume from the wrong checkpoint.
-    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["killed"]
+    assert storage_for(checkpoints).list(checkpoints) == ["killed"]
     same = config(scene_files, tmp_path / "two.bundle")
     assert run_name(same, Distributed(workers=1)) != run_name(same, Distributed(workers=2))
 
 
-def has_a_registered_checkpoint(storage: Path) -> bool:
+def has_a_registered_checkpoint(run: Location) -> bool:
     """Ray Train resumes from the checkpoints its snapshot lists: a checkpoint folder written but not
     yet registered there (a kill between the two) is not resumed from."""
-    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                return True
-        except (OSError, ValueError):
-            pass  # being written
-    return False
+    try:
+        snapshot = storage_for(run).read_json(run.join("checkpoint_manager_snapshot.json"))
+    except ValueError:  # being written
+        return False
+    return bool(snapshot and snapshot.get("latest_checkpoint_result"))
 
 
 def test_patience_stops_a_run_that_no_longer_improves(scene_files: tuple[str, str], tmp_path: Path) -> None:
