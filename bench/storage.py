@@ -56,13 +56,18 @@ def s3_server() -> Iterator[dict[str, str]]:
         server.wait()
 
 
+def bucket_fs(env: dict[str, str]) -> Any:
+    """An s3fs file system on the server `env` points at."""
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"],
+                             secret=env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
+
+
 def written(out: str, env: dict[str, str]) -> tuple[int, int]:
     """(bytes, objects) of the mosaic at `out`, a folder or an s3:// URL."""
     if out.startswith("s3://"):
-        import s3fs
-
-        fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"],
-                               secret=env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
+        fs = bucket_fs(env)
         sizes = [info["size"] for info in fs.find(out, detail=True).values()]
     else:
         sizes = [p.stat().st_size for p in Path(out).rglob("*") if p.is_file()]
@@ -71,10 +76,7 @@ def written(out: str, env: dict[str, str]) -> tuple[int, int]:
 
 def clear(out: str, env: dict[str, str]) -> None:
     if out.startswith("s3://"):
-        import s3fs
-
-        fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"],
-                               secret=env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)
+        fs = bucket_fs(env)
         if fs.exists(out):
             fs.rm(out, recursive=True)
     else:
@@ -118,10 +120,7 @@ def main() -> None:
         folder = Path(tmp)
         scene = write_large_scene(folder / "scene.tif", args.size)
         model = tiny_bundle(folder / "tiny.bundle")
-        import s3fs
-
-        s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"],
-                          secret=env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True).mkdir("bench")
+        bucket_fs(env).mkdir("bench")
         targets = {"local": str(folder / "m.zarr"), "s3": "s3://bench/m.zarr"}
         local_env = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
         run_once(scene, model, targets["local"], folder, local_env)  # the tracking store is made, unmeasured

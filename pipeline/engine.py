@@ -369,7 +369,7 @@ class _Active:
     attempt: int = 0
     recomputed: tuple[int, ...] = ()
     lost_worker: bool = False  # a unit failed with its worker or node, not with an error of its own
-    lost_before: int = 2**62  # blocks left when this attempt started (after a loss)
+    lost_before: int | None = None  # blocks left to do when this attempt started, after a loss
 
     @property
     def runnable(self) -> bool:
@@ -893,7 +893,7 @@ class Engine:
         if image.lost_worker:  # never counted as done: they stay in the total once
             self.blocks_total -= len(lost)
         # An attempt that stored blocks does not count against the budget (a long image on spot nodes).
-        progress = len(lost) < image.lost_before
+        progress = image.lost_before is None or len(lost) < image.lost_before
         again = self._activate(image.key, image.opened, lost, image.attempt if progress else image.attempt + 1)
         again.lost_before = len(lost)
         again.work, again.reports, again.started = image.work, image.reports, image.started

@@ -158,7 +158,6 @@ def fit(
             raise _user_error(exc) or RuntimeError(f"Training failed: {exc}") from exc
         assert result.checkpoint is not None, "a finished run reports a checkpoint every epoch"
         with result.checkpoint.as_directory() as folder:
-            output = Location.parse(config.output)
             storage_for(output).write_bytes(output, (Path(folder) / "best.bundle").read_bytes())  # whole, at once
     finally:
         if started:
