@@ -499,7 +499,8 @@ class Engine:
             result.exception = error
         return result
 
-    def _finish(self, active: _Active, flushed: list[Any], peak: PeakMemory) -> tuple[_Active, list[BlockId]]:
+    def _finish(self, active: _Active, flushed: list[tuple[Any, Any]],
+                peak: PeakMemory) -> tuple[_Active, list[BlockId]]:
         """Pyramid, metadata, `complete`, tracking; or the blocks whose writes were lost with a worker."""
         try:
             return self._complete(active, flushed, peak)
@@ -508,12 +509,11 @@ class Engine:
             self._abandon(active)
             return active, []
 
-    def _complete(self, active: _Active, flushed: list[Any], peak: PeakMemory) -> tuple[_Active, list[BlockId]]:
-        import ray
-
+    def _complete(self, active: _Active, flushed: list[tuple[Any, Any]],
+                  peak: PeakMemory) -> tuple[_Active, list[BlockId]]:
         opened = active.opened
         if flushed:  # the last blocks written behind; a write that failed or was lost has no marker (below)
-            ray.wait(flushed, num_returns=len(flushed), timeout=FLUSH_TIMEOUT)
+            self._flush(flushed)
         mosaic = Mosaic.open(opened.job.output, mode="r+")
         lost = sorted(set(opened.todo) - mosaic.marked_blocks())
         if lost:
@@ -550,6 +550,27 @@ class Engine:
         result.seconds = sum(v for k, v in opened.phases.items() if k != "startup")  # its own, not the pool's
         result.work = active.work
         return active, []
+
+    @staticmethod
+    def _flush(flushed: list[tuple[Any, Any]]) -> None:
+        """Wait for the workers' writes behind. A worker still writing after FLUSH_TIMEOUT is stopped, and
+        its end awaited, before its blocks can be found missing and given to another: one writer per block."""
+        import ray
+
+        refs = [ref for _, ref in flushed]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=FLUSH_TIMEOUT)
+        if not pending:
+            return
+        stuck = [actor for actor, ref in flushed if ref in pending]
+        log.warning("%d worker(s) still writing after %.0f s are stopped; their blocks are computed again",
+                    len(stuck), FLUSH_TIMEOUT)
+        for actor in stuck:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=FLUSH_TIMEOUT)  # answered once gone
+        if pending:  # its blocks stay unmarked: another job may redo them once this worker is surely gone
+            raise TesseraError(f"{len(pending)} worker(s) still writing could not be stopped; rerun the job once "
+                               "the cluster's workers have ended to resume it")
 
     def _abandon(self, active: _Active) -> None:
         """An image that failed or was stopped: its lock goes, its run ends FAILED, its mosaic stays unfinished."""
@@ -681,7 +702,7 @@ class Engine:
                             self._abandon(image)
                             self._record(image.key)
                         else:
-                            flushed = [w.flush.remote() for w in actors] if self.layout.writes_behind else []
+                            flushed = [(w, w.flush.remote()) for w in actors] if self.layout.writes_behind else []
                             finishing[finisher.submit(self._finish, image, flushed, peak)] = image.key
                             self._finishing[image.key] = image
                     if not (in_flight or planning or finishing or ready or active or next_task < len(self.tasks)):

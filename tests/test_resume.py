@@ -181,6 +181,38 @@ def test_block_lost_with_a_pipelined_worker_is_computed_again(
 
 
 @pytest.mark.usefixtures("ray_session")
+def test_a_worker_still_writing_when_an_image_ends_is_stopped_before_its_blocks_go_to_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One writer per block: a block whose write behind has not ended after FLUSH_TIMEOUT has no marker,
+    so it is computed again; the slow writer must be gone by then, not land its write afterwards."""
+    import ray
+
+    from pipeline import engine
+
+    monkeypatch.setattr(engine, "FLUSH_TIMEOUT", 0.5)
+
+    class Writer:
+        def flush(self, path: str, seconds: float) -> bool:  # a write behind that takes `seconds`, then lands
+            time.sleep(seconds)
+            Path(path).write_text("written")
+            return True
+
+        def ping(self) -> bool:
+            return True
+
+    slow, quick = (ray.remote(num_cpus=0)(Writer).remote() for _ in range(2))
+    assert ray.get([slow.ping.remote(), quick.ping.remote()])
+    late, on_time = tmp_path / "late", tmp_path / "on-time"
+    engine.Engine._flush([(slow, slow.flush.remote(str(late), 3.0)), (quick, quick.flush.remote(str(on_time), 0.0))])
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(slow.ping.remote(), timeout=30)
+    assert ray.get(quick.ping.remote()) and on_time.exists()
+    time.sleep(3.5)
+    assert not late.exists(), "the stopped writer's write landed after its block was given to another"
+
+
+@pytest.mark.usefixtures("ray_session")
 def test_corrupt_region_fails_fast_with_the_cause_and_leaves_it_incomplete(tmp_path: Path) -> None:
     import tifffile
 
