@@ -26,6 +26,7 @@ from pipeline.storage.location import Location
 # connection attempt and retries.
 _S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
 _CONDITIONAL = ("s3", "s3a")
+_WEB = ("http", "https")  # fsspec's HTTP file system takes whole URLs, and has no buckets
 
 
 class ObjectStorage(Storage):
@@ -50,6 +51,8 @@ class ObjectStorage(Storage):
                                          "az://.") from None
 
     def check(self, location: Location) -> None:
+        if self.scheme in _WEB:
+            return  # read-only, and no bucket: a missing file is found where it is read
         with self._errors(location):
             try:
                 if self.scheme in _CONDITIONAL:
@@ -64,28 +67,28 @@ class ObjectStorage(Storage):
 
     def exists(self, location: Location) -> bool:
         with self._errors(location):
-            return bool(self.fs.exists(location.path))
+            return bool(self.fs.exists(self._path(location)))
 
     def list(self, location: Location) -> list[str]:
         with self._errors(location):
             try:
-                entries = self.fs.ls(location.path, detail=False)
+                entries = self.fs.ls(self._path(location), detail=False)
             except FileNotFoundError:
                 return []
-        prefix = location.path.rstrip("/") + "/"
-        return sorted({e.rstrip("/").removeprefix(prefix) for e in entries if e.rstrip("/") != location.path})
+        here = self._path(location).rstrip("/")
+        return sorted({e.rstrip("/").removeprefix(here + "/") for e in entries if e.rstrip("/") != here})
 
     def read_bytes(self, location: Location) -> bytes:
         with self._errors(location):
-            return bytes(self.fs.cat_file(location.path))
+            return bytes(self.fs.cat_file(self._path(location)))
 
     def download(self, location: Location, target: Path) -> None:
         with self._errors(location):
-            self.fs.get_file(location.path, str(target))
+            self.fs.get_file(self._path(location), str(target))
 
     def write_bytes(self, location: Location, data: bytes) -> None:
         with self._errors(location):
-            self.fs.pipe_file(location.path, data)
+            self.fs.pipe_file(self._path(location), data)
 
     def create(self, location: Location, data: bytes) -> str | None:
         bucket, key = self._split(location)
@@ -96,12 +99,16 @@ class ObjectStorage(Storage):
     def version(self, location: Location) -> Version | None:
         with self._errors(location):
             try:
-                info = self.fs.info(location.path)
+                info = self.fs.info(self._path(location))
             except FileNotFoundError:
                 return None
         if info.get("type") == "directory":
             return None
-        return Version(str(info["ETag"]), info["LastModified"].timestamp())
+        if "ETag" in info and "LastModified" in info:  # S3
+            return Version(str(info["ETag"]), info["LastModified"].timestamp())
+        # Other stores and web servers: whatever identifies this version of the bytes.
+        tag = next((str(info[k]) for k in ("ETag", "etag", "generation", "Last-Modified") if info.get(k)), None)
+        return Version(tag or f"size-{info.get('size')}", 0.0)
 
     def replace_if(self, location: Location, data: bytes, tag: str) -> str | None:
         bucket, key = self._split(location)
@@ -118,9 +125,9 @@ class ObjectStorage(Storage):
     def delete(self, location: Location, recursive: bool = False) -> None:
         with self._errors(location), contextlib.suppress(FileNotFoundError):
             if recursive:
-                self.fs.rm(location.path, recursive=True)
-            elif self.fs.isfile(location.path):
-                self.fs.rm_file(location.path)
+                self.fs.rm(self._path(location), recursive=True)
+            elif self.fs.isfile(self._path(location)):
+                self.fs.rm_file(self._path(location))
 
     def zarr_store(self, location: Location, read_only: bool) -> Any:
         from zarr.storage import FsspecStore
@@ -128,6 +135,10 @@ class ObjectStorage(Storage):
         return FsspecStore.from_url(location.url, storage_options=self.options, read_only=read_only)
 
     # -- helpers --------------------------------------------------------------------------------------
+
+    def _path(self, location: Location) -> str:
+        """The path as this file system names it: ``bucket/key``, or the whole URL on a web server."""
+        return location.url if self.scheme in _WEB else location.path
 
     def _split(self, location: Location) -> tuple[str, str]:
         if self.scheme not in _CONDITIONAL:

@@ -64,10 +64,10 @@ class Location:
                 raise ConfigError(f"Storage options ({', '.join(options)}) were given for the local path {local}; "
                                   "they apply to object storage URLs only (s3://...).")
             return cls(LOCAL, os.path.normpath(os.path.abspath(os.path.expanduser(local))))
-        path = rest.strip("/")
+        path = rest.strip("/")  # an object's key is taken as written: `a//b` and `a/../b` are keys of their own
         if not path:
             raise ConfigError(f"{text!r} names no bucket: expected {scheme}://BUCKET/PATH.")
-        return cls(scheme.lower(), posixpath.normpath(path), dict(options or {}))
+        return cls(scheme.lower(), path, dict(options or {}))
 
     @property
     def is_local(self) -> bool:
