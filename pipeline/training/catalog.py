@@ -43,6 +43,8 @@ from rasterio.errors import CRSError
 from pipeline.errors import ConfigError, SourceNotFoundError, SourceReadError
 from pipeline.models import ClassInfo
 from pipeline.sources import open_source
+from pipeline.storage import Location, storage_for
+from pipeline.storage.cache import local_copy
 from pipeline.training.data import LabelledRaster, as_class_ids, read_labelled_raster
 from pipeline.training.metrics import IGNORE_INDEX
 
@@ -101,7 +103,7 @@ class LabelledPair:
         if self.added is not None:
             day = dt.date.fromisoformat(str(self.added)) + dt.timedelta(days=1)
             return dt.datetime.combine(day, dt.time(), dt.timezone.utc)
-        newest = max(_require(p).stat().st_mtime for p in (self.image, self.truth))
+        newest = max(_modified(_require(p)) for p in (self.image, self.truth))
         return dt.datetime.fromtimestamp(newest, dt.timezone.utc)
 
 
@@ -189,22 +191,31 @@ def read_pair(
         if pair.polygons is not None:
             labels = _rasterise(pair, classes, (h, w), transform, crs)
         elif pair.mask is not None:
-            labels = _scaled_mask(_require(pair.mask), (h, w))
+            labels = _scaled_mask(local_copy(_require(pair.mask)), (h, w))
         else:
-            labels = _scaled_mask(_require(str(pair.labels)), (h, w))
+            labels = _scaled_mask(local_copy(_require(str(pair.labels))), (h, w))
         chosen = tuple(bands) if bands is not None else tuple(range(1, image.shape[0] + 1))
         raster = LabelledRaster(image=image, labels=labels, bands=chosen, resolution=pixel, resolution_unit=unit)
     _check_classes(raster.labels, classes, pair.truth)
     return raster
 
 
-def _require(path: str) -> Path:
-    p = Path(path)
-    if not p.exists():
+def _require(path: str) -> Location:
+    """Where `path` is (a local path, or a URL on object storage); raises SourceNotFoundError if nothing is."""
+    location = Location.parse(path)
+    if not storage_for(location).exists(location):
         raise SourceNotFoundError(
             f"{path} does not exist; check the catalog (relative paths are resolved from {Path.cwd()})."
         )
-    return p
+    return location
+
+
+def _modified(location: Location) -> float:
+    """When the file was last written (seconds since the epoch)."""
+    if location.is_local:
+        return location.local_path().stat().st_mtime
+    version = storage_for(location).version(location)
+    return version.modified if version is not None else 0.0
 
 
 def _read_image(
@@ -258,7 +269,8 @@ def _rasterise(
     """Burn the pair's polygons onto the image grid (class 0 elsewhere)."""
     path = str(pair.polygons)
     try:
-        collection = json.loads(_require(path).read_text())
+        location = _require(path)
+        collection = json.loads(storage_for(location).read_bytes(location))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SourceReadError(f"{path} is not GeoJSON ({exc}); expected a FeatureCollection.") from exc
     if transform is None or crs is None:
@@ -338,11 +350,18 @@ def load_catalog(name: str) -> Catalog:
     """
     import yaml
 
-    path = catalog_path(name)
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"No catalog {name!r}: {path} does not exist; give a YAML file or one of {known}.")
-    data = yaml.safe_load(path.read_text())
+    remote = Location.parse(name)
+    if not remote.is_local:  # a catalog kept beside its data on object storage
+        path: Path | Location = remote
+        if not storage_for(remote).exists(remote):
+            raise ConfigError(f"No catalog at {remote.url}; check the URL.")
+        data = yaml.safe_load(storage_for(remote).read_bytes(remote))
+    else:
+        path = catalog_path(name)
+        if not path.is_file():
+            known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+            raise ConfigError(f"No catalog {name!r}: {path} does not exist; give a YAML file or one of {known}.")
+        data = yaml.safe_load(path.read_text())
     if not isinstance(data, Mapping):
         raise ConfigError(f"The catalog {path} is not a mapping of task, classes and pairs.")
     return Catalog.from_mapping(data)

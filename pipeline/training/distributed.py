@@ -221,20 +221,28 @@ def _worker(settings: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _input_stamps(config: TrainConfig) -> list[tuple[str, int, int]]:
-    """(path, size, mtime in ns) of every local input file: the image, its truth, or a catalog's pairs."""
+def _input_stamps(config: TrainConfig) -> list[tuple[str, str]]:
+    """(place, version) of every input file: the image, its truth, or a catalog and its pairs. A local file's
+    version is its size and modification time, an object's its ETag (or what its store has instead)."""
     from pipeline.training.catalog import catalog_path, load_catalog
 
     paths = [config.image, config.labels, config.polygons]
     if config.catalog is not None:
-        paths.append(str(catalog_path(config.catalog)))
-        if catalog_path(config.catalog).is_file():
+        remote = not Location.parse(config.catalog).is_local
+        paths.append(config.catalog if remote else str(catalog_path(config.catalog)))
+        if remote or catalog_path(config.catalog).is_file():
             paths += [f for p in load_catalog(config.catalog).pairs for f in (p.image, p.truth)]
     stamps = []
     for path in paths:
-        if path is not None and Location.parse(path).is_local and os.path.exists(path):
-            info = os.stat(path)
-            stamps.append((os.path.abspath(path), info.st_size, info.st_mtime_ns))
+        if path is None:
+            continue
+        location = Location.parse(path)
+        if location.is_local:
+            if os.path.exists(path):
+                info = os.stat(path)
+                stamps.append((location.path, f"{info.st_size}-{info.st_mtime_ns}"))
+        elif (version := storage_for(location).version(location)) is not None:
+            stamps.append((location.url, version.tag))
     return stamps
 
 
@@ -245,7 +253,7 @@ def _check_inputs(config: TrainConfig) -> None:
 
     if config.catalog is not None:
         load_catalog(config.catalog)
-    paths = {"image": config.image, "labels": config.labels, "polygons": config.polygons}
+    paths = {"image": config.image, "labels": config.labels, "polygons": config.polygons, "init bundle": config.init}
     for role, path in paths.items():
         location = None if path is None else Location.parse(path)
         if location is not None and not storage_for(location).exists(location):

@@ -11,9 +11,10 @@ import pytest
 import rasterio.warp
 from PIL import Image
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, SourceNotFoundError
 from pipeline.models import ClassInfo
-from pipeline.training.catalog import Catalog, LabelledPair, read_pair
+from pipeline.storage import Location, storage_for
+from pipeline.training.catalog import Catalog, LabelledPair, load_catalog, read_pair
 
 BUILDINGS = (ClassInfo("background", (0, 0, 0)), ClassInfo("building", (230, 60, 60)))
 
@@ -126,3 +127,34 @@ def test_the_spacenet_catalog_in_conf_reads(shared_data: Path, monkeypatch: pyte
     (raster,) = catalog.read()
     assert catalog.task == "buildings" and [c.name for c in catalog.classes] == ["background", "building"]
     assert 0.03 < float((raster.labels == 1).mean()) < 0.06  # 43 footprints cover about 4% of the image
+
+
+def test_a_catalog_and_its_pairs_on_object_storage_read_as_local_files(atlanta: Path, s3_bucket: str,
+                                                                       tmp_path: Path) -> None:
+    import yaml
+
+    mask = (np.arange(900)[:, None] // 300 % 2 * np.ones(900, np.uint8)).astype(np.uint8)
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    files = {"a.tif": atlanta / "sample_geotiff.tif", "a.geojson": atlanta / "geotiff_labels.geojson",
+             "mask.png": tmp_path / "mask.png"}
+    for name, path in files.items():
+        url = Location.parse(f"{s3_bucket}/data/{name}")
+        storage_for(url).write_bytes(url, path.read_bytes())
+    classes = [{"name": "background", "color": [0, 0, 0]}, {"name": "building", "color": [230, 60, 60]}]
+    document = {"task": "buildings", "classes": classes, "pairs": [
+        {"image": f"{s3_bucket}/data/a.tif", "polygons": f"{s3_bucket}/data/a.geojson"},
+        {"image": f"{s3_bucket}/data/a.tif", "mask": f"{s3_bucket}/data/mask.png"}]}
+    url = Location.parse(f"{s3_bucket}/catalog.yaml")
+    storage_for(url).write_bytes(url, yaml.safe_dump(document).encode())
+
+    catalog = load_catalog(url.url)
+    polygons, masked = catalog.read()
+    local = read_pair(LabelledPair(image=str(files["a.tif"]), polygons=str(files["a.geojson"])), BUILDINGS)
+    assert np.array_equal(polygons.labels, local.labels) and np.array_equal(polygons.image, local.image)
+    assert np.array_equal(masked.labels, mask)
+    # No `added` date: the pairs arrived when their objects were written.
+    assert len(catalog.since(dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))) == 2
+    with pytest.raises(SourceNotFoundError, match=r"s3://.*/data/gone.geojson does not exist"):
+        read_pair(LabelledPair(image=f"{s3_bucket}/data/a.tif", polygons=f"{s3_bucket}/data/gone.geojson"), BUILDINGS)
+    with pytest.raises(ConfigError, match="No catalog at s3://"):
+        load_catalog(f"{s3_bucket}/gone.yaml")
