@@ -260,13 +260,11 @@ def open_input(config: RefineConfig) -> tuple[Mosaic, RasterSource, int]:
     Paths come back absolute: Ray workers run in folders of their own.
     """
     require()  # an optional package: missing, it is bad input, found before anything is written
-    if not Location.parse(config.mosaic).is_local:
-        raise ConfigError(f"{config.mosaic}: refine reads a local mosaic; copy it to this machine first")
     mosaic = Mosaic.open(config.mosaic)
     if not mosaic.complete:
         raise MosaicError(f"{config.mosaic} is not complete: rerun its segment job to finish it, then refine it")
-    here, there = Path(str(mosaic.path)).resolve(), Path(config.output.removeprefix("file://")).resolve()
-    if here == there or here in there.parents or there in here.parents:
+    here, there = place(Location.parse(str(mosaic.path))), place(Location.parse(config.output))
+    if here == there or there.startswith(here + "/") or here.startswith(there + "/"):
         raise ConfigError(f"output {config.output} is, or is inside, or contains the mosaic being refined: "
                           "write the refined mosaic beside it")
     described = mosaic.lineage.get("source", {})
@@ -285,6 +283,11 @@ def open_input(config: RefineConfig) -> tuple[Mosaic, RasterSource, int]:
         raise ConfigError(f"block {block} must be a multiple of the mosaic's shard {layout.shard} "
                           f"(one writer per shard): use block={layout.shard} or a multiple of it")
     return mosaic, source, block
+
+
+def place(location: Location) -> str:
+    """Where a mosaic is, one way for each: a local path with its links resolved, else its URL."""
+    return str(Path(location.path).resolve()) if location.is_local else location.url
 
 
 def recorded_source(mosaic: Mosaic) -> str:
@@ -307,7 +310,7 @@ def job_fingerprint(mosaic: Mosaic, source: RasterSource, block: int, crf: CRFSe
                     colour: ColourScale) -> dict[str, Any]:
     """The settings that fix a refined mosaic's content: a rerun with the same ones resumes it (paths absolute)."""
     return {
-        "refines": str(Path(str(mosaic.path)).resolve()), "input_job": mosaic.meta.get("job", {}),
+        "refines": place(Location.parse(str(mosaic.path))), "input_job": mosaic.meta.get("job", {}),
         "input_finished": mosaic.lineage.get("finished"), "source": str(source.path), "level": source.level,
         "block": block, "crf": crf.as_dict(), "colour": colour.as_dict(),
     }
@@ -351,7 +354,7 @@ class RefineJob(JobBase):
             "config": dataclasses.asdict(config), "started": lineage_info.now(),
             "versions": {**lineage_info.versions(), **_crf_version()},
         }
-        spec = RefineSpec(job["refines"], str(Path(output).resolve()), source, colour, config.crf, layout.scores_kind,
+        spec = RefineSpec(job["refines"], place(Location.parse(output)), source, colour, config.crf, layout.scores_kind,
                           {b: blocks[b] for b in busy})
         return ImageJob(item, output, job, dataclasses.replace(layout, scores_kind="probabilities"), lineage,
                         UnitGraph(tuple(sorted(busy))), spec, flat_params(config, job),
@@ -402,7 +405,7 @@ def refine_mosaic(config: RefineConfig, on_progress: Callable[[int, int], None] 
         TesseraError: on bad input, before anything is written.
     """
     require()  # an optional package: missing, it is bad input, found before anything is written
-    item = CollectionItem(config.mosaic, Path(config.output).stem)
+    item = CollectionItem(config.mosaic, Path(Location.parse(config.output).name).stem)
     summary: RefineSummary = run_image(RefineJob(config), item, config.output, on_progress)
     return summary
 

@@ -326,3 +326,22 @@ def test_a_collection_root_refines_on_the_same_engine(ray_session: None, tmp_pat
         ("a.zarr", "done"), ("b.zarr", "done"), ("c.zarr", "failed")]
     again = refine_inputs(RefineConfig(str(root), str(out), crf=SMALL_CRF, progress=False))
     assert again.count("skipped") == 2 and len(again.failed) == 1  # type: ignore[union-attr]
+
+
+def test_a_mosaic_on_object_storage_refines_into_object_storage(scene_mosaic: tuple[Path, Path, np.ndarray],
+                                                                refined: tuple[Path, RefineSummary],
+                                                                s3_bucket: str) -> None:
+    import s3fs
+
+    mosaic = scene_mosaic[0]
+    s3fs.S3FileSystem(skip_instance_cache=True).put(str(mosaic), f"{s3_bucket}/coarse.zarr", recursive=True)
+    out = f"{s3_bucket}/refined.zarr"
+    summary = refine_mosaic(RefineConfig(f"{s3_bucket}/coarse.zarr", out, crf=SMALL_CRF, progress=False))
+    assert summary.blocks_written == refined[1].blocks_written
+    m, local = Mosaic.open(out), Mosaic.open(refined[0])
+    assert m.complete and m.lineage["refined"]["mosaic"] == f"{s3_bucket}/coarse.zarr"
+    for level in range(local.layout.num_levels):
+        np.testing.assert_array_equal(m.read("scores", level), local.read("scores", level))
+        np.testing.assert_array_equal(m.read("mask", level), local.read("mask", level))
+    with pytest.raises(ConfigError, match="is, or is inside"):
+        refine_mosaic(RefineConfig(out, f"{out}/again.zarr", crf=SMALL_CRF, progress=False))
