@@ -33,14 +33,21 @@ $(VIEWER_STAMP): $(VIEWER)/package-lock.json | debian
 	cd $(VIEWER) && npm ci --no-audit --no-fund --loglevel=error
 	touch $(VIEWER_STAMP)
 
+# Servers the tests start on 127.0.0.1 that come from npm: Azurite (Azure Blob Storage).
+SERVERS := tests/servers
+SERVERS_STAMP := $(SERVERS)/node_modules/.installed
+$(SERVERS_STAMP): $(SERVERS)/package-lock.json | debian
+	cd $(SERVERS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(SERVERS_STAMP)
+
 demo: $(STAMP) $(VIEWER_STAMP)
 	$(BIN)/tessera demo --workdir demo
 
 # Two pytest workers: most slow tests wait on process starts (Ray, MLflow, servers) as much as they compute.
-test: $(STAMP) $(VIEWER_STAMP) | debian
+test: $(STAMP) $(VIEWER_STAMP) $(SERVERS_STAMP) | debian
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-test-fast: $(STAMP) $(VIEWER_STAMP) | debian
+test-fast: $(STAMP) $(VIEWER_STAMP) $(SERVERS_STAMP) | debian
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: $(STAMP)

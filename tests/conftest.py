@@ -106,6 +106,15 @@ def pytest_configure(config: pytest.Config) -> None:
             "AWS_ACCESS_KEY_ID": "tessera-test", "AWS_SECRET_ACCESS_KEY": "tessera-test",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         })
+        # Azure Blob Storage likewise (Azurite, the `azure_server` fixture), with the emulator's
+        # well-known development account, which is public.
+        port = free_port()
+        os.environ.update({
+            "TESSERA_TEST_AZURE_PORT": str(port),
+            "AZURE_STORAGE_CONNECTION_STRING": (
+                f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+                f"BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};"),
+        })
 
 
 @pytest.fixture(scope="session")
@@ -136,6 +145,45 @@ def s3_bucket(s3_server: str) -> str:
     name = f"tessera-{os.urandom(4).hex()}"
     s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
+
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+AZURITE = REPO / "tests" / "servers" / "node_modules" / ".bin" / "azurite-blob"
+
+
+@pytest.fixture(scope="session")
+def azure_server() -> Iterator[str]:
+    """A real Azure Blob Storage server (Azurite, from npm: `make test` installs it) on 127.0.0.1,
+    started here and stopped after; its blob endpoint."""
+    if not AZURITE.exists():
+        raise RuntimeError(f"{AZURITE} is missing: run `make test`, or `npm ci` in tests/servers")
+    port = int(os.environ["TESSERA_TEST_AZURE_PORT"])
+    process = subprocess.Popen([str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(port),
+                                "--inMemoryPersistence", "--skipApiVersionCheck", "--silent"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            break
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"Azurite did not start on 127.0.0.1:{port}")
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+    process.kill()  # in memory: nothing to keep
+    process.wait(10)
+
+
+@pytest.fixture
+def azure_container(azure_server: str) -> str:
+    """A new, empty container on the test Azure server: its URL, ``az://NAME``."""
+    import fsspec
+
+    name = f"tessera-{os.urandom(4).hex()}"
+    fsspec.filesystem("az", connection_string=os.environ["AZURE_STORAGE_CONNECTION_STRING"],
+                      skip_instance_cache=True).mkdir(name)
+    return f"az://{name}"
 
 
 @pytest.fixture

@@ -106,18 +106,27 @@ def test_a_mosaic_written_to_s3_equals_the_one_written_locally(
 
 
 def test_unusable_object_storage_fails_at_once_in_one_line(
-    inputs: tuple[Path, Path], s3_bucket: str, tmp_path: Path
+    inputs: tuple[Path, Path], s3_bucket: str, azure_container: str, tmp_path: Path
 ) -> None:
-    """A missing bucket, no credentials, an endpoint that does not answer: one line each, nothing written."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    """A missing bucket, no or wrong credentials, an endpoint that does not answer, on S3 and on Azure:
+    one line each, nothing written."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AZURE_"))}
     s3 = {"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "AWS_DEFAULT_REGION": "us-east-1"}
     keys = {"AWS_ACCESS_KEY_ID": "tessera-test", "AWS_SECRET_ACCESS_KEY": "tessera-test"}
+    azure = os.environ["AZURE_STORAGE_CONNECTION_STRING"]
     cases = {
         "does not exist: create it": ({**s3, **keys}, f"{s3_bucket}-missing/a.zarr"),
-        "No credentials": ({**s3, "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-                            "AWS_EC2_METADATA_DISABLED": "true"}, f"{s3_bucket}/b.zarr"),
-        "Cannot reach the object store": ({**s3, **keys, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"},
-                                          f"{s3_bucket}/c.zarr"),
+        "No usable credentials": ({**s3, "AWS_CONFIG_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true",
+                                   "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}, f"{s3_bucket}/b.zarr"),
+        "Cannot reach the object store for s3": (
+            {**s3, **keys, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}, f"{s3_bucket}/c.zarr"),
+        "container 'tessera-missing' of az": ({"AZURE_STORAGE_CONNECTION_STRING": azure}, "az://tessera-missing/a.zarr"),
+        "set AZURE_STORAGE_CONNECTION_STRING": ({}, f"{azure_container}/b.zarr"),
+        "was refused": ({"AZURE_STORAGE_CONNECTION_STRING": azure.replace("AccountKey=E", "AccountKey=F")},
+                        f"{azure_container}/c.zarr"),
+        "Cannot reach the object store for az": (
+            {"AZURE_STORAGE_CONNECTION_STRING": azure.replace(os.environ["TESSERA_TEST_AZURE_PORT"], str(free_port()))},
+            f"{azure_container}/d.zarr"),
     }
     tessera = str(Path(sys.executable).parent / "tessera")
     runs: dict[str, tuple[float, Path, subprocess.Popen[str]]] = {}
@@ -128,7 +137,7 @@ def test_unusable_object_storage_fails_at_once_in_one_line(
             [tessera, "segment", str(inputs[0]), "--model", str(inputs[1]), "--out", out],
             cwd=folder, env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     ended: dict[str, float] = {}
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while len(ended) < len(runs) and time.monotonic() < deadline:
         ended.update({k: time.monotonic() for k, (_, _, run) in runs.items()
                       if k not in ended and run.poll() is not None})
@@ -139,6 +148,25 @@ def test_unusable_object_storage_fails_at_once_in_one_line(
         assert run.returncode == 2, stderr
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
-        assert seconds < 30, f"{expected}: {seconds:.0f} s"
+        assert seconds < 60, f"{expected}: {seconds:.0f} s (seven at once on two cores; alone, under 10 s)"
         assert list(folder.iterdir()) == []  # not even a tracking database
-    assert storage_for(Location.parse(s3_bucket)).list(Location.parse(s3_bucket)) == []
+    for bucket in (s3_bucket, azure_container):
+        assert storage_for(Location.parse(bucket)).list(Location.parse(bucket)) == []
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_mosaic_written_to_azure_blob_storage_equals_the_one_written_locally(
+    inputs: tuple[Path, Path], azure_container: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same storage layer on another store (Azurite, Azure's own emulator): blocks, markers, the
+    conditional lock and `complete` written there; the query commands read it."""
+    monkeypatch.chdir(tmp_path)
+    segment(config(inputs, tmp_path / "a.zarr"))
+    url = f"{azure_container}/scenes/a.zarr"
+    assert segment(config(inputs, url)).blocks_written == 9
+    assert_same_mosaic(Mosaic.open(tmp_path / "a.zarr"), Mosaic.open(url))
+    lock = lock_location(url)
+    assert not storage_for(lock).exists(lock)
+    info = CliRunner().invoke(app, ["query", "info", url])
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.output)["complete"] is True

@@ -16,12 +16,13 @@ from pipeline.errors import StorageError
 from pipeline.storage import LocalStorage, Location, Storage, storage_for
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "az"])
 def root(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
     """An empty folder (prefix) on each storage."""
     if request.param == "local":
         return Location.parse(tmp_path / "root")
-    return Location.parse(request.getfixturevalue("s3_bucket")).join("root")
+    bucket = request.getfixturevalue("s3_bucket" if request.param == "s3" else "azure_container")
+    return Location.parse(bucket).join("root")
 
 
 @pytest.fixture

@@ -18,12 +18,13 @@ from pipeline.locking import OutputLock, lock_location
 from pipeline.storage import Location, storage_for
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "az"])
 def out(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
     """A mosaic's location on each storage."""
     if request.param == "local":
         return Location.parse(tmp_path / "m.zarr")
-    return Location.parse(request.getfixturevalue("s3_bucket")).join("m.zarr")
+    bucket = request.getfixturevalue("s3_bucket" if request.param == "s3" else "azure_container")
+    return Location.parse(bucket).join("m.zarr")
 
 
 def holder(out: Location) -> dict[str, object]:
