@@ -249,6 +249,10 @@ class BlockWorker:
         self.runner = ray.get(setup[0]).start()
         self.setup_key = setup[0].hex()
 
+    def alive(self) -> bool:
+        """Answers while the worker runs (and with an error once it is gone)."""
+        return True
+
     def flush(self) -> bool:
         """Wait for the block being written behind; raises its error."""
         self.runner.flush()
@@ -385,6 +389,10 @@ class _Active:
 _Unit = tuple["_Active", str, Any, int, Any]
 
 
+class _StillWriting(TesseraError):
+    """A worker writing behind could not be stopped."""
+
+
 class _Stop(BaseException):
     """The driver is stopping: images not yet opened stay pending."""
 
@@ -416,6 +424,7 @@ class Engine:
         self.setup: list[Any] = []  # the ref of the workers' setup, in a list (see BlockWorker)
         self._finishing: dict[int, _Active] = {}  # images handed to the finisher, by key
         self.retired: set[int] = set()  # worker slots whose lost worker could not be replaced
+        self.killed: list[Any] = []  # workers the finisher stopped, for the loop to replace
         self._manifest_written = 0.0
 
     def _manifest(self, root: str) -> Manifest:
@@ -513,7 +522,7 @@ class Engine:
                   peak: PeakMemory) -> tuple[_Active, list[BlockId]]:
         opened = active.opened
         if flushed:  # the last blocks written behind; a write that failed or was lost has no marker (below)
-            self._flush(flushed)
+            stop_writers(flushed, self.killed)
         mosaic = Mosaic.open(opened.job.output, mode="r+")
         lost = sorted(set(opened.todo) - mosaic.marked_blocks())
         if lost:
@@ -551,30 +560,10 @@ class Engine:
         result.work = active.work
         return active, []
 
-    @staticmethod
-    def _flush(flushed: list[tuple[Any, Any]]) -> None:
-        """Wait for the workers' writes behind. A worker still writing after FLUSH_TIMEOUT is stopped, and
-        its end awaited, before its blocks can be found missing and given to another: one writer per block."""
-        import ray
-
-        refs = [ref for _, ref in flushed]
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=FLUSH_TIMEOUT)
-        if not pending:
-            return
-        stuck = [actor for actor, ref in flushed if ref in pending]
-        log.warning("%d worker(s) still writing after %.0f s are stopped; their blocks are computed again",
-                    len(stuck), FLUSH_TIMEOUT)
-        for actor in stuck:
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=FLUSH_TIMEOUT)  # answered once gone
-        if pending:  # its blocks stay unmarked: another job may redo them once this worker is surely gone
-            raise TesseraError(f"{len(pending)} worker(s) still writing could not be stopped; rerun the job once "
-                               "the cluster's workers have ended to resume it")
-
     def _abandon(self, active: _Active) -> None:
-        """An image that failed or was stopped: its lock goes, its run ends FAILED, its mosaic stays unfinished."""
-        active.opened.lock.release()
+        """An image that failed or was stopped: its lock goes (or, while a worker may still write to it, is left to
+        go stale), its run ends FAILED, its mosaic stays unfinished."""
+        active.opened.lock.release(leave_stale=isinstance(active.error, _StillWriting))
         with contextlib.suppress(Exception):
             active.opened.run.end("FAILED")
         result = self.results[active.key]
@@ -686,6 +675,11 @@ class Engine:
                     while ready and len(active) + len(finishing) < max_images:  # finishing ones hold memory too
                         opened = ready.popleft()
                         active.append(self._activate(opened.key, opened, None, 0))
+                    # Workers stopped by the finisher (still writing after FLUSH_TIMEOUT) get their successors.
+                    while self.killed:
+                        gone = self.killed.pop()
+                        for a in [a for a in range(len(actors)) if actors[a] is gone and a not in self.retired]:
+                            self._replace(actors, a, actor_cls)
                     # Hand units to workers, oldest image first.
                     for a in sorted(set(range(len(actors))) - self.retired, key=lambda i: load[i]):
                         while load[a] < IN_FLIGHT:
@@ -982,6 +976,8 @@ class Engine:
             for actor in actors:  # before any lock goes: a block stopped mid-write has no marker, and is redone
                 with contextlib.suppress(Exception):
                     ray.kill(actor, no_restart=True)
+            with contextlib.suppress(Exception):  # and gone, not only told to go, before the locks are released
+                ray.wait([a.alive.remote() for a in actors], num_returns=len(actors), timeout=FLUSH_TIMEOUT)
         for future in [*planning, *finishing]:
             future.cancel()
         planner.shutdown(wait=True)
@@ -1036,6 +1032,29 @@ class Engine:
                 csv_file = self.manifest.path
                 logger.log_files({"manifest.csv": storage_for(csv_file).read_bytes(csv_file)})
         self.parent.end("FINISHED" if not counts.get("failed") and not counts.get("pending") else "FAILED")
+
+
+def stop_writers(flushed: list[tuple[Any, Any]], killed: list[Any]) -> None:
+    """Wait for the workers' writes behind (`flushed`: each worker and its `flush` call). A worker still
+    writing after FLUSH_TIMEOUT is stopped, and its end awaited, before its blocks can be found missing
+    and given to another: one writer per block. The stopped workers are added to `killed`."""
+    import ray
+
+    refs = [ref for _, ref in flushed]
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=FLUSH_TIMEOUT)
+    if not pending:
+        return
+    stuck = [actor for actor, ref in flushed if ref in pending]
+    log.warning("%d worker(s) still writing after %.0f s are stopped; their blocks are computed again",
+                len(stuck), FLUSH_TIMEOUT)
+    for actor in stuck:
+        with contextlib.suppress(Exception):
+            ray.kill(actor, no_restart=True)
+        killed.append(actor)  # for the loop, to give its slot a new worker
+    _, pending = ray.wait(pending, num_returns=len(pending), timeout=FLUSH_TIMEOUT)  # answered once gone
+    if pending:  # its lock is left to go stale: no other job writes beside a worker that may still run
+        raise _StillWriting(f"{len(pending)} worker(s) still writing could not be stopped; rerun the job once "
+                            "the cluster's workers have ended to resume it")
 
 
 def one_line(error: BaseException) -> str:

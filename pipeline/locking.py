@@ -83,11 +83,13 @@ class OutputLock:
                 return
         raise OutputLockedError(f"could not take the lock {self.location}: other jobs took it at the same moment")
 
-    def release(self) -> None:
+    def release(self, leave_stale: bool = False) -> None:
+        """Stop the heartbeat and delete the lock; with `leave_stale`, keep it, to be broken only once it has
+        gone stale (when a writer of ours may still be running, so that no other job writes beside it)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self._tag is not None and not self.lost:
+        if self._tag is not None and not self.lost and not leave_stale:
             self.storage.delete_if(self.location, self._tag)
         self._tag = None
 
@@ -120,7 +122,7 @@ class OutputLock:
         while not self._stop.wait(self.heartbeat):
             try:
                 tag = self.storage.replace_if(self.location, self._record(), str(self._tag))
-            except OSError as e:  # the store did not answer this time: the next beat tries again
+            except Exception as e:  # the store did not answer this time: the next beat tries again
                 log.warning("could not refresh the lock %s: %s", self.location, e)
                 continue
             if tag is None:

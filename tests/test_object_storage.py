@@ -43,6 +43,14 @@ def config(inputs: tuple[Path, Path], out: str | Path, **kw: object) -> SegmentC
     return SegmentConfig(source=str(inputs[0]), model=str(inputs[1]), output=str(out), **settings)  # type: ignore[arg-type]
 
 
+@pytest.fixture(scope="module")
+def local_mosaic(inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> Path:
+    """The job written to a local folder: what each object store's copy must equal."""
+    out = tmp_path_factory.mktemp("local") / "a.zarr"
+    segment(config(inputs, out))
+    return out
+
+
 def assert_same_mosaic(a: Mosaic, b: Mosaic) -> None:
     assert a.complete and b.complete
     assert a.layout == b.layout
@@ -53,16 +61,15 @@ def assert_same_mosaic(a: Mosaic, b: Mosaic) -> None:
 
 @pytest.mark.usefixtures("ray_session")
 def test_a_mosaic_written_to_s3_equals_the_one_written_locally(
-    inputs: tuple[Path, Path], s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    inputs: tuple[Path, Path], local_mosaic: Path, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    segment(config(inputs, tmp_path / "a.zarr"))
     url = f"{s3_bucket}/scenes/a.zarr"
     summary = segment(config(inputs, url))
     assert summary.blocks_written == 9  # 3 x 3 blocks of 256 px
     remote = Mosaic.open(url)
     assert remote.location.url == url
-    assert_same_mosaic(Mosaic.open(tmp_path / "a.zarr"), remote)
+    assert_same_mosaic(Mosaic.open(local_mosaic), remote)
     assert dict(remote.group.attrs)["ome"]["multiscales"]
     lock = lock_location(url)
     assert not storage_for(lock).exists(lock)
@@ -156,15 +163,15 @@ def test_unusable_object_storage_fails_at_once_in_one_line(
 
 @pytest.mark.usefixtures("ray_session")
 def test_a_mosaic_written_to_azure_blob_storage_equals_the_one_written_locally(
-    inputs: tuple[Path, Path], azure_container: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    inputs: tuple[Path, Path], local_mosaic: Path, azure_container: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same storage layer on another store (Azurite, Azure's own emulator): blocks, markers, the
     conditional lock and `complete` written there; the query commands read it."""
     monkeypatch.chdir(tmp_path)
-    segment(config(inputs, tmp_path / "a.zarr"))
     url = f"{azure_container}/scenes/a.zarr"
     assert segment(config(inputs, url)).blocks_written == 9
-    assert_same_mosaic(Mosaic.open(tmp_path / "a.zarr"), Mosaic.open(url))
+    assert_same_mosaic(Mosaic.open(local_mosaic), Mosaic.open(url))
     lock = lock_location(url)
     assert not storage_for(lock).exists(lock)
     info = CliRunner().invoke(app, ["query", "info", url])

@@ -204,7 +204,10 @@ def test_a_worker_still_writing_when_an_image_ends_is_stopped_before_its_blocks_
     slow, quick = (ray.remote(num_cpus=0)(Writer).remote() for _ in range(2))
     assert ray.get([slow.ping.remote(), quick.ping.remote()])
     late, on_time = tmp_path / "late", tmp_path / "on-time"
-    engine.Engine._flush([(slow, slow.flush.remote(str(late), 3.0)), (quick, quick.flush.remote(str(on_time), 0.0))])
+    killed: list[object] = []
+    engine.stop_writers([(slow, slow.flush.remote(str(late), 3.0)), (quick, quick.flush.remote(str(on_time), 0.0))],
+                        killed)
+    assert killed == [slow]  # handed to the engine's loop, which gives the slot a new worker
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(slow.ping.remote(), timeout=30)
     assert ray.get(quick.ping.remote()) and on_time.exists()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import errno
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
@@ -69,9 +68,10 @@ class S3Conditions(Conditions):
     @staticmethod
     @contextlib.contextmanager
     def _refused(gone_is_refusal: bool = True) -> Iterator[builtins.list[bool]]:
-        """Catch a failed condition (s3fs raises 412 as FileExistsError for If-None-Match, as EINVAL
-        otherwise; 409 for a concurrent conditional write; with `gone_is_refusal`, If-Match on an object
-        that is gone); the yielded list is then true."""
+        """Catch a failed condition (s3fs raises a 412 on If-None-Match as FileExistsError, others as an
+        OSError caused by botocore's error, PreconditionFailed, or ConditionalRequestConflict (409) for a
+        concurrent conditional write; with `gone_is_refusal`, If-Match on an object that is gone); the
+        yielded list is then true."""
         refused: builtins.list[bool] = []
         try:
             yield refused
@@ -82,7 +82,9 @@ class S3Conditions(Conditions):
                 raise
             refused.append(True)
         except OSError as e:
-            if e.errno != errno.EINVAL or ("condition" not in str(e).lower() and "conflict" not in str(e).lower()):
+            response = getattr(e.__cause__, "response", None)  # botocore's error, which s3fs raises from
+            code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+            if code not in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise
             refused.append(True)
 

@@ -115,8 +115,7 @@ class ObjectStorage(Storage):
             return None
         # ETag on S3, etag on Azure, generation on GCS; a web server's Last-Modified at worst.
         tag = next((str(info[k]) for k in ("ETag", "etag", "generation", "Last-Modified") if info.get(k)), None)
-        when = info.get("LastModified") or info.get("last_modified")
-        return Version(tag or f"size-{info.get('size')}", when.timestamp() if when is not None else 0.0)
+        return Version(tag or f"size-{info.get('size')}", _modified(info))
 
     def replace_if(self, location: Location, data: bytes, tag: str) -> str | None:
         conditions, bucket, key = self._split(location)
@@ -166,7 +165,7 @@ class ObjectStorage(Storage):
         except StorageError:
             raise
         except FileNotFoundError as e:
-            if "bucket" in str(e).lower() or "container" in str(e).lower():
+            if _no_such_bucket(e):
                 raise self._no_bucket(location) from None
             raise
         except PermissionError as e:
@@ -187,6 +186,9 @@ class ObjectStorage(Storage):
                 raise StorageError(f"Cannot reach the object store for {location.url} at {self._endpoint(location)} "
                                    f"({cause(e)}): check the endpoint ({_ENDPOINT.get(self.scheme, 'endpoint_url')}) "
                                    "and the network.") from None
+            if type(e).__module__.startswith("azure."):  # the service's other answers (busy, a bad name...)
+                raise StorageError(f"The object store failed a request for {location.url} ({cause(e)}): check the "
+                                   "name and the service's status, then rerun.") from None
             raise
 
     def _no_bucket(self, location: Location) -> StorageError:
@@ -199,6 +201,36 @@ class ObjectStorage(Storage):
             return str(getattr(getattr(self.fs, "service_client", None), "url", "") or "its endpoint")
         return (location.options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3")
                 or os.environ.get("AWS_ENDPOINT_URL") or "its endpoint")
+
+
+def _no_such_bucket(error: BaseException) -> bool:
+    """Whether a not-found error is the bucket's (or container's), not an object's: by the store's error
+    code where the client keeps it, else by its message."""
+    response = getattr(error.__cause__, "response", None)  # botocore's: a dict; Azure's: an HTTP response
+    code = (response.get("Error", {}).get("Code") if isinstance(response, dict) else None) or getattr(
+        error.__cause__, "error_code", None)
+    if code is not None:
+        return str(code) in ("NoSuchBucket", "ContainerNotFound")
+    text = str(error).lower()
+    return "specified bucket does not exist" in text or "specified container does not exist" in text
+
+
+def _modified(info: dict[str, Any]) -> float:
+    """When the store says the object was written (seconds since the epoch), or 0.0 when it does not say."""
+    import datetime as dt
+    from email.utils import parsedate_to_datetime
+
+    when = info.get("LastModified") or info.get("last_modified") or info.get("mtime") or info.get("Last-Modified")
+    if isinstance(when, str):
+        text = when
+        try:
+            when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            try:
+                when = parsedate_to_datetime(text)
+            except (TypeError, ValueError):
+                return 0.0
+    return when.timestamp() if isinstance(when, dt.datetime) else float(when or 0.0)
 
 
 @functools.cache

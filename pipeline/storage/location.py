@@ -64,9 +64,13 @@ class Location:
                 raise ConfigError(f"Storage options ({', '.join(options)}) were given for the local path {local}; "
                                   "they apply to object storage URLs only (s3://...).")
             return cls(LOCAL, os.path.normpath(os.path.abspath(os.path.expanduser(local))))
-        path = rest.strip("/")  # an object's key is taken as written: `a//b` and `a/../b` are keys of their own
+        path = rest.strip("/")  # an object's key is taken as written, never normalised...
         if not path:
             raise ConfigError(f"{text!r} names no bucket: expected {scheme}://BUCKET/PATH.")
+        odd = any(part in ("", ".", "..") for part in path.split("/"))
+        if odd and scheme.lower() in OBJECT_STORES:  # ...so keys that stores read otherwise are refused
+            raise ConfigError(f"{text!r} has an empty, '.' or '..' part, which object stores read differently: "
+                              "write the key plainly, e.g. s3://bucket/a/b.zarr.")
         return cls(scheme.lower(), path, dict(options or {}))
 
     @property

@@ -160,8 +160,10 @@ def test_locations_parse_once() -> None:
                                                                "s3://bucket/a/b.zarr")
     assert s3.with_suffix(".lock").url == "s3://bucket/a/b.zarr.lock"
     assert s3.parent.join("c.zarr").url == "s3://bucket/a/c.zarr"
-    # Object keys are literal (S3 has no folders to normalise); local paths are normalised.
-    assert Location.parse("s3://bucket/a//x/../b").path == "bucket/a//x/../b"
+    # Object keys are not normalised (stores read `a//b` and `..` differently): such keys are refused.
+    for odd in ("s3://bucket/a//b", "s3://bucket/a/../b", "az://c/./a.zarr"):
+        with pytest.raises(ValueError, match=r"empty, '\.' or '\.\.' part"):
+            Location.parse(odd)
     local = Location.parse("file:///data/x/../a.zarr")
     assert local.is_local and local.path == "/data/a.zarr"
     assert Location.parse("rel.zarr").path == str(Path("rel.zarr").absolute())
