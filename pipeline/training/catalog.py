@@ -24,9 +24,11 @@ Example (a catalog file)::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,7 @@ from pipeline.models import ClassInfo
 from pipeline.sources import open_source
 from pipeline.storage import Location, storage_for
 from pipeline.storage.cache import local_copy
-from pipeline.training.data import LabelledRaster, as_class_ids, read_labelled_raster
+from pipeline.training.data import LabelledRaster, as_class_ids, map_labels, read_labelled_raster
 from pipeline.training.metrics import IGNORE_INDEX
 
 __all__ = ["Catalog", "LabelledPair", "read_pair"]
@@ -166,15 +168,16 @@ class Catalog:
         """The pairs that arrived after `when`."""
         return tuple(p for p in self.pairs if p.arrived() > when)
 
-    def read(self, pairs: Sequence[LabelledPair] | None = None) -> list[LabelledRaster]:
-        """Read `pairs` (default: all) onto their images' grids, checking every class id."""
+    def read(self, pairs: Sequence[LabelledPair] | None = None,
+             label_map: Mapping[int, int] | None = None) -> list[LabelledRaster]:
+        """Read `pairs` (default: all) onto their images' grids, `label_map` applied, checking every class id."""
         chosen = self.pairs if pairs is None else pairs
-        return [read_pair(p, self.classes, self.bands, self.resolution) for p in chosen]
+        return [read_pair(p, self.classes, self.bands, self.resolution, label_map) for p in chosen]
 
 
 def read_pair(
     pair: LabelledPair, classes: Sequence[ClassInfo], bands: Sequence[int] | None = None,
-    resolution: float | None = None,
+    resolution: float | None = None, label_map: Mapping[int, int] | None = None,
 ) -> LabelledRaster:
     """One pair as an in-memory image and label array on the same grid.
 
@@ -196,6 +199,7 @@ def read_pair(
             labels = _scaled_mask(local_copy(_require(str(pair.labels))), (h, w))
         chosen = tuple(bands) if bands is not None else tuple(range(1, image.shape[0] + 1))
         raster = LabelledRaster(image=image, labels=labels, bands=chosen, resolution=pixel, resolution_unit=unit)
+    raster = dataclasses.replace(raster, labels=map_labels(raster.labels, label_map))
     _check_classes(raster.labels, classes, pair.truth)
     return raster
 
@@ -215,7 +219,8 @@ def _modified(location: Location) -> float:
     if location.is_local:
         return location.local_path().stat().st_mtime
     version = storage_for(location).version(location)
-    return version.modified if version is not None else 0.0
+    # A store that does not say when: taken as new, so that the doubt goes toward training on it.
+    return version.modified if version is not None and version.modified else time.time()
 
 
 def _read_image(
@@ -330,8 +335,9 @@ def _check_classes(labels: np.ndarray, classes: Sequence[ClassInfo], path: str) 
     bad = [int(v) for v in present if v != IGNORE_INDEX and v >= len(classes)]
     if bad:
         raise ConfigError(
-            f"{path} holds class id(s) {bad}, outside the {len(classes)} configured classes "
-            f"0..{len(classes) - 1} ({[c.name for c in classes]}); fix the labels or add the classes to the catalog."
+            f"{path} holds the values {[int(v) for v in present]}: class id(s) {bad} are outside the {len(classes)} "
+            f"configured classes 0..{len(classes) - 1} ({[c.name for c in classes]}); add the classes, or map the "
+            f"values with label_map (e.g. label_map={{{bad[0]}: {len(classes) - 1}}}; {IGNORE_INDEX} is unlabelled)."
         )
 
 

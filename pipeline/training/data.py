@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -378,6 +379,34 @@ def _resolution_in_metres(src: rasterio.DatasetReader) -> float | None:
     _, metres_per_unit = src.crs.linear_units_factor
     # Non-square pixels: the side of the square of equal area.
     return float(math.sqrt(abs(src.transform.determinant)) * metres_per_unit)
+
+
+def as_label_map(value: Mapping[Any, Any]) -> dict[int, int]:
+    """`label_map` as label value -> class id, both in 0..255 (keys may come as strings from the command line).
+
+    Raises:
+        ConfigError: a key or value that is not an integer in 0..255.
+    """
+    try:
+        mapping = {int(k): int(v) for k, v in dict(value).items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"label_map={value!r} is invalid; expected label values to class ids, e.g. "
+                          f"label_map={{{IGNORE_INDEX}: 1}}.") from None
+    bad = {k: v for k, v in mapping.items() if not (0 <= k <= 255 and 0 <= v <= 255)}
+    if bad:
+        raise ConfigError(f"label_map entries {bad} are out of range; values and class ids are 0..255 "
+                          f"({IGNORE_INDEX}: unlabelled).")
+    return mapping
+
+
+def map_labels(labels: np.ndarray, label_map: Mapping[int, int] | None) -> np.ndarray:
+    """uint8 `labels` with `label_map` applied (values not in it are kept)."""
+    if not label_map:
+        return labels
+    table = np.arange(256, dtype=np.uint8)
+    for value, class_id in label_map.items():
+        table[value] = class_id
+    return table[labels]
 
 
 def as_class_ids(labels: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:

@@ -22,6 +22,8 @@ accelerator busier."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import math
 import shutil
 import tempfile
@@ -46,7 +48,9 @@ from pipeline.training.catalog import LabelledPair, load_catalog, read_pair
 from pipeline.training.data import (
     LabelledRaster,
     WindowBatches,
+    as_label_map,
     compute_normalization,
+    map_labels,
     read_labelled_raster,
     split_by_area,
 )
@@ -54,6 +58,8 @@ from pipeline.training.figures import FinalReport, display_rgb
 from pipeline.training.losses import SegmentationLoss
 from pipeline.training.metrics import IGNORE_INDEX, SegmentationMetrics
 from pipeline.training.pretrained import encoder_parameters, init_from_bundle, load_encoder_weights
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_ARCH_ARGS", "LocalSession", "Session", "TrainConfig", "TrainResult", "balanced_weights", "predict_area",
@@ -124,6 +130,8 @@ class TrainConfig:
         freeze_encoder_epochs: Epochs at the start during which the encoder is not trained: its weights and
             its batch-norm statistics stay as they started.
         encoder_lr_scale: The encoder's learning rate as a share of ``lr`` (e.g. 0.1 when fine-tuning).
+        label_map: Label values to class ids, applied as the labels are read: ``{255: 1}`` for a 0/255
+            mask (255 otherwise marks unlabelled pixels), ``{3: 255}`` to leave a value unlabelled.
     """
 
     image: str | None
@@ -156,8 +164,11 @@ class TrainConfig:
     init: str | None = None
     freeze_encoder_epochs: int = 0
     encoder_lr_scale: float = 1.0
+    label_map: Mapping[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.label_map is not None:
+            object.__setattr__(self, "label_map", as_label_map(self.label_map))
         if self.catalog is not None:
             if self.image is not None or self.labels is not None or self.polygons is not None:
                 raise ConfigError("Give either a catalog or an image with labels or polygons, not both.")
@@ -415,6 +426,17 @@ class _Run:
         _check_labelled(self.rasters, [s.val for s in self.splits], "validation")
         if config.holdout_fraction:
             _check_labelled(self.rasters, [s.holdout for s in self.splits], "holdout")
+        # Classes the user configured (or a catalog's, or polygons' two) must be in the training area;
+        # those derived from a label raster's ids may skip one, which is then only warned of.
+        configured = config.classes is not None or config.labels is None
+        absent = _check_classes_present(self.rasters, [s.train for s in self.splits], classes,
+                                        "training" if configured else "training (derived)")
+        if absent and session.rank == 0:
+            log.warning("the class id(s) of %s have no labelled pixel in the training area", absent)
+        unscored = _check_classes_present(self.rasters, [s.val for s in self.splits], classes, "validation")
+        if unscored and session.rank == 0:
+            log.warning("the class(es) %s have no labelled pixel in the validation area: the validation mIoU is "
+                        "the mean over the other classes", unscored)
         first = self.rasters[0]
         scales = {(r.resolution_unit, None if r.resolution is None else round(r.resolution, 6)) for r in self.rasters}
         if len(scales) > 1:
@@ -734,17 +756,18 @@ def predict_area(
 
 
 def _read(config: TrainConfig) -> tuple[list[LabelledRaster], tuple[ClassInfo, ...]]:
-    """The labelled rasters (one, or a catalog's) on their images' grids, and the classes."""
+    """The labelled rasters (one, or a catalog's) on their images' grids, `label_map` applied, and the classes."""
     if config.catalog is not None:
         catalog = load_catalog(config.catalog)
-        return catalog.read(), config.classes or catalog.classes
+        return catalog.read(label_map=config.label_map), config.classes or catalog.classes
     assert config.image is not None, "checked in TrainConfig"
     if config.labels is not None:
         raster = read_labelled_raster(config.image, config.labels, config.bands)
-        return [raster], _resolve_classes(config.classes, raster.labels)
+        raster = dataclasses.replace(raster, labels=map_labels(raster.labels, config.label_map))
+        return [raster], _resolve_classes(config.classes, raster.labels, config.labels)
     classes = config.classes or (ClassInfo("background", (0, 0, 0)), ClassInfo("object", (230, 60, 60)))
     pair = LabelledPair(image=config.image, polygons=config.polygons)
-    return [read_pair(pair, classes, config.bands)], classes
+    return [read_pair(pair, classes, config.bands, label_map=config.label_map)], classes
 
 
 def _pixels(image: np.ndarray, most: int = 1_000_000) -> np.ndarray:
@@ -753,22 +776,46 @@ def _pixels(image: np.ndarray, most: int = 1_000_000) -> np.ndarray:
     return image[:, ::step, ::step].reshape(image.shape[0], 1, -1)
 
 
-def _resolve_classes(classes: tuple[ClassInfo, ...] | None, labels: np.ndarray) -> tuple[ClassInfo, ...]:
-    """The configured classes, checked against the labels, or defaults that fit them."""
-    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
-    present = present[present != IGNORE_INDEX]
+def _resolve_classes(classes: tuple[ClassInfo, ...] | None, labels: np.ndarray, path: str) -> tuple[ClassInfo, ...]:
+    """The configured classes, checked against the labels, or defaults that fit them: the synthetic scene's
+    names for ids it has, generic ones beyond."""
+    seen = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
+    present = seen[seen != IGNORE_INDEX]
     highest = int(present.max()) if present.size else 0
     if classes is not None:
         if highest >= len(classes):
             raise ConfigError(
-                f"The labels hold class id {highest} but only {len(classes)} classes are "
-                f"configured; give one class per id 0..{highest} (or mark unlabelled pixels "
-                f"{IGNORE_INDEX})."
+                f"The labels {path} hold the values {[int(v) for v in seen]}, class ids up to {highest}, but only "
+                f"{len(classes)} classes are configured: give one class per id 0..{highest}, or map the values "
+                f"with label_map (e.g. label_map={{{highest}: {len(classes) - 1}}}; {IGNORE_INDEX} is unlabelled)."
             )
         return classes
+    if highest == 0:
+        raise ConfigError(
+            f"The labels {path} hold the values {[int(v) for v in seen]}: one class and nothing else to learn from. "
+            + (f"{IGNORE_INDEX} marks unlabelled pixels; if it is a class here (a 0/255 mask), map it: "
+               f"label_map={{{IGNORE_INDEX}: 1}}." if IGNORE_INDEX in seen else "Label at least two classes.")
+        )
     if highest < len(SYNTHETIC_CLASSES):
-        return SYNTHETIC_CLASSES
+        return SYNTHETIC_CLASSES[: highest + 1]
     return tuple(ClassInfo(f"class_{i}", _generic_colour(i)) for i in range(highest + 1))
+
+
+def _check_classes_present(rasters: list[LabelledRaster], areas: list[slice], classes: tuple[ClassInfo, ...],
+                           area: str) -> list[str]:
+    """The names of the classes with no labelled pixel in `area` of every raster. Absent from the training
+    area, a class cannot be learnt: a ConfigError, naming label_map when 255 (unlabelled) is in the labels."""
+    counts = np.zeros(256, np.int64)
+    for raster, rows in zip(rasters, areas, strict=True):
+        counts += np.bincount(raster.labels[rows].ravel(), minlength=256)
+    absent = [c.name for i, c in enumerate(classes) if counts[i] == 0]
+    if absent and area == "training":
+        hint = (f" {IGNORE_INDEX} marks unlabelled pixels, and these labels hold {int(counts[IGNORE_INDEX])} of "
+                f"them: if {IGNORE_INDEX} is a class here (a 0/255 mask), map it, e.g. label_map={{{IGNORE_INDEX}: "
+                f"{len(classes) - 1}}}." if counts[IGNORE_INDEX] else "")
+        raise ConfigError(f"The class(es) {absent} have no labelled pixel in the training area: label some, "
+                          f"or configure only the classes the labels hold.{hint}")
+    return absent
 
 
 def _generic_colour(index: int) -> tuple[int, int, int]:

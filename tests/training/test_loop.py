@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -132,7 +133,8 @@ def test_labels_beyond_the_synthetic_classes_get_generic_ones(tmp_path: Path) ->
     classes = ModelBundle.load(result.bundle_path).spec.classes
     assert [c.name for c in classes] == [f"class_{i}" for i in range(7)]
     assert len({c.color for c in classes}) == 7
-    with pytest.raises(ConfigError, match="class id 6 but only 5 classes"):
+    with pytest.raises(ConfigError, match=r"values \[0, 1, 2, 3, 4, 6\], class ids up to 6, but only 5 classes.*"
+                                          r"label_map=\{6: 4\}"):
         train(tiny_config(files, tmp_path / "m.bundle", classes=CLASSES), progress=False)
 
 
@@ -306,3 +308,34 @@ def test_job_config_without_a_required_path_is_a_config_error() -> None:
         to_config(compose_train(["image=i.tif", "labels=l.tif"]))
     with pytest.raises(ConfigError, match="classes"):
         to_config(compose_train(["image=i", "labels=l", "output=o", "classes=[{title: x}]"]))
+
+
+def test_a_0_255_mask_is_refused_naming_label_map_and_trains_with_it(scene_files: tuple[str, str],
+                                                                    tmp_path: Path) -> None:
+    """The commonest mask in the wild: 255 is the object, but 255 means unlabelled in tessera."""
+    with rasterio.open(scene_files[1]) as src:
+        profile, labels = src.profile, src.read(1)
+    mask = np.where(labels == 1, 255, 0).astype(np.uint8)  # one class as a 0/255 mask
+    path = tmp_path / "mask.tif"
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(mask, 1)
+    files = (scene_files[0], str(path))
+    with pytest.raises(ConfigError, match=r"values \[0, 255\].*label_map=\{255: 1\}"):
+        train(tiny_config(files, tmp_path / "a.bundle", steps=2), progress=False)
+    two = (ClassInfo("background", (0, 0, 0)), ClassInfo("building", (230, 60, 60)))
+    with pytest.raises(ConfigError, match=r"\['building'\] have no labelled pixel in the training area.*"
+                                          r"label_map=\{255: 1\}"):
+        train(tiny_config(files, tmp_path / "b.bundle", steps=2, classes=two), progress=False)
+    assert not (tmp_path / "a.bundle").exists() and not (tmp_path / "b.bundle").exists()
+
+    cfg = compose_train([f"image={files[0]}", f"labels={files[1]}", f"output={tmp_path / 'c.bundle'}",
+                         "label_map={255: 1}"])
+    config = dataclasses.replace(tiny_config(files, tmp_path / "c.bundle", steps=4, steps_per_epoch=2),
+                                 label_map=to_config(cfg).label_map)
+    assert config.label_map == {255: 1}
+    result = train(config, progress=False)
+    bundle = ModelBundle.load(result.bundle_path)
+    assert [c.name for c in bundle.spec.classes] == ["background", "water"]  # the synthetic names of ids 0, 1
+    assert len(result.val_iou) == 2 and not np.isnan(result.val_iou).any()
+    with pytest.raises(ConfigError, match="out of range"):
+        dataclasses.replace(config, label_map={300: 1})
