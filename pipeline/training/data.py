@@ -409,6 +409,19 @@ def map_labels(labels: np.ndarray, label_map: Mapping[int, int] | None) -> np.nd
     return table[labels]
 
 
+def label_values(path: str, label_map: Mapping[int, int] | None = None) -> np.ndarray:
+    """The label values a label raster holds, `label_map` applied, read block by block (in bounded memory).
+
+    Raises:
+        ConfigError: values that are not class ids (as :func:`as_class_ids`).
+    """
+    counts = np.zeros(256, np.int64)
+    with _open(path, "labels") as src:
+        for _, window in src.block_windows(1):
+            counts += np.bincount(as_class_ids(src.read(1, window=window), path).ravel(), minlength=256)
+    return np.unique(map_labels(np.flatnonzero(counts).astype(np.uint8), label_map))
+
+
 def as_class_ids(labels: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
     """Labels as uint8, or ConfigError if they are not integers in 0..255."""
     if labels.dtype == np.uint8:

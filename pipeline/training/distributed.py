@@ -259,6 +259,11 @@ def _check_inputs(config: TrainConfig) -> None:
         if location is not None and not storage_for(location).exists(location):
             raise SourceNotFoundError(f"The {role} {path!r} does not exist; check the path (relative paths are "
                                       f"relative to {os.getcwd()!r}).")
+    if config.labels is not None:  # a 0/255 mask, values beyond the classes: now, not after the workers start
+        from pipeline.training.data import label_values
+        from pipeline.training.loop import resolve_classes
+
+        resolve_classes(config.classes, label_values(config.labels, config.label_map), config.labels)
 
 
 

@@ -764,7 +764,8 @@ def _read(config: TrainConfig) -> tuple[list[LabelledRaster], tuple[ClassInfo, .
     if config.labels is not None:
         raster = read_labelled_raster(config.image, config.labels, config.bands)
         raster = dataclasses.replace(raster, labels=map_labels(raster.labels, config.label_map))
-        return [raster], _resolve_classes(config.classes, raster.labels, config.labels)
+        seen = np.flatnonzero(np.bincount(raster.labels.ravel(), minlength=256))
+        return [raster], resolve_classes(config.classes, seen, config.labels)
     classes = config.classes or (ClassInfo("background", (0, 0, 0)), ClassInfo("object", (230, 60, 60)))
     pair = LabelledPair(image=config.image, polygons=config.polygons)
     return [read_pair(pair, classes, config.bands, label_map=config.label_map)], classes
@@ -776,10 +777,9 @@ def _pixels(image: np.ndarray, most: int = 1_000_000) -> np.ndarray:
     return image[:, ::step, ::step].reshape(image.shape[0], 1, -1)
 
 
-def _resolve_classes(classes: tuple[ClassInfo, ...] | None, labels: np.ndarray, path: str) -> tuple[ClassInfo, ...]:
-    """The configured classes, checked against the labels, or defaults that fit them: the synthetic scene's
-    names for ids it has, generic ones beyond."""
-    seen = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
+def resolve_classes(classes: tuple[ClassInfo, ...] | None, seen: np.ndarray, path: str) -> tuple[ClassInfo, ...]:
+    """The configured classes, checked against the label values `seen` in `path`, or defaults that fit
+    them: the synthetic scene's names for ids it has, generic ones beyond."""
     present = seen[seen != IGNORE_INDEX]
     highest = int(present.max()) if present.size else 0
     if classes is not None:

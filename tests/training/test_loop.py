@@ -327,6 +327,12 @@ def test_a_0_255_mask_is_refused_naming_label_map_and_trains_with_it(scene_files
                                           r"label_map=\{255: 1\}"):
         train(tiny_config(files, tmp_path / "b.bundle", steps=2, classes=two), progress=False)
     assert not (tmp_path / "a.bundle").exists() and not (tmp_path / "b.bundle").exists()
+    # On Ray Train workers, the driver refuses it before any worker starts (no checkpoint folder is made).
+    from pipeline.training.distributed import Distributed, fit
+
+    with pytest.raises(ConfigError, match=r"label_map=\{255: 1\}"):
+        fit(tiny_config(files, tmp_path / "d.bundle"), Distributed(workers=2, storage=str(tmp_path / "checkpoints")))
+    assert not (tmp_path / "checkpoints").exists()
 
     cfg = compose_train([f"image={files[0]}", f"labels={files[1]}", f"output={tmp_path / 'c.bundle'}",
                          "label_map={255: 1}"])
