@@ -89,11 +89,13 @@ def _finish(summary: Any) -> None:
 
 @app.command()
 def refine(
-    mosaic: Annotated[Path, typer.Argument(
-        help="A complete mosaic written by `tessera segment`, or a folder of them (a collection's ROOT).")],
-    out: Annotated[Path, typer.Option(
-        "--out", "-o", help="Refined mosaic to write (.zarr), or the folder for a collection's refined mosaics.")],
-    source: Annotated[Path | None, typer.Option(
+    mosaic: Annotated[str, typer.Argument(
+        help="A complete mosaic written by `tessera segment` (a path or s3://...), or a folder of them (a "
+             "collection's ROOT).")],
+    out: Annotated[str, typer.Option(
+        "--out", "-o", help="Refined mosaic to write (.zarr, a path or s3://...), or the folder for a collection's "
+                            "refined mosaics.")],
+    source: Annotated[str | None, typer.Option(
         help="The image MOSAIC was segmented from (default: the path in its lineage).")] = None,
     iterations: Annotated[int, typer.Option(help="Mean-field iterations.")] = 5,
     gaussian_sxy: Annotated[float, typer.Option(help="Smoothness kernel: spatial sigma, px.")] = 3.0,
@@ -123,7 +125,7 @@ def refine(
         from pipeline.tracking import Tracking
 
         config = RefineConfig(
-            mosaic=str(mosaic), output=str(out), source=str(source) if source else None, crf=crf, block=block,
+            mosaic=mosaic, output=out, source=source, crf=crf, block=block,
             workers=workers, ray_address=ray_address, overwrite=overwrite, progress=not quiet, verbose=verbose,
             tracking=Tracking(enabled=track, uri=tracking_uri, experiment=experiment),
         )

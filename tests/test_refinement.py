@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.crf import ColourScale, CRFSettings, refine, unary_energy
 from pipeline.errors import ConfigError, MosaicError, OutputExistsError
 from pipeline.mosaic import Mosaic
@@ -336,8 +338,10 @@ def test_a_mosaic_on_object_storage_refines_into_object_storage(scene_mosaic: tu
     mosaic = scene_mosaic[0]
     s3fs.S3FileSystem(skip_instance_cache=True).put(str(mosaic), f"{s3_bucket}/coarse.zarr", recursive=True)
     out = f"{s3_bucket}/refined.zarr"
-    summary = refine_mosaic(RefineConfig(f"{s3_bucket}/coarse.zarr", out, crf=SMALL_CRF, progress=False))
-    assert summary.blocks_written == refined[1].blocks_written
+    # The command, as users type it (its arguments are URLs, not paths).
+    result = CliRunner().invoke(app, ["refine", f"{s3_bucket}/coarse.zarr", "--out", out, "--bilateral-sxy", "20",
+                                      "--quiet", "--no-track"])
+    assert result.exit_code == 0, result.output
     m, local = Mosaic.open(out), Mosaic.open(refined[0])
     assert m.complete and m.lineage["refined"]["mosaic"] == f"{s3_bucket}/coarse.zarr"
     for level in range(local.layout.num_levels):
