@@ -172,13 +172,15 @@ def _cluster_messages_to_log(quiet: bool) -> None:
 
     def print_to_stdstream(data: dict[str, Any], ignore_prefix: bool) -> None:
         if _quiet_cluster_messages and data.get("pid") == "raylet":
-            messages = [str(message) for message in data.get("lines", [])]  # each may run to many lines
-            for message in messages:
+            kept = []
+            for message in map(str, data.get("lines", [])):  # each may run to many lines
                 if _RECOVERED.search(message):
                     logging.getLogger(__name__).debug("Ray: %s", message)
-            data = {**data, "lines": [message for message in messages if not _RECOVERED.search(message)]}
-            if not data["lines"]:
+                else:
+                    kept.append(message)
+            if not kept:
                 return
+            data = {**data, "lines": kept}
         printer(data, ignore_prefix)
 
     print_to_stdstream.tessera = True  # type: ignore[attr-defined]

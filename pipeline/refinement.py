@@ -263,7 +263,7 @@ def open_input(config: RefineConfig) -> tuple[Mosaic, RasterSource, int]:
     mosaic = Mosaic.open(config.mosaic)
     if not mosaic.complete:
         raise MosaicError(f"{config.mosaic} is not complete: rerun its segment job to finish it, then refine it")
-    here, there = place(Location.parse(str(mosaic.path))), place(Location.parse(config.output))
+    here, there = place(mosaic.location), place(Location.parse(config.output))
     if here == there or there.startswith(here + "/") or here.startswith(there + "/"):
         raise ConfigError(f"output {config.output} is, or is inside, or contains the mosaic being refined: "
                           "write the refined mosaic beside it")
@@ -310,7 +310,7 @@ def job_fingerprint(mosaic: Mosaic, source: RasterSource, block: int, crf: CRFSe
                     colour: ColourScale) -> dict[str, Any]:
     """The settings that fix a refined mosaic's content: a rerun with the same ones resumes it (paths absolute)."""
     return {
-        "refines": place(Location.parse(str(mosaic.path))), "input_job": mosaic.meta.get("job", {}),
+        "refines": place(mosaic.location), "input_job": mosaic.meta.get("job", {}),
         "input_finished": mosaic.lineage.get("finished"), "source": str(source.path), "level": source.level,
         "block": block, "crf": crf.as_dict(), "colour": colour.as_dict(),
     }

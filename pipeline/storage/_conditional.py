@@ -93,20 +93,15 @@ class AzureConditions(Conditions):
     """Through adlfs's asynchronous client (``fs.service_client``), on adlfs's own event loop."""
 
     def head_bucket(self, bucket: str) -> None:
-        from fsspec.asyn import sync
-
-        async def head() -> None:
-            async with self.fs.service_client.get_container_client(bucket) as container:
-                # One attempt: the SDK's default retries a refused connection for minutes.
-                await container.get_container_properties(retry_total=0, connection_timeout=5)
-
-        sync(self.fs.loop, head)
+        # One attempt: the SDK's default retries a refused connection for minutes.
+        self._run(self.fs.service_client.get_container_client(bucket),
+                  lambda container: container.get_container_properties(retry_total=0, connection_timeout=5))
 
     def create(self, bucket: str, key: str, data: bytes) -> str | None:
         from azure.core.exceptions import ResourceExistsError
 
         try:
-            answer = self._run(bucket, key, lambda blob: blob.upload_blob(data, overwrite=False))
+            answer = self._run(self._blob(bucket, key), lambda blob: blob.upload_blob(data, overwrite=False))
         except ResourceExistsError:
             return None
         return str(answer["etag"])
@@ -116,7 +111,7 @@ class AzureConditions(Conditions):
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
         try:
-            answer = self._run(bucket, key, lambda blob: blob.upload_blob(
+            answer = self._run(self._blob(bucket, key), lambda blob: blob.upload_blob(
                 data, overwrite=True, etag=tag, match_condition=MatchConditions.IfNotModified))
         except (ResourceModifiedError, ResourceNotFoundError):
             return None
@@ -127,18 +122,22 @@ class AzureConditions(Conditions):
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
         try:
-            self._run(bucket, key,
+            self._run(self._blob(bucket, key),
                       lambda blob: blob.delete_blob(etag=tag, match_condition=MatchConditions.IfNotModified))
         except (ResourceModifiedError, ResourceNotFoundError):
             return False
         return True
 
-    def _run(self, container: str, name: str, call: Any) -> Any:
+    def _blob(self, container: str, name: str) -> Any:
+        return self.fs.service_client.get_blob_client(container, name)
+
+    def _run(self, client: Any, call: Any) -> Any:
+        """`await call(client)` inside the client's context, on adlfs's event loop."""
         from fsspec.asyn import sync
 
         async def run() -> Any:
-            async with self.fs.service_client.get_blob_client(container, name) as blob:
-                return await call(blob)
+            async with client:
+                return await call(client)
 
         return sync(self.fs.loop, run)
 

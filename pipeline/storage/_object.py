@@ -164,7 +164,7 @@ class ObjectStorage(Storage):
             yield
         except StorageError:
             raise
-        except FileNotFoundError as e:
+        except FileNotFoundError as e:  # s3fs and adlfs raise it for a missing bucket and a missing object alike
             if _no_such_bucket(e):
                 raise self._no_bucket(location) from None
             raise
@@ -173,7 +173,7 @@ class ObjectStorage(Storage):
                                "on the bucket.") from None
         except Exception as e:
             name = type(e).__name__
-            if name == "ResourceNotFoundError" and getattr(e, "error_code", None) == "ContainerNotFound":
+            if _no_such_bucket(e):  # Azure's own error, where adlfs does not translate it
                 raise self._no_bucket(location) from None
             if getattr(e, "status_code", None) == 403 or name == "ClientAuthenticationError":  # Azure's refusals
                 raise StorageError(f"Access to {location.url} was refused ({cause(e)}): {credentials}, with "
@@ -204,13 +204,14 @@ class ObjectStorage(Storage):
 
 
 def _no_such_bucket(error: BaseException) -> bool:
-    """Whether a not-found error is the bucket's (or container's), not an object's: by the store's error
-    code where the client keeps it, else by its message."""
-    response = getattr(error.__cause__, "response", None)  # botocore's: a dict; Azure's: an HTTP response
-    code = (response.get("Error", {}).get("Code") if isinstance(response, dict) else None) or getattr(
-        error.__cause__, "error_code", None)
-    if code is not None:
-        return str(code) in ("NoSuchBucket", "ContainerNotFound")
+    """Whether an error says the bucket (or container) is missing, not an object: by the store's error code,
+    on the error or the one it was raised from, where the client keeps it; else by its message."""
+    for raised in (error, error.__cause__):
+        response = getattr(raised, "response", None)  # botocore's: a dict; Azure's: an HTTP response
+        code = (response.get("Error", {}).get("Code") if isinstance(response, dict) else None) or getattr(
+            raised, "error_code", None)
+        if code is not None:
+            return str(code) in ("NoSuchBucket", "ContainerNotFound")
     text = str(error).lower()
     return "specified bucket does not exist" in text or "specified container does not exist" in text
 

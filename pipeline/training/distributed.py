@@ -266,7 +266,6 @@ def _check_inputs(config: TrainConfig) -> None:
         resolve_classes(config.classes, label_values(config.labels, config.label_map), config.labels)
 
 
-
 def _user_error(exc: BaseException) -> TesseraError | None:
     """The tessera error a worker raised (bad data or settings), found in Ray Train's failure."""
     failures = getattr(exc, "worker_failures", None) or {}

@@ -422,19 +422,21 @@ class _Run:
             split_by_area(r.height, r.width, config.val_fraction, config.tile_size, config.holdout_fraction)
             for r in self.rasters
         ]
-        _check_labelled(self.rasters, [s.train for s in self.splits], "training")
-        _check_labelled(self.rasters, [s.val for s in self.splits], "validation")
+        bands = {"training": [s.train for s in self.splits], "validation": [s.val for s in self.splits]}
         if config.holdout_fraction:
-            _check_labelled(self.rasters, [s.holdout for s in self.splits], "holdout")
+            bands["holdout"] = [s.holdout for s in self.splits]
+        counts = {area: _label_counts(self.rasters, rows) for area, rows in bands.items()}
+        for area, rows in bands.items():
+            _check_labelled(counts[area], rows[0], area)
         # Classes the user configured (or a catalog's, or polygons' two) must be in the training area;
         # those derived from a label raster's ids may skip one, which is then only warned of.
-        configured = config.classes is not None or config.labels is None
-        absent = _check_classes_present(self.rasters, [s.train for s in self.splits], classes,
-                                        "training" if configured else "training (derived)")
-        if absent and session.rank == 0:
+        absent = [c.name for i, c in enumerate(classes) if counts["training"][i] == 0]
+        if absent and (config.classes is not None or config.labels is None):
+            raise _absent_classes(absent, counts["training"], len(classes))
+        unscored = [c.name for i, c in enumerate(classes) if counts["validation"][i] == 0]
+        if session.rank == 0 and absent:
             log.warning("the class id(s) of %s have no labelled pixel in the training area", absent)
-        unscored = _check_classes_present(self.rasters, [s.val for s in self.splits], classes, "validation")
-        if unscored and session.rank == 0:
+        if session.rank == 0 and unscored:
             log.warning("the class(es) %s have no labelled pixel in the validation area: the validation mIoU is "
                         "the mean over the other classes", unscored)
         first = self.rasters[0]
@@ -801,21 +803,22 @@ def resolve_classes(classes: tuple[ClassInfo, ...] | None, seen: np.ndarray, pat
     return tuple(ClassInfo(f"class_{i}", _generic_colour(i)) for i in range(highest + 1))
 
 
-def _check_classes_present(rasters: list[LabelledRaster], areas: list[slice], classes: tuple[ClassInfo, ...],
-                           area: str) -> list[str]:
-    """The names of the classes with no labelled pixel in `area` of every raster. Absent from the training
-    area, a class cannot be learnt: a ConfigError, naming label_map when 255 (unlabelled) is in the labels."""
+def _label_counts(rasters: list[LabelledRaster], areas: list[slice]) -> np.ndarray:
+    """How many pixels hold each label value (0..255) in a band of rows of each raster."""
     counts = np.zeros(256, np.int64)
     for raster, rows in zip(rasters, areas, strict=True):
         counts += np.bincount(raster.labels[rows].ravel(), minlength=256)
-    absent = [c.name for i, c in enumerate(classes) if counts[i] == 0]
-    if absent and area == "training":
-        hint = (f" {IGNORE_INDEX} marks unlabelled pixels, and these labels hold {int(counts[IGNORE_INDEX])} of "
-                f"them: if {IGNORE_INDEX} is a class here (a 0/255 mask), map it, e.g. label_map={{{IGNORE_INDEX}: "
-                f"{len(classes) - 1}}}." if counts[IGNORE_INDEX] else "")
-        raise ConfigError(f"The class(es) {absent} have no labelled pixel in the training area: label some, "
-                          f"or configure only the classes the labels hold.{hint}")
-    return absent
+    return counts
+
+
+def _absent_classes(absent: list[str], counts: np.ndarray, num_classes: int) -> ConfigError:
+    """A class absent from the training area cannot be learnt; the fix, naming label_map when the labels
+    hold 255 (unlabelled), as a 0/255 mask does."""
+    hint = (f" {IGNORE_INDEX} marks unlabelled pixels, and these labels hold {int(counts[IGNORE_INDEX])} of them: "
+            f"if {IGNORE_INDEX} is a class here (a 0/255 mask), map it, e.g. label_map={{{IGNORE_INDEX}: "
+            f"{num_classes - 1}}}." if counts[IGNORE_INDEX] else "")
+    return ConfigError(f"The class(es) {absent} have no labelled pixel in the training area: label some, "
+                       f"or configure only the classes the labels hold.{hint}")
 
 
 def _generic_colour(index: int) -> tuple[int, int, int]:
@@ -827,10 +830,10 @@ def _generic_colour(index: int) -> tuple[int, int, int]:
     return sectors[int(sector)]
 
 
-def _check_labelled(rasters: list[LabelledRaster], areas: list[slice], area: str) -> None:
-    """ConfigError if an area holds no labelled pixel in any image (nothing to learn from or score)."""
-    if not any((r.labels[rows] != IGNORE_INDEX).any() for r, rows in zip(rasters, areas, strict=True)):
-        rows = areas[0]
+def _check_labelled(counts: np.ndarray, rows: slice, area: str) -> None:
+    """ConfigError if an area (`counts` of its label values; `rows`, the first image's) holds no labelled
+    pixel in any image: nothing to learn from or score."""
+    if not np.delete(counts, IGNORE_INDEX).any():
         raise ConfigError(
             f"The {area} area (rows {rows.start}..{rows.stop - 1}) holds no labelled pixel (all "
             f"{IGNORE_INDEX}); label it or change val_fraction."
