@@ -58,7 +58,7 @@ class ObjectStorage(Storage):
                 raise ConfigError(f"{scheme}:// is not a storage tessera knows ({cause(e)}): use a local path, "
                                   "s3://, gs://, az:// or another fsspec URL.") from None
             fix = _CREDENTIALS.get(scheme, "check its storage options")
-            raise StorageError(f"{scheme}:// cannot be used ({cause(e)}): {fix}.") from None
+            raise StorageError(f"No usable credentials or settings for {scheme}://: {fix} ({cause(e)}).") from None
         self.conditions: Conditions | None = conditions_for(scheme, self.fs)
 
     def check(self, location: Location) -> None:
