@@ -21,6 +21,7 @@ from pipeline.errors import ConfigError
 from pipeline.tiling import Rect
 
 WINDOWS = ("gaussian", "cosine", "linear", "constant")
+DEFAULT_WINDOW = "gaussian"  # the segment job's, and so the one training scores models with
 GAUSSIAN_SIGMA_SCALE = 0.125  # sigma = 0.125 * tile, the value MONAI and nnU-Net use
 
 

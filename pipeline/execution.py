@@ -34,7 +34,7 @@ import numpy as np
 import psutil
 
 from pipeline import lineage as lineage_info
-from pipeline.blending import WINDOWS, Accumulator
+from pipeline.blending import DEFAULT_WINDOW, WINDOWS, Accumulator
 from pipeline.collection import CollectionItem, materialise, output_path
 from pipeline.engine import (
     IN_FLIGHT,
@@ -103,7 +103,7 @@ class SegmentConfig:
     output: str
     tile: int | None = None
     overlap: int | None = None
-    window: str = "gaussian"
+    window: str = DEFAULT_WINDOW
     scores: str = "logits"
     scores_dtype: str = "float16"
     tta: bool = False

@@ -70,10 +70,12 @@ def open_source(path: str | Path, level: int = 0) -> RasterSource:
         return _first_readable(name, level, (GeoTiffSource,), {})
     location = Location.parse(name)
     if not location.is_local:
-        checked = location.scheme in ("s3", "s3a") and os.environ.get("AWS_NO_SIGN_REQUEST", "").upper() != "YES"
-        if checked and not storage_for(location).exists(location):  # gs://, az://, public buckets: GDAL says
+        signed = location.scheme in ("s3", "s3a") and os.environ.get("AWS_NO_SIGN_REQUEST", "").upper() != "YES"
+        if signed and not storage_for(location).exists(location):  # gs://, az://, public buckets: GDAL says
             raise SourceNotFoundError(f"{location.url} does not exist; check the bucket and the key "
                                       f"(`aws s3 ls {location.parent.url}/` lists what is there)")
+        if location.scheme in ("http", "https") and not storage_for(location).exists(location):
+            raise SourceNotFoundError(f"{location.url} does not exist (the server answers 404); check the address")
         if location.is_object_storage and Path(location.path).suffix.lower() in CACHED_SLIDE_SUFFIXES:
             return _first_readable(name, level, (SlideSource,), {})  # OpenSlide, on a local copy
         return _first_readable(name, level, (GeoTiffSource,), {})

@@ -1,12 +1,14 @@
 """Training: the catalog of labelled pairs, windows and augmentation, losses, metrics and the loop."""
 
 from pipeline.training.data import (
+    AreaIndex,
     AreaSplit,
-    LabelledRaster,
+    LabelledImage,
     WindowBatches,
     WindowSampler,
     compute_normalization,
-    read_labelled_raster,
+    open_labelled_image,
+    sample_pixels,
     split_by_area,
 )
 from pipeline.training.loop import (
@@ -14,7 +16,6 @@ from pipeline.training.loop import (
     TrainConfig,
     TrainResult,
     balanced_weights,
-    predict_area,
     train,
 )
 from pipeline.training.losses import SegmentationLoss
@@ -29,8 +30,9 @@ from pipeline.training.metrics import (
 __all__ = [
     "DEFAULT_ARCH_ARGS",
     "IGNORE_INDEX",
+    "AreaIndex",
     "AreaSplit",
-    "LabelledRaster",
+    "LabelledImage",
     "SegmentationLoss",
     "TrainConfig",
     "TrainResult",
@@ -41,9 +43,9 @@ __all__ = [
     "confusion_matrix",
     "iou_per_class",
     "mean_iou",
+    "open_labelled_image",
     "pixel_accuracy",
-    "predict_area",
-    "read_labelled_raster",
+    "sample_pixels",
     "split_by_area",
     "train",
 ]

@@ -4,14 +4,16 @@ A pair is an image and its truth, in one of three forms:
 
 - ``image`` + ``labels``: a label raster of class ids (255 = unlabelled) on the image's grid;
 - ``image`` + ``polygons``: GeoJSON polygons in any CRS (the file's ``crs`` member, else WGS84 as
-  RFC 7946 says), reprojected and rasterised onto the image's grid; pixels outside every polygon
-  are class 0;
+  RFC 7946 says), reprojected and rasterised onto the image's grid; on an image without a CRS (a
+  slide) in level-0 pixel coordinates, as QuPath exports annotations, classed by their
+  ``classification`` name; pixels outside every polygon are class 0;
 - ``image`` + ``mask``: a whole-slide image and a mask image of class ids covering the whole slide
   at any size, scaled (nearest neighbour) onto the slide level that is read.
 
-Images are read whole, at the catalog's ``resolution`` (the pyramid level closest to it, or level 0),
-so one pair must fit in memory (see `pipeline.training.data`). Each pair records when it arrived
-(``added``, else its newest file's modification time), which the nightly job uses to find new data.
+Images are read window by window at the catalog's ``resolution`` (the pyramid level closest to it, or
+level 0), their truth too (`pipeline.training.truth`), so a pair may be far larger than memory. Each
+pair records when it arrived (``added``, else its newest file's modification time), which the
+nightly job uses to find new data.
 
 Example (a catalog file)::
 
@@ -24,7 +26,6 @@ Example (a catalog file)::
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -35,22 +36,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 import rasterio.features
 import rasterio.warp
-from PIL import Image
+from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import CRSError
 
 from pipeline.errors import ConfigError, SourceNotFoundError, SourceReadError
 from pipeline.models import ClassInfo
-from pipeline.sources import open_source
-from pipeline.storage import Location, storage_for
-from pipeline.storage.cache import local_copy
-from pipeline.training.data import LabelledRaster, as_class_ids, map_labels, read_labelled_raster
+from pipeline.sources import RasterSource, open_source
+from pipeline.storage import Location, stamp, storage_for
+from pipeline.training.data import LabelledImage, Truth, open_labelled_image, select_bands
 from pipeline.training.metrics import IGNORE_INDEX
+from pipeline.training.truth import PolygonTruth, RasterTruth, map_labels
 
-__all__ = ["Catalog", "LabelledPair", "read_pair"]
+__all__ = ["Catalog", "LabelledPair", "check_class_ids", "open_pair"]
 
 _TRUTH_KINDS = ("labels", "polygons", "mask")
 
@@ -168,40 +168,40 @@ class Catalog:
         """The pairs that arrived after `when`."""
         return tuple(p for p in self.pairs if p.arrived() > when)
 
-    def read(self, pairs: Sequence[LabelledPair] | None = None,
-             label_map: Mapping[int, int] | None = None) -> list[LabelledRaster]:
-        """Read `pairs` (default: all) onto their images' grids, `label_map` applied, checking every class id."""
+    def open(self, pairs: Sequence[LabelledPair] | None = None,
+             label_map: Mapping[int, int] | None = None) -> list[LabelledImage]:
+        """Open `pairs` (default: all) on their images' grids, `label_map` applied (headers only)."""
         chosen = self.pairs if pairs is None else pairs
-        return [read_pair(p, self.classes, self.bands, self.resolution, label_map) for p in chosen]
+        return [open_pair(p, self.classes, self.bands, self.resolution, label_map) for p in chosen]
 
 
-def read_pair(
+def open_pair(
     pair: LabelledPair, classes: Sequence[ClassInfo], bands: Sequence[int] | None = None,
     resolution: float | None = None, label_map: Mapping[int, int] | None = None,
-) -> LabelledRaster:
-    """One pair as an in-memory image and label array on the same grid.
+) -> LabelledImage:
+    """One pair as a `LabelledImage`: its image at the level closest to `resolution` and its truth on that grid.
+
+    Nothing but headers (and a GeoJSON file) is read; class ids are checked when the truth is indexed.
 
     Raises:
         SourceNotFoundError: A file does not exist.
         SourceReadError: A file cannot be read.
-        ConfigError: The truth does not overlap the image, or holds a class id outside `classes`.
+        ConfigError: A band is out of range, or the polygons do not overlap the image or name unknown classes.
     """
     if pair.labels is not None and resolution is None:
-        raster = read_labelled_raster(pair.image, pair.labels, bands)
+        return open_labelled_image(pair.image, pair.labels, bands, label_map)
+    _require(pair.image)
+    source = open_source(pair.image)
+    unit = "m" if source.crs is not None else "um"
+    if resolution is not None:
+        source = source.at_level(source.best_level(resolution, unit))
+    selected = select_bands(source, bands, pair.image)
+    truth: Truth
+    if pair.polygons is not None:
+        truth = _polygons(pair, classes, source, label_map)
     else:
-        image, transform, crs, pixel, unit = _read_image(pair.image, bands, resolution)
-        h, w = image.shape[1:]
-        if pair.polygons is not None:
-            labels = _rasterise(pair, classes, (h, w), transform, crs)
-        elif pair.mask is not None:
-            labels = _scaled_mask(local_copy(_require(pair.mask)), (h, w))
-        else:
-            labels = _scaled_mask(local_copy(_require(str(pair.labels))), (h, w))
-        chosen = tuple(bands) if bands is not None else tuple(range(1, image.shape[0] + 1))
-        raster = LabelledRaster(image=image, labels=labels, bands=chosen, resolution=pixel, resolution_unit=unit)
-    raster = dataclasses.replace(raster, labels=map_labels(raster.labels, label_map))
-    _check_classes(raster.labels, classes, pair.truth)
-    return raster
+        truth = RasterTruth(_require(pair.truth).url, (source.height, source.width), label_map)
+    return LabelledImage(source, truth, selected, source.pixel_size(unit), unit, pair.truth)
 
 
 def _require(path: str) -> Location:
@@ -223,24 +223,6 @@ def _modified(location: Location) -> float:
     return version.modified if version is not None and version.modified else time.time()
 
 
-def _read_image(
-    path: str, bands: Sequence[int] | None, resolution: float | None
-) -> tuple[np.ndarray, Any, str | None, float | None, str]:
-    """The image at the level closest to `resolution`: (C, H, W) values, transform, CRS, pixel size and its unit."""
-    _require(path)
-    source = open_source(path)
-    unit = "m" if source.crs is not None else "um"
-    if resolution is not None:
-        source = source.at_level(source.best_level(resolution, unit))
-    image = source.read(0, 0, source.height, source.width)
-    if bands is not None:
-        bad = [b for b in bands if not 1 <= int(b) <= image.shape[0]]
-        if bad:
-            raise ConfigError(f"bands {bad} are out of range for {path}, which has {image.shape[0]} band(s).")
-        image = image[[int(b) - 1 for b in bands]]
-    return image, source.transform, source.crs, source.pixel_size(unit), unit
-
-
 def _geojson_crs(collection: Mapping[str, Any], path: str) -> CRS:
     """The CRS a GeoJSON names in its (pre-RFC 7946) `crs` member, else WGS84."""
     named = (collection.get("crs") or {}).get("properties", {}).get("name")
@@ -253,89 +235,91 @@ def _geojson_crs(collection: Mapping[str, Any], path: str) -> CRS:
 
 
 def _class_of(feature: Mapping[str, Any], pair: LabelledPair, classes: Sequence[ClassInfo]) -> int:
-    if pair.class_property is None:
-        return int(pair.burn)
-    value = (feature.get("properties") or {}).get(pair.class_property)
+    """A feature's class id: from its `class_property` (an id or a class name), else from QuPath's
+    ``classification`` (its name), else `burn`."""
+    properties = feature.get("properties") or {}
     names = [c.name for c in classes]
+    if pair.class_property is None:
+        qupath = properties.get("classification")
+        if not isinstance(qupath, Mapping) or "name" not in qupath:
+            return int(pair.burn)
+        if qupath["name"] in names:
+            return names.index(qupath["name"])
+        raise ConfigError(f"An annotation of {pair.polygons} is classified {qupath['name']!r}, which is not one of "
+                          f"the class names {names}; add the class to the catalog, or rename it in QuPath.")
+    value = properties.get(pair.class_property)
+    if isinstance(value, Mapping):  # QuPath's classification named as the class property
+        value = value.get("name")
     if isinstance(value, str) and value in names:
         return names.index(value)
     try:
-        return int(value)  # type: ignore[arg-type]
+        class_id = int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
+        class_id = -1
+    if not 0 <= class_id <= 255:
         raise ConfigError(
             f"A feature of {pair.polygons} has {pair.class_property}={value!r}, which is neither a class id "
             f"nor one of the class names {names}."
-        ) from None
+        )
+    return class_id
 
 
-def _rasterise(
-    pair: LabelledPair, classes: Sequence[ClassInfo], shape: tuple[int, int], transform: Any, crs: str | None
-) -> np.ndarray:
-    """Burn the pair's polygons onto the image grid (class 0 elsewhere)."""
+def _polygons(pair: LabelledPair, classes: Sequence[ClassInfo], source: RasterSource,
+              label_map: Mapping[int, int] | None) -> PolygonTruth:
+    """The pair's polygons on the image's grid: reprojected to a georeferenced image's CRS, or taken as
+    level-0 pixel coordinates on an image without one (a slide annotated in QuPath, whose GeoJSON export
+    names each annotation's class under ``classification``)."""
     path = str(pair.polygons)
     try:
         location = _require(path)
         collection = json.loads(storage_for(location).read_bytes(location))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SourceReadError(f"{path} is not GeoJSON ({exc}); expected a FeatureCollection.") from exc
-    if transform is None or crs is None:
-        raise ConfigError(
-            f"Image {pair.image} has no CRS or geotransform, so the polygons of {path} cannot be placed on it; "
-            "use a georeferenced image, or a label raster or mask instead."
-        )
-    features = [f for f in collection.get("features", []) if f.get("geometry")]
+    # QuPath exports a FeatureCollection, or (older versions) a bare list of features.
+    listed = collection if isinstance(collection, list) else collection.get("features", [])
+    features = [f for f in listed if isinstance(f, Mapping) and f.get("geometry")]
     if not features:
         raise ConfigError(f"{path} holds no features with a geometry; expected polygons of the labelled objects.")
-    src_crs = _geojson_crs(collection, path)
+    georeferenced = source.crs is not None and source.transform is not None
+    src_crs = _geojson_crs(collection if isinstance(collection, Mapping) else {}, path)
+    table = map_labels(np.arange(256, dtype=np.uint8), label_map)
     shapes = []
     for feature in features:
-        value = _class_of(feature, pair, classes)
+        value = int(table[_class_of(feature, pair, classes)])
         if not 0 <= value < len(classes):
             raise ConfigError(
                 f"A feature of {path} has class id {value}, outside the {len(classes)} configured classes "
                 f"0..{len(classes) - 1} ({[c.name for c in classes]}); fix the data or add the class."
             )
-        shapes.append((rasterio.warp.transform_geom(src_crs, crs, feature["geometry"]), value))
-    labels = rasterio.features.rasterize(shapes, out_shape=shape, transform=transform, fill=0, dtype="uint8")
-    if not labels.any() and any(v for _, v in shapes):
+        geometry = feature["geometry"]
+        if georeferenced:
+            geometry = rasterio.warp.transform_geom(src_crs, source.crs, geometry)
+        shapes.append((geometry, value))
+    # A slide's polygons are in level-0 pixels: scaled to the working level.
+    transform = source.transform if source.transform is not None and georeferenced \
+        else Affine.scale(source.levels[source.level].downsample)
+    key = (f"{location.url} {stamp(location)} {[c.name for c in classes]} {pair.class_property} {pair.burn} "
+           f"{sorted((label_map or {}).items())}")
+    truth = PolygonTruth(shapes, transform, key)
+    if not truth.overlaps(source.height, source.width):
         west, south, east, north = rasterio.features.bounds({"type": "FeatureCollection", "features": [
             {"type": "Feature", "geometry": g, "properties": {}} for g, _ in shapes]})
-        raise ConfigError(
-            f"The polygons of {path} ({src_crs.to_string()}) do not overlap image {pair.image} ({crs}): "
-            f"in the image's CRS they span x {west:.1f}..{east:.1f}, y {south:.1f}..{north:.1f}. Check that the "
-            "GeoJSON's CRS is right (RFC 7946 GeoJSON without a `crs` member is WGS84) and that they cover the image."
-        )
-    return labels
+        where = (f"({src_crs.to_string()}) do not overlap image {pair.image} ({source.crs}): in the image's CRS"
+                 if georeferenced else
+                 f"(taken as level-0 pixel coordinates: {pair.image} has no CRS) do not overlap it:")
+        fix = ("Check that the GeoJSON's CRS is right (RFC 7946 GeoJSON without a `crs` member is WGS84) and that "
+               "they cover the image." if georeferenced else "Check that they were drawn on this image.")
+        raise ConfigError(f"The polygons of {path} {where} they span x {west:.1f}..{east:.1f}, "
+                          f"y {south:.1f}..{north:.1f}. {fix}")
+    return truth
 
 
-def _scaled_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """A single-band class-id image scaled by nearest neighbour (pixel centres) to `shape` (rows, cols)."""
-    try:
-        with rasterio.open(path) as src:
-            mask = src.read()
-    except rasterio.errors.RasterioIOError:
-        try:
-            with Image.open(path) as im:
-                mask = np.asarray(im)
-        except OSError as exc:
-            raise SourceReadError(f"{path} cannot be read as a mask image ({exc}); expected a PNG or TIFF.") from exc
-    mask = mask[0] if mask.ndim == 3 and mask.shape[0] == 1 else mask
-    if mask.ndim != 2:
-        raise ConfigError(f"Mask {path} is a colour image; expected one band of class ids, {IGNORE_INDEX} unlabelled.")
-    mask = as_class_ids(mask, path)
-    if mask.shape != shape:
-        rows = ((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0]).astype(np.int64)
-        cols = ((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1]).astype(np.int64)
-        mask = mask[rows[:, None], cols[None, :]]
-    return mask
-
-
-def _check_classes(labels: np.ndarray, classes: Sequence[ClassInfo], path: str) -> None:
-    present = np.unique(labels)
-    bad = [int(v) for v in present if v != IGNORE_INDEX and v >= len(classes)]
+def check_class_ids(values: np.ndarray, classes: Sequence[ClassInfo], path: str) -> None:
+    """ConfigError if the label `values` a truth holds (after `label_map`) go beyond the configured classes."""
+    bad = [int(v) for v in values if v != IGNORE_INDEX and v >= len(classes)]
     if bad:
         raise ConfigError(
-            f"{path} holds the values {[int(v) for v in present]}: class id(s) {bad} are outside the {len(classes)} "
+            f"{path} holds the values {[int(v) for v in values]}: class id(s) {bad} are outside the {len(classes)} "
             f"configured classes 0..{len(classes) - 1} ({[c.name for c in classes]}); add the classes, or map the "
             f"values with label_map (e.g. label_map={{{bad[0]}: {len(classes) - 1}}}; {IGNORE_INDEX} is unlabelled)."
         )

@@ -1,84 +1,174 @@
-"""Training data: a labelled raster, its train/validation split, window sampling, augmentation.
+"""Training data read window by window: a labelled image, its split by area, a class index, batches.
 
-This minimal trainer reads the whole image and label raster into memory, which bounds it to
-rasters that fit in RAM (a 10 000 x 10 000 RGB uint8 image with its labels takes about 400 MB);
-larger data needs windowed reads, which a distributed trainer will add behind the same pieces.
+Nothing here reads an image or its truth whole, so a training worker's memory depends on the window,
+the batch and the loader settings, not on the image's size (docs/training.md): a 100 000 px slide
+trains in the memory of a 2 000 px tile.
 
-The split is by area: the bottom ``val_fraction`` of the rows is validation, the rest training.
-Training windows are sampled inside the training rows only, so no training window ever sees a
-validation pixel (neither its image nor its labels), and validation is inferred from the
-validation rows alone, reflect-padded at their edges.
+- `LabelledImage`: a `RasterSource` (GeoTIFF/COG, whole-slide image at a level, object storage) and
+  its truth (`pipeline.training.truth`), read together by window.
+- `split_by_area`: the bottom rows are holdout, above them validation, the rest training. Training
+  windows lie inside the training rows only, so no training window sees a validation pixel.
+- `AreaIndex`: the label values per cell (a quarter of a training window) of one area, built in one
+  pass over the truth and cached on disk: exact label counts per area (the checks before training,
+  balanced class weights) and class-balanced window sampling.
+- `sample_pixels` / `compute_normalization`: statistics from at most a million pixels of the
+  training area, read as a grid of small windows.
+- `WindowSampler` and `WindowBatches`: random windows (a share class-balanced), read and augmented.
 
 Example (it needs the two rasters, so it is not a doctest)::
 
-    raster = read_labelled_raster("scene.tif", "labels.tif")
-    split = split_by_area(raster.height, raster.width, val_fraction=0.2, window=256)
-    normalization = compute_normalization(raster.image[:, split.train])
-    batches = WindowBatches(raster, split, normalization, window=256, batch_size=8,
-                            rng=np.random.default_rng(0))
+    image = open_labelled_image("scene.tif", "labels.tif")
+    split = split_by_area(image.height, image.width, val_fraction=0.2, window=256)
+    normalization = compute_normalization(sample_pixels(image, split.train))
+    batches = WindowBatches(image, split, normalization, window=256, batch_size=8,
+                            rng=np.random.default_rng(0),
+                            index=AreaIndex.build(image.truth, split.train, image.width))
     x, y = next(batches)  # (8, C, 256, 256) float32 normalised, (8, 256, 256) int64
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import rasterio
 import torch
-from rasterio.errors import RasterioIOError
+from rasterio.crs import CRS
 
-from pipeline.errors import ConfigError, SourceNotFoundError, SourceReadError
+from pipeline.errors import ConfigError
+from pipeline.files import cache_folder
 from pipeline.models import Normalization
-from pipeline.storage import Location, storage_for
-from pipeline.storage.gdal import configure_for
+from pipeline.sources import RasterSource, open_source
 from pipeline.training.augment import Augmenter
 from pipeline.training.metrics import IGNORE_INDEX
+from pipeline.training.truth import RasterTruth, open_raster
 
 __all__ = [
+    "AreaIndex",
     "AreaSplit",
-    "LabelledRaster",
+    "LabelledImage",
+    "Truth",
     "WindowBatches",
     "WindowSampler",
     "compute_normalization",
-    "read_labelled_raster",
+    "index_cell",
+    "open_labelled_image",
+    "sample_pixels",
     "split_by_area",
 ]
 
 _STATISTICS_PIXELS = 1_000_000  # per band; enough for a mean/std to three digits
+_STATISTICS_WINDOWS = 16  # per side: the grid of windows a large area's statistics are read from
+_INDEX_TILE = 1024  # px: the truth is read in tiles of this side to build the index
+
+
+class Truth(Protocol):
+    """Class ids of a window of the image's grid (see `pipeline.training.truth`)."""
+
+    key: str
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray: ...
 
 
 @dataclass(frozen=True, eq=False)
-class LabelledRaster:
-    """An image and its per-pixel labels, in memory, on the same grid.
+class LabelledImage:
+    """An image and its per-pixel truth on the same grid, read by window.
 
     Attributes:
-        image: (C, H, W) raw values of the selected bands, in the file's dtype.
-        labels: (H, W) uint8 class ids; 255 marks unlabelled pixels.
-        bands: The 1-based band indices of ``image`` in the source file.
+        source: The image at its working level (reads all its bands).
+        truth: The class ids (255 = unlabelled) on the same grid.
+        bands: The 1-based bands of `source` the model reads, in order.
         resolution: Pixel size in ``resolution_unit``, or None when the file does not define it.
         resolution_unit: "m" for georeferenced rasters, "um" for slides.
+        name: The truth's file, for messages.
     """
 
-    image: np.ndarray
-    labels: np.ndarray
+    source: RasterSource
+    truth: Truth
     bands: tuple[int, ...]
     resolution: float | None
     resolution_unit: str = "m"
+    name: str = ""
 
     @property
     def height(self) -> int:
-        """Rows."""
-        return int(self.labels.shape[0])
+        """Rows of the working grid."""
+        return self.source.height
 
     @property
     def width(self) -> int:
-        """Columns."""
-        return int(self.labels.shape[1])
+        """Columns of the working grid."""
+        return self.source.width
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The image's data type."""
+        return self.source.dtype
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """A window inside the image: (C, h, w) raw values of `bands` and (h, w) uint8 class ids."""
+        image = self.source.read(y0, x0, h, w)[[b - 1 for b in self.bands]]
+        return image, self.truth.read(y0, x0, h, w)
+
+
+def select_bands(source: RasterSource, bands: Sequence[int] | None, name: str) -> tuple[int, ...]:
+    """The 1-based bands to read (all when None), checked against the source's band count."""
+    count = source.bands
+    selected = tuple(range(1, count + 1)) if bands is None else tuple(bands)
+    bad = [b for b in selected if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= count]
+    if not selected or bad:
+        raise ConfigError(
+            f"bands={list(selected)} is invalid for {name!r}, which has {count} band(s); give 1-based indices "
+            f"from 1 to {count}, or leave bands unset for all."
+        )
+    return selected
+
+
+def open_labelled_image(
+    image_path: str | os.PathLike[str],
+    labels_path: str | os.PathLike[str],
+    bands: Sequence[int] | None = None,
+    label_map: Mapping[int, int] | None = None,
+) -> LabelledImage:
+    """Open an image and its label raster, checking that they share a grid; nothing is read but headers.
+
+    Args:
+        image_path: Any raster tessera reads (GeoTIFF, COG, slide at level 0...), local or a URL.
+        labels_path: Single-band integer raster of class ids (255 = unlabelled), same shape (and,
+            when both are georeferenced, same transform) as the image; only band 1 is read.
+        bands: 1-based image bands to read, in order; None reads all.
+        label_map: Label values to class ids.
+
+    Raises:
+        SourceNotFoundError: If a file does not exist.
+        SourceReadError: If a file cannot be read as a raster.
+        ConfigError: If the grids differ or a band is out of range (values are checked as they are read).
+    """
+    source = open_source(str(image_path))
+    selected = select_bands(source, bands, str(image_path))
+    with open_raster(labels_path, "labels") as src:
+        if (src.height, src.width) != (source.height, source.width):
+            raise ConfigError(
+                f"Labels {str(labels_path)!r} are {src.height} x {src.width} pixels but image "
+                f"{str(image_path)!r} is {source.height} x {source.width}; the label raster must "
+                "be on the image's grid (rasterise or resample it onto the image first)."
+            )
+        image_transform = source.transform
+        moved = image_transform is not None and source.crs is not None and src.crs is not None and (
+            src.crs != CRS.from_user_input(source.crs) or not src.transform.almost_equals(image_transform))
+        if moved:
+            raise ConfigError(
+                f"Labels {str(labels_path)!r} ({src.crs}, {tuple(src.transform)[:6]}) and image "
+                f"{str(image_path)!r} ({source.crs}, {tuple(image_transform)[:6]}) have the same "  # type: ignore[arg-type]
+                "shape but different georeferencing; put both on the same grid."
+            )
+    truth = RasterTruth(str(labels_path), (source.height, source.width), label_map)
+    return LabelledImage(source, truth, selected, source.pixel_size("m"), "m", str(labels_path))
 
 
 @dataclass(frozen=True)
@@ -111,60 +201,6 @@ class AreaSplit:
     def holdout(self) -> slice:
         """Row slice of the holdout area (empty without one): never trained on nor used to choose a model."""
         return slice(self.holdout_start, self.height)
-
-
-def read_labelled_raster(
-    image_path: str | os.PathLike[str],
-    labels_path: str | os.PathLike[str],
-    bands: Sequence[int] | None = None,
-) -> LabelledRaster:
-    """Read an image and its label raster fully into memory and check they share a grid.
-
-    Args:
-        image_path: Any raster rasterio reads (GeoTIFF, COG...).
-        labels_path: Single-band integer raster of class ids (255 = unlabelled), same shape (and,
-            when both are georeferenced, same transform) as the image; only band 1 is read.
-        bands: 1-based image bands to read, in order; None reads all.
-
-    Returns:
-        The raster, with the pixel size in metres when the image has a projected CRS.
-
-    Raises:
-        SourceNotFoundError: If a file does not exist.
-        SourceReadError: If a file cannot be read as a raster.
-        ConfigError: If the grids differ, a band is out of range, or labels are not integers in
-            0..255.
-    """
-    with _open(image_path, "image") as src:
-        count = src.count
-        selected = tuple(range(1, count + 1)) if bands is None else tuple(bands)
-        bad = [b for b in selected if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= count]
-        if not selected or bad:
-            raise ConfigError(
-                f"bands={list(selected)} is invalid for {str(image_path)!r}, which has {count} "
-                f"band(s); give 1-based indices from 1 to {count}, or leave bands unset for all."
-            )
-        image = src.read(list(selected))
-        image_transform, image_crs = src.transform, src.crs
-        resolution = _resolution_in_metres(src)
-    with _open(labels_path, "labels") as src:
-        if src.shape != image.shape[1:]:
-            raise ConfigError(
-                f"Labels {str(labels_path)!r} are {src.height} x {src.width} pixels but image "
-                f"{str(image_path)!r} is {image.shape[1]} x {image.shape[2]}; the label raster must "
-                "be on the image's grid (rasterise or resample it onto the image first)."
-            )
-        moved = src.crs != image_crs or not src.transform.almost_equals(image_transform)
-        if src.crs and image_crs and moved:
-            raise ConfigError(
-                f"Labels {str(labels_path)!r} ({src.crs}, {tuple(src.transform)[:6]}) and image "
-                f"{str(image_path)!r} ({image_crs}, {tuple(image_transform)[:6]}) have the same "
-                "shape but different georeferencing; put both on the same grid."
-            )
-        labels = src.read(1)
-    return LabelledRaster(
-        image=image, labels=as_class_ids(labels, labels_path), bands=selected, resolution=resolution
-    )
 
 
 def split_by_area(
@@ -206,15 +242,34 @@ def split_by_area(
     return AreaSplit(height=height, width=width, val_start=train_rows, holdout_start=train_rows + val_rows)
 
 
+def sample_pixels(image: LabelledImage, rows: slice, most: int = _STATISTICS_PIXELS) -> np.ndarray:
+    """At most about `most` pixels of a band of rows, as (C, 1, N) raw values.
+
+    A small area is read whole and subsampled on a regular grid; a large one is read as a 16 x 16 grid
+    of windows spread over it, so the read is bounded whatever the image's size.
+    """
+    height, width = rows.stop - rows.start, image.width
+    if height * width <= 4 * most:
+        values, _ = image.read(rows.start, 0, height, width)
+        step = max(1, math.isqrt(height * width // most))
+        return values[:, ::step, ::step].reshape(values.shape[0], 1, -1)
+    side = max(1, math.isqrt(most // _STATISTICS_WINDOWS**2))
+    wh, ww = min(side, height), min(side, width)
+    ys = np.linspace(rows.start, rows.stop - wh, _STATISTICS_WINDOWS).astype(int)
+    xs = np.linspace(0, width - ww, _STATISTICS_WINDOWS).astype(int)
+    windows = [image.source.read(int(y), int(x), wh, ww)[[b - 1 for b in image.bands]] for y in ys for x in xs]
+    return np.stack(windows, axis=1).reshape(len(image.bands), 1, -1)
+
+
 def compute_normalization(image: np.ndarray) -> Normalization:
-    """Per-band normalisation statistics of (a training area of) an image.
+    """Per-band normalisation statistics of (a sample of) an image.
 
     uint8 data are scaled by 1/255; any other dtype by 1 / (largest absolute value), so that
     scaled values lie in [-1, 1] whatever the sensor's range. Mean and std are then taken per band
     on a regular subsample of at most a million pixels. A constant band gets std 1.
 
     Args:
-        image: (C, H, W) raw values.
+        image: (C, H, W) raw values (`sample_pixels` gives (C, 1, N)).
 
     Returns:
         The normalisation to store in the model bundle.
@@ -242,27 +297,106 @@ def compute_normalization(image: np.ndarray) -> Normalization:
     )
 
 
+def index_cell(window: int) -> int:
+    """The class index's cell for training windows of `window` px: a quarter of the window (so that a
+    window placed around a point of a cell holds most of that cell), from 8 to 64 px."""
+    return max(8, min(64, window // 4))
+
+
+@dataclass(frozen=True)
+class AreaIndex:
+    """How many pixels of each label value lie in each cell of a band of rows: built in one pass.
+
+    Attributes:
+        rows: The band of rows of the image it covers.
+        cell: Cell side in pixels; cells start at ``rows.start`` and column 0.
+        values: (V,) uint8: the label values present (255, unlabelled, among them if there is any).
+        counts: (cell rows, cell columns, V) uint16 pixel counts.
+    """
+
+    rows: slice
+    cell: int
+    values: np.ndarray
+    counts: np.ndarray
+
+    def totals(self) -> np.ndarray:
+        """(256,) int64: pixels of each label value in the area."""
+        out = np.zeros(256, np.int64)
+        out[self.values] = self.counts.sum(axis=(0, 1), dtype=np.int64)
+        return out
+
+    @classmethod
+    def build(cls, truth: Truth, rows: slice, width: int, cell: int = 64, cache: bool = True) -> AreaIndex:
+        """The index of `rows` (all `width` columns) of a truth, from tessera's cache when the same truth was
+        indexed before.
+
+        The truth is read in 1024 px tiles, so building it takes the memory of one tile whatever the
+        image's size; the index itself holds two bytes per label value per cell (`cell` from 1 to 128 px:
+        `index_cell` picks it for a window size).
+
+        Raises:
+            ConfigError: a truth value that is not a class id (as `truth.as_class_ids`).
+        """
+        if not 1 <= cell <= 128:
+            raise ValueError(f"cell={cell}: expected 1 to 128 px (its counts are 16-bit)")
+        rows = slice(rows.start, max(rows.start, rows.stop))
+        name = f"{truth.key}-{rows.start}-{rows.stop}-{width}-{cell}.npz"
+        path = cache_folder("class-index") / name
+        if cache and path.is_file():
+            with contextlib.suppress(OSError, ValueError, KeyError), np.load(path) as saved:
+                return cls(rows, cell, saved["values"], saved["counts"])
+        index = cls._scan(truth, rows, width, cell)
+        if cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{uuid.uuid4().hex}.npz")
+            np.savez(partial, values=index.values, counts=index.counts)
+            os.replace(partial, path)  # whole or not at all, when two workers build it at once
+        return index
+
+    @classmethod
+    def _scan(cls, truth: Truth, rows: slice, width: int, cell: int) -> AreaIndex:
+        height = rows.stop - rows.start
+        cells = (-(-height // cell), -(-width // cell))
+        values: list[int] = []
+        counts = np.zeros((*cells, 0), np.uint16)
+        tile = max(cell, _INDEX_TILE // cell * cell)
+        for y in range(0, height, tile):
+            for x in range(0, width, tile):
+                h, w = min(tile, height - y), min(tile, width - x)
+                labels = truth.read(rows.start + y, x, h, w)
+                ch, cw = -(-h // cell), -(-w // cell)
+                ids = (np.arange(h)[:, None] // cell * cw + np.arange(w)[None, :] // cell) * 256 + labels
+                tally = np.bincount(ids.ravel(), minlength=ch * cw * 256).reshape(ch, cw, 256)
+                for value in np.flatnonzero(tally.sum(axis=(0, 1))):
+                    if value not in values:
+                        values.append(int(value))
+                        counts = np.concatenate([counts, np.zeros((*cells, 1), np.uint16)], axis=2)
+                counts[y // cell : y // cell + ch, x // cell : x // cell + cw] += tally[..., values].astype(np.uint16)
+        order = np.argsort(values)
+        return cls(rows, cell, np.asarray(values, np.uint8)[order], counts[..., order])
+
+
 class WindowSampler:
     """Random top-left corners of square windows that lie wholly inside the training band.
 
-    With `labels`, a share `balance` of the windows is class-balanced: a class is drawn uniformly
-    among those present in the training band, then a pixel of that class, and the window is placed
-    at random around that pixel. Rare classes (a few per cent of buildings) are then seen as often
-    as common ones; the rest of the windows are uniform, so the background's variety is kept.
+    With an `index` of the training band, a share `balance` of the windows is class-balanced: a class
+    is drawn uniformly among those present, then a pixel of that class (a cell in proportion to its
+    pixels of the class, then one of them, read from `truth`), and the window is placed at random
+    around that pixel. Rare classes (a few per cent of buildings) are then seen as often as common
+    ones; the rest of the windows are uniform, so the background's variety is kept.
 
     Args:
         split: The area split.
         window: Window side in pixels.
         rng: Source of randomness.
-        labels: (H, W) class ids of the whole raster, or None for uniform windows only.
+        index: The class index of the training band (``split.train``), or None for uniform windows only.
         balance: Share of class-balanced windows, 0..1.
+        truth: The image's truth, to find the class's pixels in a cell; None takes any point of the cell.
     """
 
-    _STRIDE = 4  # class pixels are indexed on a 4 px grid: 1/16 of the memory, windows are far larger
-
     def __init__(
-        self, split: AreaSplit, window: int, rng: np.random.Generator, labels: np.ndarray | None = None,
-        balance: float = 0.0,
+        self, split: AreaSplit, window: int, rng: np.random.Generator, index: AreaIndex | None = None,
+        balance: float = 0.0, truth: Truth | None = None,
     ) -> None:
         if split.val_start < window or split.width < window:
             raise ConfigError(
@@ -274,39 +408,55 @@ class WindowSampler:
         self.split = split
         self.window = window
         self.rng = rng
-        self.balance = balance if labels is not None else 0.0
-        self.class_pixels: list[np.ndarray] = []
-        if labels is not None:
-            grid = labels[: split.val_start : self._STRIDE, :: self._STRIDE]
-            for c in np.unique(grid):
-                if c != IGNORE_INDEX:
-                    self.class_pixels.append(np.argwhere(grid == c) * self._STRIDE)
+        self.balance = balance if index is not None else 0.0
+        self.cell = index.cell if index is not None else 1
+        self.cells = index.counts.shape[:2] if index is not None else (0, 0)
+        self.origin = index.rows.start if index is not None else 0
+        self.truth = truth
+        # Per class present, its value and the running sum of its pixels over the cells (row-major): a
+        # cell is drawn by bisecting it, in proportion to the class's pixels there.
+        self.class_cells: list[tuple[int, np.ndarray]] = []
+        if index is not None:
+            for k, value in enumerate(index.values):
+                if value != IGNORE_INDEX and index.counts[..., k].any():
+                    self.class_cells.append((int(value), np.cumsum(index.counts[..., k].ravel(), dtype=np.int64)))
 
     def sample(self, count: int) -> np.ndarray:
         """(count, 2) int64 (row, col) corners; every window ends at or above ``val_start``."""
         last_row, last_col = self.split.val_start - self.window, self.split.width - self.window
         rows = self.rng.integers(0, last_row, count, endpoint=True)
         cols = self.rng.integers(0, last_col, count, endpoint=True)
-        if self.class_pixels:
+        if self.class_cells:
             balanced = np.flatnonzero(self.rng.random(count) < self.balance)
             for i in balanced:
-                pixels = self.class_pixels[self.rng.integers(len(self.class_pixels))]
-                y, x = pixels[self.rng.integers(len(pixels))]
+                value, running = self.class_cells[self.rng.integers(len(self.class_cells))]
+                cell = int(np.searchsorted(running, self.rng.integers(running[-1]), side="right"))
+                y, x = self._pixel_of(value, *divmod(cell, self.cells[1]))
                 rows[i] = np.clip(y - self.rng.integers(self.window), 0, last_row)
                 cols[i] = np.clip(x - self.rng.integers(self.window), 0, last_col)
         return np.stack([rows, cols], axis=1)
+
+    def _pixel_of(self, value: int, cy: int, cx: int) -> tuple[int, int]:
+        """A pixel of class `value` in cell (cy, cx) of the training band, drawn uniformly."""
+        y0, x0 = self.origin + cy * self.cell, cx * self.cell
+        h, w = min(self.cell, self.split.val_start - y0), min(self.cell, self.split.width - x0)
+        found = np.flatnonzero(self.truth.read(y0, x0, h, w) == value) if self.truth is not None else np.empty(0)
+        if not found.size:  # no truth given (or a scaled one that rounds a cell's edge otherwise): any point
+            return y0 + int(self.rng.integers(h)), x0 + int(self.rng.integers(w))
+        dy, dx = divmod(int(found[self.rng.integers(len(found))]), w)
+        return y0 + dy, x0 + dx
 
 
 class WindowBatches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
     """An endless stream of augmented, normalised training batches.
 
     Each batch holds ``batch_size`` windows of the training band, placed by a `WindowSampler`
-    (class-balanced for a share ``balance`` of them), then augmented by an `Augmenter`: a random
-    symmetry of the square, elastic deformation with probability ``elastic``, colour jitter, and the
-    normalisation.
+    (class-balanced for a share ``balance`` of them), read from the image, then augmented by an
+    `Augmenter`: a random symmetry of the square, elastic deformation with probability ``elastic``,
+    colour jitter, and the normalisation.
 
     Args:
-        raster: The labelled raster.
+        image: The labelled image.
         split: Its area split; only rows above ``split.val_start`` are read.
         normalization: Turns raw values into model input.
         window: Window side in pixels.
@@ -315,6 +465,7 @@ class WindowBatches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
         jitter: Brightness and contrast jitter strength, 0 for none.
         elastic: Probability of an elastic deformation per window.
         balance: Share of class-balanced windows.
+        index: The class index of the training band, needed for `balance`.
 
     Yields:
         (N, C, window, window) float32 inputs and (N, window, window) int64 labels.
@@ -322,7 +473,7 @@ class WindowBatches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
 
     def __init__(
         self,
-        raster: LabelledRaster,
+        image: LabelledImage,
         split: AreaSplit,
         normalization: Normalization,
         window: int,
@@ -331,12 +482,14 @@ class WindowBatches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
         jitter: float = 0.0,
         elastic: float = 0.0,
         balance: float = 0.0,
+        index: AreaIndex | None = None,
     ) -> None:
-        self.raster = raster
+        self.image = image
         self.window = window
         self.batch_size = batch_size
         self.rng = rng
-        self.sampler = WindowSampler(split, window, rng, labels=raster.labels if balance else None, balance=balance)
+        self.sampler = WindowSampler(split, window, rng, index=index if balance else None, balance=balance,
+                                     truth=image.truth)
         self.augment = Augmenter(normalization, jitter=jitter, elastic=elastic)
 
     def reseed(self, rng: np.random.Generator) -> None:
@@ -345,96 +498,9 @@ class WindowBatches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.window
-        corners = self.sampler.sample(self.batch_size)
-        raw = np.stack([self.raster.image[:, r : r + size, c : c + size] for r, c in corners])
-        labels = np.stack([self.raster.labels[r : r + size, c : c + size] for r, c in corners])
+        windows = [self.image.read(int(r), int(c), size, size) for r, c in self.sampler.sample(self.batch_size)]
+        raw = np.stack([w[0] for w in windows])
+        labels = np.stack([w[1] for w in windows])
         with torch.random.fork_rng(devices=[]):  # kornia draws from torch's generator: seed it from ours
             torch.manual_seed(int(self.rng.integers(2**62)))
             return self.augment(torch.from_numpy(raw.astype(np.float32)), torch.from_numpy(labels.astype(np.int64)))
-
-
-def _open(path: str | os.PathLike[str], role: str) -> rasterio.DatasetReader:
-    """Open a raster, local or on object storage (read through GDAL's /vsis3/), mapping rasterio's errors
-    onto tessera's."""
-    location = Location.parse(path)
-    if not storage_for(location).exists(location):
-        raise SourceNotFoundError(
-            f"The {role} raster {str(path)!r} does not exist; check the path (relative paths are "
-            f"relative to {os.getcwd()!r})."
-        )
-    configure_for(location.url)
-    try:
-        return rasterio.open(location.url)
-    except RasterioIOError as exc:
-        raise SourceReadError(
-            f"The {role} raster {str(path)!r} cannot be read ({exc}); expected a GeoTIFF or "
-            "another format GDAL reads."
-        ) from exc
-
-
-def _resolution_in_metres(src: rasterio.DatasetReader) -> float | None:
-    """The pixel size in metres, or None without a projected CRS (pixels in degrees or unknown)."""
-    if src.crs is None or not src.crs.is_projected:
-        return None
-    _, metres_per_unit = src.crs.linear_units_factor
-    # Non-square pixels: the side of the square of equal area.
-    return float(math.sqrt(abs(src.transform.determinant)) * metres_per_unit)
-
-
-def as_label_map(value: Mapping[Any, Any]) -> dict[int, int]:
-    """`label_map` as label value -> class id, both in 0..255 (keys may come as strings from the command line).
-
-    Raises:
-        ConfigError: a key or value that is not an integer in 0..255.
-    """
-    try:
-        mapping = {int(k): int(v) for k, v in dict(value).items()}
-    except (TypeError, ValueError):
-        raise ConfigError(f"label_map={value!r} is invalid; expected label values to class ids, e.g. "
-                          f"label_map={{{IGNORE_INDEX}: 1}}.") from None
-    bad = {k: v for k, v in mapping.items() if not (0 <= k <= 255 and 0 <= v <= 255)}
-    if bad:
-        raise ConfigError(f"label_map entries {bad} are out of range; values and class ids are 0..255 "
-                          f"({IGNORE_INDEX}: unlabelled).")
-    return mapping
-
-
-def map_labels(labels: np.ndarray, label_map: Mapping[int, int] | None) -> np.ndarray:
-    """uint8 `labels` with `label_map` applied (values not in it are kept)."""
-    if not label_map:
-        return labels
-    table = np.arange(256, dtype=np.uint8)
-    for value, class_id in label_map.items():
-        table[value] = class_id
-    return table[labels]
-
-
-def label_values(path: str, label_map: Mapping[int, int] | None = None) -> np.ndarray:
-    """The label values a label raster holds, `label_map` applied, read block by block (in bounded memory).
-
-    Raises:
-        ConfigError: values that are not class ids (as :func:`as_class_ids`).
-    """
-    counts = np.zeros(256, np.int64)
-    with _open(path, "labels") as src:
-        for _, window in src.block_windows(1):
-            counts += np.bincount(as_class_ids(src.read(1, window=window), path).ravel(), minlength=256)
-    return np.unique(map_labels(np.flatnonzero(counts).astype(np.uint8), label_map))
-
-
-def as_class_ids(labels: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
-    """Labels as uint8, or ConfigError if they are not integers in 0..255."""
-    if labels.dtype == np.uint8:
-        return labels
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ConfigError(
-            f"Labels {str(path)!r} have dtype {labels.dtype}; expected integer class ids (uint8, "
-            f"with {IGNORE_INDEX} for unlabelled pixels)."
-        )
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high > 255:
-        raise ConfigError(
-            f"Labels {str(path)!r} hold values {low}..{high}; expected class ids 0..254 and "
-            f"{IGNORE_INDEX} for unlabelled pixels."
-        )
-    return labels.astype(np.uint8)

@@ -30,10 +30,21 @@ from typing import Any
 import torch
 
 from pipeline.errors import ConfigError, TesseraError
-from pipeline.storage import Location, storage_for
+from pipeline.storage import Location, stamp, storage_for
 from pipeline.training.loop import EpochLogger, TrainConfig, TrainResult, result_from_metrics, run_loop
 
 __all__ = ["Distributed", "fit", "run_name"]
+
+# Ray Train's own machinery, trimmed for an embedded Ray (set unless the user set them): no preemption
+# watcher (an actor process of its own, polling for spot-instance notices a laptop never gets), no
+# metrics callbacks, and the controller looks at its workers every 0.5 s rather than every 2 s, so a
+# finished run returns sooner. Together about 10 s less per run on 2 cores (48-51 s to 39 s for a
+# 2-worker, 60-step run). On a cluster (an address or RAY_ADDRESS) Ray's defaults stay.
+EMBEDDED_RAY_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,8 @@ def fit(
         _check_inputs(config)  # on this machine, a missing file fails now rather than in a worker
         check_encoder_weights(config.architecture, config.arch_args or {})  # and weights it cannot get
         config = _absolute_inputs(config)  # workers run in folders of their own
+        for key, value in EMBEDDED_RAY_TRAIN_ENV.items():
+            os.environ.setdefault(key, value)  # read by TorchTrainer and passed on to its controller
     output = Location.parse(config.output)
     storage_for(output).check(output)  # a missing bucket or no credentials: now, not after the training
     config = dataclasses.replace(config, threads=settings.threads)
@@ -232,18 +245,9 @@ def _input_stamps(config: TrainConfig) -> list[tuple[str, str]]:
         paths.append(config.catalog if remote else str(catalog_path(config.catalog)))
         if remote or catalog_path(config.catalog).is_file():
             paths += [f for p in load_catalog(config.catalog).pairs for f in (p.image, p.truth)]
-    stamps = []
-    for path in paths:
-        if path is None:
-            continue
-        location = Location.parse(path)
-        if location.is_local:
-            if os.path.exists(path):
-                info = os.stat(path)
-                stamps.append((location.path, f"{info.st_size}-{info.st_mtime_ns}"))
-        elif (version := storage_for(location).version(location)) is not None:
-            stamps.append((location.url, version.tag))
-    return stamps
+    places = [Location.parse(p) for p in paths if p is not None]
+    return [(place.path if place.is_local else place.url, version) for place in places
+            if (version := stamp(place)) is not None]
 
 
 def _check_inputs(config: TrainConfig) -> None:
@@ -260,8 +264,8 @@ def _check_inputs(config: TrainConfig) -> None:
             raise SourceNotFoundError(f"The {role} {path!r} does not exist; check the path (relative paths are "
                                       f"relative to {os.getcwd()!r}).")
     if config.labels is not None:  # a 0/255 mask, values beyond the classes: now, not after the workers start
-        from pipeline.training.data import label_values
         from pipeline.training.loop import resolve_classes
+        from pipeline.training.truth import label_values
 
         resolve_classes(config.classes, label_values(config.labels, config.label_map), config.labels)
 

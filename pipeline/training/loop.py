@@ -1,11 +1,12 @@
 """The training loop: fit a model on a labelled raster in epochs, keep the best bundle.
 
-:func:`train` reads the raster (see :mod:`pipeline.training.data` for the in-memory limit), splits
-it by area, derives the normalisation from the training band, builds a fresh model from the
-registry, and runs AdamW with a one-cycle learning-rate schedule on random augmented windows.
-After each epoch (``steps_per_epoch`` steps) the whole validation band is inferred tile by tile
-and its mean IoU computed; whenever it beats the best so far, the bundle is saved, so the file
-always holds the best model seen; ``patience`` stops the run early.
+:func:`train` opens the image and its truth (read window by window, `pipeline.training.data`, so an
+image far larger than memory trains), splits it by area, indexes each area's labels once, derives the
+normalisation from a sample of the training band, builds a fresh model from the registry, and runs
+AdamW with a one-cycle learning-rate schedule on random augmented windows. After each epoch
+(``steps_per_epoch`` steps) the whole validation band is segmented the way the segment job does it
+(`pipeline.training.scoring`) and its mean IoU computed; whenever it beats the best so far, the bundle
+is saved, so the file always holds the best model seen; ``patience`` stops the run early.
 
 The same loop runs on each worker of a distributed run (`pipeline.training.distributed`): a
 `Session` tells it its rank, wraps the model in DDP, restores the last checkpoint and takes each
@@ -22,7 +23,6 @@ accelerator busier."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import shutil
@@ -40,30 +40,34 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.errors import ConfigError
-from pipeline.models import BundleSpec, ClassInfo, ModelBundle, Normalization
-from pipeline.models.runtimes import fixed_size
+from pipeline.models import BundleSpec, ClassInfo, ModelBundle
 from pipeline.storage import Location, storage_for
 from pipeline.synthetic import CLASSES as SYNTHETIC_CLASSES
-from pipeline.training.catalog import LabelledPair, load_catalog, read_pair
+from pipeline.tiling import Rect
+from pipeline.training.catalog import LabelledPair, check_class_ids, load_catalog, open_pair
 from pipeline.training.data import (
-    LabelledRaster,
+    AreaIndex,
+    AreaSplit,
+    LabelledImage,
     WindowBatches,
-    as_label_map,
     compute_normalization,
-    map_labels,
-    read_labelled_raster,
+    index_cell,
+    open_labelled_image,
+    sample_pixels,
     split_by_area,
 )
 from pipeline.training.figures import FinalReport, display_rgb
 from pipeline.training.losses import SegmentationLoss
-from pipeline.training.metrics import IGNORE_INDEX, SegmentationMetrics
+from pipeline.training.metrics import IGNORE_INDEX
 from pipeline.training.pretrained import encoder_parameters, init_from_bundle, load_encoder_weights
+from pipeline.training.scoring import predict_region, score_areas, tile_grid
+from pipeline.training.truth import as_label_map
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_ARCH_ARGS", "LocalSession", "Session", "TrainConfig", "TrainResult", "balanced_weights", "predict_area",
-    "result_from_metrics", "run_loop", "score_areas", "score_holdout", "train",
+    "DEFAULT_ARCH_ARGS", "LocalSession", "Session", "TrainConfig", "TrainResult", "balanced_weights",
+    "result_from_metrics", "run_loop", "score_holdout", "train",
 ]
 
 DEFAULT_ARCH_ARGS: Mapping[str, Any] = MappingProxyType(
@@ -417,17 +421,9 @@ class _Run:
                 f"batch_size={config.batch_size} does not split evenly over {session.world_size} workers; "
                 f"use a multiple of {session.world_size} (each worker takes batch_size / workers windows)."
             )
-        self.rasters, classes = _read(config)
-        self.splits = [
-            split_by_area(r.height, r.width, config.val_fraction, config.tile_size, config.holdout_fraction)
-            for r in self.rasters
-        ]
-        bands = {"training": [s.train for s in self.splits], "validation": [s.val for s in self.splits]}
-        if config.holdout_fraction:
-            bands["holdout"] = [s.holdout for s in self.splits]
-        counts = {area: _label_counts(self.rasters, rows) for area, rows in bands.items()}
-        for area, rows in bands.items():
-            _check_labelled(counts[area], rows[0], area)
+        data = _open_data(config)
+        self.images, self.splits, classes = data.images, data.splits, data.classes
+        counts = data.counts
         # Classes the user configured (or a catalog's, or polygons' two) must be in the training area;
         # those derived from a label raster's ids may skip one, which is then only warned of.
         absent = [c.name for i, c in enumerate(classes) if counts["training"][i] == 0]
@@ -439,16 +435,20 @@ class _Run:
         if session.rank == 0 and unscored:
             log.warning("the class(es) %s have no labelled pixel in the validation area: the validation mIoU is "
                         "the mean over the other classes", unscored)
-        first = self.rasters[0]
-        scales = {(r.resolution_unit, None if r.resolution is None else round(r.resolution, 6)) for r in self.rasters}
+        first = self.images[0]
+        scales = {(r.resolution_unit, None if r.resolution is None else round(r.resolution, 6)) for r in self.images}
         if len(scales) > 1:
             raise ConfigError("The catalog's images have different pixel sizes; set `resolution:` in the catalog so "
                               "every image is read at the same one.")
-        if any(r.bands != first.bands for r in self.rasters):
-            raise ConfigError(f"The catalog's images have different bands ({sorted({r.bands for r in self.rasters})}); "
+        if any(r.bands != first.bands for r in self.images):
+            raise ConfigError(f"The catalog's images have different bands ({sorted({r.bands for r in self.images})}); "
                               "set `bands:` in the catalog to bands every image has.")
+        if any(r.dtype != first.dtype for r in self.images):
+            types = sorted({str(r.dtype) for r in self.images})
+            raise ConfigError(f"The catalog's images have different data types ({types}); convert them to one, so "
+                              "that one normalisation fits them all.")
         training_pixels = np.concatenate(
-            [_pixels(r.image[:, s.train]) for r, s in zip(self.rasters, self.splits, strict=True)], axis=2)
+            [sample_pixels(r, s.train) for r, s in zip(self.images, self.splits, strict=True)], axis=2)
         normalization = compute_normalization(training_pixels)
         # What the model is made for, so that segment can refuse images unlike it (another data type, or
         # values far outside this range): the data type, and the 0.5th to 99.5th percentile of the values.
@@ -465,7 +465,7 @@ class _Run:
             resolution_unit=first.resolution_unit if first.resolution is not None else None,
             tile_size=config.inference_tile_size,
             overlap=config.overlap,
-            input_dtype=first.image.dtype.name,
+            input_dtype=first.dtype.name,
             input_range=(float(low), float(high)),
         )
         self.bundle = ModelBundle.create(spec)
@@ -476,17 +476,16 @@ class _Run:
         self.batches = [
             WindowBatches(r, s, normalization, config.tile_size, config.batch_size // session.world_size,
                           np.random.default_rng(config.seed), jitter=config.jitter, elastic=config.elastic,
-                          balance=config.balance)
-            for r, s in zip(self.rasters, self.splits, strict=True)
+                          balance=config.balance, index=index)
+            for r, s, index in zip(self.images, self.splits, data.indexes["training"], strict=True)
         ]
         # Each batch comes from one image, drawn in proportion to its training area.
-        areas = np.array([(s.train.stop - s.train.start) * r.width for r, s in zip(self.rasters, self.splits,
+        areas = np.array([(s.train.stop - s.train.start) * r.width for r, s in zip(self.images, self.splits,
                                                                                  strict=True)], dtype=float)
         self.odds = areas / areas.sum()
         weights = config.class_weights
         if isinstance(weights, str):  # "balanced", checked in TrainConfig
-            weights = balanced_weights(np.concatenate([r.labels[s.train].ravel() for r, s in
-                                                       zip(self.rasters, self.splits, strict=True)]), len(classes))
+            weights = balanced_weights(counts["training"], len(classes))
         elif weights is not None and (len(weights) != len(classes) or not all(0 <= w < math.inf for w in weights)):
             raise ConfigError(f"class_weights {list(weights)} are invalid; give one number >= 0 per class, "
                               f"{len(classes)} in all ({[c.name for c in classes]}), or 'balanced'.")
@@ -541,9 +540,9 @@ class _Run:
             if session.rank == 0 and last:
                 best = ModelBundle.load(self.best_path, map_location=str(session.device))
                 if config.holdout_fraction:
-                    metrics["holdout"] = _plain(self._score(best.model, [s.holdout for s in self.splits]))
+                    metrics["holdout"] = _plain(self._score(best, [s.holdout for s in self.splits]))
                 if self.logger is not None:
-                    self.logger.log_final(self._final_report(best.model))
+                    self.logger.log_final(self._final_report(best))
             if session.rank == 0 and session.keeps_checkpoints:
                 with tempfile.TemporaryDirectory(prefix="tessera-checkpoint-") as folder:
                     self._save(Path(folder))
@@ -586,12 +585,12 @@ class _Run:
             bar.update(1)
         return float(np.mean(losses))
 
-    def _score(self, model: nn.Module, areas: list[slice]) -> dict[str, Any]:
-        return score_areas(model, self.bundle.spec, self.rasters, areas)
+    def _score(self, bundle: ModelBundle, areas: list[slice]) -> dict[str, Any]:
+        return score_areas(bundle, self.images, areas, device=str(self.session.device))
 
     def _validate(self, loss: float) -> float:
         """Score the validation band, record it, save the bundle if it is the best so far (rank 0)."""
-        scores = self._score(self.bundle.model, [s.val for s in self.splits])
+        scores = self._score(self.bundle, [s.val for s in self.splits])
         miou = scores["miou"]
         figures = {
             "epoch": float(self.epoch),
@@ -604,7 +603,7 @@ class _Run:
         }
         if self.config.holdout_fraction:
             # The learning curve on the holdout, for reports only: the best bundle is chosen on validation.
-            held = self._score(self.bundle.model, [s.holdout for s in self.splits])
+            held = self._score(self.bundle, [s.holdout for s in self.splits])
             figures["holdout_miou"] = held["miou"]
             figures.update({f"holdout_iou_{c.name}": float(v)
                             for c, v in zip(self.bundle.spec.classes, held["iou"], strict=True)})
@@ -616,18 +615,22 @@ class _Run:
             self.logger.log_epoch(self.epoch, figures)
         return miou
 
-    def _final_report(self, model: nn.Module, samples: int = 4) -> FinalReport:
+    def _final_report(self, best: ModelBundle, samples: int = 4) -> FinalReport:
         """The best model's validation confusion matrix and a few windows of the first image's validation band."""
-        spec = self.bundle.spec
-        confusion = self._score(model, [s.val for s in self.splits])["confusion"]
-        raster, rows = self.rasters[0], self.splits[0].val
-        image, truth = raster.image[:, rows], raster.labels[rows]
-        predicted = predict_area(model, image, spec.normalization, spec.tile_size)
-        height, width = truth.shape
-        size = min(256, height, width)
-        corners = np.linspace(0, width - size, samples).astype(int) if width > size else [0]
-        windows = [(display_rgb(image[:, :size, c : c + size]), truth[:size, c : c + size],
-                    predicted[:size, c : c + size]) for c in dict.fromkeys(int(c) for c in corners)]
+        from pipeline.inference import InferenceOptions, Predictor
+
+        spec = best.spec
+        confusion = self._score(best, [s.val for s in self.splits])["confusion"]
+        image, rows = self.images[0], self.splits[0].val
+        size = min(256, rows.stop - rows.start, image.width)
+        corners = np.linspace(0, image.width - size, samples).astype(int) if image.width > size else [0]
+        predictor = Predictor(best, InferenceOptions(device=str(self.session.device)))
+        grid = tile_grid(best, image.height, image.width)
+        windows = []
+        for c in dict.fromkeys(int(c) for c in corners):
+            raw, truth = image.read(rows.start, c, size, size)
+            predicted = predict_region(predictor, image, grid, Rect(rows.start, c, rows.start + size, c + size))
+            windows.append((display_rgb(raw), truth, predicted))
         return FinalReport(spec.classes, confusion, windows)
 
     def _summary(self) -> dict[str, Any]:
@@ -683,100 +686,79 @@ def score_holdout(bundle_path: str | Path, config: TrainConfig) -> dict[str, Any
     if not config.holdout_fraction:
         raise ConfigError("holdout_fraction is 0: there is no holdout to score on; set it, e.g. 0.2.")
     bundle = ModelBundle.load(bundle_path)
-    rasters, classes = _read(config)
-    if len(bundle.spec.classes) != len(classes):
-        raise ConfigError(f"{bundle_path} has {len(bundle.spec.classes)} classes, the data {len(classes)}: "
+    data = _open_data(config)
+    if len(bundle.spec.classes) != len(data.classes):
+        raise ConfigError(f"{bundle_path} has {len(bundle.spec.classes)} classes, the data {len(data.classes)}: "
                           "score a model of this task.")
-    if any(bundle.spec.bands != r.bands for r in rasters):
+    if any(bundle.spec.bands != r.bands for r in data.images):
         raise ConfigError(f"{bundle_path} reads bands {list(bundle.spec.bands)}, the data is read with "
-                          f"{list(rasters[0].bands)}: set bands to the model's.")
-    areas = [split_by_area(r.height, r.width, config.val_fraction, config.tile_size, config.holdout_fraction).holdout
-             for r in rasters]
-    return _plain(score_areas(bundle.model, bundle.spec, rasters, areas))
+                          f"{list(data.images[0].bands)}: set bands to the model's.")
+    return _plain(score_areas(bundle, data.images, [s.holdout for s in data.splits]))
 
 
-def score_areas(
-    model: nn.Module, spec: BundleSpec, rasters: list[LabelledRaster], areas: list[slice]
-) -> dict[str, Any]:
-    """torchmetrics scores of `model` on a band of rows of each image, inferred tile by tile."""
-    metrics = SegmentationMetrics(spec.num_classes)
-    for raster, rows in zip(rasters, areas, strict=True):
-        metrics.update(predict_area(model, raster.image[:, rows], spec.normalization, spec.tile_size),
-                       raster.labels[rows])
-    return metrics.compute()
-
-
-def balanced_weights(labels: np.ndarray, num_classes: int) -> tuple[float, ...]:
+def balanced_weights(counts: np.ndarray, num_classes: int) -> tuple[float, ...]:
     """Class weights inversely proportional to each class's pixel count, with mean 1 over present classes.
 
-    Classes absent from `labels` get weight 1 (they add nothing to the loss anyway).
+    Args:
+        counts: Pixels of each label value (0..255) in the training area.
+        num_classes: Classes; absent ones get weight 1 (they add nothing to the loss anyway).
     """
-    counts = np.bincount(labels[labels != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes].astype(float)
+    counts = np.asarray(counts, dtype=float)[:num_classes]
     present = counts > 0
     inverse = np.where(present, counts.sum() / np.maximum(counts, 1), 0.0)
     inverse[present] /= inverse[present].mean()
     return tuple(float(w) if p else 1.0 for w, p in zip(inverse, present, strict=True))
 
 
-def predict_area(
-    model: nn.Module, image: np.ndarray, normalization: Normalization, tile: int = 512
-) -> np.ndarray:
-    """Class ids of an area, inferred on non-overlapping tiles.
+@dataclass(frozen=True)
+class _Data:
+    """What a run trains and scores on: the images, their splits, each area's class index and label
+    counts, and the classes."""
 
-    Tiles are reflect-padded where the area ends, so every prediction sees data from the area only;
-    tiles are at most ``tile`` pixels a side (less for areas smaller than that, rounded up to 32), or
-    the size a program with a fixed input size takes (an imported bundle).
-
-    Args:
-        model: The model; it is put in eval mode.
-        image: (C, H, W) raw values.
-        normalization: Turns raw values into model input.
-        tile: Largest tile side, a multiple of 32.
-
-    Returns:
-        (H, W) uint8 argmax class ids.
-    """
-    _, height, width = image.shape
-    tile_h = min(tile, -(-height // _TILE_MULTIPLE) * _TILE_MULTIPLE)
-    tile_w = min(tile, -(-width // _TILE_MULTIPLE) * _TILE_MULTIPLE)
-    fixed = fixed_size(model)
-    if fixed is not None:
-        tile_h, tile_w = fixed
-    prediction = np.empty((height, width), dtype=np.uint8)
-    model.eval()
-    device = next(iter(model.parameters()), torch.empty(0)).device  # an ONNX model has none: the CPU
-    with torch.inference_mode():
-        for row in range(0, height, tile_h):
-            for col in range(0, width, tile_w):
-                window = image[:, row : row + tile_h, col : col + tile_w]
-                h, w = window.shape[1:]
-                window = np.pad(window, ((0, 0), (0, tile_h - h), (0, tile_w - w)), mode="reflect")
-                x = normalization.apply(torch.from_numpy(np.ascontiguousarray(window))[None].float())
-                logits = model(x.to(device))
-                prediction[row : row + h, col : col + w] = logits[0, :, :h, :w].argmax(0).cpu().numpy()
-    return prediction
+    images: list[LabelledImage]
+    splits: list[AreaSplit]
+    indexes: dict[str, list[AreaIndex]]
+    counts: dict[str, np.ndarray]
+    classes: tuple[ClassInfo, ...]
 
 
-def _read(config: TrainConfig) -> tuple[list[LabelledRaster], tuple[ClassInfo, ...]]:
-    """The labelled rasters (one, or a catalog's) on their images' grids, `label_map` applied, and the classes."""
+def _open_data(config: TrainConfig) -> _Data:
+    """Open the images (one, or a catalog's), split each by area, index each area's truth (one pass over
+    it, cached), and check the labels against the classes; nothing is held but the indexes."""
+    images, classes = _open(config)
+    splits = [split_by_area(r.height, r.width, config.val_fraction, config.tile_size, config.holdout_fraction)
+              for r in images]
+    bands = {"training": [s.train for s in splits], "validation": [s.val for s in splits]}
+    if config.holdout_fraction:
+        bands["holdout"] = [s.holdout for s in splits]
+    cell = index_cell(config.tile_size)
+    indexes = {area: [AreaIndex.build(r.truth, rows, r.width, cell) for r, rows in zip(images, all_rows, strict=True)]
+               for area, all_rows in bands.items()}
+    for k, image in enumerate(images):
+        seen = np.unique(np.concatenate([indexes[area][k].values for area in indexes]))
+        if classes is None:  # one label raster: classes that fit its values
+            classes = resolve_classes(config.classes, seen, image.name)
+        else:
+            check_class_ids(seen, classes, image.name)
+    assert classes is not None
+    counts = {area: np.sum([i.totals() for i in found], axis=0) for area, found in indexes.items()}
+    for area, rows in bands.items():
+        _check_labelled(counts[area], rows[0], area)
+    return _Data(images, splits, indexes, counts, classes)
+
+
+def _open(config: TrainConfig) -> tuple[list[LabelledImage], tuple[ClassInfo, ...] | None]:
+    """The labelled images (one, or a catalog's) with `label_map` applied, and the classes (None for a label
+    raster: the configured ones are checked against its values, or classes derived from them)."""
     if config.catalog is not None:
         catalog = load_catalog(config.catalog)
-        return catalog.read(label_map=config.label_map), config.classes or catalog.classes
+        return catalog.open(label_map=config.label_map), config.classes or catalog.classes
     assert config.image is not None, "checked in TrainConfig"
     if config.labels is not None:
-        raster = read_labelled_raster(config.image, config.labels, config.bands)
-        raster = dataclasses.replace(raster, labels=map_labels(raster.labels, config.label_map))
-        seen = np.flatnonzero(np.bincount(raster.labels.ravel(), minlength=256))
-        return [raster], resolve_classes(config.classes, seen, config.labels)
+        return [open_labelled_image(config.image, config.labels, config.bands, config.label_map)], None
     classes = config.classes or (ClassInfo("background", (0, 0, 0)), ClassInfo("object", (230, 60, 60)))
     pair = LabelledPair(image=config.image, polygons=config.polygons)
-    return [read_pair(pair, classes, config.bands, label_map=config.label_map)], classes
-
-
-def _pixels(image: np.ndarray, most: int = 1_000_000) -> np.ndarray:
-    """A regular subsample of an image's pixels as (C, 1, N), for statistics over several images."""
-    step = max(1, math.isqrt(image.shape[1] * image.shape[2] // most))
-    return image[:, ::step, ::step].reshape(image.shape[0], 1, -1)
+    return [open_pair(pair, classes, config.bands, label_map=config.label_map)], classes
 
 
 def resolve_classes(classes: tuple[ClassInfo, ...] | None, seen: np.ndarray, path: str) -> tuple[ClassInfo, ...]:
@@ -801,14 +783,6 @@ def resolve_classes(classes: tuple[ClassInfo, ...] | None, seen: np.ndarray, pat
     if highest < len(SYNTHETIC_CLASSES):
         return SYNTHETIC_CLASSES[: highest + 1]
     return tuple(ClassInfo(f"class_{i}", _generic_colour(i)) for i in range(highest + 1))
-
-
-def _label_counts(rasters: list[LabelledRaster], areas: list[slice]) -> np.ndarray:
-    """How many pixels hold each label value (0..255) in a band of rows of each raster."""
-    counts = np.zeros(256, np.int64)
-    for raster, rows in zip(rasters, areas, strict=True):
-        counts += np.bincount(raster.labels[rows].ravel(), minlength=256)
-    return counts
 
 
 def _absent_classes(absent: list[str], counts: np.ndarray, num_classes: int) -> ConfigError:

@@ -1,4 +1,5 @@
-"""Training data: reading, the area split, window sampling, augmentation, normalisation."""
+"""Training data: windowed reading, the area split, the class index, window sampling, augmentation,
+normalisation."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from pipeline.models import Normalization
 from pipeline.synthetic import generate_scene, write_scene
 from pipeline.training.augment import Augmenter
 from pipeline.training.data import (
-    LabelledRaster,
+    AreaIndex,
+    LabelledImage,
     WindowBatches,
     WindowSampler,
     compute_normalization,
-    read_labelled_raster,
+    open_labelled_image,
+    sample_pixels,
     split_by_area,
 )
 
@@ -36,39 +39,71 @@ def scene_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return image, labels
 
 
-def coded_raster(height: int, width: int, seed: int = 0) -> LabelledRaster:
-    """A raster whose label at every pixel is a function of the image there: label = red % 5."""
+def coded_arrays(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An image and labels where the label at every pixel is a function of the image there: label = red % 5."""
     image = np.random.default_rng(seed).integers(0, 250, (3, height, width), dtype=np.uint8)
-    return LabelledRaster(image=image, labels=image[0] % 5, bands=(1, 2, 3), resolution=None)
+    return image, image[0] % 5
+
+
+def written(folder: Path, image: np.ndarray, labels: np.ndarray) -> LabelledImage:
+    """The arrays as tiled GeoTIFFs in `folder`, opened as a labelled image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    profile = {"driver": "GTiff", "height": labels.shape[0], "width": labels.shape[1], "dtype": "uint8",
+               "crs": "EPSG:32632", "transform": Affine(0.5, 0, 5e5, 0, -0.5, 52e5)}
+    with rasterio.open(folder / "image.tif", "w", count=len(image), **profile) as dst:
+        dst.write(image)
+    with rasterio.open(folder / "labels.tif", "w", count=1, **profile) as dst:
+        dst.write(labels[None])
+    return open_labelled_image(folder / "image.tif", folder / "labels.tif")
+
+
+def coded_image(folder: Path, height: int, width: int, seed: int = 0) -> LabelledImage:
+    return written(folder, *coded_arrays(height, width, seed))
+
+
+class ArrayTruth:
+    """Truth held in memory (for sampler tests)."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels = labels
+        self.key = f"array-{labels.tobytes().__hash__()}"
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        return self.labels[y0 : y0 + h, x0 : x0 + w]
 
 
 # Reading
 
 
-def test_read_gives_arrays_bands_and_resolution(scene_files: tuple[Path, Path]) -> None:
-    raster = read_labelled_raster(*scene_files)
-    assert raster.image.shape == (3, 96, 128) and raster.image.dtype == np.uint8
-    assert raster.labels.shape == (96, 128) and raster.labels.dtype == np.uint8
-    assert raster.bands == (1, 2, 3) and raster.resolution == 0.5
-    assert (raster.height, raster.width) == (96, 128)
-    picked = read_labelled_raster(*scene_files, bands=[3, 1])
-    np.testing.assert_array_equal(picked.image, raster.image[[2, 0]])
+def test_windows_read_give_the_files_values_bands_and_resolution(scene_files: tuple[Path, Path]) -> None:
+    image = open_labelled_image(*scene_files)
+    with rasterio.open(scene_files[0]) as src, rasterio.open(scene_files[1]) as labels_src:
+        whole, labels = src.read(), labels_src.read(1)
+    assert image.bands == (1, 2, 3) and image.resolution == 0.5 and image.dtype == np.uint8
+    assert (image.height, image.width) == (96, 128)
+    values, truth = image.read(10, 20, 30, 40)
+    np.testing.assert_array_equal(values, whole[:, 10:40, 20:60])
+    np.testing.assert_array_equal(truth, labels[10:40, 20:60])
+    picked = open_labelled_image(*scene_files, bands=[3, 1])
+    np.testing.assert_array_equal(picked.read(0, 0, 96, 128)[0], whole[[2, 0]])
     assert picked.bands == (3, 1)
+    mapped = open_labelled_image(*scene_files, label_map={1: 4})
+    np.testing.assert_array_equal(mapped.read(0, 0, 96, 128)[1], np.where(labels == 1, 4, labels))
 
 
 def test_missing_files_are_source_not_found(scene_files: tuple[Path, Path], tmp_path: Path) -> None:
     image, labels = scene_files
-    with pytest.raises(SourceNotFoundError, match="image raster"):
-        read_labelled_raster(tmp_path / "nope.tif", labels)
+    with pytest.raises(SourceNotFoundError, match=r"nope\.tif does not exist"):
+        open_labelled_image(tmp_path / "nope.tif", labels)
     with pytest.raises(FileNotFoundError, match="labels raster"):
-        read_labelled_raster(image, tmp_path / "nope.tif")
+        open_labelled_image(image, tmp_path / "nope.tif")
 
 
 def test_bad_bands_are_config_errors(scene_files: tuple[Path, Path]) -> None:
     with pytest.raises(ConfigError, match="has 3 band"):
-        read_labelled_raster(*scene_files, bands=[4])
+        open_labelled_image(*scene_files, bands=[4])
     with pytest.raises(ConfigError, match="bands"):
-        read_labelled_raster(*scene_files, bands=[])
+        open_labelled_image(*scene_files, bands=[])
 
 
 def test_labels_on_another_grid_are_config_errors(scene_files: tuple[Path, Path], tmp_path: Path) -> None:
@@ -79,13 +114,13 @@ def test_labels_on_another_grid_are_config_errors(scene_files: tuple[Path, Path]
                        **profile) as dst:
         dst.write(np.zeros((1, 90, 128), np.uint8))
     with pytest.raises(ConfigError, match=r"90 x 128 pixels but image .* is 96 x 128"):
-        read_labelled_raster(image, smaller)
+        open_labelled_image(image, smaller)
     shifted = tmp_path / "shifted.tif"
     with rasterio.open(shifted, "w", height=96, width=128, transform=Affine(0.5, 0, 6e5, 0, -0.5, 52e5),
                        **profile) as dst:
         dst.write(np.zeros((1, 96, 128), np.uint8))
     with pytest.raises(ConfigError, match="different georeferencing"):
-        read_labelled_raster(image, shifted)
+        open_labelled_image(image, shifted)
 
 
 # The split and window sampling
@@ -121,12 +156,15 @@ def test_windows_reach_every_corner_of_the_training_area() -> None:
     assert corners[:, 1].min() == 0 and corners[:, 1].max() == 80 - 32
 
 
-def test_batches_hold_no_validation_pixel() -> None:
-    raster = coded_raster(200, 100)
+def test_batches_hold_no_validation_pixel(tmp_path: Path) -> None:
+    image, labels = coded_arrays(200, 100)
     split = split_by_area(200, 100, 0.3, 64)
-    raster.labels[split.val] = 4  # a class that, below, occurs only in the validation rows
-    raster.labels[split.train][raster.labels[split.train] == 4] = 3
-    batches = WindowBatches(raster, split, IDENTITY, 64, 8, np.random.default_rng(0), jitter=0.0)
+    labels[split.val] = 4  # a class that, below, occurs only in the validation rows
+    labels[split.train][labels[split.train] == 4] = 3
+    raster = written(tmp_path, image, labels)
+    index = AreaIndex.build(raster.truth, split.train, 100, 16, cache=False)
+    batches = WindowBatches(raster, split, IDENTITY, 64, 8, np.random.default_rng(0), jitter=0.0, balance=0.5,
+                            index=index)
     for _ in range(20):
         _, y = next(batches)
         assert not (y == 4).any()
@@ -148,8 +186,11 @@ def test_class_balanced_windows_see_a_rare_class_far_more_often() -> None:
     labels[300:, :] = 255  # unlabelled rows do not count as a class
     split = split_by_area(600, 600, 0.3, 64)
 
+    truth = ArrayTruth(labels)
+    index = AreaIndex.build(truth, split.train, 600, 16, cache=False)
+
     def share_with_rare_class(balance: float) -> float:
-        sampler = WindowSampler(split, 64, np.random.default_rng(1), labels=labels, balance=balance)
+        sampler = WindowSampler(split, 64, np.random.default_rng(1), index=index, balance=balance, truth=truth)
         corners = sampler.sample(2000)
         assert (corners[:, 0] + 64 <= split.val_start).all() and (corners >= 0).all()
         return float(np.mean([(labels[r : r + 64, c : c + 64] == 1).any() for r, c in corners]))
@@ -173,9 +214,9 @@ def test_split_rejects_bad_fractions_and_small_rasters() -> None:
 
 
 def test_augmenter_draws_all_eight_symmetries_and_keeps_labels_aligned() -> None:
-    raster = coded_raster(16, 16)
-    raw = torch.from_numpy(raster.image[None].astype(np.float32)).repeat(64, 1, 1, 1)
-    labels = torch.from_numpy(raster.labels[None].astype(np.int64)).repeat(64, 1, 1)
+    image, truth = coded_arrays(16, 16)
+    raw = torch.from_numpy(image[None].astype(np.float32)).repeat(64, 1, 1, 1)
+    labels = torch.from_numpy(truth[None].astype(np.int64)).repeat(64, 1, 1)
     torch.manual_seed(0)
     x, y = Augmenter(IDENTITY, jitter=0.0, elastic=0.0)(raw, labels)
     torch.testing.assert_close(y, x[:, 0].round().long() % 5)  # label = red % 5 still holds everywhere
@@ -183,10 +224,10 @@ def test_augmenter_draws_all_eight_symmetries_and_keeps_labels_aligned() -> None
 
 
 def test_elastic_deformation_moves_pixels_but_invents_no_class() -> None:
-    raster = coded_raster(64, 64)
-    labels = torch.from_numpy(raster.labels[None].astype(np.int64)).repeat(8, 1, 1)
+    image, truth = coded_arrays(64, 64)
+    labels = torch.from_numpy(truth[None].astype(np.int64)).repeat(8, 1, 1)
     labels[:, :10] = 255
-    raw = torch.from_numpy(raster.image[None].astype(np.float32)).repeat(8, 1, 1, 1)
+    raw = torch.from_numpy(image[None].astype(np.float32)).repeat(8, 1, 1, 1)
     torch.manual_seed(1)
     _, plain = Augmenter(IDENTITY, jitter=0.0, elastic=0.0)(raw, labels)
     torch.manual_seed(1)
@@ -196,8 +237,8 @@ def test_elastic_deformation_moves_pixels_but_invents_no_class() -> None:
     assert abs(float((bent == 255).float().mean()) - float((plain == 255).float().mean())) < 0.05
 
 
-def test_batches_keep_image_and_labels_aligned() -> None:
-    raster = coded_raster(120, 90, seed=2)
+def test_batches_keep_image_and_labels_aligned(tmp_path: Path) -> None:
+    raster = coded_image(tmp_path, 120, 90, seed=2)
     split = split_by_area(120, 90, 0.2, 32)
     batches = WindowBatches(raster, split, IDENTITY, 32, 6, np.random.default_rng(1), jitter=0.0, elastic=0.0)
     for _ in range(10):
@@ -207,10 +248,10 @@ def test_batches_keep_image_and_labels_aligned() -> None:
         torch.testing.assert_close(y, x[:, 0].round().long() % 5)
 
 
-def test_batches_are_normalised_and_seeded() -> None:
-    raster = coded_raster(120, 90)
+def test_batches_are_normalised_and_seeded(tmp_path: Path) -> None:
+    raster = coded_image(tmp_path, 120, 90)
     split = split_by_area(120, 90, 0.2, 32)
-    norm = compute_normalization(raster.image[:, split.train])
+    norm = compute_normalization(sample_pixels(raster, split.train))
 
     def first(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         return next(WindowBatches(raster, split, norm, 32, 64, np.random.default_rng(seed)))
@@ -254,3 +295,40 @@ def test_other_dtypes_are_scaled_by_their_largest_value() -> None:
     assert norm.mean == pytest.approx((7000 / 4 / 4000,))
     floats = compute_normalization(np.array([[[-2.0, 1.0]]], np.float32))
     assert floats.scale == pytest.approx(0.5)
+
+
+# The class index
+
+
+def test_the_class_index_counts_every_label_of_its_area_and_is_cached(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TESSERA_CACHE", str(tmp_path / "cache"))
+    labels = np.random.default_rng(3).choice(np.array([0, 1, 2, 255], np.uint8), (1500, 1100), p=[.7, .2, .05, .05])
+    raster = written(tmp_path / "data", np.zeros((1, 1500, 1100), np.uint8), labels)
+    rows = slice(200, 1333)  # neither on a cell nor on a tile edge
+    index = AreaIndex.build(raster.truth, rows, 1100, cell=16)
+    np.testing.assert_array_equal(index.totals(), np.bincount(labels[rows].ravel(), minlength=256))
+    assert list(index.values) == [0, 1, 2, 255] and index.counts.shape == (71, 69, 4)
+    # Per cell too: cell (3, 5) covers rows 248..263 and columns 80..95.
+    cell = labels[rows][48:64, 80:96]
+    assert index.counts[3, 5].tolist() == [int((cell == v).sum()) for v in (0, 1, 2, 255)]
+    # Built once: the second build reads the cache, a changed truth (another label_map) builds anew.
+    assert len(list((tmp_path / "cache" / "class-index").iterdir())) == 1
+    np.testing.assert_array_equal(AreaIndex.build(raster.truth, rows, 1100, cell=16).counts, index.counts)
+    mapped = open_labelled_image(tmp_path / "data" / "image.tif", tmp_path / "data" / "labels.tif",
+                                 label_map={255: 3})
+    assert list(AreaIndex.build(mapped.truth, rows, 1100, cell=16).values) == [0, 1, 2, 3]
+    assert len(list((tmp_path / "cache" / "class-index").iterdir())) == 2
+
+
+def test_a_large_area_is_sampled_from_windows_spread_over_it(tmp_path: Path) -> None:
+    # A band of rows whose values encode the row: the sample covers the area's rows, and only those.
+    height, width = 2400, 2000
+    rows_coded = np.broadcast_to((np.arange(height) // 10 % 250).astype(np.uint8)[:, None], (height, width))
+    raster = written(tmp_path, np.stack([rows_coded, rows_coded]), np.zeros((height, width), np.uint8))
+    area = slice(100, 2300)
+    sample = sample_pixels(raster, area, most=100_000)
+    assert sample.shape[0] == 2 and 50_000 <= sample.shape[2] <= 100_000
+    seen = np.unique(sample[0])
+    assert seen.min() == 10 and seen.max() == 229  # rows 100 .. 2299
+    assert np.diff(seen).max() <= 16  # 16 rows of windows spread over the band: no gap over 160 rows

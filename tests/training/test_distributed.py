@@ -94,13 +94,13 @@ def has_a_registered_checkpoint(run: Location) -> bool:
 
 
 def test_patience_stops_a_run_that_no_longer_improves(scene_files: tuple[str, str], tmp_path: Path) -> None:
-    # A learning rate too small to learn (only batch-norm statistics move): the run stops once
-    # `patience` epochs in a row have not beaten the best, long before its ten epochs.
-    result = train(config(scene_files, tmp_path / "m.bundle", steps=100, steps_per_epoch=10, lr=1e-12, patience=2,
+    # A learning rate too small to learn (only batch-norm statistics move, and settle within some ten
+    # epochs): the run stops once `patience` epochs in a row have not beaten the best, long before its 30.
+    result = train(config(scene_files, tmp_path / "m.bundle", steps=300, steps_per_epoch=10, lr=1e-12, patience=2,
                           threads=1, holdout_fraction=0.0), progress=False)
     scores = [h["val_miou"] for h in result.history]
     best = scores.index(max(scores)) + 1
-    assert result.stopped_early and result.epochs == len(scores) < 10
+    assert result.stopped_early and result.epochs == len(scores) < 30
     assert result.epochs == best + 2  # two epochs without a better score, then stop
     assert all(s <= scores[best - 1] for s in scores[best:])
 
