@@ -51,11 +51,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
+import rasterio.windows
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 from scipy import ndimage
@@ -67,7 +69,7 @@ if TYPE_CHECKING:
     from pipeline.mosaic import Mosaic
 
 __all__ = ["BACKGROUND", "BUILDING", "CLASSES", "ROAD", "VEGETATION", "WATER", "Scene",
-           "generate_scene", "write_label_mosaic", "write_scene"]
+           "generate_scene", "write_label_mosaic", "write_large_scene", "write_large_slide", "write_scene"]
 
 BACKGROUND, WATER, ROAD, BUILDING, VEGETATION = 0, 1, 2, 3, 4
 
@@ -501,3 +503,77 @@ def coarse_logits(labels: np.ndarray, num_classes: int, *, sigma: float = 4.0, n
         jitter = rng.normal(0.0, noise, labels.shape).astype(np.float32)
         logits[c] = ndimage.gaussian_filter(4.0 * soft + jitter, 1.0)
     return logits
+
+
+LARGE_BLOCK = 1024  # px: the side of the scenes a large scene is tiled from
+
+
+def large_scene_blocks(seed: int, kinds: int = 4) -> list[Scene]:
+    """The distinct 1024 px scenes a large scene is tiled from (see `write_large_scene`)."""
+    return [generate_scene(LARGE_BLOCK, LARGE_BLOCK, seed=seed * 1000 + k) for k in range(kinds)]
+
+
+def large_scene_layout(size: int, seed: int, kinds: int = 4) -> np.ndarray:
+    """(blocks, blocks) int: which of the `kinds` scenes fills each 1024 px block of a large scene."""
+    blocks = -(-size // LARGE_BLOCK)
+    return np.random.default_rng(seed).integers(0, kinds, (blocks, blocks))
+
+
+def write_large_scene(
+    image_path: str | os.PathLike[str], labels_path: str | os.PathLike[str], size: int, seed: int = 0,
+) -> None:
+    """A `size` x `size` scene written block by block (memory of one 1024 px block, whatever the size).
+
+    The scene is a seeded patchwork of four 1024 px synthetic scenes (`generate_scene`), so a 16384 px
+    image takes seconds to make: for tests and benchmarks of memory and speed on large images, not of
+    what a model learns. Both files are tiled GeoTIFFs as `write_scene` writes them.
+    """
+    scenes, layout = large_scene_blocks(seed), large_scene_layout(size, seed)
+    profile = {"driver": "GTiff", "height": size, "width": size, "dtype": "uint8", "crs": "EPSG:32632",
+               "transform": Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 5200000.0), "tiled": True,
+               "blockxsize": BLOCK_SIZE, "blockysize": BLOCK_SIZE, "compress": "deflate", "zlevel": 1}
+    with rasterio.open(image_path, "w", count=3, photometric="RGB", **profile) as image, \
+            rasterio.open(labels_path, "w", count=1, **profile) as labels:
+        for (by, bx), kind in np.ndenumerate(layout):
+            h, w = min(LARGE_BLOCK, size - by * LARGE_BLOCK), min(LARGE_BLOCK, size - bx * LARGE_BLOCK)
+            window = rasterio.windows.Window(bx * LARGE_BLOCK, by * LARGE_BLOCK, w, h)
+            image.write(scenes[kind].image[:, :h, :w], window=window)
+            labels.write(scenes[kind].labels[:h, :w], 1, window=window)
+
+
+def write_large_slide(path: str | os.PathLike[str], mask_path: str | os.PathLike[str], size: int, seed: int = 0,
+                      mpp: float = 0.5, levels: int = 3, mask_size: int = 1024) -> None:
+    """A whole-slide-like pyramidal OME-TIFF (`levels` levels, 2x apart, 256 px tiles, `mpp` um/px, no CRS) of
+    the same patchwork as `write_large_scene`, written tile by tile, and its class mask at `mask_size` px
+    (a mask image covering the whole slide, as a catalog pair's ``mask`` takes it).
+    """
+    import tifffile
+    from PIL import Image
+
+    scenes, layout = large_scene_blocks(seed), large_scene_layout(size, seed)
+    images = np.stack([s.image for s in scenes])  # (kinds, 3, 1024, 1024)
+    tile = 256
+
+    def tiles(step: int) -> Iterator[np.ndarray]:
+        side = -(-size // step)
+        for y in range(0, side, tile):
+            for x in range(0, side, tile):
+                ys = np.minimum(np.arange(y, y + tile), side - 1)[:, None] * step  # edge tiles: the last row again
+                xs = np.minimum(np.arange(x, x + tile), side - 1)[None, :] * step
+                kinds = layout[ys // LARGE_BLOCK, xs // LARGE_BLOCK]
+                yield images[kinds, :, ys % LARGE_BLOCK, xs % LARGE_BLOCK]  # (tile, tile, 3)
+
+    metadata = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp,
+                "PhysicalSizeYUnit": "µm"}
+    options: dict[str, Any] = {"tile": (tile, tile), "photometric": "rgb", "compression": "zlib",
+                               "compressionargs": {"level": 1}, "dtype": np.uint8}
+    with tifffile.TiffWriter(path, ome=True, bigtiff=True) as tif:
+        tif.write(tiles(1), shape=(size, size, 3), subifds=levels - 1, metadata=metadata, **options)
+        for k in range(1, levels):
+            side = -(-size // 2**k)
+            tif.write(tiles(2**k), shape=(side, side, 3), subfiletype=1, **options)
+    centres = ((np.arange(mask_size) + 0.5) * size / mask_size).astype(int)
+    kinds = layout[centres[:, None] // LARGE_BLOCK, centres[None, :] // LARGE_BLOCK]
+    mask = np.choose(kinds, [s.labels[centres[:, None] % LARGE_BLOCK, centres[None, :] % LARGE_BLOCK]
+                             for s in scenes])
+    Image.fromarray(mask.astype(np.uint8)).save(mask_path)

@@ -25,10 +25,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import pickle
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -40,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.errors import ConfigError
+from pipeline.memory import limit_gdal_cache
 from pipeline.models import BundleSpec, ClassInfo, ModelBundle
 from pipeline.storage import Location, storage_for
 from pipeline.synthetic import CLASSES as SYNTHETIC_CLASSES
@@ -81,6 +83,10 @@ DEFAULT_ARCH_ARGS: Mapping[str, Any] = MappingProxyType(
 decoder, small enough to learn the synthetic scene in a couple of CPU minutes."""
 
 _TILE_MULTIPLE = 32
+# Loader processes when `loader_workers` is None: on a GPU the step leaves the CPU free for reading and
+# augmenting; on CPU the step's threads take the cores, and a loader beside them was measured to slow
+# training on 2 cores (2.31 to 2.12 steps/s; docs/benchmarks.md, training).
+LOADER_WORKERS_GPU = 2
 CHECKPOINT_STATE = "state.pt"
 CHECKPOINT_BUNDLE = "best.bundle"
 
@@ -128,6 +134,9 @@ class TrainConfig:
             scaled to mean 1), or None for equal weights.
         seed: Seeds window sampling, augmentation and model initialisation.
         threads: torch CPU threads during training; None leaves torch's setting alone.
+        loader_workers: Processes that read and augment windows beside the model step (a torch
+            DataLoader); 0 reads them in the training process, between steps; None: 2 on a GPU, 0 on
+            CPU. Batches are the same whatever the number (each step draws from its own seed).
         init: A bundle to start from (fine-tuning): its weights where names and shapes match, a first
             convolution adapted to other bands, a fresh head when the classes differ. Pretrained
             encoders are ``arch_args.encoder_weights`` (a weight name such as ``imagenet``, or a path).
@@ -165,6 +174,7 @@ class TrainConfig:
     class_weights: str | tuple[float, ...] | None = None
     seed: int = 0
     threads: int | None = None
+    loader_workers: int | None = None
     init: str | None = None
     freeze_encoder_epochs: int = 0
     encoder_lr_scale: float = 1.0
@@ -209,6 +219,9 @@ class TrainConfig:
             raise ConfigError(f"init={self.init!r} does not exist; give the bundle to fine-tune from.")
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise ConfigError(f"threads={self.threads!r} is invalid; expected an integer >= 1 or None.")
+        if self.loader_workers is not None and (not _is_int(self.loader_workers) or self.loader_workers < 0):
+            raise ConfigError(f"loader_workers={self.loader_workers!r} is invalid; expected an integer >= 0 or "
+                              "null (2 on a GPU, 0 on CPU).")
         for name in ("lr", "weight_decay", "jitter"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
@@ -376,6 +389,9 @@ def run_loop(
         progress: Show a progress bar on rank 0.
         logger: Rank 0's per-epoch figures go there.
     """
+    # Random windows over a large image would fill GDAL's default block cache (5% of RAM) with blocks read
+    # once: capped as in segment workers, so that memory does not grow with the image.
+    limit_gdal_cache()
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -557,20 +573,23 @@ class _Run:
     def _train_epoch(self, bar: tqdm) -> float:
         """One epoch of optimiser steps; the mean training loss."""
         config, session = self.config, self.session
-        # Each (seed, rank, epoch) draws its own windows, so a resumed run sees what the
-        # uninterrupted one would have, without storing generator states.
-        rng = np.random.default_rng([config.seed, session.rank, self.epoch])
-        for batches in self.batches:
-            batches.reseed(rng)
         steps = min(config.steps_per_epoch, config.steps - self.epoch * config.steps_per_epoch)
+        # Each (seed, rank, epoch, step) draws its own windows, so a resumed run sees what the
+        # uninterrupted one would have, without storing generator states, and the batches do not
+        # depend on the number of loader processes.
+        windows = EpochWindows(self.batches, self.odds, (config.seed, session.rank, self.epoch), steps)
+        workers = config.loader_workers
+        if workers is None:
+            workers = LOADER_WORKERS_GPU if session.device.type == "cuda" else 0
+        loader = torch.utils.data.DataLoader(windows, batch_size=None, num_workers=workers,
+                                             prefetch_factor=2 if workers else None)
         frozen = self.epoch < config.freeze_encoder_epochs
         self.model.train()
         encoder = getattr(self.bundle.model, "encoder", None)
         if frozen and isinstance(encoder, nn.Module):
             encoder.eval()  # its batch-norm statistics stay those it started with
         losses = []
-        for _ in range(steps):
-            x, y = next(self.batches[rng.choice(len(self.batches), p=self.odds)])
+        for x, y in loader:
             x, y = x.to(session.device, non_blocking=True), y.to(session.device, non_blocking=True)
             with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = self.loss(self.model(x), y)
@@ -667,6 +686,29 @@ class _Run:
         if self.session.rank == 0:
             self.best_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(folder / CHECKPOINT_BUNDLE, self.best_path)
+
+
+class EpochWindows(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
+    """One epoch's training batches, step by step: step ``s`` draws its image (by `odds`), windows and
+    augmentation from the generator seeded ``(*seeds, s)``. In a DataLoader with N workers, worker k
+    makes steps k, k + N, ..., which the loader hands out in step order: the same batches as in one
+    process."""
+
+    def __init__(self, batches: list[WindowBatches], odds: np.ndarray, seeds: tuple[int, ...], steps: int) -> None:
+        self.batches, self.odds, self.seeds, self.steps = batches, odds, seeds, steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches, first, stride = self.batches, 0, 1
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None:  # a forked loader process: its own file handles, one thread
+            torch.set_num_threads(1)
+            batches = pickle.loads(pickle.dumps(batches))
+            first, stride = worker.id, worker.num_workers
+        for step in range(first, self.steps, stride):
+            rng = np.random.default_rng([*self.seeds, step])
+            chosen = batches[rng.choice(len(batches), p=self.odds)]
+            chosen.reseed(rng)
+            yield next(chosen)
 
 
 def _plain(scores: Mapping[str, Any]) -> dict[str, Any]:

@@ -331,3 +331,12 @@ def test_a_0_255_mask_is_refused_naming_label_map_and_trains_with_it(scene_files
     assert len(result.val_iou) == 2 and not np.isnan(result.val_iou).any()
     with pytest.raises(ConfigError, match="out of range"):
         dataclasses.replace(config, label_map={300: 1})
+
+
+def test_loader_processes_give_the_batches_of_one_process(scene_files: tuple[str, str], tmp_path: Path) -> None:
+    # Each step draws from its own seed, so two loader processes (reading and augmenting beside the step)
+    # train the very same model as reading in this process.
+    runs = [train(tiny_config(scene_files, tmp_path / f"{n}.bundle", steps=6, steps_per_epoch=3, loader_workers=n),
+                  progress=False) for n in (0, 2)]
+    assert runs[0].sha256 == runs[1].sha256
+    assert [h["loss"] for h in runs[0].history] == [h["loss"] for h in runs[1].history]
