@@ -85,7 +85,7 @@ def describe(trained: Trained) -> str:
     result = trained.result
     ious = ", ".join(f"{v:.3f}" for v in result.val_iou)
     lines = [f"wrote {result.bundle_path} (sha256 {result.sha256[:12]}): validation mIoU {result.val_miou:.3f} "
-             f"(per class {ious}) after {result.epochs} epochs in {result.seconds:.0f} s"
+             f"(per class {ious}) after {result.epochs} epoch{'s' * (result.epochs != 1)} in {result.seconds:.0f} s"
              + (" (stopped early)" if result.stopped_early else "")
              + (f", resumed from epoch {result.resumed_from}" if result.resumed_from is not None else "")]
     if result.holdout is not None:

@@ -34,3 +34,36 @@ def test_make_targets_exist_and_ci_runs_make_test() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_readme_training_command_trains_in_a_fresh_folder_with_the_default_tracking_store(tmp_path: Path) -> None:
+    """Run as a new user would: a fresh folder, no tracking or Ray variables, the command as the README
+    writes it (only shortened to 10 steps), on the default Ray Train worker and the default ./mlflow.db."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from pipeline.synthetic import generate_scene, write_scene
+
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"## Train on your own images\n.*?```\n(tessera train [^\n]*)\n```", text, re.S)
+    assert match, "README has a Train on your own images section with its command"
+    command = match.group(1).split()
+    assert command[2:4] == ["image=scene.tif", "labels=labels.tif"]
+    write_scene(generate_scene(384, 384, seed=3), tmp_path / "scene.tif", tmp_path / "labels.tif")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(home), "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([*command, "steps=10", "steps_per_epoch=10"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "wrote model.bundle" in run.stdout and "validation mIoU" in run.stdout
+    # The run is in ./mlflow.db, finished, with its figures.
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        runs = db.execute("select status from runs").fetchall()
+        metrics = {name for (name,) in db.execute("select distinct key from metrics")}
+    assert runs == [("FINISHED",)] and "best_val_miou" in metrics
+    # Ray Train's own chatter (its controller, workers, placement group cleaner) stays out of the terminal.
+    terminal = run.stdout + run.stderr
+    for noise in ("TrainController", "RayTrainWorker", "Failed to query", "PlacementGroupCleaner", "WARNING"):
+        assert noise not in terminal, terminal
