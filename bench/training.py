@@ -1,25 +1,48 @@
-"""Distributed training: time per epoch and holdout quality with 1 and 2 Ray Train workers.
+"""Training: Ray Train workers, loading beside compute, and peak memory against the image's size.
 
     python -m bench.training [--workers 1 2] [--steps-per-epoch 50] [--batch 16] [--window 128]
+    python -m bench.training --loading [--steps 60]
+    python -m bench.training --memory [--sizes 2048 8192 16384]
 
-A seeded synthetic 256 px scene, the tiny FCN, 3 epochs; the global batch is the same for every
-number of workers (DDP splits it), so the runs have the same budget. One thread per worker; Ray is
+Default: a seeded synthetic 256 px scene, the tiny FCN, 3 epochs; the global batch is the same for
+every number of workers (DDP splits it), so the runs have the same budget. One thread per worker; Ray is
 started once and shared, so the wall time of a run is Ray Train's start plus the epochs.
-Results go to bench/results/training.json and rows in docs/benchmarks.md.
+
+`--loading`: steps/s of the default U-Net (batch 16, 128 px windows, elastic deformation and jitter) on a
+2048 px scene, with 0, 1 and 2 loader processes beside a step of 1 and 2 torch threads (the second of
+two epochs, so that start-up is left out).
+
+`--memory`: the training job (tiny FCN, the same settings for every size) in its own process on
+generated tiled GeoTIFFs of each size, and on a pyramidal OME-TIFF slide of the largest; its peak PSS
+and wall time.
+
+Results go to bench/results/training*.json and rows in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import save, table_row
-from pipeline.synthetic import generate_scene, write_scene
-from pipeline.training import TrainConfig
+from pipeline.memory import PeakMemory
+from pipeline.synthetic import CLASSES, generate_scene, write_large_scene, write_large_slide, write_scene
+from pipeline.training import TrainConfig, train
 from pipeline.training.distributed import Distributed, fit
+
+REPO = Path(__file__).resolve().parents[1]
+# The memory runs' settings: the same for every image size (the test in tests/training/test_large_images.py
+# uses them too, with fewer steps).
+MEMORY_SETTINGS = ["architecture=fcn", "arch_args={depth: 3, width: 16}", "tile_size=128", "inference_tile_size=256",
+                   "overlap=32", "batch_size=8", "steps=40", "steps_per_epoch=40", "val_fraction=0.01",
+                   "progress=false", "distributed.workers=0", "tracking.enabled=false", "threads=1"]
 
 
 def main() -> None:
@@ -28,7 +51,20 @@ def main() -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=50)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--loading", action="store_true", help="steps/s with and without loader processes")
+    parser.add_argument("--steps", type=int, default=60, help="--loading: steps per epoch (2 epochs)")
+    parser.add_argument("--memory", action="store_true", help="peak memory against the image's size")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384])
     args = parser.parse_args()
+    if args.loading:
+        loading(args.steps)
+    elif args.memory:
+        memory(args.sizes)
+    else:
+        distributed(args)
+
+
+def distributed(args: argparse.Namespace) -> None:
     import ray
 
     ray.init(address="local", num_cpus=max(4, 2 * max(args.workers)), include_dashboard=False, logging_level=30)
@@ -61,6 +97,62 @@ def main() -> None:
                   f"windows of {r['window']} px per epoch, 3 epochs, 1 run",
                   f"{r['median_epoch_seconds']:.1f} s per epoch (median; {base / r['median_epoch_seconds']:.2f}x "
                   f"the first row), holdout mIoU {r['holdout_miou']:.3f}, {r['wall_seconds']:.0f} s with start-up")
+
+
+def loading(steps: int) -> None:
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        write_large_scene(d / "scene.tif", d / "labels.tif", 2048, seed=1)
+        for threads, loaders in ((2, 0), (2, 1), (2, 2), (1, 0), (1, 1)):
+            config = TrainConfig(image=str(d / "scene.tif"), labels=str(d / "labels.tif"), output=str(d / "m.bundle"),
+                                 steps=2 * steps, steps_per_epoch=steps, val_fraction=0.02, threads=threads,
+                                 loader_workers=loaders)
+            result = train(config, progress=False)
+            first, second = (h["seconds"] for h in result.history)
+            rows.append({"threads": threads, "loader_workers": loaders, "steps_per_second": steps / (second - first),
+                         "steps": steps})
+            print(rows[-1], flush=True)
+    save("training_loading", rows)
+    for r in rows:
+        base = next(b for b in rows if b["threads"] == r["threads"] and b["loader_workers"] == 0)
+        table_row("training, loading beside compute",
+                  f"default U-Net, batch 16 of 128 px windows (elastic, jitter), 2048 px scene, {r['threads']} torch "
+                  f"thread(s), {r['loader_workers']} loader process(es), second epoch of {r['steps']} steps, 1 run",
+                  f"{r['steps_per_second']:.2f} steps/s ({r['steps_per_second'] / base['steps_per_second']:.2f}x "
+                  "no loader at the same threads)")
+
+
+def memory(sizes: list[int]) -> None:
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        runs: list[tuple[str, list[str]]] = []
+        for size in sizes:
+            write_large_scene(d / f"{size}.tif", d / f"{size}_labels.tif", size, seed=1)
+            runs.append((f"{size} px GeoTIFF", [f"image={size}.tif", f"labels={size}_labels.tif"]))
+        write_large_slide(d / "slide.ome.tif", d / "slide_mask.png", max(sizes), seed=1)
+        classes = "[" + ", ".join(f"{{name: {c.name}, color: {list(c.color)}}}" for c in CLASSES) + "]"
+        (d / "slide.yaml").write_text(f"task: slide\nclasses: {classes}\npairs:\n"
+                                      "  - {image: slide.ome.tif, mask: slide_mask.png}\n")
+        runs.append((f"{max(sizes)} px pyramidal OME-TIFF slide, mask at 1/16", ["catalog=slide.yaml"]))
+        for name, inputs in runs:
+            env = {**os.environ, "PYTHONPATH": str(REPO), "TESSERA_CACHE": str(d / f"cache-{len(rows)}")}
+            tick = time.perf_counter()
+            job = subprocess.Popen([sys.executable, "-m", "jobs.train", *inputs, "output=m.bundle", *MEMORY_SETTINGS],
+                                   cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            with PeakMemory(job.pid, interval=0.1) as peak:
+                output, _ = job.communicate()
+            if job.returncode:
+                raise RuntimeError(output[-3000:])
+            rows.append({"image": name, "peak_mib": peak.peak_mib, "wall_seconds": time.perf_counter() - tick})
+            print(rows[-1], flush=True)
+    save("training_memory", rows)
+    for r in rows:
+        table_row("training memory", f"training job on a {r['image']}, tiny FCN, 40 steps of 8 windows of 128 px, "
+                  "1 thread, no loader, validation on 1% of the rows, class index built (not cached)",
+                  f"peak {r['peak_mib']:.0f} MiB PSS ({r['peak_mib'] / rows[0]['peak_mib']:.2f}x the first row), "
+                  f"{r['wall_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

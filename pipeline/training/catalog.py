@@ -200,7 +200,8 @@ def open_pair(
     if pair.polygons is not None:
         truth = _polygons(pair, classes, source, label_map)
     else:
-        truth = RasterTruth(_require(pair.truth).url, (source.height, source.width), label_map)
+        truth = RasterTruth(_require(pair.truth).url, (source.height, source.width), label_map,
+                            role="mask" if pair.mask is not None else "labels")
     return LabelledImage(source, truth, selected, source.pixel_size(unit), unit, pair.truth)
 
 
@@ -281,7 +282,14 @@ def _polygons(pair: LabelledPair, classes: Sequence[ClassInfo], source: RasterSo
     if not features:
         raise ConfigError(f"{path} holds no features with a geometry; expected polygons of the labelled objects.")
     georeferenced = source.crs is not None and source.transform is not None
+    named = isinstance(collection, Mapping) and collection.get("crs")
     src_crs = _geojson_crs(collection if isinstance(collection, Mapping) else {}, path)
+    if not georeferenced and (named or _looks_like_degrees(features)):
+        raise ConfigError(
+            f"Image {pair.image} has no CRS, so the polygons of {path} are taken as its level-0 pixel coordinates "
+            f"(as QuPath exports them), but they {'name a CRS' if named else 'look like longitudes and latitudes'}; "
+            "give a georeferenced image for georeferenced polygons, or export the annotations in pixels."
+        )
     table = map_labels(np.arange(256, dtype=np.uint8), label_map)
     shapes = []
     for feature in features:
@@ -299,7 +307,7 @@ def _polygons(pair: LabelledPair, classes: Sequence[ClassInfo], source: RasterSo
     transform = source.transform if source.transform is not None and georeferenced \
         else Affine.scale(source.levels[source.level].downsample)
     key = (f"{location.url} {stamp(location)} {[c.name for c in classes]} {pair.class_property} {pair.burn} "
-           f"{sorted((label_map or {}).items())}")
+           f"{sorted((label_map or {}).items())} {source.crs} {source.height}x{source.width}")
     truth = PolygonTruth(shapes, transform, key)
     if not truth.overlaps(source.height, source.width):
         west, south, east, north = rasterio.features.bounds({"type": "FeatureCollection", "features": [
@@ -312,6 +320,15 @@ def _polygons(pair: LabelledPair, classes: Sequence[ClassInfo], source: RasterSo
         raise ConfigError(f"The polygons of {path} {where} they span x {west:.1f}..{east:.1f}, "
                           f"y {south:.1f}..{north:.1f}. {fix}")
     return truth
+
+
+def _looks_like_degrees(features: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether every vertex lies within longitudes -180..180 and latitudes -90..90 and no feature is QuPath's
+    (an ``objectType`` or ``classification`` property): WGS84 polygons, not a slide's pixels."""
+    if any({"objectType", "classification"} & set(f.get("properties") or {}) for f in features):
+        return False
+    west, south, east, north = rasterio.features.bounds({"type": "FeatureCollection", "features": list(features)})
+    return west >= -180 and east <= 180 and south >= -90 and north <= 90
 
 
 def check_class_ids(values: np.ndarray, classes: Sequence[ClassInfo], path: str) -> None:

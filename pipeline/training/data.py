@@ -29,6 +29,8 @@ Example (it needs the two rasters, so it is not a doctest)::
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import os
 import uuid
@@ -65,6 +67,7 @@ __all__ = [
 _STATISTICS_PIXELS = 1_000_000  # per band; enough for a mean/std to three digits
 _STATISTICS_WINDOWS = 16  # per side: the grid of windows a large area's statistics are read from
 _INDEX_TILE = 1024  # px: the truth is read in tiles of this side to build the index
+_INDEX_FORMAT = 1  # in the cache's file names: a new layout is not read from older files
 
 
 class Truth(Protocol):
@@ -73,6 +76,8 @@ class Truth(Protocol):
     key: str
 
     def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray: ...
+
+    def reopened(self) -> Truth: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,6 +119,10 @@ class LabelledImage:
         """A window inside the image: (C, h, w) raw values of `bands` and (h, w) uint8 class ids."""
         image = self.source.read(y0, x0, h, w)[[b - 1 for b in self.bands]]
         return image, self.truth.read(y0, x0, h, w)
+
+    def reopened(self) -> LabelledImage:
+        """The same image with file handles of its own (for a forked process: handles are not shared)."""
+        return dataclasses.replace(self, source=self.source.at_level(self.source.level), truth=self.truth.reopened())
 
 
 def select_bands(source: RasterSource, bands: Sequence[int] | None, name: str) -> tuple[int, ...]:
@@ -340,17 +349,27 @@ class AreaIndex:
         if not 1 <= cell <= 128:
             raise ValueError(f"cell={cell}: expected 1 to 128 px (its counts are 16-bit)")
         rows = slice(rows.start, max(rows.start, rows.stop))
-        name = f"{truth.key}-{rows.start}-{rows.stop}-{width}-{cell}.npz"
+        name = f"v{_INDEX_FORMAT}-{truth.key}-{rows.start}-{rows.stop}-{width}-{cell}.npz"
         path = cache_folder("class-index") / name
+        cells = (-(-(rows.stop - rows.start) // cell), -(-width // cell))
         if cache and path.is_file():
-            with contextlib.suppress(OSError, ValueError, KeyError), np.load(path) as saved:
-                return cls(rows, cell, saved["values"], saved["counts"])
+            try:
+                with np.load(path) as saved:
+                    values, counts = saved["values"], saved["counts"]
+                if counts.shape == (*cells, len(values)):
+                    return cls(rows, cell, values, counts)
+            except Exception:  # a damaged or foreign file: built again and replaced
+                pass
         index = cls._scan(truth, rows, width, cell)
         if cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f".{uuid.uuid4().hex}.npz")
-            np.savez(partial, values=index.values, counts=index.counts)
-            os.replace(partial, path)  # whole or not at all, when two workers build it at once
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(partial, values=index.values, counts=index.counts)
+                os.replace(partial, path)  # whole or not at all, when two workers build it at once
+            except OSError:  # a read-only or full cache: the next run builds it again
+                with contextlib.suppress(OSError):
+                    partial.unlink()
         return index
 
     @classmethod
@@ -410,28 +429,32 @@ class WindowSampler:
         self.rng = rng
         self.balance = balance if index is not None else 0.0
         self.cell = index.cell if index is not None else 1
-        self.cells = index.counts.shape[:2] if index is not None else (0, 0)
         self.origin = index.rows.start if index is not None else 0
         self.truth = truth
-        # Per class present, its value and the running sum of its pixels over the cells (row-major): a
-        # cell is drawn by bisecting it, in proportion to the class's pixels there.
-        self.class_cells: list[tuple[int, np.ndarray]] = []
+        self.index = index
+        # Per class present: its value, its column in the index, and the running sum of its pixels over the
+        # rows of cells. A cell is drawn in two steps (a row of cells by bisecting this sum, then a cell of
+        # that row in proportion to its pixels of the class), so nothing the size of the index is added.
+        self.classes: list[tuple[int, int, np.ndarray]] = []
         if index is not None:
             for k, value in enumerate(index.values):
-                if value != IGNORE_INDEX and index.counts[..., k].any():
-                    self.class_cells.append((int(value), np.cumsum(index.counts[..., k].ravel(), dtype=np.int64)))
+                by_row = index.counts[..., k].sum(axis=1, dtype=np.int64)
+                if value != IGNORE_INDEX and by_row.any():
+                    self.classes.append((int(value), k, np.cumsum(by_row)))
 
     def sample(self, count: int) -> np.ndarray:
         """(count, 2) int64 (row, col) corners; every window ends at or above ``val_start``."""
         last_row, last_col = self.split.val_start - self.window, self.split.width - self.window
         rows = self.rng.integers(0, last_row, count, endpoint=True)
         cols = self.rng.integers(0, last_col, count, endpoint=True)
-        if self.class_cells:
+        if self.classes and self.index is not None:
             balanced = np.flatnonzero(self.rng.random(count) < self.balance)
             for i in balanced:
-                value, running = self.class_cells[self.rng.integers(len(self.class_cells))]
-                cell = int(np.searchsorted(running, self.rng.integers(running[-1]), side="right"))
-                y, x = self._pixel_of(value, *divmod(cell, self.cells[1]))
+                value, k, running = self.classes[self.rng.integers(len(self.classes))]
+                cy = int(np.searchsorted(running, self.rng.integers(running[-1]), side="right"))
+                row = np.cumsum(self.index.counts[cy, :, k], dtype=np.int64)
+                cx = int(np.searchsorted(row, self.rng.integers(row[-1]), side="right"))
+                y, x = self._pixel_of(value, cy, cx)
                 rows[i] = np.clip(y - self.rng.integers(self.window), 0, last_row)
                 cols[i] = np.clip(x - self.rng.integers(self.window), 0, last_col)
         return np.stack([rows, cols], axis=1)
@@ -495,6 +518,15 @@ class WindowBatches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
     def reseed(self, rng: np.random.Generator) -> None:
         """Draw positions and augmentations from `rng` from now on."""
         self.rng = self.sampler.rng = rng
+
+    def reopened(self) -> WindowBatches:
+        """A copy reading through file handles of its own (in a forked loader process); the class index,
+        the sampler and the augmentation are shared, not copied."""
+        batches = copy.copy(self)
+        batches.image = self.image.reopened()
+        batches.sampler = copy.copy(self.sampler)
+        batches.sampler.truth = batches.image.truth
+        return batches
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.window

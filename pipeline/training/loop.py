@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import pickle
 import shutil
 import tempfile
 import time
@@ -643,7 +642,7 @@ class _Run:
         image, rows = self.images[0], self.splits[0].val
         size = min(256, rows.stop - rows.start, image.width)
         corners = np.linspace(0, image.width - size, samples).astype(int) if image.width > size else [0]
-        predictor = Predictor(best, InferenceOptions(device=str(self.session.device)))
+        predictor = Predictor(best, InferenceOptions(device=str(self.session.device), channels_last=False))
         grid = tile_grid(best, image.height, image.width)
         windows = []
         for c in dict.fromkeys(int(c) for c in corners):
@@ -702,7 +701,7 @@ class EpochWindows(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Te
         worker = torch.utils.data.get_worker_info()
         if worker is not None:  # a forked loader process: its own file handles, one thread
             torch.set_num_threads(1)
-            batches = pickle.loads(pickle.dumps(batches))
+            batches = [b.reopened() for b in batches]
             first, stride = worker.id, worker.num_workers
         for step in range(first, self.steps, stride):
             rng = np.random.default_rng([*self.seeds, step])

@@ -51,9 +51,11 @@ def score_areas(
 ) -> dict[str, Any]:
     """torchmetrics scores of the bundle's model over a band of rows of each image (see the module's notes).
 
-    The model is put in eval mode (a training loop puts it back in train mode for its next epoch).
+    The model is put in eval mode (a training loop puts it back in train mode for its next epoch). Its memory
+    format is left alone (channels_last on a GPU would change the format of a model being trained; the
+    scores are the same).
     """
-    predictor = Predictor(bundle, InferenceOptions(device=device))
+    predictor = Predictor(bundle, InferenceOptions(device=device, channels_last=False))
     metrics = SegmentationMetrics(bundle.spec.num_classes)
     for image, rows in zip(images, areas, strict=True):
         grid = tile_grid(bundle, image.height, image.width)

@@ -17,6 +17,7 @@ class index (`pipeline.training.data`) is cached under it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -47,10 +48,13 @@ class RasterTruth:
         path: The label raster or mask (GeoTIFF, PNG, ... anything GDAL reads; local or on object storage).
         shape: (rows, cols) of the image's working grid; a raster of another size is scaled onto it.
         label_map: Label values to class ids, applied to every window.
+        role: "labels" (band 1 is read) or "mask" (a mask image, which must have one band).
     """
 
-    def __init__(self, path: str, shape: tuple[int, int], label_map: Mapping[int, int] | None = None) -> None:
+    def __init__(self, path: str, shape: tuple[int, int], label_map: Mapping[int, int] | None = None,
+                 role: str = "labels") -> None:
         self.path = path
+        self.role = role
         self.shape = (int(shape[0]), int(shape[1]))
         self.label_map = dict(label_map or {})
         self._table = _mapping_table(self.label_map)
@@ -71,8 +75,21 @@ class RasterTruth:
 
     def _open(self) -> rasterio.DatasetReader:
         if self._src is None:
-            self._src = open_raster(self.path, "labels")
+            src = open_raster(self.path, self.role)
+            if self.role == "mask" and src.count != 1:
+                src.close()
+                raise ConfigError(f"Mask {self.path} has {src.count} bands (a colour image); expected one band of "
+                                  f"class ids, {IGNORE_INDEX} unlabelled.")
+            self._src = src
         return self._src
+
+    def reopened(self) -> RasterTruth:
+        """The same truth with a file handle of its own."""
+        return copy.copy(self)._forget()
+
+    def _forget(self) -> RasterTruth:
+        self._src = None
+        return self
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_src": None}
@@ -110,6 +127,10 @@ class PolygonTruth:
             return np.zeros((h, w), np.uint8)
         return rasterio.features.rasterize([(self._geometries[i], self.shapes[i][1]) for i in hits],
                                            out_shape=(h, w), transform=window, fill=0, dtype="uint8")
+
+    def reopened(self) -> PolygonTruth:
+        """Itself: polygons hold no file handle."""
+        return self
 
     def overlaps(self, height: int, width: int) -> bool:
         """Whether any polygon touches the image (`height` x `width` on the working grid)."""

@@ -194,3 +194,21 @@ def test_qupath_annotations_of_a_slide_are_burnt_in_pixels_with_their_class_name
     (tmp_path / "unknown.geojson").write_text(json.dumps(features))
     with pytest.raises(ConfigError, match="classified 'Necrosis', which is not one of the class names"):
         open_pair(LabelledPair(image=slide, polygons=str(tmp_path / "unknown.geojson")), tissue)
+
+
+def test_a_colour_mask_or_lon_lat_polygons_on_a_slide_are_refused(shared_data: Path, atlanta: Path,
+                                                                     tmp_path: Path) -> None:
+    slide = str(shared_data / "slides" / "cmu-1-small-region.svs")
+    tissue = (ClassInfo("background", (255, 255, 255)), ClassInfo("tumour", (200, 0, 0)))
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / "rgb.png")
+    image = open_pair(LabelledPair(image=slide, mask=str(tmp_path / "rgb.png")), tissue)
+    with pytest.raises(ConfigError, match="has 3 bands"):
+        image.read(0, 0, 10, 10)
+    # Georeferenced polygons on an image without a CRS would be burnt as specks at its corner.
+    collection = json.loads((atlanta / "geotiff_labels.geojson").read_text())
+    for feature in collection["features"]:
+        feature["geometry"] = rasterio.warp.transform_geom("EPSG:32616", "EPSG:4326", feature["geometry"])
+    del collection["crs"]
+    (tmp_path / "wgs84.geojson").write_text(json.dumps(collection))
+    with pytest.raises(ConfigError, match="look like longitudes and latitudes"):
+        open_pair(LabelledPair(image=slide, polygons=str(tmp_path / "wgs84.geojson")), tissue)

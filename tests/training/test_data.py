@@ -3,6 +3,7 @@ normalisation."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -66,10 +67,13 @@ class ArrayTruth:
 
     def __init__(self, labels: np.ndarray) -> None:
         self.labels = labels
-        self.key = f"array-{labels.tobytes().__hash__()}"
+        self.key = "array-" + hashlib.sha256(labels.tobytes()).hexdigest()[:16]
 
     def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         return self.labels[y0 : y0 + h, x0 : x0 + w]
+
+    def reopened(self) -> ArrayTruth:
+        return self
 
 
 # Reading
@@ -332,3 +336,15 @@ def test_a_large_area_is_sampled_from_windows_spread_over_it(tmp_path: Path) -> 
     seen = np.unique(sample[0])
     assert seen.min() == 10 and seen.max() == 229  # rows 100 .. 2299
     assert np.diff(seen).max() <= 16  # 16 rows of windows spread over the band: no gap over 160 rows
+
+
+def test_a_damaged_class_index_in_the_cache_is_built_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TESSERA_CACHE", str(tmp_path / "cache"))
+    labels = np.arange(64 * 64, dtype=np.int64).reshape(64, 64).astype(np.uint8) % 3
+    truth = ArrayTruth(labels)
+    index = AreaIndex.build(truth, slice(0, 64), 64, cell=16)
+    (saved,) = (tmp_path / "cache" / "class-index").iterdir()
+    saved.write_bytes(saved.read_bytes()[:100])  # cut short, as by a full disk
+    again = AreaIndex.build(truth, slice(0, 64), 64, cell=16)
+    np.testing.assert_array_equal(again.counts, index.counts)
+    assert len(saved.read_bytes()) > 100  # replaced by a whole one
