@@ -71,11 +71,12 @@ def test_two_workers_killed_after_an_epoch_resume_and_reach_the_quality_of_one(
     for result in (one, two):
         assert result.epochs == 3 and [h["epoch"] for h in result.history][-1] == 3
         assert ModelBundle.load(result.bundle_path).sha256 == result.sha256
-    # Learning happened on both (an untrained model scores about 0.1 here), and the two runs land
-    # within 0.1 mIoU of each other on the holdout, which neither saw.
+    # Learning happened on both (an untrained model scores about 0.1 here), and the two runs land near
+    # each other on the holdout, which neither saw. 60 steps on this 256 px scene are noisy: one process
+    # with seeds 0..9 measured holdout mIoU 0.25 to 0.81 (median 0.63), so "near" is within 0.2.
     assert one.holdout is not None and two.holdout is not None
-    assert min(one.holdout["miou"], two.holdout["miou"]) > 0.2
-    assert abs(one.holdout["miou"] - two.holdout["miou"]) < 0.1
+    assert min(one.holdout["miou"], two.holdout["miou"]) > 0.3
+    assert abs(one.holdout["miou"] - two.holdout["miou"]) < 0.2
     # A run's checkpoints live under its own name; the derived name changes with the number of workers,
     # so a run started again with other settings does not resume from the wrong checkpoint.
     assert storage_for(checkpoints).list(checkpoints) == ["killed"]

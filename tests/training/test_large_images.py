@@ -41,9 +41,9 @@ def peak_of_training(args: list[str], cwd: Path) -> float:
 
 @pytest.mark.slow
 def test_a_16384_px_geotiff_and_slide_train_in_the_memory_of_a_2048_px_image(tmp_path: Path) -> None:
-    write_large_scene(tmp_path / "small.tif", tmp_path / "small_labels.tif", 2048, seed=1)
-    write_large_scene(tmp_path / "large.tif", tmp_path / "large_labels.tif", 16384, seed=1)
-    write_large_slide(tmp_path / "slide.ome.tif", tmp_path / "slide_mask.png", 16384, seed=1, levels=2)
+    write_large_scene(tmp_path / "small.tif", tmp_path / "small_labels.tif", 2048, seed=1, compress=False)
+    write_large_scene(tmp_path / "large.tif", tmp_path / "large_labels.tif", 16384, seed=1, compress=False)
+    write_large_slide(tmp_path / "slide.ome.tif", tmp_path / "slide_mask.png", 16384, seed=1, levels=2, compress=False)
     catalog = {"task": "slide", "classes": [{"name": c.name, "color": list(c.color)} for c in CLASSES],
                "pairs": [{"image": "slide.ome.tif", "mask": "slide_mask.png"}]}
     (tmp_path / "slide.yaml").write_text(yaml.safe_dump(catalog))
