@@ -84,7 +84,7 @@ decoder, small enough to learn the synthetic scene in a couple of CPU minutes.""
 _TILE_MULTIPLE = 32
 # Loader processes when `loader_workers` is None: on a GPU the step leaves the CPU free for reading and
 # augmenting; on CPU the step's threads take the cores, and a loader beside them was measured to slow
-# training on 2 cores (2.31 to 2.12 steps/s; docs/benchmarks.md, training).
+# training on 2 cores (2.33 steps/s without, 1.90 and 2.20 with one and two; docs/training.md).
 LOADER_WORKERS_GPU = 2
 CHECKPOINT_STATE = "state.pt"
 CHECKPOINT_BUNDLE = "best.bundle"
