@@ -44,13 +44,11 @@ demo: $(STAMP) $(VIEWER_STAMP)
 	$(BIN)/tessera demo --workdir demo
 
 # Two pytest workers: most slow tests wait on process starts (Ray, MLflow, servers) as much as they compute.
-# Modules go out in the order tests/conftest.py sorts them (longest first); xdist's own reordering (by the
-# number of tests) would hand the few long tests out last.
 test: $(STAMP) $(VIEWER_STAMP) $(SERVERS_STAMP) | debian
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP) $(VIEWER_STAMP) $(SERVERS_STAMP) | debian
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline jobs tests bench
