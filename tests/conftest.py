@@ -34,10 +34,11 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest modules first: `make test` runs two workers, one module at a time each (`--dist
-    loadfile`), and a long module handed out last keeps one worker busy while the other idles. A module's
-    length is the sum of its slow tests' seconds (``@pytest.mark.slow(SECONDS)``, measured on 2 cores;
-    20 when not given)."""
+    """The longest modules first. A module's length is the sum of its slow tests' seconds
+    (``@pytest.mark.slow(SECONDS)``, measured on 2 cores; 20 when not given). Under `make test`'s
+    `--dist loadfile`, xdist hands modules out by their number of tests instead (handing the longest
+    out first, `--no-loadscope-reorder`, was measured slower on 2 workers: two Ray-heavy modules at once
+    slow each other); this order holds in a serial run."""
 
     def module(item: pytest.Item) -> str:
         return item.nodeid.split("::")[0]
