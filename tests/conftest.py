@@ -34,24 +34,15 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest modules first. A module's length is the sum of its slow tests' seconds
-    (``@pytest.mark.slow(SECONDS)``, measured on 2 cores; 20 when not given). Under `make test`'s
-    `--dist loadfile`, xdist hands modules out by their number of tests instead (handing the longest
-    out first, `--no-loadscope-reorder`, was measured slower on 2 workers: two Ray-heavy modules at once
-    slow each other); this order holds in a serial run."""
+    """Modules with the most slow tests first: `make test` runs two workers, one module at a time each
+    (`--dist loadfile`), and the long modules must not be the last ones handed out."""
 
     def module(item: pytest.Item) -> str:
         return item.nodeid.split("::")[0]
 
-    def seconds(item: pytest.Item) -> int:
-        marker = item.get_closest_marker("slow")
-        return 0 if marker is None else int(marker.args[0]) if marker.args else 20
-
-    length: Counter[str] = Counter()
-    for item in items:
-        length[module(item)] += seconds(item)
+    slow = Counter(module(i) for i in items if i.get_closest_marker("slow"))
     first_seen = {name: k for k, name in enumerate(dict.fromkeys(module(i) for i in items))}
-    items.sort(key=lambda i: (-length[module(i)], first_seen[module(i)]))
+    items.sort(key=lambda i: (-slow[module(i)], first_seen[module(i)]))
 
 
 @pytest.fixture(scope="session")

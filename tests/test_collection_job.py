@@ -68,7 +68,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                   arch_args={"depth": 4, "width": 8, "padding_mode": "reflect"})}
 
 
-@pytest.mark.slow(55)
+@pytest.mark.slow
 def test_collection_with_bad_images_then_rerun_computes_only_those(
     images: dict[str, Path], tmp_path: Path, ray_session: None
 ) -> None:
@@ -187,7 +187,7 @@ def test_one_run_for_the_collection_with_a_nested_run_per_image(
         assert Mosaic.open(result.output).lineage["mlflow"]["run_id"] == result.run_id
 
 
-@pytest.mark.slow(55)
+@pytest.mark.slow
 def test_driver_killed_mid_collection_resumes_to_the_undisturbed_result(
     images: dict[str, Path], tmp_path: Path, ray_session: None
 ) -> None:

@@ -81,7 +81,7 @@ def add_scene(folder: Path, catalog: Path, seed: int, added: str) -> None:
     catalog.write_text(yaml.safe_dump(data))
 
 
-@pytest.mark.slow(100)
+@pytest.mark.slow
 def test_nightly_promotes_keeps_and_is_idempotent_then_segment_uses_the_champion(
     server: str, tmp_path: Path, ray_session: None
 ) -> None:

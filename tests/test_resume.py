@@ -54,7 +54,7 @@ def assert_same_mosaic(a: Mosaic, b: Mosaic) -> None:
         np.testing.assert_allclose(a.read("scores", level), b.read("scores", level), atol=1e-5, equal_nan=True)
 
 
-@pytest.mark.slow(70)
+@pytest.mark.slow
 def test_a_job_on_s3_refuses_a_second_and_resumes_after_a_kill(
     job_inputs: tuple[Path, Path], undisturbed: Mosaic, s3_bucket: str, tmp_path: Path
 ) -> None:

@@ -20,7 +20,7 @@ def ray_head() -> Iterator[str]:
         yield head.dashboard
 
 
-@pytest.mark.slow(50)
+@pytest.mark.slow
 def test_segment_job_submitted_to_a_real_head(ray_head: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     source = write_geotiff(tmp_path / "s.tif", smooth_image(400, 600, seed=8))

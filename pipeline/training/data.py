@@ -115,10 +115,13 @@ class LabelledImage:
         """The image's data type."""
         return self.source.dtype
 
+    def values(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """(C, h, w) raw values of `bands` in a window inside the image."""
+        return self.source.read(y0, x0, h, w)[[b - 1 for b in self.bands]]
+
     def read(self, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """A window inside the image: (C, h, w) raw values of `bands` and (h, w) uint8 class ids."""
-        image = self.source.read(y0, x0, h, w)[[b - 1 for b in self.bands]]
-        return image, self.truth.read(y0, x0, h, w)
+        """A window inside the image: its `values` and (h, w) uint8 class ids."""
+        return self.values(y0, x0, h, w), self.truth.read(y0, x0, h, w)
 
     def reopened(self) -> LabelledImage:
         """The same image with file handles of its own (for a forked process: handles are not shared)."""
@@ -259,14 +262,14 @@ def sample_pixels(image: LabelledImage, rows: slice, most: int = _STATISTICS_PIX
     """
     height, width = rows.stop - rows.start, image.width
     if height * width <= 4 * most:
-        values, _ = image.read(rows.start, 0, height, width)
+        values = image.values(rows.start, 0, height, width)
         step = max(1, math.isqrt(height * width // most))
         return values[:, ::step, ::step].reshape(values.shape[0], 1, -1)
     side = max(1, math.isqrt(most // _STATISTICS_WINDOWS**2))
     wh, ww = min(side, height), min(side, width)
     ys = np.linspace(rows.start, rows.stop - wh, _STATISTICS_WINDOWS).astype(int)
     xs = np.linspace(0, width - ww, _STATISTICS_WINDOWS).astype(int)
-    windows = [image.source.read(int(y), int(x), wh, ww)[[b - 1 for b in image.bands]] for y in ys for x in xs]
+    windows = [image.values(int(y), int(x), wh, ww) for y in ys for x in xs]
     return np.stack(windows, axis=1).reshape(len(image.bands), 1, -1)
 
 

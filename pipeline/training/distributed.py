@@ -31,7 +31,7 @@ import torch
 
 from pipeline.errors import ConfigError, TesseraError
 from pipeline.storage import Location, stamp, storage_for
-from pipeline.training.loop import EpochLogger, TrainConfig, TrainResult, result_from_metrics, run_loop
+from pipeline.training.loop import EpochLogger, TrainConfig, TrainResult, open_data, result_from_metrics, run_loop
 
 __all__ = ["Distributed", "fit", "run_name"]
 
@@ -270,7 +270,8 @@ def _input_stamps(config: TrainConfig) -> list[tuple[str, str]]:
 
 
 def _check_inputs(config: TrainConfig) -> None:
-    """The error a worker would raise for a missing image, truth or catalog, raised here at once."""
+    """The error a worker would raise for a missing image, truth or catalog, or for labels that do not fit the
+    classes, raised here at once."""
     from pipeline.errors import SourceNotFoundError
     from pipeline.training.catalog import load_catalog
 
@@ -282,11 +283,9 @@ def _check_inputs(config: TrainConfig) -> None:
         if location is not None and not storage_for(location).exists(location):
             raise SourceNotFoundError(f"The {role} {path!r} does not exist; check the path (relative paths are "
                                       f"relative to {os.getcwd()!r}).")
-    if config.labels is not None:  # a 0/255 mask, values beyond the classes: now, not after the workers start
-        from pipeline.training.loop import resolve_classes
-        from pipeline.training.truth import label_values
-
-        resolve_classes(config.classes, label_values(config.labels, config.label_map), config.labels)
+    # The label checks (a 0/255 mask, values beyond the classes, an area with no labelled pixel) now, not
+    # after the workers start; the class indexes built for them are cached for the workers on this machine.
+    open_data(config)
 
 
 def _user_error(exc: BaseException) -> TesseraError | None:

@@ -61,14 +61,14 @@ from pipeline.training.figures import FinalReport, display_rgb
 from pipeline.training.losses import SegmentationLoss
 from pipeline.training.metrics import IGNORE_INDEX
 from pipeline.training.pretrained import encoder_parameters, init_from_bundle, load_encoder_weights
-from pipeline.training.scoring import predict_region, score_areas, tile_grid
+from pipeline.training.scoring import predict_region, score_areas, scoring_predictor, tile_grid
 from pipeline.training.truth import as_label_map
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_ARCH_ARGS", "LocalSession", "Session", "TrainConfig", "TrainResult", "balanced_weights",
-    "result_from_metrics", "run_loop", "score_holdout", "train",
+    "open_data", "result_from_metrics", "run_loop", "score_holdout", "train",
 ]
 
 DEFAULT_ARCH_ARGS: Mapping[str, Any] = MappingProxyType(
@@ -436,7 +436,7 @@ class _Run:
                 f"batch_size={config.batch_size} does not split evenly over {session.world_size} workers; "
                 f"use a multiple of {session.world_size} (each worker takes batch_size / workers windows)."
             )
-        data = _open_data(config)
+        data = open_data(config)
         self.images, self.splits, classes = data.images, data.splits, data.classes
         counts = data.counts
         # Classes the user configured (or a catalog's, or polygons' two) must be in the training area;
@@ -519,6 +519,7 @@ class _Run:
         self.history: list[dict[str, float]] = []
         self.best_miou = -math.inf
         self.best_iou: list[float] = []
+        self.best_confusion: np.ndarray | None = None  # the best model's validation confusion matrix
         self.best_epoch = 0
         self.sha256 = ""
         self.epoch = 0  # epochs completed
@@ -628,6 +629,7 @@ class _Run:
         self.history.append(figures)
         if miou > self.best_miou:
             self.best_miou, self.best_iou, self.best_epoch = miou, list(scores["iou"]), self.epoch
+            self.best_confusion = scores["confusion"]
             self.sha256 = self.bundle.save(self.best_path)
         if self.logger is not None:
             self.logger.log_epoch(self.epoch, figures)
@@ -635,14 +637,14 @@ class _Run:
 
     def _final_report(self, best: ModelBundle, samples: int = 4) -> FinalReport:
         """The best model's validation confusion matrix and a few windows of the first image's validation band."""
-        from pipeline.inference import InferenceOptions, Predictor
-
         spec = best.spec
-        confusion = self._score(best, [s.val for s in self.splits])["confusion"]
+        confusion = self.best_confusion  # kept when it was scored, unless this run was resumed since
+        if confusion is None:
+            confusion = self._score(best, [s.val for s in self.splits])["confusion"]
         image, rows = self.images[0], self.splits[0].val
         size = min(256, rows.stop - rows.start, image.width)
         corners = np.linspace(0, image.width - size, samples).astype(int) if image.width > size else [0]
-        predictor = Predictor(best, InferenceOptions(device=str(self.session.device), channels_last=False))
+        predictor = scoring_predictor(best, str(self.session.device))
         grid = tile_grid(best, image.height, image.width)
         windows = []
         for c in dict.fromkeys(int(c) for c in corners):
@@ -727,7 +729,7 @@ def score_holdout(bundle_path: str | Path, config: TrainConfig) -> dict[str, Any
     if not config.holdout_fraction:
         raise ConfigError("holdout_fraction is 0: there is no holdout to score on; set it, e.g. 0.2.")
     bundle = ModelBundle.load(bundle_path)
-    data = _open_data(config)
+    data = open_data(config)
     if len(bundle.spec.classes) != len(data.classes):
         raise ConfigError(f"{bundle_path} has {len(bundle.spec.classes)} classes, the data {len(data.classes)}: "
                           "score a model of this task.")
@@ -763,7 +765,7 @@ class _Data:
     classes: tuple[ClassInfo, ...]
 
 
-def _open_data(config: TrainConfig) -> _Data:
+def open_data(config: TrainConfig) -> _Data:
     """Open the images (one, or a catalog's), split each by area, index each area's truth (one pass over
     it, cached), and check the labels against the classes; nothing is held but the indexes."""
     images, classes = _open(config)

@@ -26,7 +26,7 @@ from pipeline.tiling import Rect, TileGrid, TileId
 from pipeline.training.data import LabelledImage
 from pipeline.training.metrics import SegmentationMetrics
 
-__all__ = ["SCORING_BLOCK", "predict_region", "score_areas", "tile_grid"]
+__all__ = ["SCORING_BLOCK", "predict_region", "score_areas", "scoring_predictor", "tile_grid"]
 
 SCORING_BLOCK = 1024  # px: the side of the blocks an area is scored in
 
@@ -36,6 +36,12 @@ def tile_grid(bundle: ModelBundle, height: int, width: int) -> TileGrid:
     and overlap, or the fixed input size of an imported program)."""
     spec = bundle.spec
     return TileGrid(height, width, spec.input_size or spec.tile_size, spec.overlap)
+
+
+def scoring_predictor(bundle: ModelBundle, device: str = "cpu") -> Predictor:
+    """The production Predictor for scoring, leaving the model's memory format alone (channels_last on a GPU
+    would change the format of a model being trained; the scores are the same)."""
+    return Predictor(bundle, InferenceOptions(device=device, channels_last=False))
 
 
 def predict_region(predictor: Predictor, image: LabelledImage, grid: TileGrid, region: Rect) -> np.ndarray:
@@ -51,11 +57,9 @@ def score_areas(
 ) -> dict[str, Any]:
     """torchmetrics scores of the bundle's model over a band of rows of each image (see the module's notes).
 
-    The model is put in eval mode (a training loop puts it back in train mode for its next epoch). Its memory
-    format is left alone (channels_last on a GPU would change the format of a model being trained; the
-    scores are the same).
+    The model is put in eval mode (a training loop puts it back in train mode for its next epoch).
     """
-    predictor = Predictor(bundle, InferenceOptions(device=device, channels_last=False))
+    predictor = scoring_predictor(bundle, device)
     metrics = SegmentationMetrics(bundle.spec.num_classes)
     for image, rows in zip(images, areas, strict=True):
         grid = tile_grid(bundle, image.height, image.width)

@@ -38,7 +38,7 @@ from pipeline.storage import Location, stamp, storage_for
 from pipeline.storage.gdal import configure_for
 from pipeline.training.metrics import IGNORE_INDEX
 
-__all__ = ["PolygonTruth", "RasterTruth", "as_class_ids", "as_label_map", "label_values", "map_labels", "open_raster"]
+__all__ = ["PolygonTruth", "RasterTruth", "as_class_ids", "as_label_map", "map_labels", "open_raster"]
 
 
 class RasterTruth:
@@ -114,6 +114,23 @@ class PolygonTruth:
 
     def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """(h, w) uint8 class ids of a window of the image's grid."""
+        hits = self._touching(y0, x0, h, w)
+        if not hits:
+            return np.zeros((h, w), np.uint8)
+        return rasterio.features.rasterize([(self._geometries[i], self.shapes[i][1]) for i in hits],
+                                           out_shape=(h, w), transform=self.transform * Affine.translation(x0, y0),
+                                           fill=0, dtype="uint8")
+
+    def reopened(self) -> PolygonTruth:
+        """Itself: polygons hold no file handle."""
+        return self
+
+    def overlaps(self, height: int, width: int) -> bool:
+        """Whether any polygon touches the image (`height` x `width` on the working grid)."""
+        return bool(self._touching(0, 0, height, width))
+
+    def _touching(self, y0: int, x0: int, h: int, w: int) -> list[int]:
+        """The polygons whose bounding boxes meet a window of the grid, in their order (an STRtree, built once)."""
         import shapely
 
         if self._tree is None:
@@ -122,24 +139,7 @@ class PolygonTruth:
         window = self.transform * Affine.translation(x0, y0)
         corners = [window * (c, r) for c, r in ((0, 0), (w, 0), (0, h), (w, h))]
         xs, ys = [c[0] for c in corners], [c[1] for c in corners]
-        hits = sorted(self._tree.query(shapely.box(min(xs), min(ys), max(xs), max(ys))))
-        if not hits:
-            return np.zeros((h, w), np.uint8)
-        return rasterio.features.rasterize([(self._geometries[i], self.shapes[i][1]) for i in hits],
-                                           out_shape=(h, w), transform=window, fill=0, dtype="uint8")
-
-    def reopened(self) -> PolygonTruth:
-        """Itself: polygons hold no file handle."""
-        return self
-
-    def overlaps(self, height: int, width: int) -> bool:
-        """Whether any polygon touches the image (`height` x `width` on the working grid)."""
-        self.read(0, 0, 1, 1)  # builds the index
-        corners = [self.transform * (c, r) for c, r in ((0, 0), (width, 0), (0, height), (width, height))]
-        xs, ys = [c[0] for c in corners], [c[1] for c in corners]
-        import shapely
-
-        return len(self._tree.query(shapely.box(min(xs), min(ys), max(xs), max(ys)))) > 0
+        return sorted(int(i) for i in self._tree.query(shapely.box(min(xs), min(ys), max(xs), max(ys))))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tree": None, "_geometries": []}
@@ -188,19 +188,6 @@ def map_labels(labels: np.ndarray, label_map: Mapping[int, int] | None) -> np.nd
     """uint8 `labels` with `label_map` applied (values not in it are kept)."""
     table = _mapping_table(label_map)
     return labels if table is None else table[labels]
-
-
-def label_values(path: str, label_map: Mapping[int, int] | None = None) -> np.ndarray:
-    """The label values a label raster holds, `label_map` applied, read block by block (in bounded memory).
-
-    Raises:
-        ConfigError: values that are not class ids (as :func:`as_class_ids`).
-    """
-    counts = np.zeros(256, np.int64)
-    with open_raster(path, "labels") as src:
-        for _, window in src.block_windows(1):
-            counts += np.bincount(as_class_ids(src.read(1, window=window), path).ravel(), minlength=256)
-    return np.unique(map_labels(np.flatnonzero(counts).astype(np.uint8), label_map))
 
 
 def as_class_ids(labels: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:

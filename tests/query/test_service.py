@@ -44,7 +44,7 @@ def get_json(served: Served, path: str) -> Any:
     return json.loads(body)
 
 
-@pytest.mark.slow(30)
+@pytest.mark.slow
 def test_no_request_the_schema_allows_gets_a_server_error(served: Served) -> None:
     """Every operation of /openapi.json, fuzzed by schemathesis: schema-valid requests against each real
     mosaic and with generated names, and schema-violating (negative) ones; none may get a 5xx."""

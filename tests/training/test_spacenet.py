@@ -9,7 +9,7 @@ import pytest
 from pipeline.training import TrainConfig, train
 
 
-@pytest.mark.slow(80)
+@pytest.mark.slow
 def test_buildings_are_found_on_the_held_out_area(shared_data: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # conf/data/spacenet_atlanta.yaml: the 900 x 900 px, 0.5 m panchromatic sample and its 43
