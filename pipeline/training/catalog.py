@@ -13,7 +13,7 @@ A pair is an image and its truth, in one of three forms:
 Images are read window by window at the catalog's ``resolution`` (the pyramid level closest to it, or
 level 0), their truth too (`pipeline.training.truth`), so a pair may be far larger than memory. Each
 pair records when it arrived (``added``, else its newest file's modification time), which the
-nightly job uses to find new data.
+nightly job uses to find new data. A relative path in a catalog file is read from the file's folder.
 
 Example (a catalog file)::
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import posixpath
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -138,8 +139,12 @@ class Catalog:
             raise ConfigError(f"The catalog of task {self.task!r} needs at least 2 classes, got {len(self.classes)}.")
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> Catalog:
+    def from_mapping(cls, data: Mapping[str, Any], base: Location | None = None) -> Catalog:
         """Build from a parsed catalog file (Hydra/OmegaConf container or plain dict).
+
+        A pair's relative path is resolved from `base`, the catalog file's folder (local or on object
+        storage), so a catalog reads the same from any working folder; without `base`, from the working
+        folder.
 
         Raises:
             ConfigError: A key is unknown or missing, or a value has the wrong shape.
@@ -150,7 +155,7 @@ class Catalog:
             raise ConfigError(f"Unknown catalog keys {unknown}; expected some of {sorted(known)}.")
         try:
             classes = tuple(ClassInfo(name=str(c["name"]), color=tuple(c["color"])) for c in data["classes"])
-            pairs = tuple(LabelledPair(**dict(p)) for p in (data.get("pairs") or ()))
+            pairs = tuple(LabelledPair(**_resolved(dict(p), base)) for p in (data.get("pairs") or ()))
         except (KeyError, TypeError) as exc:
             raise ConfigError(
                 f"The catalog is malformed ({exc}); expected task, classes: [{{name, color}}, ...] and "
@@ -205,12 +210,26 @@ def open_pair(
     return LabelledImage(source, truth, selected, source.pixel_size(unit), unit, pair.truth)
 
 
+def _resolved(pair: dict[str, Any], base: Location | None) -> dict[str, Any]:
+    """`pair` with its relative file paths resolved from `base` (URLs and absolute paths as they are)."""
+    if base is None:
+        return pair
+    for key in ("image", *_TRUTH_KINDS):
+        path = pair.get(key)
+        if isinstance(path, str) and path and "://" not in path and not os.path.isabs(os.path.expanduser(path)):
+            if base.is_local:
+                pair[key] = os.path.normpath(os.path.join(base.path, path))
+            else:
+                pair[key] = Location(base.scheme, posixpath.normpath(posixpath.join(base.path, path))).url
+    return pair
+
+
 def _require(path: str) -> Location:
     """Where `path` is (a local path, or a URL on object storage); raises SourceNotFoundError if nothing is."""
     location = Location.parse(path)
     if not storage_for(location).exists(location):
         raise SourceNotFoundError(
-            f"{path} does not exist; check the catalog (relative paths are resolved from {Path.cwd()})."
+            f"{path} does not exist; check the catalog's paths (a relative one is read from the catalog file's folder)."
         )
     return location
 
@@ -371,4 +390,4 @@ def load_catalog(name: str) -> Catalog:
         data = yaml.safe_load(path.read_text())
     if not isinstance(data, Mapping):
         raise ConfigError(f"The catalog {path} is not a mapping of task, classes and pairs.")
-    return Catalog.from_mapping(data)
+    return Catalog.from_mapping(data, base=path.parent if isinstance(path, Location) else Location.parse(path.parent))

@@ -55,7 +55,8 @@ class Distributed:
     Attributes:
         workers: Training processes (DDP ranks); each takes ``batch_size / workers`` windows a step.
         use_gpu: One GPU per worker (nccl, bf16 autocast); else CPU with gloo.
-        threads: torch threads (and reserved CPUs) per worker.
+        threads: torch threads (and reserved CPUs) per worker; None: on an embedded Ray, this machine's CPUs
+            shared among the workers (2 workers on 8 CPUs: 4 each), on a cluster 1.
         storage: Folder (or URI Ray Train accepts, e.g. s3://...) for the run's checkpoints; on a
             cluster, one every node can reach.
         name: The run's name under ``storage``; None derives it from the output and the settings,
@@ -67,7 +68,7 @@ class Distributed:
 
     workers: int = 1
     use_gpu: bool = False
-    threads: int = 1
+    threads: int | None = None
     storage: str = "checkpoints"
     name: str | None = None
     max_failures: int = 0
@@ -77,6 +78,8 @@ class Distributed:
     def __post_init__(self) -> None:
         for key in ("workers", "threads", "keep"):
             value = getattr(self, key)
+            if key == "threads" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key}={value!r} is invalid; expected an integer >= 1.")
         if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < 0:
@@ -137,6 +140,9 @@ def fit(
         config = _absolute_inputs(config)  # workers run in folders of their own
     output = Location.parse(config.output)
     storage_for(output).check(output)  # a missing bucket or no credentials: now, not after the training
+    if settings.threads is None:  # a laptop's cores all go to training; a cluster's node size is not known here
+        shared = max(1, (os.cpu_count() or 1) // settings.workers) if embedded else 1
+        settings = dataclasses.replace(settings, threads=shared)
     config = dataclasses.replace(config, threads=settings.threads)
     name = run_name(config, settings)
     with _environment(EMBEDDED_RAY_TRAIN_ENV if embedded else {}):  # read by Ray Train, passed to its controller
@@ -152,13 +158,14 @@ def _fit(config: TrainConfig, settings: Distributed, logger: EpochLogger | None,
     from pipeline import warm_pool
     from pipeline.cluster import connect_ray
 
+    threads = settings.threads or 1  # resolved by fit
     storage = Location.parse(settings.storage).url  # Ray Train takes a local path or a URL
     trainer = TorchTrainer(
         _worker,  # type: ignore[arg-type]  # Ray Train v2 (the default) returns its value; the stubs are v1's
         train_loop_config={"config": config, "use_gpu": settings.use_gpu, "logger": logger},
         torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=settings.workers, use_gpu=settings.use_gpu, resources_per_worker={"CPU": settings.threads}
+            num_workers=settings.workers, use_gpu=settings.use_gpu, resources_per_worker={"CPU": threads}
         ),
         run_config=RunConfig(
             name=name,
@@ -167,7 +174,7 @@ def _fit(config: TrainConfig, settings: Distributed, logger: EpochLogger | None,
             failure_config=FailureConfig(max_failures=settings.max_failures),
         ),
     )
-    started = connect_ray(settings.address, settings.workers * settings.threads)
+    started = connect_ray(settings.address, settings.workers * threads)
     warm_pool.release()  # idle block workers of this process's earlier jobs give their CPUs back
     try:
         try:

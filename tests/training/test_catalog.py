@@ -125,13 +125,8 @@ def test_bad_catalogs_are_refused_with_the_fix(data: dict[str, object], message:
 
 
 def test_the_spacenet_catalog_in_conf_reads(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from omegaconf import OmegaConf
-
-    from pipeline.training.catalog import catalog_path
-
-    repo = Path(__file__).resolve().parents[2]
-    monkeypatch.chdir(repo)  # the catalog's paths are relative to where the job runs
-    catalog = Catalog.from_mapping(OmegaConf.to_container(OmegaConf.load(catalog_path("spacenet_atlanta"))))
+    monkeypatch.chdir(shared_data)  # the catalog's relative paths are read from its own folder, not from here
+    catalog = load_catalog("spacenet_atlanta")
     (raster,) = catalog.open()
     assert catalog.task == "buildings" and [c.name for c in catalog.classes] == ["background", "building"]
     assert 0.03 < float((whole(raster)[1] == 1).mean()) < 0.06  # 43 footprints cover about 4% of the image
@@ -151,7 +146,7 @@ def test_a_catalog_and_its_pairs_on_object_storage_read_as_local_files(atlanta: 
     classes = [{"name": "background", "color": [0, 0, 0]}, {"name": "building", "color": [230, 60, 60]}]
     document = {"task": "buildings", "classes": classes, "pairs": [
         {"image": f"{s3_bucket}/data/a.tif", "polygons": f"{s3_bucket}/data/a.geojson"},
-        {"image": f"{s3_bucket}/data/a.tif", "mask": f"{s3_bucket}/data/mask.png"}]}
+        {"image": "data/a.tif", "mask": "data/mask.png"}]}  # relative: read from the catalog's folder
     url = Location.parse(f"{s3_bucket}/catalog.yaml")
     storage_for(url).write_bytes(url, yaml.safe_dump(document).encode())
 
