@@ -170,7 +170,7 @@ class TrainConfig:
     elastic: float = 0.25
     balance: float = 0.5
     loss: str | Mapping[str, float] = "ce_dice"
-    class_weights: str | tuple[float, ...] | None = None
+    class_weights: str | tuple[float, ...] | None = "balanced"
     seed: int = 0
     threads: int | None = None
     loader_workers: int | None = None
