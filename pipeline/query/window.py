@@ -137,7 +137,7 @@ def check_crs(crs: str) -> Any:
     try:
         return CRS.from_user_input(crs)
     except CRSError as e:
-        raise RegionError(f"unknown CRS {crs!r} ({e}): give an EPSG code such as EPSG:4326, or WKT") from None
+        raise RegionError(f"unknown CRS {crs!r}: give an EPSG code such as EPSG:4326, or WKT") from e
 
 
 def reprojected(what: str, crs: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -150,7 +150,7 @@ def reprojected(what: str, crs: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except (RasterioError, CPLE_BaseError, ProjError, ValueError) as e:
-        raise RegionError(f"{what} cannot be reprojected between {crs} and the mosaic's CRS ({e})") from None
+        raise RegionError(f"{what} cannot be reprojected between {crs} and the mosaic's CRS") from e
 
 
 def bbox_window(layout: MosaicLayout, bbox: Sequence[float], crs: str | None = None, level: int = 0) -> Window:
@@ -206,7 +206,7 @@ def check_geometry(geometry: Mapping[str, Any]) -> dict[str, Any]:
     try:
         polygon = shape(geom)
     except Exception as e:  # shapely raises several types for malformed coordinates
-        raise RegionError(f"polygon: malformed GeoJSON coordinates ({e})") from None
+        raise RegionError("polygon: malformed GeoJSON coordinates; give rings of [x, y] pairs") from e
     if polygon.is_empty or not polygon.is_valid or polygon.area <= 0:
         raise RegionError("polygon: empty, self-intersecting or of zero area; check its rings")
     return geom

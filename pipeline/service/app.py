@@ -8,6 +8,7 @@ level or geometry that does not fit. The viewer (viewer/) is served from the sam
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -61,6 +62,8 @@ CRS_CODE = r"^(EPSG|ESRI|OGC|IAU_2015):[A-Za-z0-9_]{1,20}$"
 NUMBERS = r"^-?[0-9.eE+-]+(,-?[0-9.eE+-]+){3}$"
 INTEGERS = r"^-?[0-9]{1,9}(,-?[0-9]{1,9}){3}$"
 MAX_DEPTH = 4  # folders below ROOT searched for mosaics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,12 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
             raise MosaicError(f"--sources {folder} is not a folder")
     lim = limits or Limits()
     cache = _Cache()
+    finder = _Finder(base)
+    hidden = [str(p) for p in (base if isinstance(base, Path) else None, *sources) if p is not None]
+
+    def public(message: str) -> str:
+        """`message` without the server's paths: ROOT's and the source folders' own, and any other."""
+        return _without_paths(message, hidden)
     app = FastAPI(title="tessera", version="1", description=__doc__)
 
     app.add_middleware(BodyLimit, limit=lim.body_bytes)
@@ -123,7 +132,14 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
     @app.exception_handler(TesseraError)
     async def tessera_error(request: Request, e: TesseraError) -> JSONResponse:
         status = 413 if isinstance(e, RegionTooLargeError) else 404 if isinstance(e, MosaicError) else 422
-        return JSONResponse({"detail": str(e)}, status_code=status)
+        if e.__cause__ is not None:  # the library's own words (PROJ, GEOS, GDAL) go to the server's log
+            log.info("%s %s: %s (%r)", request.method, request.url.path, e, e.__cause__)
+        return JSONResponse({"detail": public(str(e))}, status_code=status)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"detail": "the server failed to answer; its log has the details"}, status_code=500)
 
     def mosaic(mid: str) -> Mosaic:
         return cache.mosaic(base, mid)
@@ -146,7 +162,13 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
 
     @app.get("/api/mosaics", summary="The mosaics under ROOT")
     def list_mosaics() -> list[dict[str, Any]]:
-        return [{"id": mid, **mosaic_summary(cache.mosaic(base, mid))} for mid in find_mosaics(base)]
+        listed = []
+        for mid in finder.find():
+            try:
+                listed.append({"id": mid, **mosaic_summary(cache.mosaic(base, mid))})
+            except TesseraError as e:  # a damaged mosaic is listed with its problem, the others as they are
+                listed.append({"id": mid, "error": public(str(e))})
+        return listed
 
     @app.get("/api/mosaics/{mid:path}/region.png", summary="A region as PNG", response_class=Response, responses=PNG)
     def region_png(mid: MosaicId, layer: Literal["mask", "confidence"] = "mask", window: WindowParam = None,
@@ -275,43 +297,96 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def find_mosaics(base: Path | Location) -> list[str]:
-    """Mosaic folders under `base` (not following links out of it, not looking inside mosaics)."""
-    found: list[str] = []
-    if isinstance(base, Location):
-        storage = storage_for(base)
+class _Finder:
+    """The mosaic folders under `base` (not following links out of it, not looking inside mosaics).
 
-        def walk_prefix(folder: Location, depth: int) -> None:
-            for name in storage.list(folder):
-                if name.startswith("."):
+    On a disk, a folder's `zarr.json` is parsed only when it is new or changed (its size and time): a
+    listing then costs a walk and one stat per folder, however many mosaics ROOT holds.
+    """
+
+    def __init__(self, base: Path | Location) -> None:
+        self.base = base
+        self._seen: dict[str, tuple[int, int, bool]] = {}  # zarr.json -> (size, mtime_ns, is a mosaic)
+        self._lock = threading.Lock()
+
+    def find(self) -> list[str]:
+        found: list[str] = []
+        base = self.base
+        if isinstance(base, Location):
+            storage = storage_for(base)
+
+            def walk_prefix(folder: Location, depth: int) -> None:
+                for name in storage.list(folder):
+                    if name.startswith("."):
+                        continue
+                    inner = folder.join(name)
+                    if is_mosaic(inner):
+                        found.append(inner.path.removeprefix(base.path + "/"))
+                    elif depth < MAX_DEPTH:
+                        walk_prefix(inner, depth + 1)
+
+            walk_prefix(base, 1)
+            return found
+
+        def walk(folder: Path, depth: int) -> None:
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                return
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_dir():
                     continue
-                inner = folder.join(name)
-                if is_mosaic(inner):
-                    found.append(inner.path.removeprefix(base.path + "/"))
+                path = Path(entry.path)
+                if not path.resolve().is_relative_to(base):
+                    continue
+                if self._is_mosaic(path):
+                    found.append(path.relative_to(base).as_posix())
                 elif depth < MAX_DEPTH:
-                    walk_prefix(inner, depth + 1)
+                    walk(path, depth + 1)
 
-        walk_prefix(base, 1)
+        walk(base, 1)
         return found
 
-    def walk(folder: Path, depth: int) -> None:
+    def _is_mosaic(self, folder: Path) -> bool:
+        document = folder / "zarr.json"
         try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            st = document.stat()
         except OSError:
-            return
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue
-            path = Path(entry.path)
-            if not path.resolve().is_relative_to(base):
-                continue
-            if is_mosaic(path):
-                found.append(path.relative_to(base).as_posix())
-            elif depth < MAX_DEPTH:
-                walk(path, depth + 1)
+            return False
+        key = str(document)
+        with self._lock:
+            hit = self._seen.get(key)
+        if hit is not None and hit[:2] == (st.st_size, st.st_mtime_ns):
+            return hit[2]
+        answer = is_mosaic(folder)
+        with self._lock:
+            self._seen[key] = (st.st_size, st.st_mtime_ns, answer)
+        return answer
 
-    walk(base, 1)
-    return found
+
+_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"/,;()<>]+/)+[^\s'\"/,;()<>]*")
+_ROUTES = ("/api/", "/static/", "/view/", "/vendor/", "/docs")
+
+
+def _without_paths(message: str, hidden: Sequence[str]) -> str:
+    """`message` with the server's absolute paths taken out: below a `hidden` folder (ROOT, a source
+    folder) a path becomes relative to it, any other keeps its last part only (the service's own
+    routes, /api/..., stay)."""
+    for folder in sorted(hidden, key=len, reverse=True):
+        message = message.replace(folder.rstrip("/") + "/", "")
+
+    def shorten(match: re.Match[str]) -> str:
+        path = match.group(0)
+        return path if path.startswith(_ROUTES) else ".../" + path.rstrip("/").rsplit("/", 1)[-1]
+
+    return _PATH.sub(shorten, message)
+
+
+def _kind(e: BaseException) -> str:
+    """What went wrong, in a few words without paths: the exception's type and, for a missing key, the key."""
+    if isinstance(e, KeyError) and e.args:
+        return f"missing {e.args[0]!r}"
+    return type(e).__name__
 
 
 def tile_scheme(mid: str, m: Mosaic) -> dict[str, Any]:
@@ -374,7 +449,15 @@ class _Cache:
                 return hit[1]
         if not is_mosaic(path):
             raise MosaicError(f"no mosaic {mid!r} under the served folder: GET /api/mosaics lists them")
-        m = Mosaic.open(path)
+        try:
+            m = Mosaic.open(path)
+            mosaic_summary(m)  # what every answer reads first: the layout and the classes
+        except TesseraError:
+            raise
+        except Exception as e:  # zarr's, JSON's or the layout's own errors: a mosaic written wrong, or cut short
+            log.info("mosaic %s cannot be read: %r", mid, e)
+            raise MosaicError(f"mosaic {mid!r} cannot be read: its metadata is damaged ({_kind(e)}); write it "
+                              "again with `tessera segment`") from e
         with self._lock:
             self._mosaics[mid] = (stamp, m)
             for key in [k for k in self._values if k[0] == mid and k[1] != stamp]:
