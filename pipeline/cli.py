@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pipeline.errors import user_errors
+from pipeline.errors import ConfigError, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment images too large for memory.")
 
@@ -319,16 +319,30 @@ def serve(
     max_region_pixels: Annotated[int, typer.Option(help="Largest region one request may read.")] = 4096 * 4096,
     sources: Annotated[list[Path] | None, typer.Option(
         help="A folder whose source images the viewer may preview, besides ROOT (repeatable).")] = None,
+    token: Annotated[str | None, typer.Option(
+        envvar="TESSERA_TOKEN", show_envvar=True,
+        help="Require this token of every request (header 'Authorization: Bearer TOKEN', or open "
+             "/?token=TOKEN once in a browser). Prefer the environment variable: a command line is visible "
+             "to other users of the machine.")] = None,
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        help="A Host name the server answers to (repeatable), e.g. the proxy's public name; others get 400. "
+             "Default: 127.0.0.1 and localhost when listening there, any otherwise.")] = None,
 ) -> None:
     """Serve the mosaics under ROOT over HTTP: the API (/docs) and the web viewer (/)."""
     import uvicorn
 
+    from pipeline.service.access import default_allowed_hosts
     from pipeline.service.app import Limits, create_app
     from pipeline.storage import Location
 
     with user_errors():
-        service = create_app(root, Limits(region_pixels=max_region_pixels), source_folders=sources or ())
-    typer.echo(f"serving {Location.parse(root)} on http://{host}:{port}/ (API at /docs)")
+        if token is not None and len(token) < 16:
+            raise ConfigError("--token is shorter than 16 characters; use a long random one, e.g. "
+                              "`python -c 'import secrets; print(secrets.token_urlsafe())'`.")
+        service = create_app(root, Limits(region_pixels=max_region_pixels), source_folders=sources or (),
+                             token=token, allowed_hosts=default_allowed_hosts(host, allowed_host))
+    guard = " (token required)" if token else ""
+    typer.echo(f"serving {Location.parse(root)} on http://{host}:{port}/ (API at /docs){guard}")
     uvicorn.run(service, host=host, port=port, log_level="warning")
 
 

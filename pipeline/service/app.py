@@ -23,6 +23,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from pipeline.errors import MosaicError, RegionError, TesseraError
 from pipeline.mosaic import Mosaic, is_mosaic
@@ -53,6 +54,7 @@ from pipeline.query.window import (
     parse_window,
     resolve,
 )
+from pipeline.service.access import TokenGate
 from pipeline.storage import Location, storage_for
 
 VIEWER = Path(__file__).parent / "viewer"
@@ -98,12 +100,15 @@ NPY: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/octet-stream": {}}, "description": "A NumPy .npy array."}}
 
 
-def create_app(root: str | Path, limits: Limits | None = None, source_folders: Sequence[str | Path] = ()) -> FastAPI:
+def create_app(root: str | Path, limits: Limits | None = None, source_folders: Sequence[str | Path] = (),
+               token: str | None = None, allowed_hosts: Sequence[str] = ("*",)) -> FastAPI:
     """The service for the mosaics under `root` (read-only).
 
     Args:
         source_folders: where source images may be read for the viewer's preview, besides `root`
             (a mosaic names its source; only sources inside these folders are opened).
+        token: when given, every request must carry it (`pipeline.service.access.TokenGate`).
+        allowed_hosts: the Host names answered to (``*``: any); others get 400.
     """
     where = Location.parse(root)
     if where.is_local:
@@ -128,6 +133,9 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
     app = FastAPI(title="tessera", version="1", description=__doc__)
 
     app.add_middleware(BodyLimit, limit=lim.body_bytes)
+    if token is not None:
+        app.add_middleware(TokenGate, token=token)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))  # the outermost: checked first
 
     @app.exception_handler(TesseraError)
     async def tessera_error(request: Request, e: TesseraError) -> JSONResponse:
