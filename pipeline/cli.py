@@ -321,11 +321,15 @@ def serve(
         help="A folder whose source images the viewer may preview, besides ROOT (repeatable).")] = None,
 ) -> None:
     """Serve the mosaics under ROOT over HTTP: the API (/docs) and the web viewer (/)."""
+    import os
+
     import uvicorn
 
+    from pipeline.query.preview import OFFLINE_GDAL
     from pipeline.service.app import Limits, create_app
     from pipeline.storage import Location
 
+    os.environ.update(OFFLINE_GDAL)  # this process serves ROOT only: GDAL reaches no network (preview.py)
     with user_errors():
         service = create_app(root, Limits(region_pixels=max_region_pixels), source_folders=sources or ())
     typer.echo(f"serving {Location.parse(root)} on http://{host}:{port}/ (API at /docs)")

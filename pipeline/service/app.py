@@ -23,8 +23,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from pipeline.errors import MosaicError, RegionError, TesseraError
+from pipeline.errors import ContainmentError, MosaicError, RegionError, TesseraError
 from pipeline.mosaic import Mosaic, is_mosaic
+from pipeline.query.containment import open_contained
 from pipeline.query.export import grey_png, mask_png, npy_bytes
 from pipeline.query.info import mosaic_info, mosaic_summary
 from pipeline.query.preview import SourcePreview, source_preview
@@ -122,7 +123,8 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
 
     @app.exception_handler(TesseraError)
     async def tessera_error(request: Request, e: TesseraError) -> JSONResponse:
-        status = 413 if isinstance(e, RegionTooLargeError) else 404 if isinstance(e, MosaicError) else 422
+        status = (413 if isinstance(e, RegionTooLargeError) else 404 if isinstance(e, MosaicError)
+                  else 403 if isinstance(e, ContainmentError) else 422)
         return JSONResponse({"detail": str(e)}, status_code=status)
 
     def mosaic(mid: str) -> Mosaic:
@@ -374,7 +376,8 @@ class _Cache:
                 return hit[1]
         if not is_mosaic(path):
             raise MosaicError(f"no mosaic {mid!r} under the served folder: GET /api/mosaics lists them")
-        m = Mosaic.open(path)
+        # A local mosaic's files are read following no link inside it (containment.py); ROOT is `base`.
+        m = Mosaic.open(path) if isinstance(path, Location) else open_contained(base, path)  # type: ignore[arg-type]
         with self._lock:
             self._mosaics[mid] = (stamp, m)
             for key in [k for k in self._values if k[0] == mid and k[1] != stamp]:
