@@ -166,7 +166,7 @@ def _inside(path: Path | str, allowed: Sequence[Path]) -> bool:
 class _SingleTiff(GeoTiffSource):
     """A GeoTiffSource GDAL opens with its GTiff driver alone, whose every file lies inside `allowed`."""
 
-    drivers = ("GTiff",)
+    driver = "GTiff"
 
     def __init__(self, path: str | Path, level: int = 0, allowed: tuple[Path, ...] = ()) -> None:
         super().__init__(path, level)

@@ -29,6 +29,8 @@ import rasterio
 from pipeline.synthetic import write_label_mosaic
 from tests.conftest import free_port, wait_until_serving
 
+pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # plain TIFFs
+
 SECRET_TEXT = b"TESSERA-SECRET-" * 64  # 960 bytes: what a raw-band VRT would show as a grey ramp
 SIZE = 64
 
@@ -96,11 +98,11 @@ def contained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Contained]:
     requests: list[str] = []
 
     class Listener(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+        def do_GET(self) -> None:
             requests.append(self.path)
             self.send_error(404)
 
-        do_HEAD = do_GET  # noqa: N815
+        do_HEAD = do_GET
 
         def log_message(self, *args: object) -> None:
             pass
@@ -127,17 +129,17 @@ def contained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Contained]:
     (root / "overview.tif.ovr").symlink_to(outside / "secret.tif")
     mosaic_with_source(root, "ovr_link.zarr", root / "overview.tif")
     # Chunks that are links out: one chunk file, and a whole chunk folder.
-    secret_chunk = outside / "secret.zarr" / "0" / "mask" / "c" / "0" / "0"
+    secret_chunk = outside / "secret.zarr" / "labels" / "mask" / "0" / "c" / "0" / "0"
     mosaic_with_source(root, "chunk_link.zarr", root / "plain.tif")
-    chunk = root / "chunk_link.zarr" / "0" / "mask" / "c" / "0" / "0"
+    chunk = root / "chunk_link.zarr" / "labels" / "mask" / "0" / "c" / "0" / "0"
     chunk.unlink()
     chunk.symlink_to(secret_chunk)
     mosaic_with_source(root, "folder_link.zarr", root / "plain.tif")
-    folder = root / "folder_link.zarr" / "0" / "mask" / "c"
+    folder = root / "folder_link.zarr" / "labels" / "mask" / "0" / "c"
     for f in sorted(folder.rglob("*"), reverse=True):
         f.rmdir() if f.is_dir() else f.unlink()
     folder.rmdir()
-    folder.symlink_to(outside / "secret.zarr" / "0" / "mask" / "c", target_is_directory=True)
+    folder.symlink_to(outside / "secret.zarr" / "labels" / "mask" / "0" / "c", target_is_directory=True)
 
     port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port)],
