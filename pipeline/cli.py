@@ -329,12 +329,16 @@ def serve(
              "Default: 127.0.0.1 and localhost when listening there, any otherwise.")] = None,
 ) -> None:
     """Serve the mosaics under ROOT over HTTP: the API (/docs) and the web viewer (/)."""
+    import os
+
     import uvicorn
 
+    from pipeline.query.preview import OFFLINE_GDAL
     from pipeline.service.access import default_allowed_hosts
     from pipeline.service.app import Limits, create_app
     from pipeline.storage import Location
 
+    os.environ.update(OFFLINE_GDAL)  # this process serves ROOT only: GDAL reaches no network (preview.py)
     with user_errors():
         if token is not None and len(token) < 16:
             raise ConfigError("--token is shorter than 16 characters; use a long random one, e.g. "

@@ -50,6 +50,11 @@ class BundleNotFoundError(BundleError, FileNotFoundError):
     """The model bundle file does not exist."""
 
 
+class ContainmentError(TesseraError, PermissionError):
+    """A file that a served mosaic or source leads to lies outside the served folders (through a link,
+    or a format that names other files)."""
+
+
 class StorageError(TesseraError, OSError):
     """Storage cannot be reached or used: an unreachable endpoint, missing credentials, a missing bucket."""
 

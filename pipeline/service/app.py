@@ -25,8 +25,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from pipeline.errors import MosaicError, RegionError, TesseraError
+from pipeline.errors import ContainmentError, MosaicError, RegionError, TesseraError
 from pipeline.mosaic import Mosaic, is_mosaic
+from pipeline.query.containment import open_contained
 from pipeline.query.export import grey_png, mask_png, npy_bytes
 from pipeline.query.info import mosaic_info, mosaic_summary
 from pipeline.query.preview import SourcePreview, source_preview
@@ -139,7 +140,8 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
 
     @app.exception_handler(TesseraError)
     async def tessera_error(request: Request, e: TesseraError) -> JSONResponse:
-        status = 413 if isinstance(e, RegionTooLargeError) else 404 if isinstance(e, MosaicError) else 422
+        status = (413 if isinstance(e, RegionTooLargeError) else 404 if isinstance(e, MosaicError)
+                  else 403 if isinstance(e, ContainmentError) else 422)
         if e.__cause__ is not None:  # the library's own words (PROJ, GEOS, GDAL) go to the server's log
             log.info("%s %s: %s (%r)", request.method, request.url.path, e, e.__cause__)
         return JSONResponse({"detail": public(str(e))}, status_code=status)
@@ -458,7 +460,8 @@ class _Cache:
         if not is_mosaic(path):
             raise MosaicError(f"no mosaic {mid!r} under the served folder: GET /api/mosaics lists them")
         try:
-            m = Mosaic.open(path)
+            # A local mosaic's files are read following no link inside it (containment.py); ROOT is `base`.
+            m = Mosaic.open(path) if isinstance(path, Location) else open_contained(base, path)  # type: ignore[arg-type]
             mosaic_summary(m)  # what every answer reads first: the layout and the classes
         except TesseraError:
             raise

@@ -38,13 +38,14 @@ class GeoTiffSource(RasterSource):
     """
 
     reader: ClassVar[str] = "rasterio"
+    driver: ClassVar[str | None] = None  # the one GDAL driver tried on the file (None: every one)
 
     def _open(self) -> tuple[Any, SourceInfo]:
         with warnings.catch_warnings():
             # Plain images (no geotransform) are legitimate here; `transform` reports None.
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             configure_for(self.path)  # an image on s3:// is read through GDAL's /vsis3/
-            full = rasterio.open(self.path)
+            full = rasterio.open(self.path, driver=self.driver)
             try:
                 info = self._describe(full)
                 self._require_level(info.levels)
@@ -54,7 +55,7 @@ class GeoTiffSource(RasterSource):
             if self.level == 0:
                 return full, info
             full.close()
-            return rasterio.open(self.path, overview_level=self.level - 1), info
+            return rasterio.open(self.path, driver=self.driver, overview_level=self.level - 1), info
 
     def _describe(self, full: Any) -> SourceInfo:
         """The file's levels, bands and georeferencing, read from the level-0 dataset."""
@@ -65,7 +66,7 @@ class GeoTiffSource(RasterSource):
             )
         levels = [Level(full.height, full.width, 1.0)]
         for k in range(len(full.overviews(1))):
-            with rasterio.open(self.path, overview_level=k) as overview:
+            with rasterio.open(self.path, driver=self.driver, overview_level=k) as overview:
                 levels.append(
                     Level(
                         overview.height,
