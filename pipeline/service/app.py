@@ -52,6 +52,8 @@ from pipeline.query.window import (
     parse_window,
     resolve,
 )
+from pipeline.service.docs import add_api_docs
+from pipeline.service.headers import SecurityHeaders
 from pipeline.storage import Location, storage_for
 
 VIEWER = Path(__file__).parent / "viewer"
@@ -116,9 +118,11 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
             raise MosaicError(f"--sources {folder} is not a folder")
     lim = limits or Limits()
     cache = _Cache()
-    app = FastAPI(title="tessera", version="1", description=__doc__)
+    app = FastAPI(title="tessera", version="1", description=__doc__, docs_url=None, redoc_url=None)
 
     app.add_middleware(BodyLimit, limit=lim.body_bytes)
+    app.add_middleware(SecurityHeaders)  # outermost: a 413 from BodyLimit has them too
+    add_api_docs(app)
 
     @app.exception_handler(TesseraError)
     async def tessera_error(request: Request, e: TesseraError) -> JSONResponse:
