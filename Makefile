@@ -30,7 +30,7 @@ build-deps:
 		|| $(APT) python3-dev || ($(SUDO) apt-get update -q && $(APT) python3-dev)
 
 $(VIEWER_STAMP): $(VIEWER)/package-lock.json | debian
-	cd $(VIEWER) && npm ci --no-audit --no-fund --loglevel=error
+	cd $(VIEWER) && npm ci --no-audit --no-fund --loglevel=error --ignore-scripts
 	touch $(VIEWER_STAMP)
 
 # Servers the tests start on 127.0.0.1 that come from npm: Azurite (Azure Blob Storage).

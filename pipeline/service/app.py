@@ -56,6 +56,8 @@ from pipeline.query.window import (
     resolve,
 )
 from pipeline.service.access import TokenGate
+from pipeline.service.docs import add_api_docs
+from pipeline.service.headers import SecurityHeaders
 from pipeline.storage import Location, storage_for
 
 VIEWER = Path(__file__).parent / "viewer"
@@ -131,12 +133,14 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
     def public(message: str) -> str:
         """`message` without the server's paths: ROOT's and the source folders' own, and any other."""
         return _without_paths(message, hidden)
-    app = FastAPI(title="tessera", version="1", description=__doc__)
 
+    app = FastAPI(title="tessera", version="1", description=__doc__, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=lim.body_bytes)
     if token is not None:
         app.add_middleware(TokenGate, token=token)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))  # the outermost: checked first
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(SecurityHeaders)  # the outermost: a 400, 401 or 413 has the headers too
+    add_api_docs(app)
 
     @app.exception_handler(TesseraError)
     async def tessera_error(request: Request, e: TesseraError) -> JSONResponse:

@@ -97,9 +97,11 @@ def test_the_viewer_works_once_opened_with_the_token(server: tuple[str, int]) ->
         page.goto(f"{url}/view/scene.zarr?token={TOKEN}")
         assert page.url == f"{url}/view/scene.zarr"
         page.wait_for_selector("body[data-ready=true]", timeout=30_000)
-        page.wait_for_function("document.querySelectorAll('img.leaflet-tile-loaded[src*=\"layer=mask\"]').length > 0",
-                               timeout=30_000)
-        listing = page.evaluate("fetch('/api/mosaics').then((r) => r.json())")
+        # Functions, not bare expressions: Playwright runs those through eval, which the service's CSP blocks.
+        page.wait_for_function(
+            "() => document.querySelectorAll('img.leaflet-tile-loaded[src*=\"layer=mask\"]').length > 0",
+            timeout=30_000)
+        listing = page.evaluate("() => fetch('/api/mosaics').then((r) => r.json())")
         browser.close()
     assert [m["id"] for m in listing] == ["scene.zarr"]
     assert json.dumps(listing).count("scene.zarr") == 1

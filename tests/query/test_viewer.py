@@ -47,10 +47,11 @@ def test_viewer_shows_tiles_and_reports_the_class_under_a_click(served: Served, 
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(f"{served.url}/view/scene.zarr")
         page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+        # Predicates are functions: a bare expression is run with eval, which the service's policy refuses.
         # Both layers' tiles arrive: the source preview and the class mask.
         for layer in ("source", "mask"):
             page.wait_for_function(
-                f"document.querySelectorAll('img.leaflet-tile-loaded[src*=\"layer={layer}\"]').length > 0",
+                f"() => document.querySelectorAll('img.leaflet-tile-loaded[src*=\"layer={layer}\"]').length > 0",
                 timeout=30_000)
         legend = page.locator("#legend li").all_inner_texts()
         assert legend == [c.name for c in geo_mosaic.layout.classes]
@@ -61,7 +62,8 @@ def test_viewer_shows_tiles_and_reports_the_class_under_a_click(served: Served, 
             box = page.locator("#map").bounding_box()
             assert box is not None
             page.mouse.click(box["x"] + point["x"], box["y"] + point["y"])
-            page.wait_for_function(f"document.getElementById('info').dataset.name === '{name}'", timeout=10_000)
+            page.wait_for_function(f"() => document.getElementById('info').dataset.name === '{name}'",
+                                   timeout=10_000)
             shown = page.locator("#info").inner_text()
             assert name in shown and "confidence 0." in shown
         # The opacity slider reaches the mask layer.

@@ -3,6 +3,9 @@
 //
 // Georeferenced mosaics use Web Mercator tiles (Leaflet's default CRS). Slides use the pixel
 // pyramid in L.CRS.Simple, where map point (x, y) at zoom `top` is level-0 pixel (x, y).
+//
+// Ids, class names and messages come from mosaics and model bundles: they go in as text (textContent,
+// DOM nodes), never as HTML; the service's Content-Security-Policy refuses inline script besides.
 /* global L */
 (async function () {
   const id = decodeURIComponent(location.pathname.replace(/^\/view\//, ""));
@@ -44,7 +47,7 @@
     const item = document.createElement("li");
     const swatch = document.createElement("span");
     swatch.className = "swatch";
-    swatch.style.background = "rgb(" + c.color.join(",") + ")";
+    swatch.style.backgroundColor = "rgb(" + c.color.map(Number).join(",") + ")"; // numbers only, never CSS
     item.append(swatch, c.name);
     legend.append(item);
   }
@@ -70,7 +73,12 @@
     info.textContent = body.name + "\nconfidence " + confidence + "\nrow " + body.row + ", column " + body.col;
     info.dataset.name = body.name;
     info.dataset.confidence = confidence;
-    L.popup().setLatLng(e.latlng).setContent(body.name + " (" + confidence + ")").openOn(map);
+    // A DOM node, not a string: Leaflet puts a string in as HTML, and a class name is whatever the
+    // mosaic's model bundle says.
+    const popup = document.createElement("span");
+    popup.className = "popup-class";
+    popup.textContent = body.name + " (" + confidence + ")";
+    L.popup().setLatLng(e.latlng).setContent(popup).openOn(map);
   });
 
   // For tests and scripts: the screen position of a point (lon/lat, or level-0 pixel x/y for slides).
