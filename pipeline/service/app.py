@@ -13,6 +13,7 @@ import math
 import os
 import re
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,11 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        if _in_zarr(e):  # a chunk cut short or overwritten: the mosaic is damaged, the request is fine
+            log.warning("%s %s: damaged data: %r", request.method, request.url.path, e)
+            return JSONResponse({"detail": "this part of the mosaic cannot be read: a chunk is damaged (its checksum "
+                                           "or decoding failed); write the mosaic again with `tessera segment`"},
+                                status_code=422)
         log.exception("%s %s failed", request.method, request.url.path)
         return JSONResponse({"detail": "the server failed to answer; its log has the details"}, status_code=500)
 
@@ -394,6 +400,12 @@ def _without_paths(message: str, hidden: Sequence[str]) -> str:
         return path if path.startswith(_ROUTES) else ".../" + path.rstrip("/").rsplit("/", 1)[-1]
 
     return _PATH.sub(shorten, message)
+
+
+def _in_zarr(e: BaseException) -> bool:
+    """Whether `e` was raised inside zarr or its codecs (decoding a chunk), not in tessera's own code."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and any(part in frames[-1].filename for part in ("/zarr/", "/numcodecs/"))
 
 
 def _kind(e: BaseException) -> str:

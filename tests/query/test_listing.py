@@ -33,6 +33,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         document = json.loads((root / name / "zarr.json").read_text())
         damage(document["attributes"]["tessera"])
         (root / name / "zarr.json").write_text(json.dumps(document))
+    # A chunk cut short (a copy that stopped half-way): its checksum fails when read.
+    write_label_mosaic(labels, root / "cut-chunk.zarr", crs=None, transform=None, chunk=64, shard=64)
+    with open(root / "cut-chunk.zarr" / "labels" / "mask" / "0" / "c" / "0" / "0", "r+b") as chunk:
+        chunk.truncate(100)
     (root / "not-json.zarr").mkdir()
     (root / "not-json.zarr" / "zarr.json").write_text("{ cut short")
     return root
@@ -62,7 +66,7 @@ def test_damaged_mosaics_are_listed_with_their_problem_beside_the_good_ones(url:
     status, listed = get(f"{url}/api/mosaics")
     assert status == 200
     by_id = {m["id"]: m for m in listed}
-    assert set(by_id) == {"good.zarr", "nested/also-good.zarr", "no-layout.zarr", "bad-layout.zarr"}
+    assert set(by_id) == {"good.zarr", "nested/also-good.zarr", "no-layout.zarr", "bad-layout.zarr", "cut-chunk.zarr"}
     for good in ("good.zarr", "nested/also-good.zarr"):
         assert "error" not in by_id[good] and by_id[good]["height"] == 64
     assert "metadata is damaged (missing 'layout')" in by_id["no-layout.zarr"]["error"]
@@ -77,8 +81,10 @@ def test_errors_carry_no_server_path_nor_library_internals(url: str, root: Path)
         "/api/mosaics/good.zarr/region.npy?bbox=0,0,1,1&crs=EPSG:999999",  # no such CRS: PROJ's words
         "/api/mosaics/good.zarr/stats?bbox=1e30,1e30,2e30,2e30&crs=EPSG:4326",  # not reprojectable
         "/api/mosaics/not-json.zarr",
+        "/api/mosaics/cut-chunk.zarr/region.npy?window=0,0,8,8",
     )]
-    assert [status for status, _ in answers] == [404, 404, 422, 422, 404]
+    assert [status for status, _ in answers] == [404, 404, 422, 422, 404, 422]
+    assert "a chunk is damaged" in answers[-1][1]["detail"]
     for _, body in answers:
         text = json.dumps(body)
         assert str(root) not in text and "/tmp" not in text
