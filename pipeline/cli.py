@@ -316,7 +316,15 @@ def serve(
     root: Annotated[str, typer.Argument(help="The folder whose mosaics to serve (read-only): a path or s3://...")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    max_region_pixels: Annotated[int, typer.Option(help="Largest region one request may read.")] = 4096 * 4096,
+    max_region_pixels: Annotated[int | None, typer.Option(
+        help="Largest region one request may read, in pixels [default: 4096 x 4096].")] = None,
+    max_polygon_vertices: Annotated[int | None, typer.Option(
+        help="Most vertices in one polygons.geojson answer [default: 1000000].")] = None,
+    max_memory: Annotated[int | None, typer.Option(
+        help="MiB that heavy requests (regions, polygons, areas, statistics) may take together; as many run at "
+             "once as fit, the others wait, then get 503 [default: a quarter of the machine's memory].")] = None,
+    request_timeout: Annotated[float | None, typer.Option(
+        help="Seconds a client has to send a request's head, and each part of its body [default: 10].")] = None,
     sources: Annotated[list[Path] | None, typer.Option(
         help="A folder whose source images the viewer may preview, besides ROOT (repeatable).")] = None,
     token: Annotated[str | None, typer.Option(
@@ -336,6 +344,7 @@ def serve(
     from pipeline.query.preview import OFFLINE_GDAL
     from pipeline.service.access import default_allowed_hosts
     from pipeline.service.app import Limits, create_app
+    from pipeline.service.cost import HeaderDeadline
     from pipeline.storage import Location
 
     os.environ.update(OFFLINE_GDAL)  # this process serves ROOT only: GDAL reaches no network (preview.py)
@@ -343,11 +352,17 @@ def serve(
         if token is not None and len(token) < 16:
             raise ConfigError("--token is shorter than 16 characters; use a long random one, e.g. "
                               "`python -c 'import secrets; print(secrets.token_urlsafe())'`.")
-        service = create_app(root, Limits(region_pixels=max_region_pixels), source_folders=sources or (),
+        given: dict[str, Any] = {"region_pixels": max_region_pixels, "polygon_vertices": max_polygon_vertices,
+                 "memory_bytes": None if max_memory is None else max_memory << 20,
+                 "request_timeout_s": request_timeout}
+        limits = Limits(**{k: v for k, v in given.items() if v is not None})  # the defaults live in Limits
+        service = create_app(root, limits, source_folders=sources or (),
                              token=token, allowed_hosts=default_allowed_hosts(host, allowed_host))
     guard = " (token required)" if token else ""
-    typer.echo(f"serving {Location.parse(root)} on http://{host}:{port}/ (API at /docs){guard}")
-    uvicorn.run(service, host=host, port=port, log_level="warning")
+    typer.echo(f"serving {Location.parse(root)} on http://{host}:{port}/ (API at /docs){guard}; "
+               f"{limits.heavy_slots()} heavy requests at once")
+    uvicorn.run(service, host=host, port=port, log_level="warning", http=HeaderDeadline.with_timeout(
+        limits.request_timeout_s), timeout_keep_alive=5, timeout_graceful_shutdown=5)
 
 
 model_app = typer.Typer(no_args_is_help=True, help="Models from elsewhere in, bundles out, and what a bundle is.")

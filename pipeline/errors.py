@@ -82,3 +82,7 @@ def user_errors() -> Iterator[None]:
 
 class RegionError(ConfigError):
     """A region, level, point or geometry asked of a mosaic does not fit it."""
+
+
+class GivenUpError(TesseraError):
+    """Work given up before its end, because whoever asked for it has gone (a client that disconnected)."""

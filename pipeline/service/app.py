@@ -8,6 +8,8 @@ level or geometry that does not fit. The viewer (viewer/) is served from the sam
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import math
 import os
@@ -26,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from pipeline.errors import ContainmentError, MosaicError, RegionError, TesseraError
+from pipeline.errors import ContainmentError, GivenUpError, MosaicError, RegionError, TesseraError
 from pipeline.mosaic import Mosaic, is_mosaic
 from pipeline.query.containment import open_contained
 from pipeline.query.export import grey_png, mask_png, npy_bytes
@@ -45,7 +47,7 @@ from pipeline.query.tiles import (
     point,
     xyz_tile,
 )
-from pipeline.query.vector import vectorize
+from pipeline.query.vector import FIX, VectorLimits, vectorize
 from pipeline.query.window import (
     WGS84,
     RegionTooLargeError,
@@ -57,6 +59,7 @@ from pipeline.query.window import (
     resolve,
 )
 from pipeline.service.access import TokenGate
+from pipeline.service.cost import CANCELLED, HeavyRequests
 from pipeline.service.docs import add_api_docs
 from pipeline.service.headers import SecurityHeaders
 from pipeline.storage import Location, storage_for
@@ -72,14 +75,40 @@ MAX_DEPTH = 4  # folders below ROOT searched for mosaics
 log = logging.getLogger(__name__)
 
 
+# Measured server memory for one region.npy of a 4096 x 4096 mask: about 9 bytes a pixel (the zarr
+# read, its chunks, the .npy copy, the body); a polygon answer about 250 bytes a vertex (shapely, the
+# GeoJSON dicts, the rendered text). docs/query.md, "What a request may cost".
+REGION_BYTES_PER_PIXEL = 10
+VECTOR_BYTES_PER_VERTEX = 250
+
+
 @dataclass(frozen=True)
 class Limits:
-    """What one request may cost."""
+    """What one request may cost, and what all of them together may."""
 
     region_pixels: int = 4096 * 4096  # region.png / region.npy
     vector_pixels: int = 2048 * 2048  # polygons.geojson
+    polygon_features: int = 100_000  # polygons.geojson: features, vertices and bytes of one answer
+    polygon_vertices: int = 1_000_000
+    polygon_bytes: int = 64 << 20
     stats_pixels: int = 2**28  # whole-level statistics (dask, out of core)
     body_bytes: int = 1 << 20  # a posted polygon
+    memory_bytes: int | None = None  # for heavy requests at once; None: a quarter of the machine's memory
+    queue_s: float = 5.0  # how long a heavy request waits for room before a 503
+    request_timeout_s: float = 10.0  # to send a request's head, or each part of its body
+
+    def request_bytes(self) -> int:
+        """The most memory one heavy request may take (its answer and the copies made on the way)."""
+        return max(self.region_pixels * REGION_BYTES_PER_PIXEL, self.polygon_vertices * VECTOR_BYTES_PER_VERTEX)
+
+    def heavy_slots(self) -> int:
+        """How many heavy requests run at once: the memory budget over one request's most (at least one)."""
+        budget = self.memory_bytes
+        if budget is None:
+            import psutil
+
+            budget = psutil.virtual_memory().total // 4
+        return max(1, budget // self.request_bytes())
 
 
 MosaicId = Annotated[str, PathParam(pattern=MOSAIC_ID, max_length=512,
@@ -136,7 +165,8 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
         return _without_paths(message, hidden)
 
     app = FastAPI(title="tessera", version="1", description=__doc__, docs_url=None, redoc_url=None)
-    app.add_middleware(BodyLimit, limit=lim.body_bytes)
+    app.add_middleware(HeavyRequests, slots=lim.heavy_slots(), wait_s=lim.queue_s)
+    app.add_middleware(BodyLimit, limit=lim.body_bytes, timeout=lim.request_timeout_s)
     if token is not None:
         app.add_middleware(TokenGate, token=token)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
@@ -146,7 +176,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
     @app.exception_handler(TesseraError)
     async def tessera_error(request: Request, e: TesseraError) -> JSONResponse:
         status = (413 if isinstance(e, RegionTooLargeError) else 404 if isinstance(e, MosaicError)
-                  else 403 if isinstance(e, ContainmentError) else 422)
+                  else 403 if isinstance(e, ContainmentError) else 499 if isinstance(e, GivenUpError) else 422)
         if e.__cause__ is not None:  # the library's own words (PROJ, GEOS, GDAL) go to the server's log
             log.info("%s %s: %s (%r)", request.method, request.url.path, e, e.__cause__)
         return JSONResponse({"detail": public(str(e))}, status_code=status)
@@ -160,6 +190,9 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
                                 status_code=422)
         log.exception("%s %s failed", request.method, request.url.path)
         return JSONResponse({"detail": "the server failed to answer; its log has the details"}, status_code=500)
+
+    polygon_limits = VectorLimits(features=lim.polygon_features, vertices=lim.polygon_vertices,
+                                  bytes=lim.polygon_bytes)
 
     def mosaic(mid: str) -> Mosaic:
         return cache.mosaic(base, mid)
@@ -255,16 +288,22 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
                            max_pixels=lim.region_pixels).to_dict()
 
     @app.get("/api/mosaics/{mid:path}/polygons.geojson", summary="The class mask of a region as GeoJSON")
-    def polygons(mid: MosaicId, window: WindowParam = None, bbox: BBoxParam = None, crs: CrsParam = None,
-                 level: Level = None, resolution: Resolution = None,
+    def polygons(request: Request, mid: MosaicId, window: WindowParam = None, bbox: BBoxParam = None,
+                 crs: CrsParam = None, level: Level = None, resolution: Resolution = None,
                  classes: Annotated[str | None, Query(max_length=1000, description="Comma-separated names.")] = None,
                  simplify: Annotated[float, Query(ge=0, le=1e9)] = 0.0,
-                 out_crs: CrsParam = None) -> JSONResponse:
+                 out_crs: CrsParam = None) -> Response:
         m = mosaic(mid)
         collection = vectorize(m, window=parse_window(window), bbox=parse_bbox(bbox), crs=crs, level=level,
                                resolution=resolution, classes=classes.split(",") if classes else None,
-                               simplify=simplify, out_crs=out_crs, max_pixels=lim.vector_pixels)
-        return JSONResponse(collection, media_type="application/geo+json")
+                               simplify=simplify, out_crs=out_crs, max_pixels=lim.vector_pixels,
+                               limits=polygon_limits, cancelled=request.scope.get(CANCELLED))
+        body = json.dumps(collection, ensure_ascii=False, separators=(",", ":")).encode()  # rendered once, then checked
+        del collection
+        if len(body) > lim.polygon_bytes:
+            raise RegionTooLargeError(f"the polygons of this region have {len(body)} bytes of GeoJSON, over the "
+                                      f"limit of {lim.polygon_bytes}: {FIX}")
+        return Response(body, media_type="application/geo+json")
 
     @app.get("/api/mosaics/{mid:path}", summary="A mosaic's metadata")
     def metadata(mid: MosaicId) -> dict[str, Any]:
@@ -289,11 +328,13 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
 
 class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets 413, whether it states its length or is
-    sent in chunks (counted as it arrives, before anything parses it)."""
+    sent in chunks (counted as it arrives, before anything parses it); one whose next part takes over
+    `timeout` seconds to come gets 408."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, timeout: float) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -305,10 +346,17 @@ class BodyLimit:
                 scope, receive, send)
             return
         received = 0
+        complete = False
 
         async def counted() -> Any:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # the body is in: what comes next is a disconnect, whenever it comes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                raise HTTPException(408, f"the request body stalled for over {self.timeout:g} s") from None
+            complete = not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > self.limit:
                 raise HTTPException(413, f"request body over {self.limit} bytes")
