@@ -61,7 +61,8 @@ class TokenGate:
         given = [v for k, v in query if k == "token"]
         if scope["method"] == "GET" and given and self._is_token(given[-1]):
             rest = urlencode([(k, v) for k, v in query if k != "token"])
-            response: Any = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), status_code=303)
+            path = "/" + scope["path"].lstrip("/")  # never //host/...: a browser would leave for that host
+            response: Any = RedirectResponse(path + (f"?{rest}" if rest else ""), status_code=303)
             response.set_cookie(COOKIE, given[-1], httponly=True, samesite="strict", path="/")
         else:
             response = JSONResponse(

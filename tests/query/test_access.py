@@ -74,6 +74,8 @@ def test_a_link_with_the_token_sets_a_cookie_and_drops_the_token_from_the_addres
     assert answer.status == 303 and answer.getheader("Location") == "/view/scene.zarr?x=1"
     cookie = answer.getheader("Set-Cookie") or ""
     assert cookie.startswith(f"tessera_token={TOKEN}") and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    # A path that starts with two slashes is redirected on this server, never to another host.
+    assert ask(server, f"//evil.example/x?token={TOKEN}").getheader("Location") == "/evil.example/x"
 
 
 def test_another_host_name_is_refused(server: tuple[str, int]) -> None:
