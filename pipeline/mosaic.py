@@ -139,10 +139,11 @@ def is_mosaic(path: str | Path | Location) -> bool:
     location = Location.parse(path)
     try:
         document = storage_for(location).read_json(location.join("zarr.json"))
-    except (ValueError, IsADirectoryError, NotADirectoryError):
+    except (ValueError, RecursionError, IsADirectoryError, NotADirectoryError):  # no JSON, or nested past parsing
         return False
     attrs = document.get("attributes", {}) if isinstance(document, dict) else {}
-    return bool(attrs.get("tessera", {}).get("format") == FORMAT)
+    tessera = attrs.get("tessera") if isinstance(attrs, dict) else None
+    return isinstance(tessera, dict) and tessera.get("format") == FORMAT
 
 
 OutputState = Literal["absent", "resume", "complete"]

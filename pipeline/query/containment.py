@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import io
+import json
 import os
 import stat
 from pathlib import Path
@@ -31,11 +32,39 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore
 
 from pipeline.errors import ContainmentError
-from pipeline.mosaic import Mosaic
+from pipeline.mosaic import FORMAT, Mosaic
 from pipeline.storage import Location
 
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO must not hang a read
+
+
+MAX_METADATA = 16 << 20  # bytes of a mosaic's zarr.json the service reads
+
+
+def is_contained_mosaic(root: Path, folder: Path) -> bool:
+    """Whether `folder` (resolved, inside `root`) holds a tessera mosaic, its zarr.json read as the store reads
+    chunks: following no link, never blocking (a FIFO), at most MAX_METADATA bytes; a document that is not
+    JSON, or too deeply nested to parse, is no mosaic.
+
+    Raises:
+        ContainmentError: zarr.json, or a folder on the way to it, is a link or not a regular file.
+    """
+    try:
+        fd = open_below(root, (*folder.relative_to(root).parts, "zarr.json"))
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return False
+    with io.FileIO(fd, closefd=True) as f:
+        text = f.read(MAX_METADATA + 1)
+    if len(text) > MAX_METADATA:
+        return False
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    attrs = document.get("attributes", {}) if isinstance(document, dict) else {}
+    tessera = attrs.get("tessera") if isinstance(attrs, dict) else None
+    return isinstance(tessera, dict) and tessera.get("format") == FORMAT
 
 
 def open_contained(root: Path, folder: Path) -> Mosaic:

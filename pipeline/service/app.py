@@ -30,7 +30,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from pipeline.errors import ContainmentError, GivenUpError, MosaicError, RegionError, TesseraError
 from pipeline.mosaic import Mosaic, is_mosaic
-from pipeline.query.containment import open_contained
+from pipeline.query.containment import is_contained_mosaic, open_contained
 from pipeline.query.export import grey_png, mask_png, npy_bytes
 from pipeline.query.info import mosaic_info, mosaic_summary
 from pipeline.query.preview import SourcePreview, source_preview
@@ -221,6 +221,9 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
                 listed.append({"id": mid, **mosaic_summary(cache.mosaic(base, mid))})
             except TesseraError as e:  # a damaged mosaic is listed with its problem, the others as they are
                 listed.append({"id": mid, "error": public(str(e))})
+            except Exception as e:  # whatever else one mosaic raises, the listing answers
+                log.warning("mosaic %s cannot be listed: %r", mid, e)
+                listed.append({"id": mid, "error": f"mosaic {mid!r} cannot be read ({_kind(e)})"})
         return listed
 
     @app.get("/api/mosaics/{mid:path}/region.png", summary="A region as PNG", response_class=Response, responses=PNG)
@@ -426,7 +429,10 @@ class _Finder:
             hit = self._seen.get(key)
         if hit is not None and hit[:2] == (st.st_size, st.st_mtime_ns):
             return hit[2]
-        answer = is_mosaic(folder)
+        try:
+            answer = is_contained_mosaic(self.base, folder.resolve())  # type: ignore[arg-type]  # local: a Path
+        except ContainmentError:
+            answer = True  # listed, with the reason it cannot be read
         with self._lock:
             self._seen[key] = (st.st_size, st.st_mtime_ns, answer)
         return answer
@@ -521,10 +527,10 @@ class _Cache:
             hit = self._mosaics.get(mid)
             if hit and hit[0] == stamp:
                 return hit[1]
-        if not is_mosaic(path):
+        # A local mosaic's files, zarr.json first, are read following no link inside it (containment.py).
+        if not (is_mosaic(path) if isinstance(path, Location) else is_contained_mosaic(base, path)):  # type: ignore[arg-type]
             raise MosaicError(f"no mosaic {mid!r} under the served folder: GET /api/mosaics lists them")
         try:
-            # A local mosaic's files are read following no link inside it (containment.py); ROOT is `base`.
             m = Mosaic.open(path) if isinstance(path, Location) else open_contained(base, path)  # type: ignore[arg-type]
             mosaic_summary(m)  # what every answer reads first: the layout and the classes
         except TesseraError:

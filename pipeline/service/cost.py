@@ -16,6 +16,7 @@ import re
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import h11
 from fastapi.responses import JSONResponse
@@ -36,7 +37,8 @@ def is_heavy(scope: dict[str, Any]) -> bool:
     path = scope.get("path", "")
     if HEAVY.match(path):
         return True
-    return bool(SOURCE_TILE.match(path)) and b"layer=source" in scope.get("query_string", b"")
+    query = parse_qsl(scope.get("query_string", b"").decode("latin-1"))  # decoded: layer=%73ource is source too
+    return bool(SOURCE_TILE.match(path)) and any(k == "layer" and v == "source" for k, v in query)
 
 
 class HeavyRequests:

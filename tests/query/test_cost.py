@@ -196,3 +196,13 @@ def test_a_kept_alive_connection_sending_half_a_second_request_is_closed(
         while s.recv(65536):  # the rest of the first answer, if any, then the close
             pass
         assert time.perf_counter() - start < TIMEOUT_S + 2
+
+
+def test_a_source_tile_is_heavy_however_its_query_is_encoded() -> None:
+    from pipeline.service.cost import is_heavy
+
+    tile = "/api/mosaics/scene.zarr/tiles/3/2/1.png"
+    for query in (b"layer=source", b"layer=%73ource", b"x=1&layer=sourc%65"):
+        assert is_heavy({"path": tile, "query_string": query}), query
+    for query in (b"", b"layer=mask", b"layer=confidence&note=layer%3Dsource"):
+        assert not is_heavy({"path": tile, "query_string": query}), query

@@ -4,6 +4,7 @@ problem without the server's paths or the libraries' internals."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.error
@@ -39,6 +40,12 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         chunk.truncate(100)
     (root / "not-json.zarr").mkdir()
     (root / "not-json.zarr" / "zarr.json").write_text("{ cut short")
+    # Metadata no JSON parser can take (nested past Python's recursion limit), and a named pipe, whose
+    # reader blocks until something writes: neither may fail the listing or hold a server thread.
+    (root / "deep.zarr").mkdir()
+    (root / "deep.zarr" / "zarr.json").write_text("[" * 200_000 + "]" * 200_000)
+    (root / "pipe.zarr").mkdir()
+    os.mkfifo(root / "pipe.zarr" / "zarr.json")
     return root
 
 
@@ -66,7 +73,9 @@ def test_damaged_mosaics_are_listed_with_their_problem_beside_the_good_ones(url:
     status, listed = get(f"{url}/api/mosaics")
     assert status == 200
     by_id = {m["id"]: m for m in listed}
-    assert set(by_id) == {"good.zarr", "nested/also-good.zarr", "no-layout.zarr", "bad-layout.zarr", "cut-chunk.zarr"}
+    assert set(by_id) == {"good.zarr", "nested/also-good.zarr", "no-layout.zarr", "bad-layout.zarr", "cut-chunk.zarr",
+                          "pipe.zarr"}  # the pipe is listed with its reason; deep.zarr's document is no mosaic's
+    assert "not a regular file" in by_id["pipe.zarr"]["error"]
     for good in ("good.zarr", "nested/also-good.zarr"):
         assert "error" not in by_id[good] and by_id[good]["height"] == 64
     assert "metadata is damaged (missing 'layout')" in by_id["no-layout.zarr"]["error"]
@@ -82,9 +91,13 @@ def test_errors_carry_no_server_path_nor_library_internals(url: str, root: Path)
         "/api/mosaics/good.zarr/stats?bbox=1e30,1e30,2e30,2e30&crs=EPSG:4326",  # not reprojectable
         "/api/mosaics/not-json.zarr",
         "/api/mosaics/cut-chunk.zarr/region.npy?window=0,0,8,8",
+        "/api/mosaics/deep.zarr",
+        *["/api/mosaics/pipe.zarr"] * 3,
     )]
-    assert [status for status, _ in answers] == [404, 404, 422, 422, 404, 422]
-    assert "a chunk is damaged" in answers[-1][1]["detail"]
+    assert [status for status, _ in answers] == [404, 404, 422, 422, 404, 422, 404, 403, 403, 403]
+    assert "a chunk is damaged" in answers[5][1]["detail"]
+    assert "not a regular file" in answers[-1][1]["detail"]
+    assert get(f"{url}/api/mosaics/good.zarr")[0] == 200  # the pipe held no thread
     for _, body in answers:
         text = json.dumps(body)
         assert str(root) not in text and "/tmp" not in text
