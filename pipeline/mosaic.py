@@ -141,6 +141,11 @@ def is_mosaic(path: str | Path | Location) -> bool:
         document = storage_for(location).read_json(location.join("zarr.json"))
     except (ValueError, RecursionError, IsADirectoryError, NotADirectoryError):  # no JSON, or nested past parsing
         return False
+    return is_mosaic_document(document)
+
+
+def is_mosaic_document(document: Any) -> bool:
+    """Whether a parsed root `zarr.json` is a tessera mosaic's (its attributes name the format)."""
     attrs = document.get("attributes", {}) if isinstance(document, dict) else {}
     tessera = attrs.get("tessera") if isinstance(attrs, dict) else None
     return isinstance(tessera, dict) and tessera.get("format") == FORMAT

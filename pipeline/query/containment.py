@@ -32,7 +32,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore
 
 from pipeline.errors import ContainmentError
-from pipeline.mosaic import FORMAT, Mosaic
+from pipeline.mosaic import Mosaic, is_mosaic_document
 from pipeline.storage import Location
 
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -59,12 +59,9 @@ def is_contained_mosaic(root: Path, folder: Path) -> bool:
     if len(text) > MAX_METADATA:
         return False
     try:
-        document = json.loads(text)
+        return is_mosaic_document(json.loads(text))
     except (ValueError, RecursionError):
         return False
-    attrs = document.get("attributes", {}) if isinstance(document, dict) else {}
-    tessera = attrs.get("tessera") if isinstance(attrs, dict) else None
-    return isinstance(tessera, dict) and tessera.get("format") == FORMAT
 
 
 def open_contained(root: Path, folder: Path) -> Mosaic:

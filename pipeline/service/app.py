@@ -60,12 +60,12 @@ from pipeline.query.window import (
 )
 from pipeline.service.access import TokenGate
 from pipeline.service.cost import CANCELLED, HeavyRequests
-from pipeline.service.docs import add_api_docs
 from pipeline.service.headers import SecurityHeaders
 from pipeline.storage import Location, storage_for
 
 VIEWER = Path(__file__).parent / "viewer"
 LEAFLET = VIEWER / "node_modules" / "leaflet" / "dist"
+SWAGGER_UI = VIEWER / "node_modules" / "swagger-ui-dist"  # /docs, served here: a cluster may have no way out
 MOSAIC_ID = r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$"
 CRS_CODE = r"^(EPSG|ESRI|OGC|IAU_2015):[A-Za-z0-9_]{1,20}$"
 NUMBERS = r"^-?[0-9.eE+-]+(,-?[0-9.eE+-]+){3}$"
@@ -171,7 +171,6 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
         app.add_middleware(TokenGate, token=token)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     app.add_middleware(SecurityHeaders)  # the outermost: a 400, 401 or 413 has the headers too
-    add_api_docs(app)
 
     @app.exception_handler(TesseraError)
     async def tessera_error(request: Request, e: TesseraError) -> JSONResponse:
@@ -323,9 +322,19 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
         mosaic(mid)
         return FileResponse(VIEWER / "viewer.html")
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        """The interactive API page: Swagger UI from the viewer's npm packages, not a CDN (FastAPI's own page
+        fetches it from one and starts it with an inline script, which the CSP refuses; static/docs.js does)."""
+        if not SWAGGER_UI.is_dir():
+            return JSONResponse({"detail": "Swagger UI is not installed: run `npm ci` in pipeline/service/viewer "
+                                           "(`make` does); the schema is at /openapi.json"}, status_code=404)
+        return FileResponse(VIEWER / "docs.html")
+
     app.mount("/static", StaticFiles(directory=VIEWER / "static"), name="static")
-    if LEAFLET.is_dir():
-        app.mount("/vendor/leaflet", StaticFiles(directory=LEAFLET), name="leaflet")
+    for url, folder in (("/vendor/leaflet", LEAFLET), ("/vendor/swagger-ui", SWAGGER_UI)):
+        if folder.is_dir():
+            app.mount(url, StaticFiles(directory=folder), name=url)
     return app
 
 
