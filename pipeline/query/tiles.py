@@ -159,8 +159,8 @@ def _tile_pixels_in(level: Affine, to_native: Any, tile: tuple[float, float, flo
         along_rows = grid[i] * (1 - t)[:, None] + grid[i + 1] * t[:, None]
         return along_rows[:, i] * (1 - t)[None, :] + along_rows[:, i + 1] * t[None, :]
 
-    col, row = ~level @ (interpolate(nx), interpolate(ny))
     with np.errstate(invalid="ignore"):  # points outside the CRS's domain are inf or NaN: never inside
+        col, row = ~level @ (interpolate(nx), interpolate(ny))
         cols = np.where(np.isfinite(col), np.floor(col), -1).astype(np.int64)
         rows = np.where(np.isfinite(row), np.floor(row), -1).astype(np.int64)
     return cols, rows
