@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 # uses them too, with fewer steps).
 MEMORY_SETTINGS = ["architecture=fcn", "arch_args={depth: 3, width: 16}", "tile_size=128", "inference_tile_size=256",
                    "overlap=32", "batch_size=8", "steps=40", "steps_per_epoch=40", "val_fraction=0.01",
-                   "progress=false", "distributed.workers=0", "tracking.enabled=false", "threads=1"]
+                   "progress=false", "cluster.workers=0", "tracking.enabled=false", "cluster.threads=1"]
 
 
 def main() -> None:

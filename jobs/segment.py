@@ -1,28 +1,45 @@
-"""Segment job: `python -m jobs.segment source=... model=... output=...` (Hydra, conf/segment.yaml)."""
+"""Segment job: `python -m jobs.segment source=... model=... output=...` (Hydra, pipeline/conf/segment.yaml)."""
 
 from __future__ import annotations
+
+import json
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, ListConfig
 
+from pipeline.config import CONF, Extra, Layout, Part, as_mapping, register
 from pipeline.errors import user_errors
-from pipeline.execution import SegmentConfig, segment_inputs
+from pipeline.execution import segment_inputs
+from pipeline.settings import SegmentConfig
 from pipeline.tracking import Tracking
+
+# `python -m jobs.segment` (pipeline/conf/segment.yaml): where each setting sits in the Hydra config.
+SEGMENT = Layout(
+    name="segment",
+    parts=(
+        Part(SegmentConfig, None, ("source", "model", "output", "runtime", "overwrite", "accept_input", "progress",
+                                   "verbose")),
+        Part(SegmentConfig, "tiling", ("tile", "overlap", "window", "scores", "tta", "batch_size", "level", "block",
+                                       "skip_background")),
+        Part(SegmentConfig, "storage", ("chunk", "shard", "scores_dtype")),
+        Part(SegmentConfig, "cluster", ("address", "workers", "threads", "device", "actors_per_gpu", "pipelined",
+                                        "compile")),
+    ),
+    nested={"tracking": Tracking},
+    types={"source": Any},  # one path, or a list of them
+    extras=(
+        Extra("glob", str | None, None),  # files taken from a folder
+        Extra("asset", Any, []),  # STAC assets to read
+        Extra("show_config", bool, False),  # print the settings as JSON and stop
+    ),
+)
+register([SEGMENT])
 
 
 def to_config(cfg: DictConfig) -> SegmentConfig:
     """The Hydra config as the library's frozen settings (the only place a DictConfig is read)."""
-    t, s, c = cfg.tiling, cfg.storage, cfg.cluster
-    return SegmentConfig(
-        source=",".join(sources(cfg)), model=str(cfg.model), output=str(cfg.output),
-        tile=t.tile, overlap=t.overlap, window=t.window, scores=t.scores, tta=t.tta,
-        batch_size=t.batch_size, level=t.level, block=t.block, skip_background=t.skip_background,
-        chunk=s.chunk, shard=s.shard, scores_dtype=s.scores_dtype,
-        workers=c.workers, threads=c.threads, device=c.device, ray_address=c.address,
-        actors_per_gpu=c.actors_per_gpu, pipelined=c.pipelined, compile=c.compile, runtime=cfg.runtime,
-        overwrite=cfg.overwrite, accept_input=cfg.accept_input, progress=cfg.progress, verbose=cfg.verbose,
-        tracking=Tracking(enabled=cfg.tracking.enabled, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment),
-    )
+    return SegmentConfig(**{**SEGMENT.values(cfg, SegmentConfig), "source": ",".join(sources(cfg))})
 
 
 def sources(cfg: DictConfig) -> list[str]:
@@ -30,10 +47,14 @@ def sources(cfg: DictConfig) -> list[str]:
     return [str(s) for s in cfg.source] if isinstance(cfg.source, ListConfig) else [str(cfg.source)]
 
 
-@hydra.main(config_path="../conf", config_name="segment", version_base="1.3")
+@hydra.main(config_path=str(CONF), config_name="segment", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        summary = segment_inputs(to_config(cfg), sources(cfg), pattern=cfg.glob, assets=[str(a) for a in cfg.asset])
+        config = to_config(cfg)
+        if cfg.show_config:
+            print(json.dumps(as_mapping(config), indent=2))
+            return
+        summary = segment_inputs(config, sources(cfg), pattern=cfg.glob, assets=[str(a) for a in cfg.asset])
     print(summary.describe())
     if getattr(summary, "failed", None):
         raise SystemExit(1)

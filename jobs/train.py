@@ -1,18 +1,18 @@
-"""Train job: `python -m jobs.train image=... labels=...|polygons=... output=model.bundle` (Hydra, conf/train.yaml).
+"""Train job: `python -m jobs.train image=... labels=...|polygons=... output=...` (Hydra, pipeline/conf/train.yaml).
 
-Trains on Ray Train (``distributed.workers``, 0 for this process alone), tracked in MLflow, and registers
+Trains on Ray Train (``cluster.workers``, 0 for this process alone), tracked in MLflow, and registers
 the best bundle when ``tracking.register`` names a model. Running the same command again resumes.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import sys
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
+from pipeline.config import CLUSTER_KEYS, CONF, Extra, Layout, Part, check_moved, register
 from pipeline.errors import ConfigError, user_errors
 from pipeline.lifecycle import Trained, train_tracked
 from pipeline.models import ClassInfo
@@ -20,31 +20,35 @@ from pipeline.tracking import Tracking
 from pipeline.training import TrainConfig
 from pipeline.training.distributed import Distributed
 
-SECTIONS = ("progress", "distributed", "tracking")
+# Where each setting sits in pipeline/conf/train.yaml: TrainConfig's fields at the top level, the cluster
+# (as for every job) and the checkpoints of Ray Train in sections.
+TRAIN = Layout(
+    name="train",
+    parts=(
+        Part(TrainConfig, None, None),
+        Part(TrainConfig, "cluster", ("threads",)),
+        Part(Distributed, "cluster", CLUSTER_KEYS),
+        Part(Distributed, "distributed", ("storage", "name", "max_failures", "keep")),
+        Part(Tracking, "tracking", None),
+    ),
+    extras=(Extra("progress", bool, True), Extra("register", str | None, None, section="tracking")),
+    given={"image": None, "labels": None},
+)
+register([TRAIN])
 
 
-def to_config(cfg: DictConfig) -> TrainConfig:
+def to_config(cfg: DictConfig, layout: Layout = TRAIN) -> TrainConfig:
     """The Hydra config as the library's frozen settings (the only place a DictConfig is read).
 
     Raises:
-        ConfigError: If a required value is missing, a key is unknown or a value has the wrong shape.
+        ConfigError: If a required value is missing or a value has the wrong shape.
     """
-    try:
-        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "a setting"
-        raise ConfigError(
-            f"{key} is not set ({type(exc).__name__}); give it on the command line, e.g. {key}=..."
-        ) from exc
-    if not isinstance(container, dict):
-        raise ConfigError(f"The train config must be a mapping of settings, got {container!r}.")
-    values: dict[str, Any] = {str(key): value for key, value in container.items()}
-    for section in SECTIONS:
-        values.pop(section, None)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(f"Unknown train settings {unknown}; expected some of {sorted(fields)}.")
+    return train_config(layout.values(cfg, TrainConfig))
+
+
+def train_config(values: dict[str, Any]) -> TrainConfig:
+    """TrainConfig from plain values (lists for tuples, mappings for classes), as YAML gives them."""
+    values = dict(values)
     if values.get("classes") is not None:
         try:
             values["classes"] = tuple(ClassInfo(name=c["name"], color=c["color"]) for c in values["classes"])
@@ -56,6 +60,8 @@ def to_config(cfg: DictConfig) -> TrainConfig:
     for key in ("image", "labels", "polygons", "catalog", "output"):
         if values.get(key) is not None:
             values[key] = str(values[key])
+    if isinstance(values.get("bands"), list):
+        values["bands"] = tuple(values["bands"])
     if isinstance(values.get("class_weights"), list):
         try:
             values["class_weights"] = tuple(float(w) for w in values["class_weights"])
@@ -65,19 +71,15 @@ def to_config(cfg: DictConfig) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def to_distributed(cfg: DictConfig) -> Distributed | None:
-    """The `distributed` section; None (train in this process) for 0 workers."""
-    d = cfg.distributed
-    if d.workers == 0:
-        return None
-    return Distributed(workers=d.workers, use_gpu=d.use_gpu, threads=d.threads, storage=str(d.storage), name=d.name,
-                       max_failures=d.max_failures, keep=d.keep, address=d.address)
+def to_distributed(cfg: DictConfig, layout: Layout = TRAIN) -> Distributed | None:
+    """The `cluster` and `distributed` sections; None (train in this process) for 0 workers."""
+    values = layout.values(cfg, Distributed)
+    return None if values["workers"] == 0 else Distributed(**values)
 
 
 def to_tracking(cfg: DictConfig) -> tuple[Tracking, str | None]:
     """The `tracking` section, and the name to register the best bundle under."""
-    t = cfg.tracking
-    return Tracking(enabled=t.enabled, uri=t.uri, experiment=t.experiment), t.register
+    return Tracking(**TRAIN.values(cfg, Tracking)), cfg.tracking.register
 
 
 def describe(trained: Trained) -> str:
@@ -98,7 +100,7 @@ def describe(trained: Trained) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=str(CONF), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         tracking, register = to_tracking(cfg)
@@ -107,4 +109,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    with user_errors():
+        check_moved(sys.argv[1:])
     main()

@@ -9,9 +9,16 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline.config import defaults
+from pipeline.crf import CRFSettings
 from pipeline.errors import ConfigError, user_errors
+from pipeline.settings import RefineConfig, SegmentConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment images too large for memory.")
+CLUSTER_HELP = "Ray cluster to join: auto (RAY_ADDRESS), HOST:6379 or ray://HOST:10001 (default: embedded Ray here)."
+SEG = defaults(SegmentConfig)
+REF = defaults(RefineConfig)
+CRF = defaults(CRFSettings)
 
 
 @app.command()
@@ -28,54 +35,68 @@ def segment(
     glob: Annotated[str | None, typer.Option(help="Pattern of the files to take from a folder, e.g. '*.svs'.")] = None,
     asset: Annotated[list[str] | None, typer.Option(
         help="STAC asset to read (repeat to stack several assets as bands).")] = None,
-    tile: Annotated[int | None, typer.Option(help="Tile size in px (default: the bundle's).")] = None,
-    overlap: Annotated[int | None, typer.Option(help="Minimum tile overlap in px (default: the bundle's).")] = None,
-    window: Annotated[str, typer.Option(help="Blend window: gaussian, cosine, linear, constant.")] = "gaussian",
-    scores: Annotated[str, typer.Option(help="Blend and store 'logits' or 'probabilities'.")] = "logits",
-    tta: Annotated[bool, typer.Option(help="D4 test-time augmentation (8x compute).")] = False,
-    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
-    level: Annotated[int | None, typer.Option(help="Source pyramid level (default: match the model).")] = None,
-    block: Annotated[int, typer.Option(help="Output block edge in px: 512 x a power of two (shards <= 2048).")] = 2048,
-    workers: Annotated[int | None, typer.Option(help="Model workers (default: one per GPU, or per core).")] = None,
-    threads: Annotated[int | None, typer.Option(help="Torch threads per CPU worker.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    actors_per_gpu: Annotated[int, typer.Option(help="Model workers sharing each GPU.")] = 1,
+    tile: Annotated[int | None, typer.Option(help="Tile size in px (default: the bundle's).")] = SEG["tile"],
+    overlap: Annotated[int | None, typer.Option(help="Minimum tile overlap in px (default: the bundle's).")] = SEG[
+        "overlap"],
+    window: Annotated[str, typer.Option(help="Blend window: gaussian, cosine, linear, constant.")] = SEG["window"],
+    scores: Annotated[str, typer.Option(help="Blend and store 'logits' or 'probabilities'.")] = SEG["scores"],
+    tta: Annotated[bool, typer.Option(help="D4 test-time augmentation (8x compute).")] = SEG["tta"],
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = SEG["batch_size"],
+    level: Annotated[int | None, typer.Option(help="Source pyramid level (default: match the model).")] = SEG["level"],
+    block: Annotated[int, typer.Option(help="Output block edge in px: 512 x a power of two (the shard is "
+                                            "min(block, 2048)).")] = SEG["block"],
+    workers: Annotated[int | None, typer.Option(help="Model workers (default: one per GPU, or per core).")] = SEG[
+        "workers"],
+    threads: Annotated[int | None, typer.Option(help="Torch threads per CPU worker.")] = SEG["threads"],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = SEG["device"],
+    actors_per_gpu: Annotated[int, typer.Option(help="Model workers sharing each GPU.")] = SEG["actors_per_gpu"],
     pipelined: Annotated[bool | None, typer.Option(
         "--pipelined/--no-pipelined", help="Read ahead and write behind in each worker (default: on GPU).",
-        show_default=False)] = None,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model in each worker.")] = False,
+        show_default=False)] = SEG["pipelined"],
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model in each worker.")] = SEG[
+        "compile"],
     runtime: Annotated[str | None, typer.Option(
-        help="Run a PyTorch bundle on another runtime: onnx (onnxruntime). Default: the bundle's own.")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: embedded).")] = None,
-    skip_background: Annotated[bool, typer.Option(help="Skip tiles without foreground.")] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace complete mosaics at --out.")] = False,
+        help="Run a PyTorch bundle on another runtime: onnx (onnxruntime). Default: the bundle's own.")] = SEG[
+        "runtime"],
+    address: Annotated[str | None, typer.Option("--address", "--ray-address", help=CLUSTER_HELP)] = SEG["address"],
+    skip_background: Annotated[bool, typer.Option(help="Skip tiles without foreground.")] = SEG["skip_background"],
+    overwrite: Annotated[bool, typer.Option(help="Replace complete mosaics at --out.")] = SEG["overwrite"],
     accept_input: Annotated[bool, typer.Option(
-        "--accept-input", help="Run images whose data type or values differ from the model's training data.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
-    verbose: Annotated[bool, typer.Option(help="Show Ray's own messages.")] = False,
-    track: Annotated[bool, typer.Option(help="Track the job as an MLflow run.")] = True,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: ./mlflow.db).")] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "tessera-segment",
+        "--accept-input", help="Run images whose data type or values differ from the model's training data.")] = SEG[
+        "accept_input"],
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = not SEG["progress"],
+    verbose: Annotated[bool, typer.Option(help="Show Ray's own messages.")] = SEG["verbose"],
+    track: Annotated[bool, typer.Option(help="Track the job as an MLflow run.")] = SEG["tracking"].enabled,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: ./mlflow.db).")] = SEG[
+        "tracking"].uri,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = SEG["tracking"].experiment,
+    show_config: Annotated[bool, typer.Option(
+        "--show-config", help="Print the job's settings as JSON and stop (the same as the Hydra job's "
+                              "show_config=true).")] = False,
 ) -> None:
     """Segment one image, or a collection, into blended Zarr mosaics with pyramids; print the summary.
 
     A collection runs on one pool of warm workers; a failed image is listed in ROOT/manifest.csv with
     its error and the others go on (exit status 1). Running the same command again skips finished
-    mosaics, resumes unfinished ones and retries failed ones.
+    mosaics, resumes unfinished ones and retries failed ones. Every default is SegmentConfig's
+    (pipeline/execution.py), as for `python -m jobs.segment`.
     """
-    from pipeline.execution import SegmentConfig, segment_inputs
+    from pipeline.config import as_mapping
+    from pipeline.execution import segment_inputs
     from pipeline.tracking import Tracking
 
     with user_errors():
         config = SegmentConfig(
             source=",".join(sources), model=str(model), output=str(out), tile=tile, overlap=overlap,
             window=window, scores=scores, tta=tta, batch_size=batch_size, level=level, block=block,
-            chunk=min(512, block), shard=min(block, 2048), workers=workers, threads=threads, device=device,
-            actors_per_gpu=actors_per_gpu, pipelined=pipelined, compile=compile, runtime=runtime,
-            ray_address=ray_address, skip_background=skip_background, overwrite=overwrite, accept_input=accept_input,
-            progress=not quiet, verbose=verbose,
+            workers=workers, threads=threads, device=device, actors_per_gpu=actors_per_gpu, pipelined=pipelined,
+            compile=compile, runtime=runtime, address=address, skip_background=skip_background, overwrite=overwrite,
+            accept_input=accept_input, progress=not quiet, verbose=verbose,
             tracking=Tracking(enabled=track, uri=tracking_uri, experiment=experiment),
         )
+        if show_config:
+            typer.echo(json.dumps(as_mapping(config), indent=2))
+            return
         summary = segment_inputs(config, sources, pattern=glob, assets=asset or ())
     _finish(summary)
 
@@ -96,39 +117,45 @@ def refine(
         "--out", "-o", help="Refined mosaic to write (.zarr, a path or s3://...), or the folder for a collection's "
                             "refined mosaics.")],
     source: Annotated[str | None, typer.Option(
-        help="The image MOSAIC was segmented from (default: the path in its lineage).")] = None,
-    iterations: Annotated[int, typer.Option(help="Mean-field iterations.")] = 5,
-    gaussian_sxy: Annotated[float, typer.Option(help="Smoothness kernel: spatial sigma, px.")] = 3.0,
-    gaussian_compat: Annotated[float, typer.Option(help="Smoothness kernel: weight.")] = 3.0,
-    bilateral_sxy: Annotated[float, typer.Option(help="Appearance kernel: spatial sigma, px.")] = 50.0,
-    bilateral_srgb: Annotated[float, typer.Option(help="Appearance kernel: colour sigma, 8-bit levels.")] = 13.0,
-    bilateral_compat: Annotated[float, typer.Option(help="Appearance kernel: weight.")] = 10.0,
-    halo: Annotated[int | None, typer.Option(help="Context px around each block (default: 4 x the sigma).")] = None,
-    block: Annotated[int | None, typer.Option(help="Block edge, a multiple of the shard (default: a shard).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Blocks refined at once (default: one per core).")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: embedded).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a complete mosaic at --out.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
-    verbose: Annotated[bool, typer.Option(help="Show Ray's own messages.")] = False,
-    track: Annotated[bool, typer.Option(help="Track the job as an MLflow run.")] = True,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: ./mlflow.db).")] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "tessera-refine",
+        help="The image MOSAIC was segmented from (default: the path in its lineage).")] = REF["source"],
+    iterations: Annotated[int, typer.Option(help="Mean-field iterations.")] = CRF["iterations"],
+    gaussian_sxy: Annotated[float, typer.Option(help="Smoothness kernel: spatial sigma, px.")] = CRF["gaussian_sxy"],
+    gaussian_compat: Annotated[float, typer.Option(help="Smoothness kernel: weight.")] = CRF["gaussian_compat"],
+    bilateral_sxy: Annotated[float, typer.Option(help="Appearance kernel: spatial sigma, px.")] = CRF[
+        "bilateral_sxy"],
+    bilateral_srgb: Annotated[float, typer.Option(help="Appearance kernel: colour sigma, 8-bit levels.")] = CRF[
+        "bilateral_srgb"],
+    bilateral_compat: Annotated[float, typer.Option(help="Appearance kernel: weight.")] = CRF["bilateral_compat"],
+    halo: Annotated[int | None, typer.Option(help="Context px around each block (default: 4 x the sigma).")] = CRF[
+        "halo"],
+    block: Annotated[int | None, typer.Option(help="Block edge, a multiple of the shard (default: a shard).")] = REF[
+        "block"],
+    workers: Annotated[int | None, typer.Option(help="Blocks refined at once (default: one per core).")] = REF[
+        "workers"],
+    address: Annotated[str | None, typer.Option("--address", "--ray-address", help=CLUSTER_HELP)] = REF["address"],
+    overwrite: Annotated[bool, typer.Option(help="Replace a complete mosaic at --out.")] = REF["overwrite"],
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = not REF["progress"],
+    verbose: Annotated[bool, typer.Option(help="Show Ray's own messages.")] = REF["verbose"],
+    track: Annotated[bool, typer.Option(help="Track the job as an MLflow run.")] = REF["tracking"].enabled,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: ./mlflow.db).")] = REF[
+        "tracking"].uri,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = REF["tracking"].experiment,
 ) -> None:
     """Refine MOSAIC (or every mosaic in a folder) with a dense CRF into new mosaics of class probabilities."""
     from pipeline.crf import CRFSettings
+    from pipeline.tracking import Tracking
 
     with user_errors():
         crf = CRFSettings(iterations=iterations, gaussian_sxy=gaussian_sxy, gaussian_compat=gaussian_compat,
                           bilateral_sxy=bilateral_sxy, bilateral_srgb=bilateral_srgb,
                           bilateral_compat=bilateral_compat, halo=halo)
-        from pipeline.refinement import RefineConfig, refine_inputs  # Ray: after the settings check
-        from pipeline.tracking import Tracking
-
         config = RefineConfig(
             mosaic=mosaic, output=out, source=source, crf=crf, block=block,
-            workers=workers, ray_address=ray_address, overwrite=overwrite, progress=not quiet, verbose=verbose,
+            workers=workers, address=address, overwrite=overwrite, progress=not quiet, verbose=verbose,
             tracking=Tracking(enabled=track, uri=tracking_uri, experiment=experiment),
         )
+        from pipeline.refinement import refine_inputs  # Ray: after the settings check
+
         summary = refine_inputs(config)
     _finish(summary)
 
@@ -526,28 +553,21 @@ def _json_option(option: str, text: str | None) -> Any:
 
 
 HYDRA = {"allow_extra_args": True, "ignore_unknown_options": True}
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose(name: str, overrides: list[str]) -> Any:
-    """conf/<name>.yaml with Hydra overrides, as the job modules see it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    """pipeline/conf/<name>.yaml with Hydra overrides, as `python -m jobs.<name>` sees it."""
+    import importlib
 
-    from pipeline.errors import ConfigError
+    from pipeline.config import compose as compose_layout
 
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return hydra_compose(config_name=name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"{str(exc).splitlines()[0]}; overrides are key=value, e.g. steps=400.") from None
+    job = importlib.import_module(f"jobs.{name}")
+    return compose_layout(getattr(job, name.upper()), overrides)
 
 
 @app.command(context_settings=HYDRA)
 def train(ctx: typer.Context) -> None:
-    """Train a model (conf/train.yaml with key=value overrides); same as `python -m jobs.train`."""
+    """Train a model (pipeline/conf/train.yaml with key=value overrides); same as `python -m jobs.train`."""
     from jobs.train import describe, to_config, to_distributed, to_tracking
     from pipeline.lifecycle import train_tracked
 
@@ -560,7 +580,7 @@ def train(ctx: typer.Context) -> None:
 
 @app.command(context_settings=HYDRA)
 def nightly(ctx: typer.Context) -> None:
-    """Run one night (conf/nightly.yaml with overrides): train a challenger, promote it if better."""
+    """Run one night (pipeline/conf/nightly.yaml with overrides): train a challenger, promote it if better."""
     from jobs.nightly import to_config
     from pipeline.lifecycle import nightly as run_nightly
 
@@ -569,7 +589,8 @@ def nightly(ctx: typer.Context) -> None:
         typer.echo(run_nightly(to_config(cfg), progress=bool(cfg.progress)).describe())
 
 
-schedule_app = typer.Typer(no_args_is_help=True, help="Run the nightly job on conf/nightly.yaml's schedule.")
+schedule_app = typer.Typer(no_args_is_help=True,
+                           help="Run the nightly job on its schedule (schedule.cron, schedule.timezone).")
 app.add_typer(schedule_app, name="schedule")
 
 

@@ -165,7 +165,7 @@ class JobKind(Protocol):
     name: str
     params: dict[str, Any]  # the settings every image shares, tracked on the collection's run
     tracking: Tracking
-    ray_address: str | None
+    address: str | None
     overwrite: bool
     progress: bool
     verbose: bool
@@ -193,7 +193,7 @@ class JobBase:
     def __init__(self, config: Any, per_image: tuple[str, ...]) -> None:
         self.config = config
         self.tracking: Tracking = config.tracking
-        self.ray_address: str | None = config.ray_address
+        self.address: str | None = config.address
         self.overwrite: bool = config.overwrite
         self.progress: bool = config.progress
         self.verbose: bool = config.verbose
@@ -585,7 +585,7 @@ class Engine:
         tracking = self.kind.tracking
         if tracking.enabled:
             check_reachable(tracking.resolved_uri())
-        address = self.kind.ray_address or os.environ.get("RAY_ADDRESS")
+        address = self.kind.address or os.environ.get("RAY_ADDRESS")
         if address:
             from pipeline.cluster import check_address
 
@@ -631,7 +631,7 @@ class Engine:
                     pool = True
                     tick = time.perf_counter()
                     cpus, store = self.kind.ray_resources()
-                    started_ray = connect_ray(self.kind.ray_address, cpus, store, verbose=self.kind.verbose)
+                    started_ray = connect_ray(self.kind.address, cpus, store, verbose=self.kind.verbose)
                     self.ray_ready.set()
                     log.debug("Ray ready after %.2f s", time.perf_counter() - start)
                 if single:  # one image: the pool is sized to its units

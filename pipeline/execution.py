@@ -13,7 +13,7 @@ over a collection on one warm pool of workers:
 The engine submits a block once every seam it needs has finished, so no worker ever waits on
 another, and starts seams in the order their first block needs them, which keeps the seam results
 alive at any time to about one row of blocks. The same code runs on an embedded Ray or on a
-cluster; only `ray_address` differs.
+cluster; only `address` differs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -34,7 +34,7 @@ import numpy as np
 import psutil
 
 from pipeline import lineage as lineage_info
-from pipeline.blending import DEFAULT_WINDOW, WINDOWS, Accumulator
+from pipeline.blending import Accumulator
 from pipeline.collection import CollectionItem, materialise, output_path
 from pipeline.engine import (
     IN_FLIGHT,
@@ -52,103 +52,17 @@ from pipeline.errors import BandMismatchError, ConfigError
 from pipeline.files import cache_folder
 from pipeline.inference import InferenceOptions, pick_device
 from pipeline.models.bundle import BundleSpec, ModelBundle, read_bundle_bytes
-from pipeline.models.runtimes import RUNTIMES
-from pipeline.mosaic import Mosaic, MosaicLayout, check_storage
+from pipeline.mosaic import Mosaic, MosaicLayout
+from pipeline.settings import SegmentConfig
 from pipeline.sources import RasterSource, open_source
 from pipeline.sources.base import is_local_file
 from pipeline.storage import Location
 from pipeline.tiling import BlockId, BlockPlan, TileGrid
-from pipeline.tracking import Tracking, check_reachable, flat_params
+from pipeline.tracking import check_reachable, flat_params
 
 log = logging.getLogger(__name__)
 
 OBJECT_STORE_MIN = 128 * 2**20
-
-
-@dataclass(frozen=True)
-class SegmentConfig:
-    """Everything a segment job needs; built once by a front door (CLI or Hydra job).
-
-    Args:
-        source: path of the image (GeoTIFF/COG, slide, OME-TIFF).
-        model: path of a model bundle, or a registry reference, models:/NAME@ALIAS or
-            models:/NAME/VERSION, resolved through `tracking`'s registry (see `pipeline.registry`).
-        output: path of the mosaic to write.
-        tile, overlap: tile size and minimum overlap in pixels; None takes the bundle's defaults.
-        window: blend weight window, one of gaussian, cosine, linear, constant.
-        scores: what is blended and stored: "logits" or "probabilities".
-        scores_dtype: stored dtype of the scores, float16 or float32.
-        tta: average the 8 flips/rotations of each tile (D4 test-time augmentation).
-        level: source pyramid level to segment; None picks the one matching the bundle's resolution.
-        chunk, shard: Zarr chunk and shard edges; block: output block edge (a multiple of shard).
-        workers: model actors; None means one per GPU, or one per CPU core as memory allows.
-        threads: torch threads per worker on CPU; None divides the cores among the workers.
-        ray_address: None starts an embedded Ray; "auto" or "ray://host:10001" joins a cluster.
-        skip_background: do not compute tiles without foreground (nodata, or no tissue on slides).
-        pipelined: read ahead and write behind in each worker's helper threads; None means on GPU only.
-        actors_per_gpu: model actors sharing each GPU (more than 1 helps when one actor's CPU work
-            leaves the GPU idle; each holds its own copy of the model in GPU memory).
-        compile: torch.compile the model in each worker (slower start, faster steady state on GPU).
-        runtime: run a PyTorch bundle's model on another runtime ("onnx": onnxruntime, see
-            docs/models.md#runtimes); None runs each bundle on its own.
-        overwrite: replace a complete mosaic at `output`, or start an unfinished one over.
-        accept_input: run a source whose data type or values differ from what the model was trained on
-            (refused otherwise, see `check_input`).
-        verbose: let Ray's own messages through to the terminal.
-        tracking: the MLflow run of the job (default: MLFLOW_TRACKING_URI or ./mlflow.db).
-    """
-
-    source: str
-    model: str
-    output: str
-    tile: int | None = None
-    overlap: int | None = None
-    window: str = DEFAULT_WINDOW
-    scores: str = "logits"
-    scores_dtype: str = "float16"
-    tta: bool = False
-    batch_size: int = 8
-    device: str = "auto"
-    level: int | None = None
-    chunk: int = 512
-    shard: int = 2048
-    block: int = 2048
-    workers: int | None = None
-    threads: int | None = None
-    ray_address: str | None = None
-    skip_background: bool = True
-    pipelined: bool | None = None
-    actors_per_gpu: int = 1
-    compile: bool = False
-    runtime: str | None = None
-    overwrite: bool = False
-    accept_input: bool = False
-    progress: bool = True
-    verbose: bool = False
-    tracking: Tracking = field(default_factory=Tracking)
-
-    def __post_init__(self) -> None:
-        if self.window not in WINDOWS:
-            raise ConfigError(f"window={self.window!r}: choose one of {', '.join(WINDOWS)}")
-        check_storage(self.chunk, self.shard)
-        if self.block <= 0 or self.block % self.shard:
-            raise ConfigError(
-                f"block {self.block} must be a multiple of shard {self.shard} (one writer per shard): "
-                f"use block={self.shard} or a multiple of it"
-            )
-        for name in ("workers", "threads", "tile", "level", "actors_per_gpu"):
-            value = getattr(self, name)
-            if value is not None and value < (0 if name == "level" else 1):
-                raise ConfigError(f"{name}={value} is out of range: use a positive number or leave it unset")
-        if self.runtime is not None and self.runtime not in RUNTIMES:
-            raise ConfigError(f"runtime={self.runtime!r} is unknown: use one of {', '.join(RUNTIMES)}, or leave it "
-                              "unset to run the bundle on its own")
-        self.inference  # noqa: B018  (validates scores, batch size and device before anything is written)
-
-    @property
-    def inference(self) -> InferenceOptions:
-        return InferenceOptions(device=self.device, batch_size=self.batch_size, tta=self.tta, scores=self.scores,
-                                compile=self.compile)
 
 
 @dataclass(frozen=True)
@@ -349,7 +263,7 @@ def worker_layout(config: SegmentConfig, device: str) -> tuple[int, int]:
         gpus = torch.cuda.device_count()
         slots = max(gpus, 1) * config.actors_per_gpu
         workers = config.workers or slots
-        if config.ray_address is None and workers > gpus * config.actors_per_gpu:
+        if config.address is None and workers > gpus * config.actors_per_gpu:
             raise ConfigError(f"{workers} GPU workers asked for, but this machine has {gpus} GPU(s) with "
                               f"{config.actors_per_gpu} actor(s) each: use --workers {slots}, raise "
                               f"actors_per_gpu, or use a Ray cluster")
@@ -471,7 +385,7 @@ def job_fingerprint(config: SegmentConfig, source: RasterSource, bundle: ModelBu
         "source": str(Path(source.path).resolve()) if is_local_file(source.path) else source.path,
         "level": source.level, "height": source.height, "width": source.width, "model_sha256": bundle.sha256,
         "tile": grid.tile, "overlap": grid.overlap, "window": config.window, "scores": config.scores,
-        "scores_dtype": config.scores_dtype, "tta": config.tta, "chunk": config.chunk, "shard": config.shard,
+        "scores_dtype": config.scores_dtype, "tta": config.tta, "chunk": config.edges[0], "shard": config.edges[1],
         "block": config.block, "skip_background": config.skip_background,
         **({"runtime": config.runtime} if config.runtime not in (None, bundle.spec.runtime) else {}),
     }
@@ -526,7 +440,7 @@ class SegmentJob(JobBase):
         job = job_fingerprint(config, source, bundle, grid)
         layout = MosaicLayout(
             height=source.height, width=source.width, classes=bundle.spec.classes, scores_kind=config.scores,
-            scores_dtype=config.scores_dtype, chunk=config.chunk, shard=config.shard, crs=source.crs,
+            scores_dtype=config.scores_dtype, chunk=config.edges[0], shard=config.edges[1], crs=source.crs,
             transform=tuple(source.transform)[:6] if source.transform is not None else None, mpp=source.mpp,
         )
         graph = UnitGraph(tuple(plan.busy_blocks()), tuple(g.blocks for g in plan.seams))

@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +51,13 @@ from pipeline.engine import (
 )
 from pipeline.errors import ConfigError, MosaicError
 from pipeline.mosaic import Mosaic, is_mosaic
+from pipeline.settings import RefineConfig
 from pipeline.sources import RasterSource, open_source
 from pipeline.sources.base import is_local_file
 from pipeline.stitching import NODATA_CLASS, BlockOutput, summarise
 from pipeline.storage import Location
 from pipeline.tiling import Rect
-from pipeline.tracking import Tracking, flat_params
+from pipeline.tracking import flat_params
 
 log = logging.getLogger(__name__)
 
@@ -67,42 +68,6 @@ CRF_BYTES_BASE = 300
 CRF_BYTES_PER_CLASS = 20
 SAMPLE_WINDOWS = 8  # the colour scale of a non-8-bit source is taken from 8 x 8 windows spread over it
 SAMPLE_EDGE = 64
-
-
-@dataclass(frozen=True)
-class RefineConfig:
-    """Settings of a refine job.
-
-    Args:
-        mosaic: the complete mosaic to refine (local folder).
-        output: the refined mosaic to write.
-        source: the image the mosaic was segmented from; None takes the path in its lineage.
-        crf: the CRF's parameters.
-        block: output block edge in px, a multiple of the input's shard; None means one shard.
-        workers: parallel block tasks; None means one per core, as memory allows.
-        ray_address: None starts an embedded Ray; "auto" or "ray://host:10001" joins a cluster.
-        overwrite: replace a complete mosaic at `output`, or start an unfinished one over.
-        progress: show a progress bar of the blocks.
-        verbose: let Ray's own messages through to the terminal.
-        tracking: the MLflow run of the job (default: MLFLOW_TRACKING_URI or ./mlflow.db, experiment
-            tessera-refine).
-    """
-
-    mosaic: str
-    output: str
-    source: str | None = None
-    crf: CRFSettings = field(default_factory=CRFSettings)
-    block: int | None = None
-    workers: int | None = None
-    ray_address: str | None = None
-    overwrite: bool = False
-    progress: bool = True
-    verbose: bool = False
-    tracking: Tracking = field(default_factory=lambda: Tracking(experiment="tessera-refine"))
-
-    def __post_init__(self) -> None:
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"workers={self.workers} is out of range: use a positive number or leave it unset")
 
 
 @dataclass(frozen=True)

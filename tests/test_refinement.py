@@ -244,12 +244,10 @@ def test_cli_refine_reports_bad_input_and_the_job_config_maps(tmp_path: Path) ->
          "--bilateral-sxy", "-3"], capture_output=True, text=True,
     )
     assert result.returncode == 2 and "bilateral_sxy=-3.0" in result.stderr
-    from hydra import compose, initialize_config_dir
-
     from jobs.refine import to_config
+    from pipeline.cli import compose
 
-    with initialize_config_dir(str(Path(__file__).parents[1] / "conf"), version_base="1.3"):
-        cfg = compose("refine", ["mosaic=a.zarr", "output=b.zarr", "crf.bilateral_sxy=30", "block=4096"])
+    cfg = compose("refine", ["mosaic=a.zarr", "output=b.zarr", "crf.bilateral_sxy=30", "block=4096"])
     config = to_config(cfg)
     assert config.crf == CRFSettings(bilateral_sxy=30.0) and config.block == 4096 and config.source is None
 

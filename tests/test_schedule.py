@@ -111,9 +111,9 @@ def test_kubernetes_manifests_parse_and_run_the_nightly_entry_point(name: str) -
     import shlex
 
     import yaml
-    from hydra import compose, initialize_config_dir
 
     from jobs.nightly import to_config
+    from pipeline.cli import compose
 
     text = (Path(__file__).resolve().parents[1] / "conf" / "k8s" / name).read_text()
     documents = list(yaml.safe_load_all(text))
@@ -130,7 +130,6 @@ def test_kubernetes_manifests_parse_and_run_the_nightly_entry_point(name: str) -
     words = shlex.split(rayjob["entrypoint"])
     assert words[:3] == ["python", "-m", "jobs.nightly"]
     # The overrides are valid for the nightly job's config.
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        config = to_config(compose(config_name="nightly", overrides=words[3:]))
+    config = to_config(compose("nightly", words[3:]))
     assert config.train.catalog == "/data/catalog.yaml" and config.distributed is not None
-    assert config.distributed.use_gpu and config.distributed.workers == 4
+    assert config.distributed.device == "cuda" and config.distributed.workers == 4

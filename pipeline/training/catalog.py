@@ -362,10 +362,13 @@ def check_class_ids(values: np.ndarray, classes: Sequence[ClassInfo], path: str)
 
 
 def catalog_path(name: str) -> Path:
-    """`conf/data/<name>.yaml` in the repository, or `name` itself when it is a file."""
+    """`name` itself when it is a file, else `conf/data/<name>.yaml` in the working directory, else in the
+    checkout tessera runs from (its sample catalogs; an installed tessera has none)."""
     if os.path.exists(name):
         return Path(name)
-    return Path(__file__).resolve().parents[2] / "conf" / "data" / f"{name}.yaml"
+    here = Path("conf") / "data" / f"{name}.yaml"
+    checkout = Path(__file__).resolve().parents[2] / "conf" / "data" / f"{name}.yaml"
+    return here if here.is_file() or not checkout.is_file() else checkout
 
 
 def load_catalog(name: str) -> Catalog:

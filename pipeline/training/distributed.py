@@ -48,13 +48,17 @@ EMBEDDED_RAY_TRAIN_ENV = {
 }
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 @dataclass(frozen=True)
 class Distributed:
     """How a training run is spread over Ray Train workers and where its checkpoints go.
 
     Attributes:
         workers: Training processes (DDP ranks); each takes ``batch_size / workers`` windows a step.
-        use_gpu: One GPU per worker (nccl, bf16 autocast); else CPU with gloo.
+        device: cuda: one GPU per worker (nccl, bf16 autocast); cpu: gloo on CPUs; auto: GPUs when the
+            machine (embedded Ray) or the cluster has them, else CPUs.
         threads: torch threads (and reserved CPUs) per worker; None: on an embedded Ray, this machine's CPUs
             shared among the workers (2 workers on 8 CPUs: 4 each), on a cluster 1.
         storage: Folder (or URI Ray Train accepts, e.g. s3://...) for the run's checkpoints; on a
@@ -63,11 +67,11 @@ class Distributed:
             so running the same command again resumes.
         max_failures: Restarts from the last checkpoint after a worker fails, within one run.
         keep: Checkpoints kept (the newest).
-        address: Ray cluster to join; None starts an embedded Ray (or joins the job's cluster).
+        address: the Ray cluster to join; None starts an embedded Ray (or joins the job's cluster).
     """
 
     workers: int = 1
-    use_gpu: bool = False
+    device: str = "auto"
     threads: int | None = None
     storage: str = "checkpoints"
     name: str | None = None
@@ -75,7 +79,14 @@ class Distributed:
     keep: int = 2
     address: str | None = None
 
+    @property
+    def use_gpu(self) -> bool:
+        """One GPU per worker (after `fit` resolved auto)."""
+        return self.device == "cuda"
+
     def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"device={self.device!r}: use one of {', '.join(DEVICES)}")
         for key in ("workers", "threads", "keep"):
             value = getattr(self, key)
             if key == "threads" and value is None:
@@ -105,7 +116,7 @@ def run_name(config: TrainConfig, settings: Distributed) -> str:
     """
     if settings.name:
         return settings.name
-    shape = {**dataclasses.asdict(config), "workers": settings.workers, "use_gpu": settings.use_gpu,
+    shape = {**dataclasses.asdict(config), "workers": settings.workers, "use_gpu": settings.device == "cuda",
              "inputs": _input_stamps(config)}
     shape.pop("threads")
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -138,6 +149,7 @@ def fit(
         _check_inputs(config)  # on this machine, a missing file fails now rather than in a worker
         check_encoder_weights(config.architecture, config.arch_args or {})  # and weights it cannot get
         config = _absolute_inputs(config)  # workers run in folders of their own
+        settings = dataclasses.replace(settings, device=_local_device(settings.device))
     output = Location.parse(config.output)
     storage_for(output).check(output)  # a missing bucket or no credentials: now, not after the training
     if settings.threads is None:  # a laptop's cores all go to training; a cluster's node size is not known here
@@ -160,6 +172,10 @@ def _fit(config: TrainConfig, settings: Distributed, logger: EpochLogger | None,
 
     threads = settings.threads or 1  # resolved by fit
     storage = Location.parse(settings.storage).url  # Ray Train takes a local path or a URL
+    started = connect_ray(settings.address, settings.workers * threads)
+    if settings.device == "auto":  # a cluster: its GPUs, if it has any
+        gpus = ray.cluster_resources().get("GPU", 0)
+        settings = dataclasses.replace(settings, device="cuda" if gpus >= 1 else "cpu")
     trainer = TorchTrainer(
         _worker,  # type: ignore[arg-type]  # Ray Train v2 (the default) returns its value; the stubs are v1's
         train_loop_config={"config": config, "use_gpu": settings.use_gpu, "logger": logger},
@@ -174,7 +190,6 @@ def _fit(config: TrainConfig, settings: Distributed, logger: EpochLogger | None,
             failure_config=FailureConfig(max_failures=settings.max_failures),
         ),
     )
-    started = connect_ray(settings.address, settings.workers * threads)
     warm_pool.release()  # idle block workers of this process's earlier jobs give their CPUs back
     try:
         try:
@@ -190,6 +205,16 @@ def _fit(config: TrainConfig, settings: Distributed, logger: EpochLogger | None,
         if started:
             ray.shutdown()
     return result_from_metrics(config.output, result.return_value, time.perf_counter() - start)  # type: ignore[attr-defined]
+
+
+def _local_device(device: str) -> str:
+    """auto as this machine has it; cuda asked for where there is none fails now, in one line."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("cluster.device=cuda but this machine has no CUDA GPU: use cluster.device=cpu (or auto), "
+                          "or join a cluster with GPUs (cluster.address=...)")
+    return device
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ def test_two_workers_killed_after_an_epoch_resume_and_reach_the_quality_of_one(
     args = [sys.executable, "-m", "jobs.train", f"image={image}", f"labels={labels}", "output=two.bundle",
             "architecture=fcn", "arch_args={depth: 3, width: 16}", "tile_size=64", "inference_tile_size=128",
             "overlap=16", "batch_size=8", "steps=60", "steps_per_epoch=20", "lr=0.02", "holdout_fraction=0.2",
-            "progress=false", "distributed.workers=2", f"distributed.storage={checkpoints.url}",
+            "progress=false", "cluster.workers=2", f"distributed.storage={checkpoints.url}",
             "distributed.name=killed", "tracking.enabled=false"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     job = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

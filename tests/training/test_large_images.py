@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Small and quick, the same for every image: the image's size is what changes.
 SETTINGS = ["architecture=fcn", "arch_args={depth: 3, width: 16}", "tile_size=128", "inference_tile_size=256",
             "overlap=32", "batch_size=8", "steps=8", "steps_per_epoch=8", "val_fraction=0.01", "progress=false",
-            "distributed.workers=0", "tracking.enabled=false", "threads=1"]
+            "cluster.workers=0", "tracking.enabled=false", "cluster.threads=1"]
 
 
 def peak_of_training(args: list[str], cwd: Path) -> float:

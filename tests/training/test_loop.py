@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from rasterio.transform import from_origin
 
 from jobs.train import to_config
+from pipeline.cli import compose
 from pipeline.errors import ConfigError, SourceNotFoundError, StorageError
 from pipeline.models import ClassInfo, ModelBundle
 from pipeline.storage import Location, storage_for
@@ -250,7 +250,7 @@ def test_job_trains_and_leaves_nothing_else_behind(scene_files: tuple[str, str],
     run = run_job(
         [f"image={image}", f"labels={labels}", "output=model.bundle", "architecture=fcn",
          "arch_args={depth: 1, width: 4}", "tile_size=64", "batch_size=2", "steps=2", "steps_per_epoch=2",
-         "threads=1", "progress=false", "distributed.workers=0"],
+         "cluster.threads=1", "progress=false", "cluster.workers=0"],
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr
@@ -268,8 +268,7 @@ def test_job_reports_user_errors_on_one_line(scene_files: tuple[str, str], tmp_p
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose("train", overrides)
 
 
 def test_job_config_becomes_a_train_config() -> None:
@@ -282,7 +281,7 @@ def test_job_config_becomes_a_train_config() -> None:
     assert config.bands == (3, 1)
     assert config.classes == (ClassInfo("land", (1, 2, 3)), ClassInfo("sea", (4, 5, 6)))
     assert config.arch_args == dict(DEFAULT_ARCH_ARGS)
-    # Every setting in conf/train.yaml but `progress` is a TrainConfig field with the same default.
+    # Every setting of the train job but `progress` is a TrainConfig field with the same default.
     defaults = TrainConfig("i.tif", "l.tif", "m.bundle")
     assert to_config(compose_train(["image=i.tif", "labels=l.tif", "output=m.bundle"])) == defaults
 
