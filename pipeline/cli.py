@@ -263,6 +263,8 @@ def query_vectorize(
     classes: Annotated[str | None, typer.Option(help="Comma-separated class names (default: all).")] = None,
     background: Annotated[bool, typer.Option(help="qupath: keep class 0, left out by default.")] = False,
     object_type: Annotated[str, typer.Option(help="qupath: annotation or detection.")] = "annotation",
+    downsample: Annotated[float | None, typer.Option(
+        help="qupath: the downsample of the source level the mosaic was segmented from, when not level 0.")] = None,
     simplify: Annotated[float, typer.Option(help="Simplification tolerance in the mosaic's units.")] = 0.0,
     out_crs: Annotated[str | None, typer.Option(help="Output CRS, e.g. EPSG:4326 (default: the mosaic's).")] = None,
     window: Annotated[str | None, WINDOW] = None,
@@ -285,13 +287,14 @@ def query_vectorize(
         if out is not None:
             written, count = export_vectors(Mosaic.open(mosaic), out, fmt, overwrite=overwrite, classes=names,
                                             background=background, simplify=simplify, out_crs=out_crs,
-                                            object_type=object_type, **region)
+                                            object_type=object_type, downsample=downsample, **region)
             typer.echo(f"{count} polygons -> {written}")
         elif fmt in OGR_DRIVERS:
             raise ConfigError(f"format {fmt}: a {fmt} file needs --out FILE")
         elif fmt == "qupath":
             typer.echo(json.dumps(qupath_objects(Mosaic.open(mosaic), classes=names, background=background,
-                                                 simplify=simplify, object_type=object_type, **region)))
+                                                 simplify=simplify, object_type=object_type, downsample=downsample,
+                                                 **region)))
         else:
             typer.echo(json.dumps(vectorize(Mosaic.open(mosaic), classes=names, simplify=simplify, out_crs=out_crs,
                                             **region)))

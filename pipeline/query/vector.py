@@ -166,6 +166,7 @@ def polygons(
     simplify: float = 0.0,
     out_crs: str | None = None,
     pixels: bool = False,
+    downsample: float = 1.0,
     max_pixels: int | None = MAX_VECTOR_PIXELS,
     limits: VectorLimits | None = None,
     cancelled: threading.Event | None = None,
@@ -177,6 +178,8 @@ def polygons(
         pixels: coordinates in pixels of the full-resolution image (level 0; x right, y down, origin at
             the top-left corner of the image) whatever the level read, as QuPath expects; polygons of a
             coarser level are clipped to the image. `simplify` stays in the mosaic's units.
+        downsample: with `pixels`, the size of the mosaic's level-0 pixels in the pixels wanted (those of
+            the source's full resolution, when the mosaic was segmented from a coarser source level).
     """
     layout = m.layout
     names = [c.name for c in layout.classes]
@@ -205,11 +208,13 @@ def polygons(
     if limits is not None:
         _check(count_polygons(mask, keep), limits, "would have")
     if pixels:
-        f = 2**win.level
+        if not downsample > 0:
+            raise RegionError(f"downsample {downsample}: give the source level's downsample, a number > 0")
+        f = downsample * 2**win.level
         transform = Affine.scale(f) @ Affine.translation(win.rect.x0, win.rect.y0)
-        area_scale = abs(level_transform(layout, 0).determinant)
-        tolerance = simplify / pixel_size(layout, 0)
-        clip = (layout.width, layout.height) if win.level > 0 else None
+        area_scale = abs(level_transform(layout, 0).determinant) / downsample**2
+        tolerance = simplify / pixel_size(layout, 0) * downsample
+        clip = (layout.width * downsample, layout.height * downsample) if win.level > 0 else None
         made = Polygons(win, None, "px", simplify, _shapes(mask, keep, transform, area_scale, tolerance, None,
                                                             layout.crs, clip, limits, cancelled))
     else:
@@ -220,7 +225,7 @@ def polygons(
 
 
 def _shapes(mask: np.ndarray, keep: np.ndarray, transform: Affine, area_scale: float, tolerance: float,
-            target: str | None, source_crs: str | None, clip: tuple[int, int] | None, limits: VectorLimits | None,
+            target: str | None, source_crs: str | None, clip: tuple[float, float] | None, limits: VectorLimits | None,
             cancelled: threading.Event | None) -> Iterator[Polygon]:
     """The polygons of the `keep` pixels of `mask` under `transform`, simplified, clipped to `clip` (width,
     height) and reprojected to `target`, with the limits checked on the true counts."""

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError, MissingDependencyError, OutputExistsError, OutputFolderError
+from pipeline.errors import ConfigError, MissingDependencyError, OutputExistsError, OutputFolderError, RegionError
 from pipeline.mosaic import Mosaic
 from pipeline.query.vector import MAX_VECTOR_PIXELS, VectorLimits, describe, polygons, vectorize
 
@@ -43,6 +43,7 @@ def qupath_objects(
     background: bool = False,
     simplify: float = 0.0,
     object_type: str = "annotation",
+    downsample: float | None = None,
     max_pixels: int | None = MAX_VECTOR_PIXELS,
     limits: VectorLimits | None = None,
     cancelled: threading.Event | None = None,
@@ -61,6 +62,9 @@ def qupath_objects(
         background: with `classes` left out, keep class 0 too.
         simplify: Douglas-Peucker tolerance in the mosaic's units (metres, micrometres...).
         object_type: "annotation" (editable regions, the default) or "detection" (lighter, for many objects).
+        downsample: the downsample of the source level the mosaic was segmented from (its lineage's
+            `source.level`), so that coordinates are the source's full-resolution pixels. Needed only
+            when that level is not 0: the mosaic does not record it, and the source is not opened here.
         window, bbox, crs, level, resolution, max_pixels, limits, cancelled: as for `vectorize`.
 
     Raises:
@@ -75,13 +79,28 @@ def qupath_objects(
     layout = m.layout
     if classes is None and not background:
         classes = [c.name for c in layout.classes[1:]]
+    scale = source_downsample(m, downsample)
     made = polygons(m, window=window, bbox=bbox, crs=crs, level=level, resolution=resolution, classes=classes,
-                    simplify=simplify, pixels=True, max_pixels=max_pixels, limits=limits, cancelled=cancelled)
+                    simplify=simplify, pixels=True, downsample=scale, max_pixels=max_pixels, limits=limits,
+                    cancelled=cancelled)
     kinds = [{"name": c.name, "color": [int(v) for v in c.color[:3]]} for c in layout.classes]
     features = [{"type": "Feature", "geometry": p.geometry,
                  "properties": {"objectType": object_type, "classification": kinds[p.cls]}} for p in made.shapes]
     return {"type": "FeatureCollection", "features": features,
-            "tessera": describe(made) | {"coordinates": "pixels of level 0, y down"}}
+            "tessera": describe(made) | {"coordinates": "pixels of the source's level 0, y down", "downsample": scale}}
+
+
+def source_downsample(m: Mosaic, downsample: float | None) -> float:
+    """How many of the source's full-resolution pixels one mosaic pixel spans: `downsample` when given, 1 when
+    the mosaic was segmented from the source's level 0 (or its lineage names no level)."""
+    level = (m.lineage.get("source") or {}).get("level") or 0
+    if downsample is not None:
+        return downsample
+    if level == 0:
+        return 1.0
+    raise RegionError(f"this mosaic was segmented from level {level} of its source, and QuPath places objects in "
+                      f"the source's full-resolution pixels: give that level's downsample (downsample=, --downsample; "
+                      f"`tessera info` of the source or QuPath's Image tab lists it)")
 
 
 def export_vectors(
@@ -100,6 +119,7 @@ def export_vectors(
     simplify: float = 0.0,
     out_crs: str | None = None,
     object_type: str = "annotation",
+    downsample: float | None = None,
     max_pixels: int | None = MAX_VECTOR_PIXELS,
     limits: VectorLimits | None = None,
 ) -> tuple[Path, int]:
@@ -115,7 +135,7 @@ def export_vectors(
         format: one of `VECTOR_FORMATS`; by default from the name's ending (.gpkg, .fgb), else GeoJSON.
         overwrite: replace an existing file (refused otherwise).
         background: QuPath only (class 0 is left out of QuPath files unless named or asked for).
-        object_type: QuPath only, as for `qupath_objects`.
+        object_type, downsample: QuPath only, as for `qupath_objects`.
         the rest: as for `vectorize`.
 
     Returns:
@@ -135,7 +155,8 @@ def export_vectors(
         if out_crs is not None:
             raise ConfigError(f"out_crs {out_crs!r}: QuPath's coordinates are pixels of the full-resolution "
                               "image; leave out_crs out")
-        collection = qupath_objects(m, background=background, object_type=object_type, **region)
+        collection = qupath_objects(m, background=background, object_type=object_type, downsample=downsample,
+                                    **region)
         return _write_text(out, json.dumps(collection), overwrite), len(collection["features"])
     if fmt == "geojson":
         collection = vectorize(m, out_crs=out_crs, **region)

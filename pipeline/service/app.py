@@ -298,7 +298,10 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
                  format: Annotated[Literal["geojson", "qupath"], Query(
                      description="qupath: QuPath objects (classification name and colour) in pixels of level 0, "
                                  "class 0 left out unless named in classes= or background=true")] = "geojson",
-                 background: Annotated[bool, Query(description="qupath: keep class 0.")] = False) -> Response:
+                 background: Annotated[bool, Query(description="qupath: keep class 0.")] = False,
+                 downsample: Annotated[float | None, Query(gt=0, le=1e6, description=(
+                     "qupath: the downsample of the source level the mosaic was segmented from, when not 0."))] = None,
+                 ) -> Response:
         from pipeline.query.vector_export import qupath_objects
 
         m = mosaic(mid)
@@ -310,7 +313,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
             if out_crs is not None:
                 raise RegionError("out_crs: QuPath's coordinates are pixels of the full-resolution image; leave "
                                   "out_crs out")
-            collection = qupath_objects(m, background=background, **region)
+            collection = qupath_objects(m, background=background, downsample=downsample, **region)
         else:
             collection = vectorize(m, out_crs=out_crs, **region)
         body = json.dumps(collection, ensure_ascii=False, separators=(",", ":")).encode()  # rendered once, then checked

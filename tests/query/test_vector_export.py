@@ -207,3 +207,22 @@ def test_polygon_shapes_are_valid(slide_mosaic: Mosaic) -> None:
     """QuPath builds its ROIs from the rings as given: each polygon must be valid as written."""
     for feature in qupath_objects(slide_mosaic)["features"]:
         assert shape(feature["geometry"]).is_valid
+
+
+def test_qupath_needs_the_downsample_of_a_coarser_source_level(tmp_path: Path) -> None:
+    """A mosaic segmented from level 1 of its source: QuPath's pixels are the source's level 0, so the
+    coordinates are scaled by that level's downsample, which the mosaic does not record and must be given."""
+    from pipeline.errors import RegionError
+    from pipeline.synthetic import generate_scene, write_label_mosaic
+
+    labels = generate_scene(64, 80, seed=5).labels
+    write_label_mosaic(labels, tmp_path / "l1.zarr", crs=None, transform=None, mpp=0.5, chunk=64, shard=64,
+                       lineage={"source": {"path": "slide.svs", "level": 1}})
+    m = Mosaic.open(tmp_path / "l1.zarr")
+    with pytest.raises(RegionError, match=r"segmented from level 1 of its source.*--downsample"):
+        qupath_objects(m)
+    collection = qupath_objects(m, downsample=4.0, background=True)
+    shapes = [(f["geometry"], [c.name for c in m.layout.classes].index(f["properties"]["classification"]["name"]))
+              for f in collection["features"]]
+    burnt = burn(shapes, labels.shape, Affine.scale(4.0), labels.dtype)  # mosaic pixel centres, in source pixels
+    np.testing.assert_array_equal(burnt, labels)
