@@ -99,8 +99,8 @@ def source_downsample(m: Mosaic, downsample: float | None) -> float:
     if level == 0:
         return 1.0
     raise RegionError(f"this mosaic was segmented from level {level} of its source, and QuPath places objects in "
-                      f"the source's full-resolution pixels: give that level's downsample (downsample=, --downsample; "
-                      f"`tessera info` of the source or QuPath's Image tab lists it)")
+                      "the source's full-resolution pixels: give that level's downsample (downsample=, --downsample; "
+                      "QuPath's Image tab lists the source's levels)")
 
 
 def export_vectors(
