@@ -282,8 +282,16 @@ def query_stats(
 @query_app.command("vectorize")
 def query_vectorize(
     mosaic: Annotated[str, MOSAIC_ARG],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="GeoJSON file (default: print).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file (default: print GeoJSON).")] = None,
+    format: Annotated[str | None, typer.Option(
+        "--format", "-f", help="geojson, qupath (QuPath objects in level-0 pixels), gpkg or fgb (default: from "
+        "the --out name's ending, else geojson).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
     classes: Annotated[str | None, typer.Option(help="Comma-separated class names (default: all).")] = None,
+    background: Annotated[bool, typer.Option(help="qupath: keep class 0, left out by default.")] = False,
+    object_type: Annotated[str, typer.Option(help="qupath: annotation or detection.")] = "annotation",
+    downsample: Annotated[float | None, typer.Option(
+        help="qupath: the downsample of the source level the mosaic was segmented from, when not level 0.")] = None,
     simplify: Annotated[float, typer.Option(help="Simplification tolerance in the mosaic's units.")] = 0.0,
     out_crs: Annotated[str | None, typer.Option(help="Output CRS, e.g. EPSG:4326 (default: the mosaic's).")] = None,
     window: Annotated[str | None, WINDOW] = None,
@@ -292,22 +300,31 @@ def query_vectorize(
     level: Annotated[int | None, LEVEL] = None,
     resolution: Annotated[float | None, RESOLUTION] = None,
 ) -> None:
-    """The class mask of a region as GeoJSON polygons (one feature per connected area of a class)."""
+    """The class mask of a region as polygons (one per connected area of a class): GeoJSON, QuPath objects,
+    GeoPackage or FlatGeobuf."""
+    from pipeline.errors import ConfigError
     from pipeline.mosaic import Mosaic
-    from pipeline.query import vectorize
+    from pipeline.query.vector import vectorize
+    from pipeline.query.vector_export import OGR_DRIVERS, export_vectors, qupath_objects, vector_format
 
     with user_errors():
-        collection = vectorize(Mosaic.open(mosaic), classes=classes.split(",") if classes else None,
-                               simplify=simplify, out_crs=out_crs, **_region(window, bbox, crs, level, resolution))
-        text = json.dumps(collection)
-        if out is None:
-            typer.echo(text)
+        fmt = vector_format(out, format)
+        names = classes.split(",") if classes else None
+        region = _region(window, bbox, crs, level, resolution)
+        if out is not None:
+            written, count = export_vectors(Mosaic.open(mosaic), out, fmt, overwrite=overwrite, classes=names,
+                                            background=background, simplify=simplify, out_crs=out_crs,
+                                            object_type=object_type, downsample=downsample, **region)
+            typer.echo(f"{count} polygons -> {written}")
+        elif fmt in OGR_DRIVERS:
+            raise ConfigError(f"format {fmt}: a {fmt} file needs --out FILE")
+        elif fmt == "qupath":
+            typer.echo(json.dumps(qupath_objects(Mosaic.open(mosaic), classes=names, background=background,
+                                                 simplify=simplify, object_type=object_type, downsample=downsample,
+                                                 **region)))
         else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            partial = out.with_name(f".{out.name}.partial")
-            partial.write_text(text)
-            partial.replace(out)
-            typer.echo(f"{len(collection['features'])} polygons -> {out}")
+            typer.echo(json.dumps(vectorize(Mosaic.open(mosaic), classes=names, simplify=simplify, out_crs=out_crs,
+                                            **region)))
 
 
 @query_app.command("export")

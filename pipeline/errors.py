@@ -38,6 +38,10 @@ class OutputExistsError(TesseraError, FileExistsError):
     """The output path exists and may not be replaced."""
 
 
+class OutputFolderError(TesseraError, FileNotFoundError):
+    """The folder an output file should be written in does not exist."""
+
+
 class OutputLockedError(TesseraError, FileExistsError):
     """Another live job is writing the same output."""
 

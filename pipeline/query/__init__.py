@@ -8,6 +8,7 @@
     query.class_areas(m, polygon=field_geojson, crs="EPSG:4326")   # m^2 per class
     query.vectorize(m, classes=["building"], simplify=1.0, out_crs="EPSG:4326")
     query.export_cog(m, "mask.tif")
+    query.export_vectors(m, "cells.geojson", "qupath")   # or .gpkg / .fgb; query.qupath_objects(m) as a dict
     query.mosaic_stats(m)                              # whole image, out of core (dask)
 
 Every region is resolved the same way (`window.resolve`): a pixel window or a bbox in any CRS, at a
@@ -19,6 +20,7 @@ from pipeline.query.region import read_region
 from pipeline.query.stats import ClassAreas, class_areas, mosaic_stats
 from pipeline.query.tiles import pixel_tile, point, xyz_tile
 from pipeline.query.vector import vectorize
+from pipeline.query.vector_export import export_vectors, qupath_objects
 from pipeline.query.window import Window, resolve
 
 __all__ = [
@@ -27,9 +29,11 @@ __all__ = [
     "class_areas",
     "export_cog",
     "export_png",
+    "export_vectors",
     "mosaic_stats",
     "pixel_tile",
     "point",
+    "qupath_objects",
     "read_region",
     "resolve",
     "vectorize",

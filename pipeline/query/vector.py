@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from affine import Affine
 
 from pipeline.errors import GivenUpError, RegionError
 from pipeline.mosaic import Mosaic
@@ -15,8 +16,11 @@ from pipeline.query.region import read_window
 from pipeline.query.window import (
     WGS84,
     RegionTooLargeError,
+    Window,
     check_crs,
     check_size,
+    level_transform,
+    pixel_size,
     reprojected,
     resolve,
     units,
@@ -79,6 +83,27 @@ def count_polygons(mask: np.ndarray, keep: np.ndarray) -> PolygonCount:
     return PolygonCount(features=features, vertices=int(convex + concave) + features)
 
 
+@dataclass(frozen=True)
+class Polygon:
+    """One 4-connected area of one class: its geometry (a GeoJSON mapping) and its area in the mosaic's
+    units squared, measured before simplification."""
+
+    cls: int
+    geometry: dict[str, Any]
+    area: float
+
+
+@dataclass(frozen=True)
+class Polygons:
+    """The polygons of a region, made one at a time as `shapes` is iterated (limits checked as they come)."""
+
+    window: Window
+    crs: str | None  # of the coordinates; None for pixels and for slides
+    units: str  # of the coordinates: a CRS unit, "deg", "um" or "px"
+    simplify: float
+    shapes: Iterator[Polygon]
+
+
 def vectorize(
     m: Mosaic,
     *,
@@ -114,9 +139,48 @@ def vectorize(
     Raises:
         RegionTooLargeError: a region over `max_pixels`, or polygons over `limits`.
     """
-    from rasterio.features import shapes
-    from shapely.geometry import mapping, shape
+    made = polygons(m, window=window, bbox=bbox, crs=crs, level=level, resolution=resolution, classes=classes,
+                    simplify=simplify, out_crs=out_crs, max_pixels=max_pixels, limits=limits, cancelled=cancelled)
+    names = [c.name for c in m.layout.classes]
+    features = [{"type": "Feature", "geometry": p.geometry,
+                 "properties": {"class": p.cls, "name": names[p.cls], "area": p.area}} for p in made.shapes]
+    return {"type": "FeatureCollection", "features": features, "tessera": describe(made)}
 
+
+def describe(made: Polygons) -> dict[str, Any]:
+    """Where a collection's polygons come from, as its `tessera` member."""
+    w = made.window
+    return {"level": w.level, "window": [w.rect.y0, w.rect.x0, w.rect.y1, w.rect.x1], "crs": made.crs,
+            "units": made.units, "simplify": made.simplify}
+
+
+def polygons(
+    m: Mosaic,
+    *,
+    window: Sequence[int] | None = None,
+    bbox: Sequence[float] | None = None,
+    crs: str | None = None,
+    level: int | None = None,
+    resolution: float | None = None,
+    classes: Sequence[str] | None = None,
+    simplify: float = 0.0,
+    out_crs: str | None = None,
+    pixels: bool = False,
+    downsample: float = 1.0,
+    max_pixels: int | None = MAX_VECTOR_PIXELS,
+    limits: VectorLimits | None = None,
+    cancelled: threading.Event | None = None,
+) -> Polygons:
+    """The region is resolved, read and its polygons counted against `limits` now; the polygons themselves
+    are made as `shapes` is iterated. Arguments as for `vectorize`, and:
+
+    Args:
+        pixels: coordinates in pixels of the full-resolution image (level 0; x right, y down, origin at
+            the top-left corner of the image) whatever the level read, as QuPath expects; polygons of a
+            coarser level are clipped to the image. `simplify` stays in the mosaic's units.
+        downsample: with `pixels`, the size of the mosaic's level-0 pixels in the pixels wanted (those of
+            the source's full resolution, when the mosaic was segmented from a coarser source level).
+    """
     layout = m.layout
     names = [c.name for c in layout.classes]
     wanted = set(range(len(names)))
@@ -129,6 +193,9 @@ def vectorize(
         raise RegionError(f"simplify {simplify}: give a tolerance >= 0 in {units(layout)}")
     target = None
     if out_crs is not None:
+        if pixels:
+            raise RegionError(f"out_crs {out_crs!r}: these coordinates are pixels of the full-resolution image; "
+                              "leave out_crs out")
         if layout.crs is None:
             raise RegionError(f"out_crs {out_crs!r}: this mosaic has no CRS (a slide); its coordinates are "
                               f"{'micrometres' if layout.mpp else 'pixels'}")
@@ -140,41 +207,57 @@ def vectorize(
     keep = np.isin(mask, list(wanted)) & (mask != NODATA_CLASS)
     if limits is not None:
         _check(count_polygons(mask, keep), limits, "would have")
-    features: list[dict[str, Any]] = []
+    if pixels:
+        if not downsample > 0:
+            raise RegionError(f"downsample {downsample}: give the source level's downsample, a number > 0")
+        f = downsample * 2**win.level
+        transform = Affine.scale(f) @ Affine.translation(win.rect.x0, win.rect.y0)
+        area_scale = abs(level_transform(layout, 0).determinant) / downsample**2
+        tolerance = simplify / pixel_size(layout, 0) * downsample
+        clip = (layout.width * downsample, layout.height * downsample) if win.level > 0 else None
+        made = Polygons(win, None, "px", simplify, _shapes(mask, keep, transform, area_scale, tolerance, None,
+                                                            layout.crs, clip, limits, cancelled))
+    else:
+        made = Polygons(win, target or layout.crs, "deg" if target == WGS84 else units(layout), simplify,
+                        _shapes(mask, keep, window_transform(layout, win), 1.0, simplify, target, layout.crs, None,
+                                limits, cancelled))
+    return made
+
+
+def _shapes(mask: np.ndarray, keep: np.ndarray, transform: Affine, area_scale: float, tolerance: float,
+            target: str | None, source_crs: str | None, clip: tuple[float, float] | None, limits: VectorLimits | None,
+            cancelled: threading.Event | None) -> Iterator[Polygon]:
+    """The polygons of the `keep` pixels of `mask` under `transform`, simplified, clipped to `clip` (width,
+    height) and reprojected to `target`, with the limits checked on the true counts."""
+    from rasterio.features import shapes
+    from shapely import clip_by_rect
+    from shapely.geometry import mapping, shape
+
     vertices = 0
-    for geom, value in shapes(mask, mask=keep, connectivity=4, transform=window_transform(layout, win)):
-        if cancelled is not None and len(features) % CHECK_EVERY == 0 and cancelled.is_set():
+    for index, (geom, value) in enumerate(shapes(mask, mask=keep, connectivity=4, transform=transform)):
+        if cancelled is not None and index % CHECK_EVERY == 0 and cancelled.is_set():
             raise GivenUpError("the polygons were given up: the client has gone")
         polygon = shape(geom)
-        area = float(polygon.area)
-        if simplify > 0:
-            polygon = polygon.simplify(simplify, preserve_topology=True)
-        out = mapping(polygon)
+        area = float(polygon.area) * area_scale
+        if tolerance > 0:
+            polygon = polygon.simplify(tolerance, preserve_topology=True)
+        if clip is not None:  # a coarser level's last row and column of pixels reach past the image
+            polygon = clip_by_rect(polygon, 0, 0, *clip)
+        out = dict(mapping(polygon))
         if target is not None:
             from rasterio.warp import transform_geom
 
-            out = reprojected("a polygon", target, transform_geom, layout.crs, target, out)
-        if limits is not None:  # the count above is an estimate: the true one may still pass a limit
-            vertices += sum(len(ring) for ring in out["coordinates"]) if out["type"] == "Polygon" else sum(
-                len(ring) for part in out["coordinates"] for ring in part)
-            _check(PolygonCount(len(features) + 1, vertices), limits, "have at least")
-        cls = int(value)
-        features.append({
-            "type": "Feature",
-            "geometry": dict(out),
-            "properties": {"class": cls, "name": names[cls], "area": area},
-        })
-    return {
-        "type": "FeatureCollection",
-        "features": features,
-        "tessera": {
-            "level": win.level,
-            "window": [win.rect.y0, win.rect.x0, win.rect.y1, win.rect.x1],
-            "crs": target or layout.crs,
-            "units": "deg" if target == WGS84 else units(layout),
-            "simplify": simplify,
-        },
-    }
+            out = dict(reprojected("a polygon", target, transform_geom, source_crs, target, out))
+        if limits is not None:  # the count from the mask is an estimate: the true one may still pass a limit
+            vertices += _vertices(out)
+            _check(PolygonCount(index + 1, vertices), limits, "have at least")
+        yield Polygon(int(value), out, area)
+
+
+def _vertices(geometry: Mapping[str, Any]) -> int:
+    if geometry["type"] == "Polygon":
+        return sum(len(ring) for ring in geometry["coordinates"])
+    return sum(len(ring) for part in geometry["coordinates"] for ring in part)
 
 
 def _check(count: PolygonCount, limits: VectorLimits, verb: str) -> None:

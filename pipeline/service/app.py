@@ -294,12 +294,28 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
                  crs: CrsParam = None, level: Level = None, resolution: Resolution = None,
                  classes: Annotated[str | None, Query(max_length=1000, description="Comma-separated names.")] = None,
                  simplify: Annotated[float, Query(ge=0, le=1e9)] = 0.0,
-                 out_crs: CrsParam = None) -> Response:
+                 out_crs: CrsParam = None,
+                 format: Annotated[Literal["geojson", "qupath"], Query(
+                     description="qupath: QuPath objects (classification name and colour) in pixels of level 0, "
+                                 "class 0 left out unless named in classes= or background=true")] = "geojson",
+                 background: Annotated[bool, Query(description="qupath: keep class 0.")] = False,
+                 downsample: Annotated[float | None, Query(gt=0, le=1e6, description=(
+                     "qupath: the downsample of the source level the mosaic was segmented from, when not 0."))] = None,
+                 ) -> Response:
+        from pipeline.query.vector_export import qupath_objects
+
         m = mosaic(mid)
-        collection = vectorize(m, window=parse_window(window), bbox=parse_bbox(bbox), crs=crs, level=level,
-                               resolution=resolution, classes=classes.split(",") if classes else None,
-                               simplify=simplify, out_crs=out_crs, max_pixels=lim.vector_pixels,
-                               limits=polygon_limits, cancelled=request.scope.get(CANCELLED))
+        region: dict[str, Any] = {
+            "window": parse_window(window), "bbox": parse_bbox(bbox), "crs": crs, "level": level,
+            "resolution": resolution, "classes": classes.split(",") if classes else None, "simplify": simplify,
+            "max_pixels": lim.vector_pixels, "limits": polygon_limits, "cancelled": request.scope.get(CANCELLED)}
+        if format == "qupath":
+            if out_crs is not None:
+                raise RegionError("out_crs: QuPath's coordinates are pixels of the full-resolution image; leave "
+                                  "out_crs out")
+            collection = qupath_objects(m, background=background, downsample=downsample, **region)
+        else:
+            collection = vectorize(m, out_crs=out_crs, **region)
         body = json.dumps(collection, ensure_ascii=False, separators=(",", ":")).encode()  # rendered once, then checked
         del collection
         if len(body) > lim.polygon_bytes:
