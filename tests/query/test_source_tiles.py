@@ -7,6 +7,8 @@ pixel differs from a decimated level-0 pixel: a tile that equals the overview wa
 from __future__ import annotations
 
 import io
+import json
+import math
 import subprocess
 import sys
 import urllib.request
@@ -114,7 +116,7 @@ def test_geo_source_tiles_at_the_top_zoom_are_level_0_pixels(served: Served, geo
         num_levels: int = 1
         bands: int = 4
         nodata: float = 0.0
-        dtype: np.dtype = np.dtype(np.uint8)
+        dtype = np.dtype(np.uint8)
 
         def shape(self, level: int) -> tuple[int, int]:
             return image.shape[1], image.shape[2]
@@ -126,13 +128,9 @@ def test_geo_source_tiles_at_the_top_zoom_are_level_0_pixels(served: Served, geo
             return rgba(image, valid, stretch_limits(image, valid))[:, rect.y0 : rect.y1, rect.x0 : rect.x1]  # type: ignore[attr-defined]
 
     with urllib.request.urlopen(f"{served.url}/api/mosaics/scene.zarr", timeout=30) as r:
-        import json
-
         scheme = json.load(r)["tiles"]
     z = scheme["max_zoom"]
     w, s, e, n = scheme["bounds"]
-    import math
-
     lon, lat = (w + e) / 2, (s + n) / 2
     x = int((lon + 180) / 360 * 2**z)
     y = int((1 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2 * 2**z)
