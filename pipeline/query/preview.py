@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,24 @@ def source_preview(m: Mosaic, max_size: int = 2048, allowed: Sequence[Path] | No
         ContainmentError: with `allowed`, the source lies outside them, is not a local TIFF, or names
             a file outside them.
     """
+    layout = m.layout
+    with opened_source(m, allowed) as (source, name):
+        raw, valid, stride, h, w = read_coarse(source, name, max_size)
+    rgba = np.concatenate([display_rgb(raw, valid).transpose(2, 0, 1), valid[None].astype(np.uint8) * 255])
+    # The preview covers the same ground as mosaic level 0 (the source's working level).
+    frame = level_transform(layout, 0) @ Affine.scale(stride * layout.width / w, stride * layout.height / h)
+    return SourcePreview(rgba, frame, layout.crs)
+
+
+@contextlib.contextmanager
+def opened_source(m: Mosaic, allowed: Sequence[Path] | None) -> Iterator[tuple[RasterSource, str]]:
+    """The source of a mosaic at its working level, probed, and its file name for messages (never a
+    server path); with `allowed`, checked and opened as the module's docstring says, the block run
+    under `OFFLINE_GDAL`. A `TesseraError` of the block becomes a `RegionError` naming the file only.
+
+    Raises:
+        RegionError, ContainmentError: as `source_preview`.
+    """
     from pipeline.errors import TesseraError
     from pipeline.sources import open_source
 
@@ -98,31 +116,34 @@ def source_preview(m: Mosaic, max_size: int = 2048, allowed: Sequence[Path] | No
         _check_local_inside(path, allowed)
     if not path or not Path(path).exists():
         raise RegionError(f"the source image of this mosaic ({name}) is not readable here")
-    layout = m.layout
     try:
         with rasterio.Env(**OFFLINE_GDAL) if allowed is not None else contextlib.nullcontext():
+            source: RasterSource
             if allowed is None:
                 source = open_source(path, int(src.get("level", 0)))
             else:
-                source = _SingleTiff(Path(path).resolve(), 0, tuple(allowed))
-                source._probe()
-                source = source.at_level(min(int(src.get("level", 0)), len(source.levels) - 1))
-            rgba, stride, h, w = _read_preview(source, name, max_size)
+                single = _SingleTiff(Path(path).resolve(), 0, tuple(allowed))
+                single._probe()
+                source = single.at_level(min(int(src.get("level", 0)), len(single.levels) - 1))
+            yield source, name
     except ContainmentError:
         raise
     except TesseraError as e:
-        reason = str(e).replace(str(Path(path).resolve()), name).replace(path, name)
-        raise RegionError(f"the source image {name} cannot be read for a preview: {reason}") from None
-    # The preview covers the same ground as mosaic level 0 (the source's working level).
-    frame = level_transform(layout, 0) @ Affine.scale(stride * layout.width / w, stride * layout.height / h)
-    return SourcePreview(rgba, frame, layout.crs)
+        raise RegionError(f"the source image {name} cannot be read: {without_path(str(e), path)}") from None
 
 
-def _read_preview(source: RasterSource, name: str, max_size: int) -> tuple[np.ndarray, int, int, int]:
-    """The RGBA preview of an open source, its stride and the size of the level it was read from."""
+def without_path(message: str, path: str) -> str:
+    """`message` with the source's path (as given and resolved) replaced by its file name."""
+    name = Path(path).name
+    return message.replace(str(Path(path).resolve()), name).replace(path, name)
+
+
+def read_coarse(source: RasterSource, name: str, max_size: int) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+    """The raw values and validity of an open source at about `max_size` px on its longer side, the
+    stride they were sampled at, and the size of the level they were read from (the coarsest file
+    level still at least `max_size` px, or the working level if none is), read in blocks."""
     levels = source.levels
     working = levels[source.level]
-    # The coarsest file level still at least max_size px (or the working level if none is).
     floor = min(max_size, max(working.height, working.width))
     candidates = [i for i, lv in enumerate(levels) if i >= source.level and max(lv.height, lv.width) >= floor]
     coarse = source.at_level(max(candidates)) if candidates else source
@@ -141,8 +162,7 @@ def _read_preview(source: RasterSource, name: str, max_size: int) -> tuple[np.nd
             out = (slice(y // stride, -(-(y + n) // stride)), slice(x // stride, -(-(x + k) // stride)))
             raw[(slice(None), *out)] = coarse.read(y, x, n, k)[:, ::stride, ::stride]
             valid[out] = coarse.valid(y, x, n, k)[::stride, ::stride]
-    rgba = np.concatenate([display_rgb(raw, valid).transpose(2, 0, 1), valid[None].astype(np.uint8) * 255])
-    return rgba, stride, h, w
+    return raw, valid, stride, h, w
 
 
 def _check_local_inside(path: str, allowed: Sequence[Path]) -> None:

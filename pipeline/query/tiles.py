@@ -9,7 +9,8 @@ Two tile schemes, one per kind of mosaic:
   pyramid has no level that coarse.
 
 A `Pyramid` is anything with levels, a transform per level and windowed reads: a mosaic's mask or
-confidence (`MosaicLayer`) or the preview of its source image (see `preview.py`).
+confidence (`MosaicLayer`), the source image's own levels (`source_tiles.py`) or its preview
+(`preview.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from affine import Affine
 from pipeline.errors import RegionError
 from pipeline.mosaic import Mosaic
 from pipeline.query.region import read_window
-from pipeline.query.window import Window, coarsest_level, level_transform, pixel_size
+from pipeline.query.window import Window, level_transform, pixel_size
 from pipeline.stitching import NODATA_CLASS
 from pipeline.tiling import Rect
 
@@ -93,10 +94,26 @@ def check_tile(z: int, x: int, y: int, max_zoom: int) -> None:
         raise RegionError(f"tile {x}, {y} does not exist at zoom {z} (0..{2**z - 1})")
 
 
+MAX_TILE_FACTOR = 8  # a tile reads at most this many pixels of a level per tile pixel, on a side
+
+
 def _level_for(p: Pyramid, size: float) -> int:
-    """The coarsest level of `p` whose pixels are no larger than `size` (in its units)."""
-    base = max(abs(p.transform(0).a), abs(p.transform(0).e))
-    return coarsest_level(base, size, p.num_levels)
+    """The coarsest level of `p` whose pixels are no larger than `size` (in its units; level 0 if none is).
+
+    Levels are told apart by their own transforms, so a pyramid whose levels are not 2x apart (a
+    source's overviews at 4x and 16x) is read right. Where that level is over `MAX_TILE_FACTOR` times
+    finer than the tile (a pyramid with a gap, as a source without overviews has), the finest level
+    within the factor is read instead, when there is one, so that a tile never reads more than
+    `MAX_TILE_FACTOR`^2 times its own pixels.
+    """
+    sizes = [max(abs(t.a), abs(t.e)) for t in (p.transform(k) for k in range(p.num_levels))]
+    fine = [k for k, s in enumerate(sizes) if s <= size * (1 + 1e-9)]
+    level = max(fine, key=lambda k: sizes[k]) if fine else 0
+    if size / sizes[level] > MAX_TILE_FACTOR:
+        within = [k for k, s in enumerate(sizes) if size / s <= MAX_TILE_FACTOR]
+        if within:
+            level = min(within, key=lambda k: sizes[k])
+    return level
 
 
 def xyz_tile(p: Pyramid, z: int, x: int, y: int, size: int = TILE) -> np.ndarray:
@@ -206,6 +223,26 @@ def pixel_tile(p: Pyramid, z: int, x: int, y: int, size: int = TILE, *,
     block = src[:, rows[keep_y] - rect.y0][:, :, cols[keep_x] - rect.x0]
     out[:, np.flatnonzero(keep_y)[:, None], np.flatnonzero(keep_x)[None, :]] = block
     return out
+
+
+POINTER_GRID = 9  # points on a side of the grid the viewer interpolates the pointer's coordinates in
+
+
+def pointer_grid(layout: Any, n: int = POINTER_GRID) -> dict[str, list[Any]]:
+    """An n x n grid of longitudes and latitudes over a georeferenced mosaic and the same points in
+    its CRS, for a browser (which has no PROJ) to show the pointer's coordinates in the mosaic's units
+    by bilinear interpolation: `x[i][j]`, `y[i][j]` are the CRS coordinates of (`lon[j]`, `lat[i]`).
+    Over a scene's extent the error is a small fraction of a pixel, as for the tiles' reprojection."""
+    from rasterio.warp import transform
+
+    from pipeline.query.window import WGS84, bounds_in
+
+    w, s, e, north = bounds_in(layout, WGS84)
+    lons, lats = np.linspace(w, e, n), np.linspace(s, north, n)
+    grid_lon, grid_lat = np.meshgrid(lons, lats)
+    xs, ys = transform(WGS84, layout.crs, grid_lon.ravel().tolist(), grid_lat.ravel().tolist())
+    return {"lon": lons.tolist(), "lat": lats.tolist(), "x": np.reshape(xs, (n, n)).tolist(),
+            "y": np.reshape(ys, (n, n)).tolist()}
 
 
 def point(m: Mosaic, x: float, y: float, crs: str | None = None, level: int = 0) -> dict[str, object]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import Body, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -33,8 +34,8 @@ from pipeline.mosaic import Mosaic, is_mosaic
 from pipeline.query.containment import is_contained_mosaic, open_contained
 from pipeline.query.export import grey_png, mask_png, npy_bytes
 from pipeline.query.info import mosaic_info, mosaic_summary
-from pipeline.query.preview import SourcePreview, source_preview
 from pipeline.query.region import read_window
+from pipeline.query.source_tiles import SourcePyramid, source_pyramid
 from pipeline.query.stats import class_areas, mosaic_stats
 from pipeline.query.tiles import (
     ORIGIN,
@@ -45,6 +46,7 @@ from pipeline.query.tiles import (
     pixel_max_zoom,
     pixel_tile,
     point,
+    pointer_grid,
     xyz_tile,
 )
 from pipeline.query.vector import FIX, VectorLimits, vectorize
@@ -61,6 +63,7 @@ from pipeline.query.window import (
 from pipeline.service.access import TokenGate
 from pipeline.service.cost import CANCELLED, HeavyRequests
 from pipeline.service.headers import SecurityHeaders
+from pipeline.stitching import NODATA_CLASS
 from pipeline.storage import Location, storage_for
 
 VIEWER = Path(__file__).parent / "viewer"
@@ -70,6 +73,7 @@ MOSAIC_ID = r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$"
 CRS_CODE = r"^(EPSG|ESRI|OGC|IAU_2015):[A-Za-z0-9_]{1,20}$"
 NUMBERS = r"^-?[0-9.eE+-]+(,-?[0-9.eE+-]+){3}$"
 INTEGERS = r"^-?[0-9]{1,9}(,-?[0-9]{1,9}){3}$"
+CLASS_IDS = r"^[0-9]{1,3}(,[0-9]{1,3})*$"
 MAX_DEPTH = 4  # folders below ROOT searched for mosaics
 
 log = logging.getLogger(__name__)
@@ -196,14 +200,14 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
     def mosaic(mid: str) -> Mosaic:
         return cache.mosaic(base, mid)
 
-    def preview(mid: str, m: Mosaic) -> SourcePreview:
-        def make() -> SourcePreview:
+    def source_image(mid: str, m: Mosaic) -> SourcePyramid:
+        def make() -> SourcePyramid:
             try:
-                return source_preview(m, allowed=[*([base] if isinstance(base, Path) else []), *sources])
+                return source_pyramid(m, allowed=[*([base] if isinstance(base, Path) else []), *sources])
             except RegionError as e:
-                raise MosaicError(str(e)) from None  # no preview: 404; the mask still shows
+                raise MosaicError(str(e)) from None  # no source image: 404; the mask still shows
 
-        return cache.once((mid, cache.stamp(mid), "preview"), make)
+        return cache.once((mid, cache.stamp(mid), "source"), make)
 
     def region_window(m: Mosaic, window: str | None, bbox: str | None, crs: str | None, level: int | None,
                       resolution: float | None, max_pixels: int) -> Any:
@@ -248,15 +252,20 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
     @app.get("/api/mosaics/{mid:path}/tiles/{z}/{x}/{y}.png", summary="A map tile", response_class=Response,
              responses=PNG)
     def tile(mid: MosaicId, z: Annotated[int, PathParam(ge=0, le=30)], x: Annotated[int, PathParam(ge=0)],
-             y: Annotated[int, PathParam(ge=0)], layer: Literal["mask", "confidence", "source"] = "mask") -> Response:
+             y: Annotated[int, PathParam(ge=0)], layer: Literal["mask", "confidence", "source"] = "mask",
+             hide: Annotated[str | None, Query(pattern=CLASS_IDS, max_length=1024,
+                                               description="Class ids the mask tile leaves transparent, "
+                                                           "e.g. 1,3.")] = None) -> Response:
         m = mosaic(mid)
-        pyramid: Pyramid = preview(mid, m) if layer == "source" else MosaicLayer(m, layer)
+        pyramid: Pyramid = source_image(mid, m) if layer == "source" else MosaicLayer(m, layer)
         if m.layout.crs:
             values = xyz_tile(pyramid, z, x, y)
         else:  # the mask's pixel pyramid, whatever the layer, so that layers stay in register
             values = pixel_tile(pyramid, z, x, y, frame=level_transform(m.layout, 0),
                                 shape=m.layout.level_shape(0))
         if layer == "mask":
+            if hide:  # the viewer's class toggles: hidden classes are drawn as nodata is
+                values[0][np.isin(values[0], [int(c) for c in hide.split(",")])] = NODATA_CLASS
             return Response(mask_png(values[0], m.palette), media_type="image/png")
         if layer == "confidence":
             return Response(grey_png(values[0]), media_type="image/png")
@@ -326,7 +335,9 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
     @app.get("/api/mosaics/{mid:path}", summary="A mosaic's metadata")
     def metadata(mid: MosaicId) -> dict[str, Any]:
         m = mosaic(mid)
-        return {"id": mid, **mosaic_info(m), "tiles": tile_scheme(mid, m)}
+        info = mosaic_info(m)
+        info.setdefault("layers", ["mask", "confidence"])  # the tile layers besides source (the viewer's overlays)
+        return {"id": mid, **info, "tiles": tile_scheme(mid, m)}
 
     @app.get("/", summary="The viewer's index of mosaics", response_class=FileResponse, include_in_schema=False)
     def index() -> FileResponse:
@@ -504,7 +515,7 @@ def tile_scheme(mid: str, m: Mosaic) -> dict[str, Any]:
         metres = (maxx - minx) / layout.width  # a level-0 pixel in Web Mercator metres
         top = max(0, min(24, round(math.log2(2 * ORIGIN / TILE / metres))))
         return {"scheme": "xyz", "url": url, "min_zoom": max(0, top - layout.num_levels - 3), "max_zoom": top,
-                "bounds": [w, s, e, n]}
+                "bounds": [w, s, e, n], "pointer_grid": pointer_grid(layout)}
     return {"scheme": "pixel", "url": url, "min_zoom": 0, "max_zoom": pixel_max_zoom(layout.level_shape(0), TILE),
             "tile": TILE, "size": [layout.height, layout.width]}
 
