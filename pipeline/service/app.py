@@ -67,8 +67,20 @@ from pipeline.stitching import NODATA_CLASS
 from pipeline.storage import Location, storage_for
 
 VIEWER = Path(__file__).parent / "viewer"
-LEAFLET = VIEWER / "node_modules" / "leaflet" / "dist"
-SWAGGER_UI = VIEWER / "node_modules" / "swagger-ui-dist"  # /docs, served here: a cluster may have no way out
+
+
+def vendor_folder(name: str) -> Path:
+    """Where the npm files served at /vendor/NAME/ are (viewer/assets.json): inside an installed package,
+    copied there at build time (setup.py); in a checkout, the viewer's node_modules (`make` runs npm ci)."""
+    built = VIEWER / "vendor" / name
+    if built.is_dir():
+        return built
+    spec = json.loads((VIEWER / "assets.json").read_text())[name]
+    return VIEWER / "node_modules" / spec["package"] / spec["folder"]
+
+
+LEAFLET = vendor_folder("leaflet")
+SWAGGER_UI = vendor_folder("swagger-ui")  # /docs, served here: a cluster may have no way out
 MOSAIC_ID = r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$"
 CRS_CODE = r"^(EPSG|ESRI|OGC|IAU_2015):[A-Za-z0-9_]{1,20}$"
 NUMBERS = r"^-?[0-9.eE+-]+(,-?[0-9.eE+-]+){3}$"
