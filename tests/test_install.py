@@ -136,3 +136,33 @@ def test_the_installed_viewer_and_docs_load_their_assets(installed: Path, fcn_bu
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("manifest", sorted(p.name for p in (REPO / "conf" / "k8s").glob("*.yaml")))
+def test_the_cluster_manifests_name_the_image_the_dockerfile_builds(manifest: str) -> None:
+    """conf/k8s/ runs the Dockerfile's image, of this version, on the Ray and Python tessera is tested with."""
+    import re
+
+    import ray
+    import tomllib
+    import yaml
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert f"ARG RAY_VERSION={ray.__version__}\n" in dockerfile
+    assert f"ARG PYTHON=py{sys.version_info.major}{sys.version_info.minor}\n" in dockerfile
+    built = set(re.findall(r"-t (\S+)\s+\.", dockerfile))
+    assert built == {f"registry.example.org/tessera:{version}-cpu", f"registry.example.org/tessera:{version}-cuda"}
+
+    def images(node: object) -> list[str]:
+        if isinstance(node, dict):
+            return [str(v) for k, v in node.items() if k == "image"] + [i for v in node.values() for i in images(v)]
+        return [i for v in node for i in images(v)] if isinstance(node, list) else []
+
+    text = (REPO / "conf" / "k8s" / manifest).read_text()
+    documents = list(yaml.safe_load_all(text))
+    for document in documents:  # a ConfigMap may carry a RayJob as text
+        for value in (document.get("data") or {}).values() if document.get("kind") == "ConfigMap" else []:
+            documents.append(yaml.safe_load(value.replace("NIGHT", "2026-11-22")))
+    ray_images = [i for d in documents for i in images(d) if "kubectl" not in i]
+    assert ray_images and set(ray_images) <= built, ray_images
