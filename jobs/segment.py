@@ -15,7 +15,7 @@ def to_config(cfg: DictConfig) -> SegmentConfig:
     t, s, c = cfg.tiling, cfg.storage, cfg.cluster
     return SegmentConfig(
         source=",".join(sources(cfg)), model=str(cfg.model), output=str(cfg.output),
-        tile=t.tile, overlap=t.overlap, window=t.window, scores=t.scores, tta=t.tta,
+        tile=t.tile, overlap=t.overlap, window=t.window, scores=t.scores, tta=t.tta, uncertainty=t.uncertainty,
         batch_size=t.batch_size, level=t.level, block=t.block, skip_background=t.skip_background,
         chunk=s.chunk, shard=s.shard, scores_dtype=s.scores_dtype,
         workers=c.workers, threads=c.threads, device=c.device, ray_address=c.address,

@@ -79,6 +79,8 @@ class SegmentConfig:
         scores: what is blended and stored: "logits" or "probabilities".
         scores_dtype: stored dtype of the scores, float16 or float32.
         tta: average the 8 flips/rotations of each tile (D4 test-time augmentation).
+        uncertainty: also store the `uncertainty` layer (normalised entropy of the blended class
+            distribution) and, with `tta`, the `spread` layer (the views' blended spread); docs/FORMAT.md.
         level: source pyramid level to segment; None picks the one matching the bundle's resolution.
         chunk, shard: Zarr chunk and shard edges; block: output block edge (a multiple of shard).
         workers: model actors; None means one per GPU, or one per CPU core as memory allows.
@@ -107,6 +109,7 @@ class SegmentConfig:
     scores: str = "logits"
     scores_dtype: str = "float16"
     tta: bool = False
+    uncertainty: bool = False
     batch_size: int = 8
     device: str = "auto"
     level: int | None = None
@@ -148,7 +151,12 @@ class SegmentConfig:
     @property
     def inference(self) -> InferenceOptions:
         return InferenceOptions(device=self.device, batch_size=self.batch_size, tta=self.tta, scores=self.scores,
-                                compile=self.compile)
+                                compile=self.compile, spread=self.uncertainty and self.tta)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The optional layers the mosaic gets (`MosaicLayout.layers`)."""
+        return ("uncertainty", *(("spread",) if self.tta else ())) if self.uncertainty else ()
 
 
 @dataclass(frozen=True)
@@ -325,7 +333,9 @@ class SegmentRunner:
     def _store(image: ImageHandles, block: BlockId, acc: Accumulator, valid: Any) -> None:
         from pipeline.stitching import finish_block
 
-        out = finish_block(acc, valid, image.spec.scores)
+        layout = image.mosaic.layout
+        out = finish_block(acc, valid, image.spec.scores, dtype=layout.mask_dtype,
+                           uncertainty="uncertainty" in layout.layers, spread="spread" in layout.layers)
         image.mosaic.mark_done(block, out.region, image.mosaic.write_block(out))
 
 
@@ -473,6 +483,7 @@ def job_fingerprint(config: SegmentConfig, source: RasterSource, bundle: ModelBu
         "tile": grid.tile, "overlap": grid.overlap, "window": config.window, "scores": config.scores,
         "scores_dtype": config.scores_dtype, "tta": config.tta, "chunk": config.chunk, "shard": config.shard,
         "block": config.block, "skip_background": config.skip_background,
+        **({"uncertainty": True} if config.uncertainty else {}),  # absent when off: older mosaics still resume
         **({"runtime": config.runtime} if config.runtime not in (None, bundle.spec.runtime) else {}),
     }
 
@@ -528,6 +539,7 @@ class SegmentJob(JobBase):
             height=source.height, width=source.width, classes=bundle.spec.classes, scores_kind=config.scores,
             scores_dtype=config.scores_dtype, chunk=config.chunk, shard=config.shard, crs=source.crs,
             transform=tuple(source.transform)[:6] if source.transform is not None else None, mpp=source.mpp,
+            layers=config.layers,
         )
         graph = UnitGraph(tuple(plan.busy_blocks()), tuple(g.blocks for g in plan.seams))
         spec = ImageSpec(source, plan, config.window, config.scores, Location.parse(output))
