@@ -281,3 +281,58 @@ def test_a_mosaic_of_few_classes_keeps_its_metadata_as_before(mosaic_300: Mosaic
     layout = uncertain.meta["layout"]
     assert "mask_dtype" not in layout and uncertain.read("mask").dtype == np.uint8
     assert "layers" not in mosaic_300.meta["layout"] and "uncertainty" not in mosaic_300.meta["job"]
+
+
+def test_the_shell_reads_and_exports_both(mosaic_300: Mosaic, uncertain: Mosaic, tmp_path: Path) -> None:
+    """`tessera query region --layer uncertainty`, and COG / PNG exports of a uint16 mask and of uncertainty."""
+    import rasterio
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    def run_cli(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(app, ["query", *args])
+        return result.exit_code, result.output
+
+    code, out = run_cli("region", str(uncertain.path), "--layer", "uncertainty", "--level", "1",
+                        "-o", str(tmp_path / "u.npy"))
+    assert code == 0 and json.loads(out)["shape"] == [96, 128]
+    np.testing.assert_array_equal(np.load(tmp_path / "u.npy"), uncertain.read("uncertainty", 1))
+    code, out = run_cli("region", str(mosaic_300.path), "--layer", "uncertainty")
+    assert code != 0 and "no uncertainty layer" in out
+    code, out = run_cli("region", str(mosaic_300.path), "--window", "0,0,64,64")
+    mask = mosaic_300.read("mask")[:64, :64]
+    assert code == 0 and json.loads(out)["pixels"][f"class{HIGH}"] == (mask == HIGH).sum()
+
+    assert run_cli("export", str(mosaic_300.path), "-o", str(tmp_path / "mask.tif"))[0] == 0
+    with rasterio.open(tmp_path / "mask.tif") as cog:
+        assert cog.dtypes[0] == "uint16" and cog.nodata == 65535  # too small for overviews
+        np.testing.assert_array_equal(cog.read(1), mosaic_300.read("mask"))
+        assert cog.colormap(1)[HIGH][:3] == tuple(mosaic_300.palette[HIGH])
+    assert run_cli("export", str(uncertain.path), "-o", str(tmp_path / "u.tif"), "--layer", "uncertainty")[0] == 0
+    with rasterio.open(tmp_path / "u.tif") as cog:
+        np.testing.assert_array_equal(cog.read(1), uncertain.read("uncertainty").astype(np.float32))
+    assert run_cli("export", str(mosaic_300.path), "-o", str(tmp_path / "mask.png"))[0] == 0
+    rgba = np.asarray(Image.open(tmp_path / "mask.png").convert("RGBA"))
+    np.testing.assert_array_equal(rgba[..., :3], mosaic_300.palette[mosaic_300.read("mask")])
+
+
+def test_refinement_keeps_the_uint16_mask_and_the_uncertainty_layer(mosaic_300: Mosaic, uncertain: Mosaic,
+                                                                    tmp_path: Path) -> None:
+    from pipeline.crf import CRFSettings
+    from pipeline.refinement import RefineConfig, refine_mosaic
+
+    crf = CRFSettings(bilateral_sxy=10.0, iterations=2)
+    for m, name in ((mosaic_300, "c300"), (uncertain, "uncertain")):
+        out = tmp_path / f"{name}.zarr"
+        refine_mosaic(RefineConfig(str(m.path), str(out), crf=crf, progress=False))
+        refined = Mosaic.open(out)
+        assert refined.complete and refined.layout.mask_dtype == m.layout.mask_dtype
+        assert refined.layout.layers == m.layout.layers
+        for k in range(refined.layout.num_levels):
+            scores = refined.read("scores", k).astype(np.float32)
+            np.testing.assert_array_equal(refined.read("mask", k), scores.argmax(0))
+            if refined.layout.layers:
+                p = np.clip(scores.astype(np.float64), 1e-30, 1)
+                direct = -(p * np.log(p)).sum(0) / np.log(len(p))
+                np.testing.assert_allclose(refined.read("uncertainty", k).astype(np.float64), direct, atol=2e-3)
