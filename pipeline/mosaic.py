@@ -380,11 +380,14 @@ class Mosaic:
     def _write_level(self, level: int, y0: int, x0: int, out: BlockOutput) -> np.ndarray:
         """Write one level's part of a block (`out` at that level); returns the scores as stored (cast to
         `scores_dtype`)."""
+        if out.mask.dtype != self.layout.mask_dtype:  # a cast would turn a uint8 mask's nodata (255) into a class
+            raise MosaicError(f"block {out.region}: a {out.mask.dtype} mask for a mosaic of {self.layout.mask_dtype} "
+                              "masks; derive it with summarise(..., layout.mask_dtype)")
         ys, xs = slice(y0, y0 + out.mask.shape[0]), slice(x0, x0 + out.mask.shape[1])
         stored = out.scores.astype(self.layout.scores_dtype)
         self.array("scores", level)[:, ys, xs] = stored
         self.array("confidence", level)[ys, xs] = out.confidence.astype(np.float16)
-        self.array("mask", level)[ys, xs] = out.mask.astype(self.layout.mask_dtype, copy=False)
+        self.array("mask", level)[ys, xs] = out.mask
         for name in self.layout.layers:
             values = getattr(out, name)
             if values is None:
