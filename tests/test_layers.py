@@ -134,6 +134,14 @@ def served(root: Path, mosaic_300: Mosaic, uncertain: Mosaic) -> Iterator[Server
     server.wait(timeout=20)
 
 
+def open_band(path: Path) -> np.ndarray:
+    """Band 1 of a GeoTIFF, as float64."""
+    import rasterio
+
+    with rasterio.open(path) as src:
+        return np.asarray(src.read(1), np.float64)
+
+
 def tile_at(m: Mosaic, row: int, col: int, z: int = 18) -> tuple[int, int, int, int, int]:
     """The XYZ tile (z, x, y) over level-0 pixel (row, col) of a georeferenced mosaic, and where in the tile it is."""
     x, y = Affine(*m.layout.transform) @ (col + 0.5, row + 0.5)  # type: ignore[misc]
@@ -192,13 +200,6 @@ def test_a_300_class_model_writes_a_uint16_mask_and_the_query_and_viewer_read_it
     assert shown <= {tuple(colours[HIGH]), tuple(colours[LOW])}
     status, body = served.get(f"/api/mosaics/{mid}/region.npy?layer=uncertainty")
     assert status == 422 and b"no uncertainty layer" in body and b"--uncertainty" in body
-
-
-def open_band(path: Path) -> np.ndarray:
-    import rasterio
-
-    with rasterio.open(path) as src:
-        return np.asarray(src.read(1), np.float64)
 
 
 def test_the_uncertainty_layer_equals_a_direct_computation_on_a_small_image(
