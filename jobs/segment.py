@@ -20,8 +20,8 @@ SEGMENT = Layout(
     parts=(
         Part(SegmentConfig, None, ("source", "model", "output", "runtime", "overwrite", "accept_input", "progress",
                                    "verbose")),
-        Part(SegmentConfig, "tiling", ("tile", "overlap", "window", "scores", "tta", "batch_size", "level", "block",
-                                       "skip_background")),
+        Part(SegmentConfig, "tiling", ("tile", "overlap", "window", "scores", "tta", "uncertainty", "batch_size",
+                                       "level", "block", "skip_background")),
         Part(SegmentConfig, "storage", ("chunk", "shard", "scores_dtype")),
         Part(SegmentConfig, "cluster", ("address", "workers", "threads", "device", "actors_per_gpu", "pipelined",
                                         "compile")),

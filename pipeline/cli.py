@@ -41,6 +41,8 @@ def segment(
     window: Annotated[str, typer.Option(help="Blend window: gaussian, cosine, linear, constant.")] = SEG["window"],
     scores: Annotated[str, typer.Option(help="Blend and store 'logits' or 'probabilities'.")] = SEG["scores"],
     tta: Annotated[bool, typer.Option(help="D4 test-time augmentation (8x compute).")] = SEG["tta"],
+    uncertainty: Annotated[bool, typer.Option(help="Store per-pixel uncertainty (and, with --tta, the views' "
+                                                   "spread).")] = SEG["uncertainty"],
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = SEG["batch_size"],
     level: Annotated[int | None, typer.Option(help="Source pyramid level (default: match the model).")] = SEG["level"],
     block: Annotated[int, typer.Option(help="Output block edge in px: 512 x a power of two (the shard is "
@@ -91,7 +93,7 @@ def segment(
             window=window, scores=scores, tta=tta, batch_size=batch_size, level=level, block=block,
             workers=workers, threads=threads, device=device, actors_per_gpu=actors_per_gpu, pipelined=pipelined,
             compile=compile, runtime=runtime, address=address, skip_background=skip_background, overwrite=overwrite,
-            accept_input=accept_input, progress=not quiet, verbose=verbose,
+            accept_input=accept_input, progress=not quiet, verbose=verbose, uncertainty=uncertainty,
             tracking=Tracking(enabled=track, uri=tracking_uri, experiment=experiment),
         )
         if show_config:
@@ -216,7 +218,7 @@ def query_info(mosaic: Annotated[str, MOSAIC_ARG]) -> None:
 def query_region(
     mosaic: Annotated[str, MOSAIC_ARG],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Save the values as .npy.")] = None,
-    layer: Annotated[str, typer.Option(help="mask, confidence or scores.")] = "mask",
+    layer: Annotated[str, typer.Option(help="mask, confidence, scores, uncertainty, spread.")] = "mask",
     window: Annotated[str | None, WINDOW] = None,
     bbox: Annotated[str | None, BBOX] = None,
     crs: Annotated[str | None, CRS] = None,
@@ -233,14 +235,15 @@ def query_region(
     with user_errors():
         if out is not None and out.suffix != ".npy":
             raise RegionError(f"--out {out}: give a .npy file (`tessera query export` writes GeoTIFF and PNG)")
-        arr = read_region(Mosaic.open(mosaic), layer, as_xarray=True,
-                          **_region(window, bbox, crs, level, resolution))
+        m = Mosaic.open(mosaic)
+        arr = read_region(m, layer, as_xarray=True, **_region(window, bbox, crs, level, resolution))
         report = {k: arr.attrs[k] for k in ("level", "window", "resolution", "units")}
         report["shape"] = list(arr.shape)
         if layer == "mask":
-            counts = np.bincount(arr.values.ravel(), minlength=256)
+            nodata = m.layout.mask_nodata
+            counts = np.bincount(arr.values.ravel(), minlength=nodata + 1)
             report["pixels"] = {n: int(counts[i]) for i, n in enumerate(arr.attrs["classes"])}
-            report["pixels"]["nodata"] = int(counts[255])
+            report["pixels"]["nodata"] = int(counts[nodata])
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             np.save(out, arr.values)
@@ -331,7 +334,7 @@ def query_vectorize(
 def query_export(
     mosaic: Annotated[str, MOSAIC_ARG],
     out: Annotated[Path, typer.Option("--out", "-o", help="A .tif (Cloud-Optimised GeoTIFF) or .png file.")],
-    layer: Annotated[str, typer.Option(help="mask or confidence.")] = "mask",
+    layer: Annotated[str, typer.Option(help="mask, confidence, uncertainty, spread.")] = "mask",
     window: Annotated[str | None, WINDOW] = None,
     bbox: Annotated[str | None, BBOX] = None,
     crs: Annotated[str | None, CRS] = None,

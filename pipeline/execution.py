@@ -239,7 +239,9 @@ class SegmentRunner:
     def _store(image: ImageHandles, block: BlockId, acc: Accumulator, valid: Any) -> None:
         from pipeline.stitching import finish_block
 
-        out = finish_block(acc, valid, image.spec.scores)
+        layout = image.mosaic.layout
+        out = finish_block(acc, valid, image.spec.scores, dtype=layout.mask_dtype,
+                           uncertainty="uncertainty" in layout.layers, spread="spread" in layout.layers)
         image.mosaic.mark_done(block, out.region, image.mosaic.write_block(out))
 
 
@@ -387,6 +389,7 @@ def job_fingerprint(config: SegmentConfig, source: RasterSource, bundle: ModelBu
         "tile": grid.tile, "overlap": grid.overlap, "window": config.window, "scores": config.scores,
         "scores_dtype": config.scores_dtype, "tta": config.tta, "chunk": config.edges[0], "shard": config.edges[1],
         "block": config.block, "skip_background": config.skip_background,
+        **({"uncertainty": True} if config.uncertainty else {}),  # absent when off: older mosaics still resume
         **({"runtime": config.runtime} if config.runtime not in (None, bundle.spec.runtime) else {}),
     }
 
@@ -442,6 +445,7 @@ class SegmentJob(JobBase):
             height=source.height, width=source.width, classes=bundle.spec.classes, scores_kind=config.scores,
             scores_dtype=config.scores_dtype, chunk=config.edges[0], shard=config.edges[1], crs=source.crs,
             transform=tuple(source.transform)[:6] if source.transform is not None else None, mpp=source.mpp,
+            layers=config.layers,
         )
         graph = UnitGraph(tuple(plan.busy_blocks()), tuple(g.blocks for g in plan.seams))
         spec = ImageSpec(source, plan, config.window, config.scores, Location.parse(output))

@@ -62,6 +62,7 @@ class InferenceOptions:
     amp: bool = True  # bf16/fp16 autocast on GPU; ignored on CPU, where float32 keeps results exact
     channels_last: bool = True  # on GPU only
     compile: bool = False  # torch.compile the model: slower first batches, faster after
+    spread: bool = False  # with tta: one more channel, the views' spread (see `Predictor`)
 
     def __post_init__(self) -> None:
         if self.scores not in SCORES:
@@ -72,6 +73,10 @@ class InferenceOptions:
 
 class Predictor:
     """Turns raw tiles (N, bands, T, T) into float32 scores (N, classes, T, T).
+
+    With TTA and `options.spread`, one more channel follows the classes: the spread of the 8 views,
+    the mean over classes of the (population) standard deviation across the views of each class's
+    probability. It is blended with the same weights as the scores, so it stays exact across blocks.
 
     Args:
         bundle: the model bundle (model weights, bands, normalisation, classes).
@@ -99,6 +104,11 @@ class Predictor:
     def num_classes(self) -> int:
         return self.bundle.spec.num_classes
 
+    @property
+    def channels(self) -> int:
+        """Channels of each tile's output: the classes, and the TTA spread when asked for."""
+        return self.num_classes + int(self.options.tta and self.options.spread)
+
     def select_bands(self, raw: np.ndarray) -> np.ndarray:
         """The model's input bands (1-based in the bundle) out of a source read (bands, h, w)."""
         return raw[self.band_index]
@@ -107,7 +117,7 @@ class Predictor:
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         step = self.options.batch_size
         out: list[np.ndarray] = [self._batch(tiles[i : i + step]) for i in range(0, len(tiles), step)]
-        return np.concatenate(out) if out else np.zeros((0, self.num_classes, *tiles.shape[-2:]), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, self.channels, *tiles.shape[-2:]), np.float32)
 
     def _batch(self, tiles: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, torch.float32)
@@ -115,8 +125,11 @@ class Predictor:
         if self.device.type == "cuda" and self.options.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.options.tta:
-            ys = d4_inverse([self._forward(v) for v in d4_transforms(x)])
-            y = torch.stack(ys).mean(0)
+            views = torch.stack(d4_inverse([self._forward(v) for v in d4_transforms(x)]))
+            y = views.mean(0)
+            if self.options.spread:
+                p = views if self.options.scores == "probabilities" else torch.softmax(views, dim=2)
+                y = torch.cat([y, p.std(0, correction=0).mean(1, keepdim=True)], dim=1)
         else:
             y = self._forward(x)
         return y.float().cpu().numpy()

@@ -6,9 +6,12 @@ Layout (docs/FORMAT.md has the full description)::
       0/ 1/ ... N/               one group per pyramid level, each opens with xarray.open_zarr(group="k")
         scores      (c, y, x)    blended logits or probabilities, float16 (configurable), NaN = nodata
         confidence  (y, x)       top-class probability, float16, NaN = nodata
+        uncertainty (y, x)       optional: normalised entropy of the class distribution, float16, NaN = nodata
+        spread      (y, x)       optional (with TTA): blended spread of the 8 views, float16, NaN = nodata
         y, x                     pixel-centre coordinates (CRS units, or micrometres for slides)
         spatial_ref ()           CF grid mapping (crs_wkt, GeoTransform) for rioxarray; rasters only
-      labels/mask/0 ... N        class mask, uint8, 255 = nodata; OME-Zarr labels with class colours
+      labels/mask/0 ... N        class mask, uint8 (255 = nodata), or uint16 (65535 = nodata) for models of
+                                 over 254 classes; OME-Zarr labels with class colours
 
 Georeferenced arrays also carry the GeoZarr `proj:` and `spatial:` attributes, and the root and
 `labels/mask` a GeoZarr `multiscales` layout, which GDAL 3.13 reads as georeferencing and overviews.
@@ -35,13 +38,15 @@ from zarr.codecs import BloscCodec
 
 from pipeline.classes import ClassInfo
 from pipeline.errors import ConfigError, MosaicError, OutputExistsError
-from pipeline.stitching import NODATA_CLASS, BlockOutput, summarise
+from pipeline.stitching import BlockOutput, entropy, mask_dtype, nodata_class, summarise
 from pipeline.storage import Location, storage_for
 from pipeline.tiling import Rect
 
 FORMAT = "tessera.mosaic"
 BLOCKS = "_tessera/blocks"  # one small group per finished block: its checksum, for resume
 FORMAT_VERSION = 1
+# Per-pixel float16 layers a job may add beside confidence (`MosaicLayout.layers`, docs/FORMAT.md).
+OPTIONAL_LAYERS = ("uncertainty", "spread")
 # LZ4 with byte shuffle: blocks of the 8192² tiny-model job took 17-19 s against 24-33 s with zarr's
 # default zstd, for a mosaic 9% larger (docs/benchmarks.md). Readers take the codec from the metadata.
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
@@ -75,11 +80,33 @@ class MosaicLayout:
     crs: str | None = None  # WKT
     transform: tuple[float, ...] | None = None  # affine (a, b, c, d, e, f) of level 0
     mpp: float | None = None  # microns per pixel of level 0
+    mask_dtype: str = ""  # "uint8" or "uint16"; empty: the one the number of classes needs (`mask_dtype`)
+    layers: tuple[str, ...] = ()  # optional layers of `OPTIONAL_LAYERS`, in that order
 
     def __post_init__(self) -> None:
         check_storage(self.chunk, self.shard)
         if self.scores_dtype not in ("float16", "float32"):
             raise MosaicError(f"scores_dtype {self.scores_dtype!r}: choose float16 or float32")
+        needed = mask_dtype(len(self.classes)).name
+        if not self.mask_dtype:
+            object.__setattr__(self, "mask_dtype", needed)
+        if self.mask_dtype not in ("uint8", "uint16") or (self.mask_dtype == "uint8" and needed != "uint8"):
+            raise MosaicError(f"mask_dtype {self.mask_dtype!r} cannot hold {len(self.classes)} classes and nodata: "
+                              f"use {needed}")
+        unknown = [name for name in self.layers if name not in OPTIONAL_LAYERS]
+        if unknown:
+            raise MosaicError(f"layers {unknown}: a mosaic's optional layers are {', '.join(OPTIONAL_LAYERS)}")
+        object.__setattr__(self, "layers", tuple(n for n in OPTIONAL_LAYERS if n in self.layers))
+
+    @property
+    def mask_nodata(self) -> int:
+        """The mask's nodata class: 255 for uint8 masks, 65535 for uint16."""
+        return nodata_class(self.mask_dtype)
+
+    @property
+    def map_layers(self) -> tuple[str, ...]:
+        """The per-pixel layers a map shows: mask, confidence and the optional ones this mosaic has."""
+        return ("mask", "confidence", *self.layers)
 
     @property
     def num_levels(self) -> int:
@@ -106,6 +133,13 @@ class MosaicLayout:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["classes"] = [{"name": c.name, "color": list(c.color)} for c in self.classes]
+        # Written only where they differ from what a mosaic made before them has: its metadata stays as it was.
+        if d["mask_dtype"] == "uint8":
+            del d["mask_dtype"]
+        if d["layers"]:
+            d["layers"] = list(d["layers"])
+        else:
+            del d["layers"]
         return d
 
     @classmethod
@@ -114,6 +148,7 @@ class MosaicLayout:
         d["classes"] = tuple(ClassInfo(c["name"], tuple(c["color"])) for c in d["classes"])
         if d.get("transform") is not None:
             d["transform"] = tuple(d["transform"])
+        d["layers"] = tuple(d.get("layers", ()))
         return cls(**d)
 
 
@@ -268,7 +303,14 @@ class Mosaic:
         return dict(self.meta.get("lineage", {}))
 
     def array(self, name: str, level: int = 0) -> zarr.Array:
-        """One of `scores`, `confidence`, `mask` at a pyramid level."""
+        """One of `scores`, `confidence`, `mask` or an optional layer the mosaic has, at a pyramid level.
+
+        Raises:
+            MosaicError: an optional layer this mosaic does not have.
+        """
+        if name in OPTIONAL_LAYERS and name not in self.layout.layers:
+            raise MosaicError(f"this mosaic has no {name} layer: segment the image with --uncertainty"
+                              f"{' --tta' if name == 'spread' else ''} to make one")
         path = f"labels/mask/{level}" if name == "mask" else f"{level}/{name}"
         # Keep the handles: opening one reads its metadata, a round trip on object storage. Arrays never
         # change shape once created, so a handle stays valid for reads and writes alike.
@@ -290,12 +332,16 @@ class Mosaic:
         r = out.region
         if r.y0 % self.layout.shard or r.x0 % self.layout.shard:
             raise MosaicError(f"block {r} is not aligned to the shard size {self.layout.shard}")
-        stored = self._write_level(0, r.y0, r.x0, out.scores, out.confidence, out.mask)
-        scores = out.scores
-        for k in range(1, self.layout.block_levels + 1):
+        layout = self.layout
+        stored = self._write_level(0, r.y0, r.x0, out)
+        scores, spread = out.scores, out.spread
+        for k in range(1, layout.block_levels + 1):
             scores = _pool2x2(scores)
-            mask, top = summarise(scores, self.layout.scores_kind)
-            self._write_level(k, r.y0 >> k, r.x0 >> k, scores, top, mask)
+            spread = _pool2x2(spread[None])[0] if spread is not None else None
+            pooled = BlockOutput(out.region, scores, *summarise(scores, layout.scores_kind, layout.mask_dtype),
+                                 entropy(scores, layout.scores_kind) if "uncertainty" in layout.layers else None,
+                                 spread)
+            self._write_level(k, r.y0 >> k, r.x0 >> k, pooled)
         return _crc(out.mask, stored)
 
     def checksum(self, region: Rect) -> str:
@@ -331,36 +377,55 @@ class Mosaic:
                 done.add(_block_id(name))
         return done
 
-    def _write_level(
-        self, level: int, y0: int, x0: int, scores: np.ndarray, confidence: np.ndarray, mask: np.ndarray
-    ) -> np.ndarray:
-        """Write one level's part of a block; returns the scores as stored (cast to `scores_dtype`)."""
-        ys, xs = slice(y0, y0 + mask.shape[0]), slice(x0, x0 + mask.shape[1])
-        stored = scores.astype(self.layout.scores_dtype)
+    def _write_level(self, level: int, y0: int, x0: int, out: BlockOutput) -> np.ndarray:
+        """Write one level's part of a block (`out` at that level); returns the scores as stored (cast to
+        `scores_dtype`)."""
+        if out.mask.dtype != self.layout.mask_dtype:  # a cast would turn a uint8 mask's nodata (255) into a class
+            raise MosaicError(f"block {out.region}: a {out.mask.dtype} mask for a mosaic of {self.layout.mask_dtype} "
+                              "masks; derive it with summarise(..., layout.mask_dtype)")
+        ys, xs = slice(y0, y0 + out.mask.shape[0]), slice(x0, x0 + out.mask.shape[1])
+        stored = out.scores.astype(self.layout.scores_dtype)
         self.array("scores", level)[:, ys, xs] = stored
-        self.array("confidence", level)[ys, xs] = confidence.astype(np.float16)
-        self.array("mask", level)[ys, xs] = mask
+        self.array("confidence", level)[ys, xs] = out.confidence.astype(np.float16)
+        self.array("mask", level)[ys, xs] = out.mask
+        for name in self.layout.layers:
+            values = getattr(out, name)
+            if values is None:
+                raise MosaicError(f"block {out.region} has no {name} values, but the mosaic has the layer")
+            self.array(name, level)[ys, xs] = values.astype(np.float16)
         return stored
 
     def build_pyramid(self, num_workers: int | None = None) -> None:
         """Fill the levels below `block_levels` out of core, one dask task per output shard.
 
-        Scores are averaged over 2x2 pixels (ignoring nodata); mask and confidence are derived from
-        the averaged scores exactly as for level 0, so every level is self-consistent.
+        Scores are averaged over 2x2 pixels (ignoring nodata); mask, confidence and uncertainty are derived
+        from the averaged scores exactly as for level 0, so every level is self-consistent. The TTA spread,
+        a blended value itself, is averaged like the scores.
         """
         import dask.array as da  # here: a second of imports that block workers and readers never need
 
-        kind = self.layout.scores_kind
-        for k in range(self.layout.block_levels + 1, self.layout.num_levels):
-            shard = self.layout.level_shard(k)
+        layout = self.layout
+        kind, dtype = layout.scores_kind, np.dtype(layout.mask_dtype)
+        for k in range(layout.block_levels + 1, layout.num_levels):
+            shard = layout.level_shard(k)
             prev = da.from_zarr(self.array("scores", k - 1), chunks=(-1, 2 * shard, 2 * shard))
             out_chunks = (prev.chunks[0], _halved(prev.chunks[1]), _halved(prev.chunks[2]))
             pooled = prev.map_blocks(_pool2x2, chunks=out_chunks, dtype=np.float32)
-            mask = pooled.map_blocks(lambda b: summarise(b, kind)[0], drop_axis=0, dtype=np.uint8)
-            conf = pooled.map_blocks(lambda b: summarise(b, kind)[1], drop_axis=0, dtype=np.float32)
+            mask = pooled.map_blocks(lambda b: summarise(b, kind, dtype)[0], drop_axis=0, dtype=dtype)
+            conf = pooled.map_blocks(lambda b: summarise(b, kind, dtype)[1], drop_axis=0, dtype=np.float32)
+            sources: list[Any] = [pooled.astype(layout.scores_dtype), conf, mask]
             targets: list[Any] = [self.array("scores", k), self.array("confidence", k), self.array("mask", k)]
+            if "uncertainty" in layout.layers:
+                sources.append(pooled.map_blocks(lambda b: entropy(b, kind).astype(np.float16), drop_axis=0,
+                                                 dtype=np.float16))
+                targets.append(self.array("uncertainty", k))
+            if "spread" in layout.layers:
+                above = da.from_zarr(self.array("spread", k - 1), chunks=(2 * shard, 2 * shard))
+                sources.append(above.map_blocks(lambda b: _pool2x2(b[None])[0].astype(np.float16),
+                                                chunks=out_chunks[1:], dtype=np.float16))
+                targets.append(self.array("spread", k))
             da.store(
-                [pooled.astype(self.layout.scores_dtype), conf, mask],
+                sources,
                 targets,
                 lock=False,
                 scheduler="threads",
@@ -378,7 +443,7 @@ class Mosaic:
             "image-label": {
                 "version": "0.5",
                 "colors": [{"label-value": i, "rgba": [*c.color, 255]} for i, c in enumerate(self.layout.classes)]
-                + [{"label-value": NODATA_CLASS, "rgba": [0, 0, 0, 0]}],
+                + [{"label-value": self.layout.mask_nodata, "rgba": [0, 0, 0, 0]}],
                 "properties": [{"label-value": i, "class": c.name} for i, c in enumerate(self.layout.classes)],
                 "source": {"image": "../../"},
             },
@@ -399,7 +464,7 @@ class Mosaic:
     # -- reading --------------------------------------------------------------------------------
 
     def read(self, name: str, level: int = 0, rect: Rect | None = None) -> np.ndarray:
-        """Read `scores`, `confidence` or `mask` at a level, optionally a window of it."""
+        """Read `scores`, `confidence`, `mask` or an optional layer at a level, optionally a window of it."""
         arr = self.array(name, level)
         if rect is None:
             return np.asarray(arr[...])
@@ -408,8 +473,9 @@ class Mosaic:
 
     @property
     def palette(self) -> np.ndarray:
-        """(256, 3) uint8 lookup table from class id to its colour; nodata (255) is black."""
-        palette = np.zeros((256, 3), np.uint8)
+        """(256, 3) uint8 lookup table from class id to its colour, or (65536, 3) for a uint16 mask;
+        nodata (255 or 65535) is black."""
+        palette = np.zeros((self.layout.mask_nodata + 1, 3), np.uint8)
         for i, c in enumerate(self.layout.classes):
             palette[i] = c.color
         return palette
@@ -436,7 +502,7 @@ class Mosaic:
         return buffer.getvalue()
 
     def to_xarray(self, level: int = 0) -> Any:
-        """The level as an `xarray.Dataset` (lazy, dask-backed): scores, confidence and mask."""
+        """The level as an `xarray.Dataset` (lazy, dask-backed): scores, confidence, mask and the optional layers."""
         import dask.array as da
         import xarray as xr
 
@@ -475,9 +541,16 @@ def _lay_out(group: zarr.Group, layout: MosaicLayout, lineage: Mapping[str, Any]
             shards=(shard, shard), fill_value=np.nan, dimension_names=("y", "x"), compressors=COMPRESSOR,
         )
         conf.attrs.update({**grid_attrs, **geo})
+        for name in layout.layers:
+            extra = level.create_array(
+                name, shape=(h, w), dtype="float16", chunks=(chunk, chunk),
+                shards=(shard, shard), fill_value=np.nan, dimension_names=("y", "x"), compressors=COMPRESSOR,
+            )
+            extra.attrs.update({**grid_attrs, **geo})
         mask = group.create_array(
-            f"labels/mask/{k}", shape=(h, w), dtype="uint8", chunks=(chunk, chunk),
-            shards=(shard, shard), fill_value=NODATA_CLASS, dimension_names=("y", "x"), compressors=COMPRESSOR,
+            f"labels/mask/{k}", shape=(h, w), dtype=layout.mask_dtype, chunks=(chunk, chunk),
+            shards=(shard, shard), fill_value=layout.mask_nodata, dimension_names=("y", "x"),
+            compressors=COMPRESSOR,
         )
         mask.attrs.update(geo)
         _write_coordinates(level, layout, k)

@@ -50,11 +50,11 @@ from pipeline.engine import (
     run_image,
 )
 from pipeline.errors import ConfigError, MosaicError
-from pipeline.mosaic import Mosaic, is_mosaic
+from pipeline.mosaic import Mosaic, MosaicLayout, is_mosaic
 from pipeline.settings import RefineConfig
 from pipeline.sources import RasterSource, open_source
 from pipeline.sources.base import is_local_file
-from pipeline.stitching import NODATA_CLASS, BlockOutput, summarise
+from pipeline.stitching import derive
 from pipeline.storage import Location
 from pipeline.tiling import Rect
 from pipeline.tracking import flat_params
@@ -164,12 +164,21 @@ class RefineRunner:
         inner = (slice(None), slice(region.y0 - outer.y0, region.y1 - outer.y0),
                  slice(region.x0 - outer.x0, region.x1 - outer.x0))
         probabilities = np.ascontiguousarray(q[inner])
-        mask, top = summarise(probabilities, "probabilities")
-        image.out.mark_done(block, region, image.out.write_block(BlockOutput(region, probabilities, mask, top)))
+        layout = image.out.layout
+        out = derive(region, probabilities, "probabilities", dtype=layout.mask_dtype,
+                     uncertainty="uncertainty" in layout.layers)
+        image.out.mark_done(block, region, image.out.write_block(out))
         return UnitReport.since(outer.area, start)
 
     def flush(self) -> None:
         return None
+
+
+def refined_layout(layout: MosaicLayout) -> MosaicLayout:
+    """The refined mosaic's layout: the input's, with probabilities for scores. Its uncertainty layer, if it
+    has one, is the entropy of the CRF's marginals; a TTA spread has no meaning for them and is left out."""
+    return dataclasses.replace(layout, scores_kind="probabilities",
+                               layers=tuple(n for n in layout.layers if n != "spread"))
 
 
 def with_halo(region: Rect, halo: int, height: int, width: int) -> Rect:
@@ -200,7 +209,7 @@ def blocks_with_data(mosaic: Mosaic, blocks: dict[tuple[int, int], Rect], block:
     """
     aligned = (block & -block).bit_length() - 1  # the largest power of two dividing `block`
     level = min(aligned, mosaic.layout.num_levels - 1)
-    coarse = mosaic.read("mask", level) != NODATA_CLASS
+    coarse = mosaic.read("mask", level) != mosaic.layout.mask_nodata
     f = 2**level
     return {b for b, r in blocks.items()
             if coarse[r.y0 // f : -(-r.y1 // f), r.x0 // f : -(-r.x1 // f)].any()}
@@ -321,7 +330,7 @@ class RefineJob(JobBase):
         }
         spec = RefineSpec(job["refines"], place(Location.parse(output)), source, colour, config.crf, layout.scores_kind,
                           {b: blocks[b] for b in busy})
-        return ImageJob(item, output, job, dataclasses.replace(layout, scores_kind="probabilities"), lineage,
+        return ImageJob(item, output, job, refined_layout(layout), lineage,
                         UnitGraph(tuple(sorted(busy))), spec, flat_params(config, job),
                         extra={"blocks": blocks, "busy": busy, "block": block, "input": item.source})
 

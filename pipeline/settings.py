@@ -39,6 +39,8 @@ class SegmentConfig:
         scores: what is blended and stored: "logits" or "probabilities".
         scores_dtype: stored dtype of the scores, float16 or float32.
         tta: average the 8 flips/rotations of each tile (D4 test-time augmentation).
+        uncertainty: also store the `uncertainty` layer (normalised entropy of the blended class
+            distribution) and, with `tta`, the `spread` layer (the views' blended spread); docs/FORMAT.md.
         level: source pyramid level to segment; None picks the one matching the bundle's resolution.
         block: output block edge in px (a multiple of shard).
         chunk, shard: Zarr chunk and shard edges; None derives them from the block: shard = min(block,
@@ -69,6 +71,7 @@ class SegmentConfig:
     scores: str = "logits"
     scores_dtype: str = "float16"
     tta: bool = False
+    uncertainty: bool = False
     batch_size: int = 8
     device: str = "auto"
     level: int | None = None
@@ -127,7 +130,12 @@ class SegmentConfig:
         from pipeline.inference import InferenceOptions
 
         return InferenceOptions(device=self.device, batch_size=self.batch_size, tta=self.tta, scores=self.scores,
-                                compile=self.compile)
+                                compile=self.compile, spread=self.uncertainty and self.tta)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The optional layers the mosaic gets (`MosaicLayout.layers`)."""
+        return ("uncertainty", *(("spread",) if self.tta else ())) if self.uncertainty else ()
 
 
 @dataclass(frozen=True)

@@ -20,17 +20,30 @@ from pipeline.tiling import Rect, TileGrid, TileId
 if TYPE_CHECKING:
     from pipeline.inference import Predictor
 
-NODATA_CLASS = 255
+NODATA_CLASS = 255  # the nodata class of a uint8 mask (models of up to MAX_UINT8_CLASSES classes)
+MAX_UINT8_CLASSES = 254  # one more class and the mask is uint16, nodata 65535 (docs/FORMAT.md)
+
+
+def mask_dtype(classes: int) -> np.dtype:
+    """The mask's data type for a model of `classes` classes: uint8 up to 254 classes, else uint16."""
+    return np.dtype(np.uint8 if classes <= MAX_UINT8_CLASSES else np.uint16)
+
+
+def nodata_class(dtype: np.dtype | str) -> int:
+    """The class id that means nodata in a mask of `dtype`: its largest value (255, or 65535 for uint16)."""
+    return int(np.iinfo(np.dtype(dtype)).max)
 
 
 @dataclass(frozen=True)
 class BlockOutput:
-    """What is written for one block: NaN scores/confidence and class 255 where there is no data."""
+    """What is written for one block: NaN scores/confidence and the nodata class where there is no data."""
 
     region: Rect
     scores: np.ndarray  # (C, h, w) float32
-    mask: np.ndarray  # (h, w) uint8
+    mask: np.ndarray  # (h, w) uint8 or uint16
     confidence: np.ndarray  # (h, w) float32
+    uncertainty: np.ndarray | None = None  # (h, w) float32 normalised entropy, when the mosaic has the layer
+    spread: np.ndarray | None = None  # (h, w) float32 blended TTA spread, when the mosaic has the layer
 
 
 T = TypeVar("T")
@@ -70,7 +83,7 @@ def blend_tiles(
 
     With a `reader` executor, the next batch is read and decoded while the model runs on this one.
     """
-    accs = [Accumulator.zeros(r, predictor.num_classes) for r in regions]
+    accs = [Accumulator.zeros(r, predictor.channels) for r in regions]
 
     def load(batch: Sequence[TileId]) -> tuple[Sequence[TileId], list[Rect], np.ndarray]:
         rects = [grid.rect(t) for t in batch]
@@ -86,24 +99,25 @@ def blend_tiles(
     return accs
 
 
-def summarise(scores: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Class mask (uint8 argmax) and confidence (float32 top-class probability) of blended scores.
+def summarise(scores: np.ndarray, kind: str, dtype: np.dtype | str = "uint8") -> tuple[np.ndarray, np.ndarray]:
+    """Class mask (argmax, of `dtype`) and confidence (float32 top-class probability) of blended scores.
 
-    Nodata pixels (NaN scores) get NODATA_CLASS and NaN. One running max over the classes gives both:
-    contiguous per-class passes are several times faster than argmax along the class axis.
+    Nodata pixels (NaN scores) get the nodata class of `dtype` and NaN. One running max over the classes
+    gives both: contiguous per-class passes are several times faster than argmax along the class axis.
 
     Args:
         scores: (C, h, w) blended logits or probabilities.
         kind: "logits" (confidence is the softmax's top probability) or "probabilities".
+        dtype: the mask's data type, `mask_dtype(C)`.
     """
     best = scores[0].astype(np.float32, copy=True)
-    mask = np.zeros(best.shape, np.uint8)
+    mask = np.zeros(best.shape, dtype)
     for c in range(1, len(scores)):
         better = scores[c] > best
         mask[better] = c
         np.maximum(best, scores[c], out=best)
     nodata = np.isnan(best)
-    mask[nodata] = NODATA_CLASS
+    mask[nodata] = nodata_class(mask.dtype)
     if kind == "logits":
         # softmax top = exp(top - top) / sum exp(s - top) = 1 / sum exp(s - top); NaN stays NaN.
         total = np.zeros_like(best)
@@ -113,15 +127,59 @@ def summarise(scores: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return mask, best
 
 
-def finish_block(acc: Accumulator, valid: np.ndarray, scores_kind: str) -> BlockOutput:
+def entropy(scores: np.ndarray, kind: str) -> np.ndarray:
+    """Normalised entropy, in [0, 1], of the class distribution of blended scores: (h, w) float32, NaN = nodata.
+
+    H / log(C) of softmax(scores) for logits, of the scores themselves for probabilities (0 log 0 = 0).
+    For logits, with m the top logit, e_c = exp(s_c - m) and Z = sum e_c:
+    H = log Z - sum_c e_c (s_c - m) / Z, one pass over the classes with no (C, h, w) temporary.
+
+    Args:
+        scores: (C, h, w) blended logits or probabilities.
+        kind: "logits" or "probabilities".
+    """
+    classes = len(scores)
+    if kind == "logits":
+        top = scores.max(axis=0).astype(np.float32)
+        total = np.zeros_like(top)
+        weighted = np.zeros_like(top)
+        for c in range(classes):
+            shifted = scores[c] - top
+            e = np.exp(shifted)
+            total += e
+            weighted += e * shifted
+        h = np.log(total) - weighted / total
+    else:
+        h = np.zeros(scores.shape[1:], np.float32)
+        for c in range(classes):
+            p = scores[c].astype(np.float32)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                h -= np.where(p > 0, p * np.log(p), np.float32(0) * p)  # NaN stays NaN
+    if classes < 2:
+        return np.where(np.isnan(h), np.float32(np.nan), np.float32(0))
+    return np.clip(h / np.float32(np.log(classes)), 0, 1).astype(np.float32)
+
+
+def derive(region: Rect, scores: np.ndarray, kind: str, *, dtype: np.dtype | str = "uint8",
+           uncertainty: bool = False, spread: np.ndarray | None = None) -> BlockOutput:
+    """A block's output from its blended scores (NaN = nodata): mask, confidence and, when asked, uncertainty."""
+    mask, top = summarise(scores, kind, dtype)
+    return BlockOutput(region, scores, mask, top, entropy(scores, kind) if uncertainty else None, spread)
+
+
+def finish_block(acc: Accumulator, valid: np.ndarray, scores_kind: str, *, dtype: np.dtype | str = "uint8",
+                 uncertainty: bool = False, spread: bool = False) -> BlockOutput:
     """Normalise a block's sums, in place (`acc` is spent); NaN where the source has no data or no tile contributed.
 
     Args:
         acc: every contribution to the block, merged.
         valid: (h, w) bool, where the source has data.
         scores_kind: "logits" or "probabilities", what was blended.
+        dtype: the mask's data type (`mask_dtype`).
+        uncertainty: derive the normalised entropy too.
+        spread: the last channel of `acc` is the blended TTA spread (see `Predictor`), not a class.
     """
-    scores = acc.normalised(in_place=True)
-    scores[:, ~valid] = np.nan
-    mask, top = summarise(scores, scores_kind)
-    return BlockOutput(acc.region, scores, mask, top)
+    blended = acc.normalised(in_place=True)
+    blended[:, ~valid] = np.nan
+    scores, tta_spread = (blended[:-1], blended[-1]) if spread else (blended, None)
+    return derive(acc.region, scores, scores_kind, dtype=dtype, uncertainty=uncertainty, spread=tta_spread)

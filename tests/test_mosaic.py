@@ -164,3 +164,31 @@ def test_geozarr_without_an_authority_code_or_without_a_crs(tmp_path: Path) -> N
     for node in ("0/scores", "labels/mask/0"):
         assert not [key for key in stored(tmp_path / "slide.zarr", node)["attributes"] if ":" in key]
     assert not [key for key in root if key.startswith(("proj:", "spatial:"))]
+
+
+def test_the_mask_type_follows_the_classes_and_is_recorded_only_when_it_changes() -> None:
+    many = tuple(ClassInfo(f"c{i}", (i % 256, 0, 0)) for i in range(300))
+    assert layout().mask_dtype == "uint8" and layout().mask_nodata == 255
+    wide = layout(classes=many, layers=("spread", "uncertainty"))
+    assert wide.mask_dtype == "uint16" and wide.mask_nodata == 65535 and wide.layers == ("uncertainty", "spread")
+    assert MosaicLayout.from_dict(wide.to_dict()) == wide
+    assert wide.to_dict()["mask_dtype"] == "uint16" and wide.to_dict()["layers"] == ["uncertainty", "spread"]
+    before = layout().to_dict()  # what a mosaic made before the uint16 mask and the layers records
+    assert "mask_dtype" not in before and "layers" not in before and MosaicLayout.from_dict(before) == layout()
+    assert layout(classes=many[:254]).mask_dtype == "uint8" and layout(classes=many[:255]).mask_dtype == "uint16"
+    with pytest.raises(MosaicError, match="cannot hold 300 classes"):
+        layout(classes=many, mask_dtype="uint8")
+    with pytest.raises(MosaicError, match="optional layers are uncertainty, spread"):
+        layout(layers=("variance",))
+
+
+def test_a_block_without_a_layer_or_with_another_mask_type_is_refused(tmp_path: Path) -> None:
+    m = Mosaic.create(tmp_path / "m.zarr", layout(layers=("uncertainty",)), {})
+    out = block(Rect(0, 0, 256, 256))
+    with pytest.raises(MosaicError, match="has no uncertainty values"):
+        m.write_block(out)  # type: ignore[arg-type]
+    wide = Mosaic.create(tmp_path / "wide.zarr", layout(mask_dtype="uint16"), {})
+    with pytest.raises(MosaicError, match="a uint8 mask for a mosaic of uint16 masks"):
+        wide.write_block(out)  # type: ignore[arg-type]
+    with pytest.raises(MosaicError, match="no spread layer: segment the image with --uncertainty --tta"):
+        m.read("spread")

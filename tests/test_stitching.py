@@ -49,3 +49,25 @@ def test_read_ahead_blends_the_same_sums(tmp_path: Path) -> None:
         ahead = blend_tiles(tiles, regions, grid, source, predictor, "gaussian", reader)
     for a, b in zip(inline, ahead, strict=True):
         np.testing.assert_array_equal(a.normalised(), b.normalised())
+
+
+def test_entropy_is_normalised_and_agrees_for_logits_and_probabilities() -> None:
+    from scipy.special import softmax
+
+    from pipeline.stitching import entropy, mask_dtype, summarise
+
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(5, 16, 16)) * rng.uniform(0, 6, size=(1, 16, 16))).astype(np.float32)
+    logits[:, 0, 0] = 0  # uniform: entropy 1
+    logits[:, 0, 1] = [50, 0, 0, 0, 0]  # certain: entropy 0
+    logits[:, 1, 1] = np.nan  # nodata
+    p = softmax(logits.astype(np.float64), axis=0)
+    direct = -(p * np.log(np.where(p > 0, p, 1))).sum(0) / np.log(5)
+    for kind, scores in (("logits", logits), ("probabilities", p.astype(np.float32))):
+        h = entropy(scores, kind)
+        assert h.dtype == np.float32 and np.isnan(h[1, 1]) and abs(h[0, 0] - 1) < 1e-6 and h[0, 1] < 1e-6
+        np.testing.assert_allclose(h, direct, atol=1e-5)
+    assert entropy(logits[:1], "logits")[0, 0] == 0  # one class: nothing to be unsure of
+    mask, _ = summarise(np.pad(logits, ((297, 0), (0, 0), (0, 0)), constant_values=-9), "logits", mask_dtype(302))
+    assert mask.dtype == np.uint16 and mask[1, 1] == 65535
+    np.testing.assert_array_equal(mask[2:], 297 + logits[:, 2:].argmax(0))

@@ -17,13 +17,14 @@ import numpy as np
 
 from pipeline.errors import RegionError
 from pipeline.files import write_atomically
-from pipeline.mosaic import Mosaic
-from pipeline.query.region import read_window
+from pipeline.mosaic import OPTIONAL_LAYERS, Mosaic
+from pipeline.query.region import check_layer, read_window
 from pipeline.query.window import MAX_PIXELS, Window, check_size, full, resolve, window_transform
-from pipeline.stitching import NODATA_CLASS
+from pipeline.stitching import nodata_class
 from pipeline.tiling import Rect
 
-COG_LAYERS = ("mask", "confidence")
+COG_LAYERS = ("mask", "confidence", *OPTIONAL_LAYERS)
+GREY_LAYERS = ("confidence", *OPTIONAL_LAYERS)  # values in [0, 1], shown in grey
 STRIP = 2048  # rows read and written at a time by the COG export
 
 
@@ -40,8 +41,9 @@ def export_cog(
 ) -> Path:
     """Write a region (default: the whole image) of a georeferenced mosaic as a COG with overviews.
 
-    `mask` is written as uint8 class ids with the class colour table, nodata 255 (nearest-neighbour
-    overviews); `confidence` as float32, nodata NaN (averaged overviews).
+    `mask` is written as class ids with the class colour table (uint8, nodata 255; uint16, nodata 65535
+    for models of over 254 classes), with nearest-neighbour overviews; `confidence` (and `uncertainty`,
+    `spread` where the mosaic has them) as float32, nodata NaN (averaged overviews).
 
     Raises:
         RegionError: the mosaic has no CRS (slides: use `export_png`), or a bad region or layer.
@@ -52,14 +54,13 @@ def export_cog(
     layout = m.layout
     if layout.crs is None or layout.transform is None:
         raise RegionError("a COG needs a georeferenced mosaic; this one has no CRS (export a PNG instead)")
-    if layer not in COG_LAYERS:
-        raise RegionError(f"layer {layer!r}: a COG holds one of {', '.join(COG_LAYERS)}")
+    check_layer(m, layer, COG_LAYERS)
     win = resolve(layout, window=window, bbox=bbox, crs=crs, level=level, resolution=resolution)
     out = Path(path)
     if out.is_dir():
         raise RegionError(f"{out} is a folder: give a file name such as {out / 'mask.tif'}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    dtype, nodata, resampling = ("uint8", NODATA_CLASS, "NEAREST") if layer == "mask" else (
+    dtype, nodata, resampling = (layout.mask_dtype, layout.mask_nodata, "NEAREST") if layer == "mask" else (
         "float32", float("nan"), "AVERAGE")
     staging = out.with_name(f".{out.name}.strips.tif")
     partial = out.with_name(f".{out.name}.partial")
@@ -77,7 +78,7 @@ def export_cog(
                 dst.write(values, 1, window=rasterio.windows.Window(0, y, values.shape[1], values.shape[0]))
             if layer == "mask":
                 dst.write_colormap(1, {i: (*c.color, 255) for i, c in enumerate(layout.classes)}
-                                   | {NODATA_CLASS: (0, 0, 0, 0)})
+                                   | {layout.mask_nodata: (0, 0, 0, 0)})
             dst.update_tags(classes=",".join(c.name for c in layout.classes), level=str(win.level),
                             source=str(m.path))
         gdal_copy(staging, partial, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE="512",
@@ -90,15 +91,23 @@ def export_cog(
 
 
 def mask_png(mask: np.ndarray, palette: np.ndarray) -> bytes:
-    """A paletted PNG of a class mask: pixel values are the class ids, coloured by `palette` (256 x 3,
-    `Mosaic.palette`), nodata (255) transparent."""
+    """A PNG of a class mask coloured by `palette` (`Mosaic.palette`), nodata transparent.
+
+    A uint8 mask gives a paletted PNG whose pixel values are the class ids (nodata 255); a uint16 mask
+    (over 254 classes: more than a PNG palette holds) gives RGBA, nodata (65535) with alpha 0.
+    """
     from PIL import Image
 
-    image = Image.fromarray(np.ascontiguousarray(mask, np.uint8), mode="P")
-    image.putpalette(palette.ravel().tolist())
-    alpha = bytes(0 if i == NODATA_CLASS else 255 for i in range(256))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", transparency=alpha, compress_level=1)
+    nodata = nodata_class(mask.dtype)
+    if mask.dtype == np.uint8:
+        image = Image.fromarray(np.ascontiguousarray(mask), mode="P")
+        image.putpalette(palette[:256].ravel().tolist())
+        alpha = bytes(0 if i == nodata else 255 for i in range(256))
+        image.save(buffer, format="PNG", transparency=alpha, compress_level=1)
+    else:
+        rgba = np.dstack([palette[mask], np.where(mask == nodata, 0, 255).astype(np.uint8)])
+        Image.fromarray(rgba, mode="RGBA").save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -126,8 +135,8 @@ def export_png(
     resolution: float | None = None,
     max_pixels: int | None = MAX_PIXELS,
 ) -> Path:
-    """Write a region as PNG: the mask in the class colours (paletted, values = class ids, nodata
-    transparent) or the confidence in grey. Without a region or level, the whole image at the
+    """Write a region as PNG: the mask in the class colours (`mask_png`, nodata transparent) or the
+    confidence (or uncertainty, spread) in grey. Without a region or level, the whole image at the
     finest level whose longer side fits in sqrt(`max_pixels`)."""
     win = resolve(m.layout, window=window, bbox=bbox, crs=crs, level=level, resolution=resolution)
     if window is None and bbox is None and level is None and resolution is None and max_pixels is not None:
@@ -140,9 +149,7 @@ def export_png(
 def render_png(m: Mosaic, win: Window, layer: str) -> bytes:
     if layer == "mask":
         return mask_png(read_window(m, win, "mask"), m.palette)
-    if layer == "confidence":
-        return grey_png(read_window(m, win, "confidence"))
-    raise RegionError(f"layer {layer!r}: a PNG shows mask or confidence")
+    return grey_png(read_window(m, win, check_layer(m, layer, ("mask", *GREY_LAYERS))))
 
 
 def npy_bytes(values: np.ndarray) -> bytes:

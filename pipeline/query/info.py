@@ -17,6 +17,7 @@ def mosaic_summary(m: Mosaic) -> dict[str, Any]:
         "height": layout.height,
         "width": layout.width,
         "num_levels": layout.num_levels,
+        "layers": list(layout.map_layers),  # what tiles and region.png show: mask, confidence, optional ones
         "classes": [{"id": i, "name": c.name, "color": list(c.color)} for i, c in enumerate(layout.classes)],
     }
 
@@ -36,6 +37,8 @@ def mosaic_info(m: Mosaic) -> dict[str, Any]:
         "bounds": list(bounds(layout)),
         "bounds_wgs84": list(bounds_in(layout, WGS84)) if layout.crs else None,
         "scores_kind": layout.scores_kind,
+        "mask_dtype": layout.mask_dtype,
+        "mask_nodata": layout.mask_nodata,
         "source": (lineage.get("source") or {}).get("path"),
         "model": {k: v for k, v in (lineage.get("model") or {}).items() if k in ("path", "sha256", "registered")},
         "finished": lineage.get("finished"),

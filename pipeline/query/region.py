@@ -8,17 +8,32 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import RegionError
-from pipeline.mosaic import Mosaic
+from pipeline.mosaic import OPTIONAL_LAYERS, Mosaic
 from pipeline.query.window import MAX_PIXELS, Window, check_size, resolve, units, window_transform
 
-LAYERS = ("mask", "confidence", "scores")
+LAYERS = ("mask", "confidence", "scores")  # every mosaic's; some also have `OPTIONAL_LAYERS`
+ALL_LAYERS = (*LAYERS, *OPTIONAL_LAYERS)
+
+
+def check_layer(m: Mosaic, layer: str, allowed: tuple[str, ...] = ALL_LAYERS) -> str:
+    """`layer` if the mosaic has it and it is one of `allowed`.
+
+    Raises:
+        RegionError: an unknown layer, or an optional one this mosaic was made without (naming the fix).
+    """
+    if layer not in allowed:
+        raise RegionError(f"layer {layer!r}: choose one of {', '.join(allowed)}")
+    if layer in OPTIONAL_LAYERS and layer not in m.layout.layers:
+        how = "--uncertainty --tta" if layer == "spread" else "--uncertainty"
+        raise RegionError(f"layer {layer!r}: this mosaic has no {layer} layer (it has "
+                          f"{', '.join((*LAYERS, *m.layout.layers))}); segment the image with {how} to make one")
+    return layer
 
 
 def read_window(m: Mosaic, window: Window, layer: str = "mask") -> np.ndarray:
-    """The stored values of a window: (h, w) for mask and confidence, (classes, h, w) for scores."""
-    if layer not in LAYERS:
-        raise RegionError(f"layer {layer!r}: choose one of {', '.join(LAYERS)}")
-    return m.read(layer, window.level, window.rect)
+    """The stored values of a window: (h, w) for mask, confidence, uncertainty and spread, (classes, h, w)
+    for scores."""
+    return m.read(check_layer(m, layer), window.level, window.rect)
 
 
 def read_region(
@@ -36,7 +51,9 @@ def read_region(
     """The values of a region, as numpy or as an xarray DataArray with coordinates and CRS.
 
     Args:
-        layer: "mask" (uint8 class ids, 255 = nodata), "confidence" or "scores" (one band per class).
+        layer: "mask" (class ids: uint8 with 255 = nodata, or uint16 with 65535 = nodata for models of over
+            254 classes), "confidence", "scores" (one band per class), or the optional "uncertainty" and
+            "spread" of a mosaic made with them.
         window: (y0, x0, y1, x1) in pixels of the chosen level.
         bbox: (min x, min y, max x, max y) in `crs`, or in the mosaic's coordinates.
         crs: the bbox's CRS (e.g. "EPSG:4326"); it is reprojected to the mosaic's, rounding outwards.
@@ -78,7 +95,7 @@ def to_dataarray(m: Mosaic, window: Window, values: np.ndarray, layer: str) -> A
     }
     arr = xr.DataArray(values, dims=dims, coords=coords, name=layer, attrs=attrs)
     if layer == "mask":
-        arr = arr.rio.write_nodata(255)
+        arr = arr.rio.write_nodata(layout.mask_nodata)
     if layout.crs is not None:
         arr = arr.rio.write_crs(layout.crs).rio.write_transform(t)
     return arr

@@ -27,7 +27,7 @@ from pipeline.query.window import (
     units,
     window_transform,
 )
-from pipeline.stitching import NODATA_CLASS
+from pipeline.stitching import nodata_class
 
 
 @dataclass(frozen=True)
@@ -92,17 +92,19 @@ def _metres_per_unit(wkt: str) -> float:
 def count(mask: np.ndarray, row_area: np.ndarray, inside: np.ndarray | None,
           classes: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Pixel counts and areas per class (length `classes`) and the nodata count, of the pixels of a
-    mask window that are `inside` (all of them when None); `row_area` is the pixel area per row."""
+    mask window that are `inside` (all of them when None); `row_area` is the pixel area per row.
+    The mask is uint8 (nodata 255) or uint16 (nodata 65535)."""
+    nodata = nodata_class(mask.dtype)
     labels = mask[inside] if inside is not None else mask.ravel()
-    pixels = np.bincount(labels, minlength=256)
+    pixels = np.bincount(labels, minlength=nodata + 1)
     if np.all(row_area == row_area[0]):  # projected CRSs and slides: one pixel area for all
         areas = pixels * row_area[0]
     else:  # latitude/longitude: the area shrinks with each row; weight row by row
-        areas = np.zeros(256)
+        areas = np.zeros(nodata + 1)
         for r in range(mask.shape[0]):
             row = mask[r] if inside is None else mask[r][inside[r]]
-            areas += np.bincount(row, minlength=256) * row_area[r]
-    return pixels[:classes], areas[:classes], int(pixels[NODATA_CLASS])
+            areas += np.bincount(row, minlength=nodata + 1) * row_area[r]
+    return pixels[:classes], areas[:classes], int(pixels[nodata])
 
 
 def class_areas(
@@ -153,18 +155,23 @@ def mosaic_stats(m: Mosaic, level: int = 0, num_workers: int | None = None) -> C
     per_row = row_areas(layout, win)
     rows = da.from_array(per_row, chunks=(mask.chunks[0],))
 
+    nodata = layout.mask_nodata
+    # Classes, then nodata last: a uint16 mask's chunks count len(classes) + 1 bins, not 65536.
+    bins = len(layout.classes) + 1
+
     def chunk_stats(mask_block: np.ndarray, conf_block: np.ndarray, row_block: np.ndarray) -> np.ndarray:
         flat = mask_block.ravel().astype(np.intp)
+        flat[flat == nodata] = bins - 1
         c = np.nan_to_num(conf_block.astype(np.float64).ravel())
         out = np.stack([
-            np.bincount(flat, minlength=256),
-            np.bincount(flat, weights=np.repeat(row_block, mask_block.shape[1]), minlength=256),
-            np.bincount(flat, weights=c, minlength=256),
+            np.bincount(flat, minlength=bins),
+            np.bincount(flat, weights=np.repeat(row_block, mask_block.shape[1]), minlength=bins),
+            np.bincount(flat, weights=c, minlength=bins),
         ])
         return out[None, None]
 
     parts = da.map_blocks(chunk_stats, mask, conf, rows[:, None], dtype=np.float64, new_axis=[2, 3],
-                          chunks=((1,) * mask.numblocks[0], (1,) * mask.numblocks[1], (3,), (256,)))
+                          chunks=((1,) * mask.numblocks[0], (1,) * mask.numblocks[1], (3,), (bins,)))
     totals = parts.sum(axis=(0, 1)).compute(scheduler="threads", num_workers=num_workers)
     pixels, areas, conf_sum = totals[0], totals[1], totals[2]
     names = [c.name for c in layout.classes]
@@ -173,6 +180,6 @@ def mosaic_stats(m: Mosaic, level: int = 0, num_workers: int | None = None) -> C
         area_unit(layout), level,
         {n: int(pixels[i]) for i, n in enumerate(names)},
         {n: float(areas[i]) for i, n in enumerate(names)},
-        int(pixels[NODATA_CLASS]),
+        int(pixels[bins - 1]),
         mean_conf,
     )

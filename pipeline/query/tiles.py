@@ -8,9 +8,9 @@ Two tile schemes, one per kind of mosaic:
   each zoom out halves the scale; a tile is read from the matching level and strided when the
   pyramid has no level that coarse.
 
-A `Pyramid` is anything with levels, a transform per level and windowed reads: a mosaic's mask or
-confidence (`MosaicLayer`), the source image's own levels (`source_tiles.py`) or its preview
-(`preview.py`).
+A `Pyramid` is anything with levels, a transform per level and windowed reads: a mosaic's mask,
+confidence or optional layer (`MosaicLayer`), the source image's own levels (`source_tiles.py`) or its
+preview (`preview.py`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import numpy as np
 from affine import Affine
 
 from pipeline.errors import RegionError
-from pipeline.mosaic import Mosaic
-from pipeline.query.region import read_window
+from pipeline.mosaic import OPTIONAL_LAYERS, Mosaic
+from pipeline.query.region import check_layer, read_window
 from pipeline.query.window import Window, level_transform, pixel_size
-from pipeline.stitching import NODATA_CLASS
 from pipeline.tiling import Rect
 
 TILE = 256
@@ -54,20 +53,19 @@ class Pyramid(Protocol):
 
 @dataclass
 class MosaicLayer:
-    """The mask or the confidence of a mosaic, as a `Pyramid`."""
+    """The mask, the confidence or an optional layer (uncertainty, spread) of a mosaic, as a `Pyramid`."""
 
     mosaic: Mosaic
     layer: str = "mask"
 
     def __post_init__(self) -> None:
-        if self.layer not in ("mask", "confidence"):
-            raise RegionError(f"layer {self.layer!r}: tiles show mask or confidence")
         layout = self.mosaic.layout
+        check_layer(self.mosaic, self.layer, ("mask", "confidence", *OPTIONAL_LAYERS))
         self.crs = layout.crs
         self.num_levels = layout.num_levels
         self.bands = 1
-        self.dtype = np.dtype(np.uint8 if self.layer == "mask" else np.float32)
-        self.nodata = float(NODATA_CLASS) if self.layer == "mask" else float("nan")
+        self.dtype = np.dtype(layout.mask_dtype if self.layer == "mask" else np.float32)
+        self.nodata = float(layout.mask_nodata) if self.layer == "mask" else float("nan")
 
     def shape(self, level: int) -> tuple[int, int]:
         return self.mosaic.layout.level_shape(level)
@@ -270,7 +268,7 @@ def point(m: Mosaic, x: float, y: float, crs: str | None = None, level: int = 0)
     confidence = float(read_window(m, win, "confidence")[0, 0])
     scores = read_window(m, win, "scores")[:, 0, 0].astype(float)
     names = [c.name for c in layout.classes]
-    nodata = cls == NODATA_CLASS
+    nodata = cls == layout.mask_nodata
     return {
         "level": level, "row": r, "col": c, "x": x, "y": y,
         "class": None if nodata else cls,

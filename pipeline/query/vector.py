@@ -26,7 +26,7 @@ from pipeline.query.window import (
     units,
     window_transform,
 )
-from pipeline.stitching import NODATA_CLASS
+from pipeline.stitching import nodata_class
 
 # Polygons of more than 16 Mpx at once would build millions of vertices in memory.
 MAX_VECTOR_PIXELS = 4096 * 4096
@@ -65,8 +65,9 @@ def count_polygons(mask: np.ndarray, keep: np.ndarray) -> PolygonCount:
     """
     from scipy import ndimage
 
-    values = np.pad(np.where(keep, mask, NODATA_CLASS), 1, constant_values=NODATA_CLASS)
-    kept = values != NODATA_CLASS
+    nodata = nodata_class(mask.dtype)  # 255, or 65535 for a uint16 mask
+    values = np.pad(np.where(keep, mask, nodata), 1, constant_values=nodata)
+    kept = values != nodata
     # At each pixel corner, the four pixels a b / c d and the four boundary edges between them.
     a, b, c, d = values[:-1, :-1], values[:-1, 1:], values[1:, :-1], values[1:, 1:]
     ka, kb, kc, kd = kept[:-1, :-1], kept[:-1, 1:], kept[1:, :-1], kept[1:, 1:]
@@ -204,7 +205,7 @@ def polygons(
     win = resolve(layout, window=window, bbox=bbox, crs=crs, level=level, resolution=resolution)
     check_size(win, max_pixels)
     mask = read_window(m, win, "mask")
-    keep = np.isin(mask, list(wanted)) & (mask != NODATA_CLASS)
+    keep = np.isin(mask, list(wanted)) & (mask != layout.mask_nodata)
     if limits is not None:
         _check(count_polygons(mask, keep), limits, "would have")
     if pixels:

@@ -63,7 +63,6 @@ from pipeline.query.window import (
 from pipeline.service.access import TokenGate
 from pipeline.service.cost import CANCELLED, HeavyRequests
 from pipeline.service.headers import SecurityHeaders
-from pipeline.stitching import NODATA_CLASS
 from pipeline.storage import Location, storage_for
 
 VIEWER = Path(__file__).parent / "viewer"
@@ -136,6 +135,8 @@ WindowParam = Annotated[str | None, Query(pattern=INTEGERS, max_length=64,
 BBoxParam = Annotated[str | None, Query(pattern=NUMBERS, max_length=128,
                                         description="min x,min y,max x,max y in crs (default the mosaic's).")]
 CrsParam = Annotated[str | None, Query(pattern=CRS_CODE, max_length=40, description="e.g. EPSG:4326.")]
+# A layer the map shows; uncertainty and spread only where the mosaic has them (its metadata's `layers`).
+MapLayer = Literal["mask", "confidence", "uncertainty", "spread"]
 
 
 class AreasRequest(BaseModel):
@@ -242,7 +243,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
         return listed
 
     @app.get("/api/mosaics/{mid:path}/region.png", summary="A region as PNG", response_class=Response, responses=PNG)
-    def region_png(mid: MosaicId, layer: Literal["mask", "confidence"] = "mask", window: WindowParam = None,
+    def region_png(mid: MosaicId, layer: MapLayer = "mask", window: WindowParam = None,
                    bbox: BBoxParam = None, crs: CrsParam = None, level: Level = None,
                    resolution: Resolution = None) -> Response:
         m = mosaic(mid)
@@ -253,7 +254,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
 
     @app.get("/api/mosaics/{mid:path}/region.npy", summary="A region as a NumPy array", response_class=Response,
              responses=NPY)
-    def region_npy(mid: MosaicId, layer: Literal["mask", "confidence", "scores"] = "mask",
+    def region_npy(mid: MosaicId, layer: Literal["mask", "confidence", "scores", "uncertainty", "spread"] = "mask",
                    window: WindowParam = None, bbox: BBoxParam = None, crs: CrsParam = None, level: Level = None,
                    resolution: Resolution = None) -> Response:
         m = mosaic(mid)
@@ -264,7 +265,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
     @app.get("/api/mosaics/{mid:path}/tiles/{z}/{x}/{y}.png", summary="A map tile", response_class=Response,
              responses=PNG)
     def tile(mid: MosaicId, z: Annotated[int, PathParam(ge=0, le=30)], x: Annotated[int, PathParam(ge=0)],
-             y: Annotated[int, PathParam(ge=0)], layer: Literal["mask", "confidence", "source"] = "mask",
+             y: Annotated[int, PathParam(ge=0)], layer: MapLayer | Literal["source"] = "mask",
              hide: Annotated[str | None, Query(pattern=CLASS_IDS, max_length=1024,
                                                description="Class ids the mask tile leaves transparent, "
                                                            "e.g. 1,3.")] = None) -> Response:
@@ -277,11 +278,11 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
                                 shape=m.layout.level_shape(0))
         if layer == "mask":
             if hide:  # the viewer's class toggles: hidden classes are drawn as nodata is
-                values[0][np.isin(values[0], [int(c) for c in hide.split(",")])] = NODATA_CLASS
+                values[0][np.isin(values[0], [int(c) for c in hide.split(",")])] = m.layout.mask_nodata
             return Response(mask_png(values[0], m.palette), media_type="image/png")
-        if layer == "confidence":
-            return Response(grey_png(values[0]), media_type="image/png")
-        return Response(_rgba_png(values), media_type="image/png")
+        if layer == "source":
+            return Response(_rgba_png(values), media_type="image/png")
+        return Response(grey_png(values[0]), media_type="image/png")  # confidence, uncertainty, spread: [0, 1]
 
     @app.get("/api/mosaics/{mid:path}/point", summary="Class and confidence at a point")
     def at_point(mid: MosaicId, x: Annotated[float, Query(ge=-1e12, le=1e12)],
