@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Every benchmark in turn, each in its own process, appending its rows to docs/benchmarks.md "
-                    "and its results to bench/results/ (about 20 minutes).",
+                    "and its results to bench/results/ (the last full run's time is in docs/benchmarks.md).",
         epilog=f"The benchmarks, in order (each takes --help):\n{plan}\n  python -m bench.gpu, and "
                "python -m bench.models --runtimes --device cuda, where a GPU is present",
     )

@@ -71,8 +71,9 @@ def tile_of(lon: float, lat: float, z: int) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", type=int, default=8192)
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--size", type=int, default=8192, help="edge of the generated image, px (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=200,
+                        help="random requests per measurement (default: %(default)s)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

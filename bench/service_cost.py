@@ -44,8 +44,8 @@ def get(url: str) -> tuple[int, int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--burst", type=int, default=16)
+    parser.add_argument("--size", type=int, default=4096, help="edge of the generated image, px (default: %(default)s)")
+    parser.add_argument("--burst", type=int, default=16, help="default: %(default)s")
     parser.add_argument("--max-memory", type=int, default=None, help="MiB, passed to tessera serve")
     args = parser.parse_args()
     rng = np.random.default_rng(0)

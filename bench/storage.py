@@ -104,8 +104,8 @@ def run_once(scene: Path, model: Path, out: str, folder: Path, env: dict[str, st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=8192, help="edge of the generated image, px (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement (default: %(default)s)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tessera-bench-storage-") as tmp, s3_server() as env:
         folder = Path(tmp)
