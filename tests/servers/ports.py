@@ -96,7 +96,10 @@ def check_own_server(pid: int, port: int) -> None:
     holders = listeners(port)
     held = (f"held by process {', '.join(str(p) for p in sorted(holders, key=str))}" if holders
             else "held by nobody")
-    alive = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    try:
+        alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        alive = False
     raise ServerIdentityError(
         f"127.0.0.1:{port} is {held}, not by the server we started (process {pid}, "
         f"{'alive' if alive else 'exited'}): another program took the port. Start the server on another "
