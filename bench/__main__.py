@@ -7,12 +7,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 import time
-
-import torch
 
 FULL = [
     ["bench.efficiency"],
@@ -52,8 +51,26 @@ QUICK = [
 ]
 
 
+def parser() -> argparse.ArgumentParser:
+    """`python -m bench`'s options; its --help lists the benchmarks it runs."""
+    plan = "\n".join(f"  python -m {' '.join(args)}" for args in FULL)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Every benchmark in turn, each in its own process, appending its rows to docs/benchmarks.md "
+                    "and its results to bench/results/ (the last full run's time is in docs/benchmarks.md).",
+        epilog=f"The benchmarks, in order (each takes --help):\n{plan}\n  python -m bench.gpu, and "
+               "python -m bench.models --runtimes --device cuda, where a GPU is present",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="each at a small size, to check that they work; records nothing")
+    return parser
+
+
 def main() -> None:
-    plan = QUICK if "--quick" in sys.argv else FULL
+    options = parser().parse_args()
+    import torch  # after parsing: `--help` starts nothing and returns at once
+
+    plan = QUICK if options.quick else FULL
     if torch.cuda.is_available():
         plan = [*plan, ["bench.gpu"], ["bench.models", "--runtimes", "--device", "cuda"]]
     else:

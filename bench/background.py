@@ -23,8 +23,8 @@ from pipeline.tracking import Tracking
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", type=int, default=8192)
-    parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    parser.add_argument("--size", type=int, default=8192, help="edge of the generated image, px (default: %(default)s)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25], help="default: %(default)s")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -189,9 +189,9 @@ def verdict(met: bool) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--size", type=int, default=2048)
-    parser.add_argument("--memory-counts", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--images", type=int, default=32, help="default: %(default)s")
+    parser.add_argument("--size", type=int, default=2048, help="edge of the generated image, px (default: %(default)s)")
+    parser.add_argument("--memory-counts", type=int, nargs="+", default=[8, 16, 32], help="default: %(default)s")
     sub = parser.add_subparsers(dest="command")
     for name in ("job", "monai"):
         child = sub.add_parser(name, help=f"run one measured {name} process and print its JSON line")

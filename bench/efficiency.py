@@ -81,9 +81,9 @@ def plot(rows: list[dict[str, Any]], bare: float, monai: float, path: Path) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=4096, help="edge of the generated image, px (default: %(default)s)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="model workers (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement (default: %(default)s)")
     parser.add_argument("--other-repeats", type=int, default=1, help="runs for the non-default worker counts")
     args = parser.parse_args()
     mpix = args.size**2 / 1e6

@@ -62,10 +62,10 @@ def run(folder: Path, arm: str, seed: int, steps: int, init: Path | None) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--pretrain-steps", type=int, default=600)
-    parser.add_argument("--pretrain-size", type=int, default=1536)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: %(default)s")
+    parser.add_argument("--steps", type=int, default=300, help="default: %(default)s")
+    parser.add_argument("--pretrain-steps", type=int, default=600, help="default: %(default)s")
+    parser.add_argument("--pretrain-size", type=int, default=1536, help="default: %(default)s")
     args = parser.parse_args()
     os.chdir(REPO)  # the catalog's paths are relative to the repository
     rows = []

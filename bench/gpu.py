@@ -86,10 +86,11 @@ def bare_tiles_per_second(config: SegmentConfig, tiles: int, repeats: int = 3) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", type=int, default=16384)
-    parser.add_argument("--layouts", nargs="+", default=["1:on", "1:off", "2:on"])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--size", type=int, default=16384,
+                        help="edge of the generated image, px (default: %(default)s)")
+    parser.add_argument("--layouts", nargs="+", default=["1:on", "1:off", "2:on"], help="default: %(default)s")
+    parser.add_argument("--device", default="cuda", help="default: %(default)s")
+    parser.add_argument("--batch-size", type=int, default=16, help="default: %(default)s")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench.gpu: no GPU on this machine, nothing measured")

@@ -51,7 +51,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 32768],
+                        help="edges of the generated images, px (default: %(default)s)")
     parser.add_argument("--monai-max", type=int, default=8192,
                         help="largest size MONAI runs at (16384 fits in 24 GiB but takes about 3 minutes)")
     args = parser.parse_args()

@@ -121,8 +121,8 @@ def compare_runtimes(repeats: int, device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each measurement (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="default: %(default)s")
     parser.add_argument("--runtimes", action="store_true", help="torch against onnxruntime (see above)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="with --runtimes")
     args = parser.parse_args()

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from pipeline.mosaic import Mosaic
 from pipeline.query import read_region, xyz_tile
 from pipeline.query.tiles import MosaicLayer
 from pipeline.synthetic import generate_scene, write_label_mosaic, write_scene
+from tests.servers.ports import http_answers, start_server
 
 REGION = 1024
 
@@ -71,8 +71,9 @@ def tile_of(lon: float, lat: float, z: int) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", type=int, default=8192)
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--size", type=int, default=8192, help="edge of the generated image, px (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=200,
+                        help="random requests per measurement (default: %(default)s)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,16 +104,11 @@ def main() -> None:
             "region scores, read_region": timed([lambda w=w: read_region(m, "scores", window=w) for w in windows]),
             "tile mask, xyz_tile": timed([lambda t=t: xyz_tile(layer, *t) for t in tiles]),
         }
-        port = 8765
-        server = subprocess.Popen([str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port",
-                                   str(port)], stdout=subprocess.DEVNULL)
+        # A free port, and the server answering there checked to be the one started here.
+        server, port = start_server(lambda port: subprocess.Popen(
+            [str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port)],
+            stdout=subprocess.DEVNULL), http_answers("/api/mosaics"))
         try:
-            for _ in range(300):
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/api/mosaics", timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
             def get(path: str) -> None:

@@ -148,8 +148,8 @@ def job(size: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=4096, help="edge of the generated image, px (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=3, help="default: %(default)s")
     args = parser.parse_args()
     default = CRFSettings()
     gained = accuracy(args.seeds, default)

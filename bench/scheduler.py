@@ -64,7 +64,7 @@ def write_tiny_images(folder: Path, count: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--counts", type=int, nargs="+", default=[100, 500, 2000])
+    parser.add_argument("--counts", type=int, nargs="+", default=[100, 500, 2000], help="default: %(default)s")
     parser.add_argument("--track-max", type=int, default=2000, help="the largest count also run with tracking")
     args = parser.parse_args()
     counts = sorted(set(args.counts))

@@ -29,7 +29,7 @@ import numpy as np
 from bench.common import save, table_row
 from pipeline.memory import PeakMemory
 from pipeline.synthetic import write_label_mosaic
-from tests.conftest import free_port, wait_until_serving
+from tests.servers.ports import http_answers, start_server
 
 
 def get(url: str) -> tuple[int, int, float]:
@@ -44,8 +44,8 @@ def get(url: str) -> tuple[int, int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--burst", type=int, default=16)
+    parser.add_argument("--size", type=int, default=4096, help="edge of the generated image, px (default: %(default)s)")
+    parser.add_argument("--burst", type=int, default=16, help="default: %(default)s")
     parser.add_argument("--max-memory", type=int, default=None, help="MiB, passed to tessera serve")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -54,14 +54,13 @@ def main() -> None:
         write_label_mosaic(rng.integers(0, 5, (1024, 1024), dtype=np.uint8), root / "noisy.zarr", chunk=512, shard=1024)
         write_label_mosaic(rng.integers(0, 5, (args.size, args.size), dtype=np.uint8), root / "big.zarr",
                            chunk=512, shard=2048)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
         budget = ["--max-memory", str(args.max_memory)] if args.max_memory else []
-        server = subprocess.Popen([str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port",
-                                   str(port), "--max-region-pixels", str(args.size * args.size), *budget],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        server, port = start_server(lambda port: subprocess.Popen(
+            [str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port),
+             "--max-region-pixels", str(args.size * args.size), *budget],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), http_answers("/api/mosaics"))
+        url = f"http://127.0.0.1:{port}"
         try:
-            wait_until_serving(f"{url}/api/mosaics", server, 60, lambda: server.communicate()[0])
             with PeakMemory(server.pid, 0.1) as idle:
                 time.sleep(0.5)
             with PeakMemory(server.pid, 0.05) as noisy:

@@ -49,8 +49,8 @@ def run_once(repo: Path, scene: Path, model: Path, folder: Path) -> dict[str, An
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=4096, help="edge of the generated image, px (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement (default: %(default)s)")
     parser.add_argument("--before", type=Path, help="another tessera checkout to measure on the same files")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tessera-bench-startup-") as tmp:

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,32 +27,24 @@ from typing import Any
 
 from bench.common import save, table_row, tiny_bundle, write_large_scene
 from pipeline.mosaic import Mosaic
+from tests.servers.ports import start_server, stop
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
 def s3_server() -> Iterator[dict[str, str]]:
-    """moto's S3 server in its own process on a free port; the environment that points boto at it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """moto's S3 server in its own process on a free port (checked to be the one answering there); the
+    environment that points boto at it."""
+    server, port = start_server(lambda port: subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), seconds=30)
     env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.2)
         yield env
     finally:
-        server.terminate()
-        server.wait()
+        stop(server)
 
 
 def bucket_fs(env: dict[str, str]) -> Any:
@@ -113,8 +104,8 @@ def run_once(scene: Path, model: Path, out: str, folder: Path, env: dict[str, st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=8192, help="edge of the generated image, px (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement (default: %(default)s)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tessera-bench-storage-") as tmp, s3_server() as env:
         folder = Path(tmp)

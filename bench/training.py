@@ -47,14 +47,16 @@ MEMORY_SETTINGS = ["architecture=fcn", "arch_args={depth: 3, width: 16}", "tile_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--steps-per-epoch", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="Ray Train workers (default: %(default)s)")
+    parser.add_argument("--steps-per-epoch", type=int, default=50, help="default: %(default)s")
+    parser.add_argument("--batch", type=int, default=16, help="default: %(default)s")
+    parser.add_argument("--window", type=int, default=128, help="default: %(default)s")
     parser.add_argument("--loading", action="store_true", help="steps/s with and without loader processes")
     parser.add_argument("--steps", type=int, default=60, help="--loading: steps per epoch (2 epochs)")
     parser.add_argument("--memory", action="store_true", help="peak memory against the image's size")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384],
+                        help="edges of the generated images, px (default: %(default)s)")
     args = parser.parse_args()
     if args.loading:
         loading(args.steps)

@@ -585,9 +585,14 @@ def compose(name: str, overrides: list[str]) -> Any:
     return compose_layout(getattr(job, name.upper()), overrides)
 
 
-@app.command(context_settings=HYDRA)
+@app.command(context_settings=HYDRA, options_metavar="[KEY=VALUE]...")
 def train(ctx: typer.Context) -> None:
-    """Train a model (pipeline/conf/train.yaml with key=value overrides); same as `python -m jobs.train`."""
+    """Train a model (pipeline/conf/train.yaml with key=value overrides); same as `python -m jobs.train`.
+
+    Arguments: Hydra overrides of pipeline/conf/train.yaml, e.g. image=scene.tif labels=labels.tif steps=400.
+
+    `python -m jobs.train --help` prints every key with its default.
+    """
     from jobs.train import describe, to_config, to_distributed, to_tracking
     from pipeline.lifecycle import train_tracked
 
@@ -598,9 +603,14 @@ def train(ctx: typer.Context) -> None:
                                           progress=bool(cfg.progress))))
 
 
-@app.command(context_settings=HYDRA)
+@app.command(context_settings=HYDRA, options_metavar="[KEY=VALUE]...")
 def nightly(ctx: typer.Context) -> None:
-    """Run one night (pipeline/conf/nightly.yaml with overrides): train a challenger, promote it if better."""
+    """Run one night (pipeline/conf/nightly.yaml with overrides): train a challenger, promote it if better.
+
+    Arguments: Hydra overrides of pipeline/conf/nightly.yaml, e.g. date=2025-01-31 train.catalog=NAME force=true.
+
+    `python -m jobs.nightly --help` prints every key with its default.
+    """
     from jobs.nightly import to_config
     from pipeline.lifecycle import nightly as run_nightly
 
@@ -629,14 +639,17 @@ def _nightly_command(overrides: list[str], address: str | None) -> str:
     return job_command(overrides, address, python="python" if address else sys.executable)
 
 
-@schedule_app.command("run", context_settings=HYDRA)
+@schedule_app.command("run", context_settings=HYDRA, options_metavar="[OPTIONS] [KEY=VALUE]...")
 def schedule_run(
     ctx: typer.Context,
     address: Annotated[str | None, typer.Option(help="Ray dashboard to submit to (default: RAY_ADDRESS, "
                                                      "else the job runs on this machine).")] = None,
     state: Annotated[Path, typer.Option(help="Where the last fired time is kept.")] = Path(".tessera-schedule.json"),
 ) -> None:
-    """Foreground scheduler: start the nightly job at each scheduled time; one catch-up after downtime."""
+    """Foreground scheduler: start the nightly job at each scheduled time; one catch-up after downtime.
+
+    Arguments: Hydra overrides of pipeline/conf/nightly.yaml, passed to each night's job, e.g. force=true.
+    """
     import datetime as dt
     import os
     import subprocess
@@ -663,7 +676,7 @@ def schedule_run(
         schedule.run(plan, fire, state)
 
 
-@schedule_app.command("crontab", context_settings=HYDRA)
+@schedule_app.command("crontab", context_settings=HYDRA, options_metavar="[OPTIONS] [KEY=VALUE]...")
 def schedule_crontab(
     ctx: typer.Context,
     address: Annotated[str | None, typer.Option(help="Ray dashboard for `ray job submit` (default: run here).")] = None,
@@ -676,7 +689,7 @@ def schedule_crontab(
         typer.echo(crontab_line(_schedule(overrides), _nightly_command(overrides, address), str(Path.cwd())), nl=False)
 
 
-@schedule_app.command("systemd", context_settings=HYDRA)
+@schedule_app.command("systemd", context_settings=HYDRA, options_metavar="[OPTIONS] [KEY=VALUE]...")
 def schedule_systemd(
     ctx: typer.Context,
     address: Annotated[str | None, typer.Option(help="Ray dashboard for `ray job submit` (default: run here).")] = None,

@@ -16,10 +16,9 @@ import urllib.error
 import urllib.request
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +27,7 @@ import torch
 from rasterio.transform import from_origin
 
 from pipeline.models.bundle import BundleSpec, ClassInfo, ModelBundle, Normalization
+from tests.servers.ports import ServerIdentityError, check_own_server, free_port, start_server, tcp_answers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -127,12 +127,11 @@ def s3_server() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     deadline = time.monotonic() + 20
-    while True:  # answering, or fail now rather than at each test's timeout
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            break
+    while not tcp_answers(port):  # answering, or fail now rather than at each test's timeout
         if time.monotonic() > deadline:
             raise RuntimeError(f"the test S3 server did not start on 127.0.0.1:{port}")
         time.sleep(0.1)
+    check_own_server(os.getpid(), port)  # its thread listens in this process, not a stranger
     yield os.environ["AWS_ENDPOINT_URL"]
     server.stop()
 
@@ -158,18 +157,11 @@ def azure_server() -> Iterator[str]:
     started here and stopped after; its blob endpoint."""
     if not AZURITE.exists():
         raise RuntimeError(f"{AZURITE} is missing: run `make test`, or `npm ci` in tests/servers")
-    port = int(os.environ["TESSERA_TEST_AZURE_PORT"])
-    process = subprocess.Popen([str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(port),
-                                "--inMemoryPersistence", "--skipApiVersionCheck", "--silent"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            break
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"Azurite did not start on 127.0.0.1:{port}")
-        time.sleep(0.1)
+    # The port is fixed (the environment already names it, for Ray workers): one attempt, checked ours.
+    process, port = start_server(lambda port: subprocess.Popen(
+        [str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
+         "--skipApiVersionCheck", "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        port=int(os.environ["TESSERA_TEST_AZURE_PORT"]), seconds=30)
     yield f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
     process.kill()  # in memory: nothing to keep
     process.wait(10)
@@ -195,29 +187,6 @@ def unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     return cache
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until_serving(url: str, process: subprocess.Popen[Any], seconds: float, log: Callable[[], str]) -> None:
-    """Poll `url` until it answers; fail with the server's log if it exits or `seconds` pass first."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"{url} did not answer within {seconds:.0f} s:\n{log()[-3000:]}") from None
-            time.sleep(0.2)
 
 
 @dataclass(frozen=True)
@@ -261,6 +230,12 @@ def start_head(temp: str, log: Path, env: Mapping[str, str]) -> RayHead:
                 if answer.code != 401:  # a head with token authentication answers 401: it is up
                     raise
             socket.create_connection(("127.0.0.1", client), timeout=2).close()
+            try:  # answered by this head, not by another test's Ray that took the port first
+                for own in (dashboard, client):
+                    check_own_server(process.pid, own)
+            except ServerIdentityError:
+                stop_head(process)
+                raise
             return head
         if process.poll() is not None or time.monotonic() > deadline:
             stop_head(process)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import free_port, smooth_image, wait_until_serving, write_geotiff
+from tests.conftest import smooth_image, write_geotiff
+from tests.servers.ports import http_answers, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -114,15 +115,12 @@ def test_the_installed_viewer_and_docs_load_their_assets(installed: Path, fcn_bu
     done = run(installed, ["tessera", "segment", "scene.tif", "--model", str(fcn_bundle), "--out", "a.zarr",
                            "--quiet", "--no-track", "--workers", "1"], tmp_path)
     assert done.returncode == 0, done.stderr
-    port = free_port()
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        server = subprocess.Popen([str(installed / "bin" / "tessera"), "serve", str(tmp_path), "--port", str(port)],
-                                  cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                  env={"PATH": f"{installed / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)})
+    server, port = start_server(lambda port: subprocess.Popen(
+        [str(installed / "bin" / "tessera"), "serve", str(tmp_path), "--port", str(port)], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={"PATH": f"{installed / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}), http_answers("/api/mosaics"))
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_until_serving(f"{base}/api/mosaics", server, 60, log.read_text)
         for page in ("/view/a.zarr", "/docs", "/"):
             status, body = get(base + page)
             assert status == 200, page

@@ -32,7 +32,8 @@ from pipeline.query.region import read_window
 from pipeline.query.tiles import tile_bounds
 from pipeline.query.window import Window
 from pipeline.tiling import Rect
-from tests.conftest import free_port, make_bundle, smooth_image, wait_until_serving, write_geotiff
+from tests.conftest import make_bundle, smooth_image, write_geotiff
+from tests.servers.ports import http_answers, start_server
 from tests.test_execution import reference_blend
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -124,11 +125,10 @@ class Server:
 @pytest.fixture(scope="module")
 def served(root: Path, mosaic_300: Mosaic, uncertain: Mosaic) -> Iterator[Server]:
     """`tessera serve ROOT` as a real process on 127.0.0.1, serving both mosaics."""
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, port = start_server(lambda port: subprocess.Popen(
+        [str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), http_answers("/api/mosaics"))
     url = f"http://127.0.0.1:{port}"
-    wait_until_serving(f"{url}/api/mosaics", server, 60, lambda: server.communicate()[0])
     yield Server(url)
     server.terminate()
     server.wait(timeout=20)

@@ -30,7 +30,8 @@ from pipeline.registry import CHALLENGER, CHAMPION, alias_version, resolve_model
 from pipeline.synthetic import CLASSES, generate_scene, write_scene
 from pipeline.tracking import Tracking
 from pipeline.training import TrainConfig
-from tests.conftest import free_port, wait_until_serving
+from tests.conftest import free_port
+from tests.servers.ports import http_answers, start_server
 
 MODEL = "synthetic"
 
@@ -39,16 +40,14 @@ MODEL = "synthetic"
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`mlflow server` with a sqlite store and local artefacts, in its own process group."""
     folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
     log = open(folder / "server.log", "wb")  # noqa: SIM115  (closed below)
-    process = subprocess.Popen(
+    process, port = start_server(lambda port: subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'store.db'}",
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
-    )
+    ), http_answers("/health"), seconds=120, log=lambda _: (folder / "server.log").read_text())
     uri = f"http://127.0.0.1:{port}"
-    wait_until_serving(f"{uri}/health", process, 120, lambda: (folder / "server.log").read_text())
     yield uri
     os.killpg(process.pid, signal.SIGTERM)
     try:

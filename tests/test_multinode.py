@@ -23,6 +23,7 @@ from pipeline.models import ModelBundle
 from pipeline.mosaic import BLOCKS, Mosaic
 from pipeline.storage import Location, storage_for
 from tests.conftest import free_port, make_bundle, smooth_image, write_geotiff
+from tests.servers.ports import check_own_server
 from tests.test_collection_job import RAY_NOISE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,9 +36,11 @@ def cluster() -> Iterator[object]:
     on either node, as a cluster has room for the workers of a node it loses."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "gcs_server_port": free_port(),
+    port = free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "gcs_server_port": port,
                                                             "include_dashboard": False})
     try:
+        check_own_server(os.getpid(), port)  # its GCS, started by this process, not another test's Ray
         for _ in range(2):
             cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()

@@ -26,7 +26,8 @@ from pipeline.manifest import Manifest
 from pipeline.mosaic import Mosaic
 from pipeline.storage import Location, storage_for
 from pipeline.tiling import Rect
-from tests.conftest import free_port, make_bundle, smooth_image, wait_until_serving, write_geotiff
+from tests.conftest import free_port, make_bundle, smooth_image, write_geotiff
+from tests.servers.ports import http_answers, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,12 +85,11 @@ def test_a_mosaic_written_to_s3_equals_the_one_written_locally(
     assert json.loads(info.output)["complete"] is True
     stats = CliRunner().invoke(app, ["query", "stats", url])
     assert stats.exit_code == 0, stats.output
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "tessera"), "serve", s3_bucket, "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, port = start_server(lambda port: subprocess.Popen(
+        [str(Path(sys.executable).parent / "tessera"), "serve", s3_bucket, "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), http_answers("/api/mosaics"))
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_until_serving(f"{base}/api/mosaics", server, 60, lambda: server.communicate()[0])
         with urllib.request.urlopen(f"{base}/api/mosaics") as answer:
             assert [m["id"] for m in json.load(answer)] == ["scenes/a.zarr"]
         window = "0,0,64,64"

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.mosaic import Mosaic
 from pipeline.synthetic import generate_scene, write_label_mosaic, write_scene
-from tests.conftest import free_port, wait_until_serving
+from tests.servers.ports import http_answers, start_server
 
 GEO_SHAPE = (1300, 1500)  # not a multiple of the 256 px chunk, so edges are partial
 GEO_CRS = "EPSG:32632"
@@ -66,14 +66,12 @@ def served(geo_mosaic: Mosaic, slide_mosaic: Mosaic, tmp_path_factory: pytest.Te
     outside = tmp_path_factory.mktemp("outside") / "secret.zarr"
     write_label_mosaic(np.zeros((64, 64), np.uint8), outside, crs=None, transform=None, chunk=64, shard=64)
     (root / "outside.zarr").symlink_to(outside, target_is_directory=True)
-    port = free_port()
-    server = subprocess.Popen(
+    server, port = start_server(lambda port: subprocess.Popen(
         [str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port),
          "--max-region-pixels", str(1000 * 1000)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    ), http_answers("/api/mosaics"))
     url = f"http://127.0.0.1:{port}"
-    wait_until_serving(f"{url}/api/mosaics", server, 60, lambda: server.communicate()[0])
     yield Served(url, root, outside)
     server.terminate()
     server.wait(timeout=20)

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import numpy as np
 import pytest
 
 from pipeline.synthetic import write_label_mosaic
-from tests.conftest import free_port
 from tests.query.test_viewer import CHROMIUM, CHROMIUM_ARGS
+from tests.servers.ports import http_answers, start_server
 
 TOKEN = "s3cret-Token-for-the-test-0123456789"
 
@@ -27,19 +26,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
     root = tmp_path_factory.mktemp("guarded")
     labels = (np.arange(512)[:, None] // 64 + np.arange(512)[None, :] // 64) % 3
     write_label_mosaic(labels.astype(np.uint8), root / "scene.zarr", chunk=128, shard=256)
-    port = free_port()
     # The token from the environment, as the docs advise (a command line is visible to other users).
     env = {**os.environ, "TESSERA_TOKEN": TOKEN}
-    process = subprocess.Popen([str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + 60
-    while True:  # until it answers: a 401 is an answer too
-        try:
-            ask(("127.0.0.1", port), "/api/mosaics")
-            break
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
-            time.sleep(0.2)
+    process, port = start_server(lambda port: subprocess.Popen(
+        [str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env),
+        http_answers("/api/mosaics"))  # a 401 is an answer too
     yield "127.0.0.1", port
     process.terminate()
     output = process.communicate(timeout=20)[0]

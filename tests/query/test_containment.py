@@ -27,7 +27,7 @@ import pytest
 import rasterio
 
 from pipeline.synthetic import write_label_mosaic
-from tests.conftest import free_port, wait_until_serving
+from tests.servers.ports import http_answers, start_server
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # plain TIFFs
 
@@ -141,11 +141,10 @@ def contained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Contained]:
     folder.rmdir()
     folder.symlink_to(outside / "secret.zarr" / "labels" / "mask" / "0" / "c", target_is_directory=True)
 
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, port = start_server(lambda port: subprocess.Popen(
+        [str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), http_answers("/api/mosaics"))
     url = f"http://127.0.0.1:{port}"
-    wait_until_serving(f"{url}/api/mosaics", server, 60, lambda: server.communicate()[0])
     yield Contained(url, temp, secret_chunk.read_bytes(), requests)
     server.terminate()
     server.wait(timeout=20)

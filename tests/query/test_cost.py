@@ -22,7 +22,7 @@ import pytest
 from pipeline.memory import PeakMemory
 from pipeline.query.vector import VectorLimits, count_polygons
 from pipeline.synthetic import generate_scene, write_label_mosaic
-from tests.conftest import free_port, wait_until_serving
+from tests.servers.ports import http_answers, start_server
 
 BUDGET_MIB = 200  # --max-memory: with 2048 x 2048 regions (40 MiB each), 5 heavy requests at once
 REGION = 2048
@@ -37,14 +37,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subp
     write_label_mosaic(rng.integers(0, 5, (REGION, REGION), dtype=np.uint8), root / "big.zarr", chunk=512,
                        shard=2048)
     write_label_mosaic(generate_scene(256, 256, seed=3).labels, root / "scene.zarr", chunk=256, shard=256)
-    port = free_port()
-    process = subprocess.Popen(
+    process, port = start_server(lambda port: subprocess.Popen(
         [str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port),
          "--max-region-pixels", str(REGION * REGION), "--max-memory", str(BUDGET_MIB),
          "--request-timeout", str(TIMEOUT_S)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), http_answers("/api/mosaics"))
     url = f"http://127.0.0.1:{port}"
-    wait_until_serving(f"{url}/api/mosaics", process, 60, lambda: process.communicate()[0])
     yield url, process
     process.terminate()
     process.wait(timeout=20)

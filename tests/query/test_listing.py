@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pipeline.synthetic import write_label_mosaic
-from tests.conftest import free_port, wait_until_serving
+from tests.servers.ports import http_answers, start_server
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +51,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(root: Path) -> Iterator[str]:
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, port = start_server(lambda port: subprocess.Popen(
+        [str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), http_answers("/api/mosaics"))
     address = f"http://127.0.0.1:{port}"
-    wait_until_serving(f"{address}/api/mosaics", server, 60, lambda: server.communicate()[0])
     yield address
     server.terminate()
     server.wait(timeout=20)

@@ -29,8 +29,8 @@ from pipeline.query.tiles import pixel_max_zoom, xyz_tile
 from pipeline.query.window import level_transform
 from pipeline.sources.display import stretch_limits
 from pipeline.synthetic import write_label_mosaic
-from tests.conftest import free_port, wait_until_serving
 from tests.query.conftest import Served
+from tests.servers.ports import http_answers, start_server
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 
@@ -64,11 +64,10 @@ def pyramidal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pyramidal]:
         dst.build_overviews(list(FACTORS), Resampling.average)
     write_label_mosaic(np.zeros((HEIGHT, WIDTH), np.uint8), root / "slide.zarr", crs=None, transform=None,
                        mpp=0.5, lineage={"source": {"path": str(source), "level": 0}})
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, port = start_server(lambda port: subprocess.Popen(
+        [str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), http_answers("/api/mosaics"))
     url = f"http://127.0.0.1:{port}"
-    wait_until_serving(f"{url}/api/mosaics", server, 60, lambda: server.communicate()[0])
     yield Pyramidal(url, source)
     server.terminate()
     server.wait(timeout=20)

@@ -22,8 +22,8 @@ import pytest
 from pipeline.classes import ClassInfo
 from pipeline.service.headers import SECURITY_HEADERS
 from pipeline.synthetic import write_label_mosaic
-from tests.conftest import free_port, wait_until_serving
 from tests.query.test_viewer import CHROMIUM, CHROMIUM_ARGS
+from tests.servers.ports import http_answers, start_server
 
 EVIL = "<img src=x onerror=alert(1)>"
 SIZE = 512  # a slide-like mosaic, every pixel of class EVIL but a corner of "plain"
@@ -53,11 +53,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     classes = (ClassInfo(EVIL, (200, 40, 40)), ClassInfo("plain", (40, 40, 200)))
     write_label_mosaic(labels, root / "hostile.zarr", classes=classes, crs=None, transform=None, mpp=0.5,
                        chunk=128, shard=256)
-    port = free_port()
-    process = subprocess.Popen([str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process, port = start_server(lambda port: subprocess.Popen(
+        [str(Path(sys.executable).parent / "tessera"), "serve", str(root), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), http_answers("/api/mosaics"))
     url = f"http://127.0.0.1:{port}"
-    wait_until_serving(f"{url}/api/mosaics", process, 60, lambda: process.communicate()[0])
     yield Server(url)
     process.terminate()
     process.wait(timeout=20)

@@ -32,7 +32,7 @@ from pipeline.training import (
     split_by_area,
     train,
 )
-from tests.conftest import free_port, wait_until_serving
+from tests.servers.ports import start_server
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_FCN = {"depth": 3, "width": 16}
@@ -91,9 +91,9 @@ def test_training_data_and_bundle_on_object_storage_train_as_local_files(
         storage_for(url).write_bytes(url, Path(path).read_bytes())
         urls.append(url.url)
     # And a web server (its own process: GDAL's reads would wait on a server thread in this one).
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
-                               str(Path(scene_files[0]).parent)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port = start_server(lambda port: subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+         str(Path(scene_files[0]).parent)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), seconds=20)
     web = [f"http://127.0.0.1:{port}/{Path(path).name}" for path in scene_files]
     local = train(tiny_config(scene_files, tmp_path / "a.bundle", steps=4, steps_per_epoch=2), progress=False)
     output = f"{s3_bucket}/models/m.bundle"
@@ -101,7 +101,6 @@ def test_training_data_and_bundle_on_object_storage_train_as_local_files(
     assert [h["loss"] for h in remote.history] == [h["loss"] for h in local.history]
     assert remote.bundle_path == output and ModelBundle.load(output).sha256 == remote.sha256 == local.sha256
     try:
-        wait_until_serving(web[0], server, 20, lambda: "")
         over_http = train(tiny_config((web[0], web[1]), tmp_path / "w.bundle", steps=4, steps_per_epoch=2),  # type: ignore[arg-type]
                           progress=False)
         assert over_http.sha256 == local.sha256
