@@ -137,3 +137,44 @@ def test_geo_source_tiles_at_the_top_zoom_are_level_0_pixels(served: Served, geo
     expected = xyz_tile(Whole(geo_mosaic.layout.crs), z, x, y)
     assert (expected[3] > 0).mean() > 0.5
     np.testing.assert_array_equal(served_tile, expected)
+
+
+def test_the_viewer_shows_the_source_levels_own_pixels_at_the_deepest_zoom(pyramidal: Pyramidal,
+                                                                           tmp_path: Path) -> None:
+    """In headless Chromium: zoomed all the way in, the source tiles the viewer draws are level 0's pixels,
+    one to one (read back from the page's own images), not an upsampled preview; a screenshot is saved."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.query.test_viewer import CHROMIUM, CHROMIUM_ARGS
+    from tests.query.test_viewer_tools import screenshot
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (`make test` installs it)")
+    with rasterio.open(pyramidal.source) as full:
+        level0 = full.read()
+    limits = stretch_limits(level0)
+    top = pixel_max_zoom((HEIGHT, WIDTH))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 900, "height": 700})
+        page.goto(f"{pyramidal.url}/view/slide.zarr")
+        page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+        page.evaluate(f"() => {{ const t = window.tessera; "
+                      f"t.map.setView(t.map.unproject([384, 640], {top}), {top}); }}")
+        fragment = f"/tiles/{top}/1/2.png?layer=source"
+        page.wait_for_function(f"() => [...document.querySelectorAll('img.leaflet-tile-loaded')]"
+                               f".some((i) => i.src.includes({fragment!r}))", timeout=30_000)
+        drawn = page.evaluate(f"""() => {{
+            const img = [...document.querySelectorAll('img.leaflet-tile-loaded')]
+                .find((i) => i.src.includes({fragment!r}));
+            const canvas = document.createElement('canvas');
+            canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+            const context = canvas.getContext('2d');
+            context.drawImage(img, 0, 0);
+            return Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data);
+        }}""")
+        screenshot(page, tmp_path, "viewer-source-deepest-zoom.png")
+        browser.close()
+    shown = np.asarray(drawn, np.uint8).reshape(256, 256, 4).transpose(2, 0, 1)
+    # Tile (x=1, y=2) at the deepest zoom: level-0 pixels [512:768, 256:512], one to one.
+    np.testing.assert_array_equal(shown, rgba(level0[:, 512:768, 256:512], np.ones((256, 256), bool), limits))
