@@ -45,7 +45,7 @@ def segment(
                                                    "spread).")] = SEG["uncertainty"],
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = SEG["batch_size"],
     level: Annotated[int | None, typer.Option(help="Source pyramid level (default: match the model).")] = SEG["level"],
-    block: Annotated[int, typer.Option(help="Output block edge in px: 512 x a power of two (the shard is "
+    block: Annotated[int, typer.Option(help="Output block edge in px: 512, 1024 or a multiple of 2048 (the shard is "
                                             "min(block, 2048)).")] = SEG["block"],
     workers: Annotated[int | None, typer.Option(help="Model workers (default: one per GPU, or per core).")] = SEG[
         "workers"],
@@ -318,7 +318,7 @@ def query_vectorize(
             written, count = export_vectors(Mosaic.open(mosaic), out, fmt, overwrite=overwrite, classes=names,
                                             background=background, simplify=simplify, out_crs=out_crs,
                                             object_type=object_type, downsample=downsample, **region)
-            typer.echo(f"{count} polygons -> {written}")
+            typer.echo(f"{count} polygon{'' if count == 1 else 's'} -> {written}")
         elif fmt in OGR_DRIVERS:
             raise ConfigError(f"format {fmt}: a {fmt} file needs --out FILE")
         elif fmt == "qupath":

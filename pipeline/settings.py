@@ -97,6 +97,10 @@ class SegmentConfig:
             raise ConfigError(f"window={self.window!r}: choose one of {', '.join(WINDOWS)}")
         if self.block <= 0:
             raise ConfigError(f"block {self.block} must be positive: e.g. block=2048")
+        derived = self.shard is None and self.chunk is None
+        if derived and self.block < MAX_SHARD and (self.block < MAX_CHUNK or self.block & (self.block - 1)):
+            raise ConfigError(f"block {self.block} must be 512, 1024, or a multiple of {MAX_SHARD} (a block is "
+                              "whole shards, and a shard halves down to one chunk): e.g. block=1024")
         shard = min(self.block, MAX_SHARD) if self.shard is None else self.shard
         chunk = min(MAX_CHUNK, shard) if self.chunk is None else self.chunk
         object.__setattr__(self, "shard", shard)
