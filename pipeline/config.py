@@ -97,22 +97,19 @@ class Layout:
         sections: dict[str | None, list[tuple[str, Any, Any]]] = {}
         for cls in dict.fromkeys(part.cls for part in self.parts):
             hints = typing.get_type_hints(cls)
-            defaults = {**_defaults(cls), **self.given}
+            known = {**defaults(cls), **self.given}
             for name, section in self.placement(cls).items():
                 entries = sections.setdefault(section, [])
                 if any(e[0] == name for e in entries):  # two dataclasses read one key (train's cluster.threads)
                     continue
                 kind = self.types.get(name, _hydra_type(hints[name]))
-                entries.append((name, kind, defaults.get(name, dataclasses.MISSING)))
+                entries.append((name, kind, known.get(name, dataclasses.MISSING)))
         for extra in self.extras:
             sections.setdefault(extra.section, []).append((extra.name, _hydra_type(extra.type), extra.default))
-        top = sections.pop(None, [])
-        specs: list[tuple[str, Any, Any]] = []
-        for name, kind, default in top:
-            specs.append(_spec(name, kind, default))
+        specs = [_spec(*entry) for entry in sections.pop(None, [])]
         owners = {f.name: cls for part in self.parts for f in dataclasses.fields(part.cls)}
         for name, cls in self.nested.items():
-            given = _defaults(owners[name]).get(name) if name in owners else None
+            given = defaults(owners[name]).get(name) if name in owners else None
             nested = _schema_of(f"{self.name}_{name}", cls, given, self.given)
             specs.append((name, nested, field(default_factory=nested)))
         for section, entries in sections.items():
@@ -123,7 +120,6 @@ class Layout:
 
     def values(self, cfg: Any, cls: type) -> dict[str, Any]:
         """The settings of `cls` in a composed Hydra config, as plain Python values (nested dataclasses built)."""
-
         missing = _missing(cfg)
         if missing:
             one = len(missing) == 1
@@ -162,7 +158,8 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def _defaults(cls: type) -> dict[str, Any]:
+def defaults(cls: type) -> dict[str, Any]:
+    """The defaults of a settings dataclass, by field name (what the CLI shows and starts from)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
@@ -172,18 +169,13 @@ def _defaults(cls: type) -> dict[str, Any]:
     return out
 
 
-def defaults(cls: type) -> dict[str, Any]:
-    """The defaults of a settings dataclass, by field name (what the CLI shows and starts from)."""
-    return _defaults(cls)
-
-
 def _schema_of(name: str, cls: type, instance: Any = None, given: Mapping[str, Any] | None = None) -> type:
     """A plain (mutable) dataclass with the fields and types of the frozen dataclass `cls`, and its defaults
     (or the values of `instance`, the default an owning dataclass gives it; `given` where it has none)."""
     hints = typing.get_type_hints(cls)
-    defaults = {**(given or {}), **(dataclasses.asdict(instance) if instance is not None else _defaults(cls))}
+    known = {**(given or {}), **(dataclasses.asdict(instance) if instance is not None else defaults(cls))}
     return dataclasses.make_dataclass(
-        name, [_spec(f.name, _hydra_type(hints[f.name]), defaults.get(f.name, dataclasses.MISSING))
+        name, [_spec(f.name, _hydra_type(hints[f.name]), known.get(f.name, dataclasses.MISSING))
                for f in dataclasses.fields(cls)])
 
 
