@@ -45,8 +45,8 @@ def segment(
                                                    "spread).")] = SEG["uncertainty"],
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = SEG["batch_size"],
     level: Annotated[int | None, typer.Option(help="Source pyramid level (default: match the model).")] = SEG["level"],
-    block: Annotated[int, typer.Option(help="Output block edge in px: 512, 1024 or a multiple of 2048 (the shard is "
-                                            "min(block, 2048)).")] = SEG["block"],
+    block: Annotated[int, typer.Option(help="Output block edge in px: a power of two up to 2048, or a multiple of "
+                                            "2048 (the shard is min(block, 2048)).")] = SEG["block"],
     workers: Annotated[int | None, typer.Option(help="Model workers (default: one per GPU, or per core).")] = SEG[
         "workers"],
     threads: Annotated[int | None, typer.Option(help="Torch threads per CPU worker.")] = SEG["threads"],

@@ -98,9 +98,9 @@ class SegmentConfig:
         if self.block <= 0:
             raise ConfigError(f"block {self.block} must be positive: e.g. block=2048")
         derived = self.shard is None and self.chunk is None
-        if derived and self.block < MAX_SHARD and (self.block < MAX_CHUNK or self.block & (self.block - 1)):
-            raise ConfigError(f"block {self.block} must be 512, 1024, or a multiple of {MAX_SHARD} (a block is "
-                              "whole shards, and a shard halves down to one chunk): e.g. block=1024")
+        if derived and self.block < MAX_SHARD and self.block & (self.block - 1):
+            raise ConfigError(f"block {self.block} must be a power of two below {MAX_SHARD} (e.g. 512 or 1024) or a "
+                              f"multiple of {MAX_SHARD}: a block is whole shards, and a shard halves down to one chunk")
         shard = min(self.block, MAX_SHARD) if self.shard is None else self.shard
         chunk = min(MAX_CHUNK, shard) if self.chunk is None else self.chunk
         object.__setattr__(self, "shard", shard)

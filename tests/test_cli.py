@@ -126,7 +126,7 @@ def test_bad_settings_never_touch_an_existing_mosaic(inputs: dict[str, Path], tm
     base = ["segment", str(inputs["good"]), "--model", str(inputs["bundle"]), "--out", str(out), "--quiet"]
     assert CliRunner().invoke(app, [*base, "--block", "512"]).exit_code == 0
     before = Mosaic.open(out).lineage["summary"]
-    for bad, expected in ((["--scores", "prob"], "logits"), (["--block", "1536"], "block 1536 must be 512, 1024"),
+    for bad, expected in ((["--scores", "prob"], "logits"), (["--block", "1536"], "block 1536 must be a power of two"),
                           (["--batch-size", "0"], "batch_size"), (["--workers", "0"], "workers")):
         result = CliRunner().invoke(app, [*base, "--overwrite", *bad])
         assert result.exit_code == 2 and expected in result.stderr, (bad, result.stderr)

@@ -47,7 +47,8 @@ def test_vectorize_and_export(geo_mosaic: Mosaic, tmp_path: Path) -> None:
     code, out = run("vectorize", path, "--window", "100,100,400,400", "--classes", "building",
                     "--out-crs", "EPSG:4326", "-o", str(tmp_path / "b.geojson"))
     collection = json.loads((tmp_path / "b.geojson").read_text())
-    assert code == 0 and f"{len(collection['features'])} polygons" in out
+    count = len(collection["features"])
+    assert code == 0 and f"{count} polygon{'' if count == 1 else 's'} -> " in out
     assert {f["properties"]["name"] for f in collection["features"]} == {"building"}
     code, out = run("export", path, "-o", str(tmp_path / "mask.tif"), "--level", "1")
     with rasterio.open(tmp_path / "mask.tif") as cog:
