@@ -118,7 +118,7 @@ def test_each_tessera_command_prints_its_help_and_starts_nothing(words: tuple[st
 
 
 def test_the_hydra_commands_name_their_config_and_how_to_override() -> None:
-    for command, config in (("train", "conf/train.yaml"), ("nightly", "conf/nightly.yaml")):
+    for command, config in (("train", "pipeline/conf/train.yaml"), ("nightly", "pipeline/conf/nightly.yaml")):
         out = CliRunner().invoke(app, [command, "--help"], terminal_width=200).output
         assert config in out and "KEY=VALUE" in out and f"python -m jobs.{command} --help" in out, out
 
