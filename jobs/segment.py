@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from pipeline.config import CONF, Extra, Layout, Part, as_mapping, register
+from pipeline.config import CONF, Extra, Layout, Part, register, settings_json
 from pipeline.errors import user_errors
 from pipeline.execution import segment_inputs
 from pipeline.settings import SegmentConfig
@@ -52,7 +51,7 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         config = to_config(cfg)
         if cfg.show_config:
-            print(json.dumps(as_mapping(config), indent=2))
+            print(settings_json(config))
             return
         summary = segment_inputs(config, sources(cfg), pattern=cfg.glob, assets=[str(a) for a in cfg.asset])
     print(summary.describe())

@@ -83,7 +83,7 @@ def segment(
     mosaics, resumes unfinished ones and retries failed ones. Every default is SegmentConfig's
     (pipeline/execution.py), as for `python -m jobs.segment`.
     """
-    from pipeline.config import as_mapping
+    from pipeline.config import settings_json
     from pipeline.execution import segment_inputs
     from pipeline.tracking import Tracking
 
@@ -97,7 +97,7 @@ def segment(
             tracking=Tracking(enabled=track, uri=tracking_uri, experiment=experiment),
         )
         if show_config:
-            typer.echo(json.dumps(as_mapping(config), indent=2))
+            typer.echo(settings_json(config))
             return
         summary = segment_inputs(config, sources, pattern=glob, assets=asset or ())
     _finish(summary)

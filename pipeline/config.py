@@ -16,7 +16,9 @@ The configs ship inside the package (`CONF`), so an installed tessera finds them
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -180,15 +182,14 @@ def _schema_of(name: str, cls: type, instance: Any = None, given: Mapping[str, A
 
 
 def _spec(name: str, kind: Any, default: Any) -> tuple[str, Any, Any]:
-    if isinstance(default, dataclasses.Field):
-        return (name, kind, default)
+    """A make_dataclass field: a required key (MISSING: Hydra's ???), a mutable default, or a plain one."""
     if default is dataclasses.MISSING:
         from omegaconf import MISSING
 
         return (name, kind, field(default=MISSING))
     if isinstance(default, (list, dict, tuple)) or dataclasses.is_dataclass(default):
-        copy = list(default) if isinstance(default, tuple) else default
-        return (name, Any, field(default_factory=lambda: copy))
+        return (name, Any, field(default_factory=lambda: copy.deepcopy(list(default) if isinstance(default, tuple)
+                                                                          else default)))
     return (name, kind, field(default=default))
 
 
@@ -250,8 +251,6 @@ def check_moved(overrides: Sequence[str]) -> None:
                               f"{MOVED[key] if '=' in MOVED[key] else MOVED[key] + '=' + override.partition('=')[2]}")
 
 
-def as_mapping(value: Any) -> Mapping[str, Any]:
-    """A settings object as a JSON-ready mapping (`--show-config`)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    raise ConfigError(f"not a settings object: {value!r}")
+def settings_json(settings: Any) -> str:
+    """A job's settings object as the JSON that `--show-config` and `show_config=true` print."""
+    return json.dumps(dataclasses.asdict(settings), indent=2)
