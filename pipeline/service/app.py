@@ -348,9 +348,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
     @app.get("/api/mosaics/{mid:path}", summary="A mosaic's metadata")
     def metadata(mid: MosaicId) -> dict[str, Any]:
         m = mosaic(mid)
-        info = mosaic_info(m)
-        info.setdefault("layers", ["mask", "confidence"])  # the tile layers besides source (the viewer's overlays)
-        return {"id": mid, **info, "tiles": tile_scheme(mid, m)}
+        return {"id": mid, **mosaic_info(m), "tiles": tile_scheme(mid, m)}
 
     @app.get("/", summary="The viewer's index of mosaics", response_class=FileResponse, include_in_schema=False)
     def index() -> FileResponse:
