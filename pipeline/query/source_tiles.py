@@ -33,10 +33,10 @@ from affine import Affine
 
 from pipeline.errors import ContainmentError, RegionError, TesseraError
 from pipeline.mosaic import Mosaic
-from pipeline.query.preview import OFFLINE_GDAL, SourcePreview, opened_source, read_coarse
+from pipeline.query.preview import OFFLINE_GDAL, SourcePreview, coarse_preview, opened_source, read_coarse, rgba
 from pipeline.query.window import level_transform
 from pipeline.sources.base import RasterSource
-from pipeline.sources.display import apply_stretch, stretch_limits
+from pipeline.sources.display import stretch_limits
 from pipeline.tiling import Rect
 
 STRETCH_SIZE = 2048  # the low-resolution read the stretch is computed from, px on its longer side
@@ -117,11 +117,6 @@ class SourcePyramid:
             source.close()
 
 
-def rgba(raw: np.ndarray, valid: np.ndarray, limits: np.ndarray) -> np.ndarray:
-    """(4, h, w) uint8: `raw` (bands, h, w) stretched by `limits`, opaque where `valid`."""
-    return np.concatenate([apply_stretch(raw, limits).transpose(2, 0, 1), valid[None].astype(np.uint8) * 255])
-
-
 def source_pyramid(m: Mosaic, allowed: Sequence[Path] | None = None) -> SourcePyramid:
     """The pyramid of a mosaic's source image, for map tiles: its levels described and its display
     stretch computed (one low-resolution read); pixels are read per tile.
@@ -144,12 +139,9 @@ def source_pyramid(m: Mosaic, allowed: Sequence[Path] | None = None) -> SourcePy
     with opened_source(m, allowed) as (source, name):
         raw, valid, stride, h, w = read_coarse(source, name, STRETCH_SIZE)
     limits = stretch_limits(raw, valid)
-    frame = level_transform(layout, 0)
     coarse = None
     coarsest = source.levels[-1]
     if stride > 1 and (h, w) == (coarsest.height, coarsest.width):  # the file has nothing this coarse
-        coarse = SourcePreview(rgba(raw, valid, limits),
-                               frame @ Affine.scale(stride * layout.width / w, stride * layout.height / h),
-                               layout.crs)
-    return SourcePyramid(source, name, frame, (layout.height, layout.width), layout.crs, limits,
-                         offline=allowed is not None, coarse=coarse)
+        coarse = coarse_preview(m, raw, valid, stride, (h, w), limits)
+    return SourcePyramid(source, name, level_transform(layout, 0), (layout.height, layout.width), layout.crs,
+                         limits, offline=allowed is not None, coarse=coarse)
