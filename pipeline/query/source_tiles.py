@@ -102,13 +102,12 @@ class SourcePyramid:
         try:
             with rasterio.Env(**OFFLINE_GDAL) if self.offline else contextlib.nullcontext():
                 yield source
-        except ContainmentError:
+        except BaseException as e:  # whatever failed, this handle is closed, not pooled
             source.close()
+            if isinstance(e, TesseraError) and not isinstance(e, ContainmentError):
+                raise RegionError(f"the source image {self.name} cannot be read: "
+                                  f"{str(e).replace(str(source.path), self.name)}") from None
             raise
-        except TesseraError as e:
-            source.close()
-            raise RegionError(f"the source image {self.name} cannot be read: "
-                              f"{str(e).replace(str(source.path), self.name)}") from None
         with self._lock:
             keep = len(free) < POOL
             if keep:
