@@ -31,7 +31,7 @@ from pipeline.errors import ContainmentError, RegionError
 from pipeline.mosaic import Mosaic
 from pipeline.query.window import level_transform
 from pipeline.sources.base import RasterSource
-from pipeline.sources.display import display_rgb
+from pipeline.sources.display import apply_stretch, stretch_limits
 from pipeline.sources.geotiff import GeoTiffSource
 from pipeline.tiling import Rect
 
@@ -88,13 +88,24 @@ def source_preview(m: Mosaic, max_size: int = 2048, allowed: Sequence[Path] | No
         ContainmentError: with `allowed`, the source lies outside them, is not a local TIFF, or names
             a file outside them.
     """
-    layout = m.layout
     with opened_source(m, allowed) as (source, name):
         raw, valid, stride, h, w = read_coarse(source, name, max_size)
-    rgba = np.concatenate([display_rgb(raw, valid).transpose(2, 0, 1), valid[None].astype(np.uint8) * 255])
-    # The preview covers the same ground as mosaic level 0 (the source's working level).
+    return coarse_preview(m, raw, valid, stride, (h, w), stretch_limits(raw, valid))
+
+
+def coarse_preview(m: Mosaic, raw: np.ndarray, valid: np.ndarray, stride: int, size: tuple[int, int],
+                   limits: np.ndarray) -> SourcePreview:
+    """`read_coarse`'s values (read at `stride` from a level of `size`) stretched by `limits`, as a preview
+    covering the same ground as mosaic level 0 (the source's working level)."""
+    layout = m.layout
+    h, w = size
     frame = level_transform(layout, 0) @ Affine.scale(stride * layout.width / w, stride * layout.height / h)
-    return SourcePreview(rgba, frame, layout.crs)
+    return SourcePreview(rgba(raw, valid, limits), frame, layout.crs)
+
+
+def rgba(raw: np.ndarray, valid: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    """(4, h, w) uint8: `raw` (bands, h, w) stretched by `limits`, opaque where `valid`."""
+    return np.concatenate([apply_stretch(raw, limits).transpose(2, 0, 1), valid[None].astype(np.uint8) * 255])
 
 
 @contextlib.contextmanager

@@ -33,10 +33,10 @@ from affine import Affine
 
 from pipeline.errors import ContainmentError, RegionError, TesseraError
 from pipeline.mosaic import Mosaic
-from pipeline.query.preview import OFFLINE_GDAL, SourcePreview, opened_source, read_coarse
+from pipeline.query.preview import OFFLINE_GDAL, SourcePreview, coarse_preview, opened_source, read_coarse, rgba
 from pipeline.query.window import level_transform
 from pipeline.sources.base import RasterSource
-from pipeline.sources.display import apply_stretch, stretch_limits
+from pipeline.sources.display import stretch_limits
 from pipeline.tiling import Rect
 
 STRETCH_SIZE = 2048  # the low-resolution read the stretch is computed from, px on its longer side
@@ -102,24 +102,18 @@ class SourcePyramid:
         try:
             with rasterio.Env(**OFFLINE_GDAL) if self.offline else contextlib.nullcontext():
                 yield source
-        except ContainmentError:
+        except BaseException as e:  # whatever failed, this handle is closed, not pooled
             source.close()
+            if isinstance(e, TesseraError) and not isinstance(e, ContainmentError):
+                raise RegionError(f"the source image {self.name} cannot be read: "
+                                  f"{str(e).replace(str(source.path), self.name)}") from None
             raise
-        except TesseraError as e:
-            source.close()
-            raise RegionError(f"the source image {self.name} cannot be read: "
-                              f"{str(e).replace(str(source.path), self.name)}") from None
         with self._lock:
             keep = len(free) < POOL
             if keep:
                 free.append(source)
         if not keep:
             source.close()
-
-
-def rgba(raw: np.ndarray, valid: np.ndarray, limits: np.ndarray) -> np.ndarray:
-    """(4, h, w) uint8: `raw` (bands, h, w) stretched by `limits`, opaque where `valid`."""
-    return np.concatenate([apply_stretch(raw, limits).transpose(2, 0, 1), valid[None].astype(np.uint8) * 255])
 
 
 def source_pyramid(m: Mosaic, allowed: Sequence[Path] | None = None) -> SourcePyramid:
@@ -144,12 +138,9 @@ def source_pyramid(m: Mosaic, allowed: Sequence[Path] | None = None) -> SourcePy
     with opened_source(m, allowed) as (source, name):
         raw, valid, stride, h, w = read_coarse(source, name, STRETCH_SIZE)
     limits = stretch_limits(raw, valid)
-    frame = level_transform(layout, 0)
     coarse = None
     coarsest = source.levels[-1]
     if stride > 1 and (h, w) == (coarsest.height, coarsest.width):  # the file has nothing this coarse
-        coarse = SourcePreview(rgba(raw, valid, limits),
-                               frame @ Affine.scale(stride * layout.width / w, stride * layout.height / h),
-                               layout.crs)
-    return SourcePyramid(source, name, frame, (layout.height, layout.width), layout.crs, limits,
-                         offline=allowed is not None, coarse=coarse)
+        coarse = coarse_preview(m, raw, valid, stride, (h, w), limits)
+    return SourcePyramid(source, name, level_transform(layout, 0), (layout.height, layout.width), layout.crs,
+                         limits, offline=allowed is not None, coarse=coarse)

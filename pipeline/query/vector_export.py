@@ -151,17 +151,28 @@ def export_vectors(
     check_output(out, overwrite)
     region: dict[str, Any] = {"window": window, "bbox": bbox, "crs": crs, "level": level, "resolution": resolution,
               "classes": classes, "simplify": simplify, "max_pixels": max_pixels, "limits": limits}
-    if fmt == "qupath":
+    if fmt in OGR_DRIVERS:
+        return _write_ogr(m, out, fmt, overwrite, out_crs, region)
+    collection = vector_collection(m, fmt, out_crs=out_crs, background=background, object_type=object_type,
+                                   downsample=downsample, **region)
+    return _write_text(out, json.dumps(collection), overwrite), len(collection["features"])
+
+
+def vector_collection(m: Mosaic, format: str, *, out_crs: str | None = None, background: bool = False,
+                      object_type: str = "annotation", downsample: float | None = None,
+                      **region: Any) -> dict[str, Any]:
+    """The polygons of a region as a GeoJSON FeatureCollection: QuPath's (`qupath_objects`) for "qupath",
+    else the plain one (`vectorize`); `region`: the keywords both take (window, classes, limits...).
+
+    Raises:
+        ConfigError: `out_crs` with "qupath" (its coordinates are pixels).
+    """
+    if format == "qupath":
         if out_crs is not None:
             raise ConfigError(f"out_crs {out_crs!r}: QuPath's coordinates are pixels of the full-resolution "
                               "image; leave out_crs out")
-        collection = qupath_objects(m, background=background, object_type=object_type, downsample=downsample,
-                                    **region)
-        return _write_text(out, json.dumps(collection), overwrite), len(collection["features"])
-    if fmt == "geojson":
-        collection = vectorize(m, out_crs=out_crs, **region)
-        return _write_text(out, json.dumps(collection), overwrite), len(collection["features"])
-    return _write_ogr(m, out, fmt, overwrite, out_crs, region)
+        return qupath_objects(m, background=background, object_type=object_type, downsample=downsample, **region)
+    return vectorize(m, out_crs=out_crs, **region)
 
 
 def vector_format(path: Path | None, format: str | None) -> str:

@@ -49,7 +49,7 @@ from pipeline.query.tiles import (
     pointer_grid,
     xyz_tile,
 )
-from pipeline.query.vector import FIX, VectorLimits, vectorize
+from pipeline.query.vector import FIX, VectorLimits
 from pipeline.query.window import (
     WGS84,
     RegionTooLargeError,
@@ -324,20 +324,15 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
                  downsample: Annotated[float | None, Query(gt=0, le=1e6, description=(
                      "qupath: the downsample of the source level the mosaic was segmented from, when not 0."))] = None,
                  ) -> Response:
-        from pipeline.query.vector_export import qupath_objects
+        from pipeline.query.vector_export import vector_collection
 
         m = mosaic(mid)
         region: dict[str, Any] = {
             "window": parse_window(window), "bbox": parse_bbox(bbox), "crs": crs, "level": level,
             "resolution": resolution, "classes": classes.split(",") if classes else None, "simplify": simplify,
             "max_pixels": lim.vector_pixels, "limits": polygon_limits, "cancelled": request.scope.get(CANCELLED)}
-        if format == "qupath":
-            if out_crs is not None:
-                raise RegionError("out_crs: QuPath's coordinates are pixels of the full-resolution image; leave "
-                                  "out_crs out")
-            collection = qupath_objects(m, background=background, downsample=downsample, **region)
-        else:
-            collection = vectorize(m, out_crs=out_crs, **region)
+        collection = vector_collection(m, format, out_crs=out_crs, background=background, downsample=downsample,
+                                       **region)
         body = json.dumps(collection, ensure_ascii=False, separators=(",", ":")).encode()  # rendered once, then checked
         del collection
         if len(body) > lim.polygon_bytes:
@@ -348,9 +343,7 @@ def create_app(root: str | Path, limits: Limits | None = None, source_folders: S
     @app.get("/api/mosaics/{mid:path}", summary="A mosaic's metadata")
     def metadata(mid: MosaicId) -> dict[str, Any]:
         m = mosaic(mid)
-        info = mosaic_info(m)
-        info.setdefault("layers", ["mask", "confidence"])  # the tile layers besides source (the viewer's overlays)
-        return {"id": mid, **info, "tiles": tile_scheme(mid, m)}
+        return {"id": mid, **mosaic_info(m), "tiles": tile_scheme(mid, m)}
 
     @app.get("/", summary="The viewer's index of mosaics", response_class=FileResponse, include_in_schema=False)
     def index() -> FileResponse:

@@ -19,8 +19,11 @@
     message.hidden = false;
   };
 
+  // A mosaic's API address: each part of its id escaped, the slashes between them kept.
+  const apiOf = (mid) => "/api/mosaics/" + mid.split("/").map(encodeURIComponent).join("/");
+
   async function metadata(mid) {
-    const response = await fetch("/api/mosaics/" + mid.split("/").map(encodeURIComponent).join("/"));
+    const response = await fetch(apiOf(mid));
     const body = await response.json();
     return response.ok ? body : { error: body.detail || "mosaic " + mid + " cannot be read" };
   }
@@ -196,7 +199,7 @@
       const step = meta.mpp || 1; // the mosaic's coordinates are micrometres (or pixels)
       query = "x=" + p.x * step + "&y=" + p.y * step;
     }
-    const answer = await fetch("/api/mosaics/" + id.split("/").map(encodeURIComponent).join("/") + "/point?" + query);
+    const answer = await fetch(apiOf(id) + "/point?" + query);
     const body = await answer.json();
     if (!answer.ok) {
       info.textContent = body.detail;
