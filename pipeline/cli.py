@@ -307,8 +307,7 @@ def query_vectorize(
     GeoPackage or FlatGeobuf."""
     from pipeline.errors import ConfigError
     from pipeline.mosaic import Mosaic
-    from pipeline.query.vector import vectorize
-    from pipeline.query.vector_export import OGR_DRIVERS, export_vectors, qupath_objects, vector_format
+    from pipeline.query.vector_export import OGR_DRIVERS, export_vectors, vector_collection, vector_format
 
     with user_errors():
         fmt = vector_format(out, format)
@@ -321,13 +320,10 @@ def query_vectorize(
             typer.echo(f"{count} polygon{'' if count == 1 else 's'} -> {written}")
         elif fmt in OGR_DRIVERS:
             raise ConfigError(f"format {fmt}: a {fmt} file needs --out FILE")
-        elif fmt == "qupath":
-            typer.echo(json.dumps(qupath_objects(Mosaic.open(mosaic), classes=names, background=background,
-                                                 simplify=simplify, object_type=object_type, downsample=downsample,
-                                                 **region)))
-        else:
-            typer.echo(json.dumps(vectorize(Mosaic.open(mosaic), classes=names, simplify=simplify, out_crs=out_crs,
-                                            **region)))
+        else:  # GeoJSON or QuPath objects, to the terminal
+            typer.echo(json.dumps(vector_collection(
+                Mosaic.open(mosaic), fmt, out_crs=out_crs, background=background, object_type=object_type,
+                downsample=downsample, classes=names, simplify=simplify, **region)))
 
 
 @query_app.command("export")
