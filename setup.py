@@ -37,7 +37,7 @@ def copy_assets(target: Path) -> None:
     assets = {k: v for k, v in json.loads((VIEWER / "assets.json").read_text()).items() if not k.startswith("/")}
     for name, spec in assets.items():
         package = modules / spec["package"]
-        for file in [*spec["files"]]:
+        for file in spec["files"]:
             source = package / spec["folder"] / file
             if not source.is_file():
                 raise SystemExit(f"{source} is missing: run `npm ci --ignore-scripts` in {VIEWER}")
