@@ -240,8 +240,8 @@ class SegmentRunner:
         from pipeline.stitching import finish_block
 
         layout = image.mosaic.layout
-        out = finish_block(acc, valid, image.spec.scores, dtype=layout.mask_dtype,
-                           uncertainty="uncertainty" in layout.layers, spread="spread" in layout.layers)
+        out = finish_block(acc, valid, image.spec.scores, uncertainty="uncertainty" in layout.layers,
+                           spread="spread" in layout.layers)
         image.mosaic.mark_done(block, out.region, image.mosaic.write_block(out))
 
 

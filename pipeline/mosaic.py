@@ -38,7 +38,7 @@ from zarr.codecs import BloscCodec
 
 from pipeline.classes import ClassInfo
 from pipeline.errors import ConfigError, MosaicError, OutputExistsError
-from pipeline.stitching import BlockOutput, entropy, mask_dtype, nodata_class, summarise
+from pipeline.stitching import BlockOutput, derive, mask_dtype, nodata_class
 from pipeline.storage import Location, storage_for
 from pipeline.tiling import Rect
 
@@ -80,23 +80,21 @@ class MosaicLayout:
     crs: str | None = None  # WKT
     transform: tuple[float, ...] | None = None  # affine (a, b, c, d, e, f) of level 0
     mpp: float | None = None  # microns per pixel of level 0
-    mask_dtype: str = ""  # "uint8" or "uint16"; empty: the one the number of classes needs (`mask_dtype`)
     layers: tuple[str, ...] = ()  # optional layers of `OPTIONAL_LAYERS`, in that order
 
     def __post_init__(self) -> None:
         check_storage(self.chunk, self.shard)
         if self.scores_dtype not in ("float16", "float32"):
             raise MosaicError(f"scores_dtype {self.scores_dtype!r}: choose float16 or float32")
-        needed = mask_dtype(len(self.classes)).name
-        if not self.mask_dtype:
-            object.__setattr__(self, "mask_dtype", needed)
-        if self.mask_dtype not in ("uint8", "uint16") or (self.mask_dtype == "uint8" and needed != "uint8"):
-            raise MosaicError(f"mask_dtype {self.mask_dtype!r} cannot hold {len(self.classes)} classes and nodata: "
-                              f"use {needed}")
         unknown = [name for name in self.layers if name not in OPTIONAL_LAYERS]
         if unknown:
             raise MosaicError(f"layers {unknown}: a mosaic's optional layers are {', '.join(OPTIONAL_LAYERS)}")
         object.__setattr__(self, "layers", tuple(n for n in OPTIONAL_LAYERS if n in self.layers))
+
+    @property
+    def mask_dtype(self) -> str:
+        """The mask's data type, from the number of classes: "uint8" up to 254 classes, else "uint16"."""
+        return mask_dtype(len(self.classes)).name
 
     @property
     def mask_nodata(self) -> int:
@@ -134,8 +132,9 @@ class MosaicLayout:
         d = asdict(self)
         d["classes"] = [{"name": c.name, "color": list(c.color)} for c in self.classes]
         # Written only where they differ from what a mosaic made before them has: its metadata stays as it was.
-        if d["mask_dtype"] == "uint8":
-            del d["mask_dtype"]
+        # The mask type follows from the classes; it is recorded for readers that do not know that rule.
+        if self.mask_dtype != "uint8":
+            d["mask_dtype"] = self.mask_dtype
         if d["layers"]:
             d["layers"] = list(d["layers"])
         else:
@@ -149,7 +148,12 @@ class MosaicLayout:
         if d.get("transform") is not None:
             d["transform"] = tuple(d["transform"])
         d["layers"] = tuple(d.get("layers", ()))
-        return cls(**d)
+        recorded = d.pop("mask_dtype", None)
+        layout = cls(**d)
+        if recorded not in (None, layout.mask_dtype):
+            raise MosaicError(f"mask_dtype {recorded!r} does not fit {len(layout.classes)} classes and nodata: a "
+                              f"mosaic of {len(layout.classes)} classes has a {layout.mask_dtype} mask")
+        return layout
 
 
 def check_storage(chunk: int, shard: int) -> None:
@@ -333,14 +337,20 @@ class Mosaic:
         if r.y0 % self.layout.shard or r.x0 % self.layout.shard:
             raise MosaicError(f"block {r} is not aligned to the shard size {self.layout.shard}")
         layout = self.layout
+        # Checked before anything is written (the lower levels are derived here, so level 0 decides).
+        if out.mask.dtype != layout.mask_dtype:  # a cast would turn a uint8 mask's nodata (255) into a class
+            raise MosaicError(f"block {r}: a {out.mask.dtype} mask for a mosaic of {layout.mask_dtype} masks; derive "
+                              "it with stitching.summarise or derive")
+        missing = [name for name in layout.layers if getattr(out, name) is None]
+        if missing:
+            raise MosaicError(f"block {r} has no {missing[0]} values, but the mosaic has the layer")
         stored = self._write_level(0, r.y0, r.x0, out)
         scores, spread = out.scores, out.spread
         for k in range(1, layout.block_levels + 1):
             scores = _pool2x2(scores)
             spread = _pool2x2(spread[None])[0] if spread is not None else None
-            pooled = BlockOutput(out.region, scores, *summarise(scores, layout.scores_kind, layout.mask_dtype),
-                                 entropy(scores, layout.scores_kind) if "uncertainty" in layout.layers else None,
-                                 spread)
+            pooled = derive(out.region, scores, layout.scores_kind, uncertainty="uncertainty" in layout.layers,
+                            spread=spread)
             self._write_level(k, r.y0 >> k, r.x0 >> k, pooled)
         return _crc(out.mask, stored)
 
@@ -380,19 +390,13 @@ class Mosaic:
     def _write_level(self, level: int, y0: int, x0: int, out: BlockOutput) -> np.ndarray:
         """Write one level's part of a block (`out` at that level); returns the scores as stored (cast to
         `scores_dtype`)."""
-        if out.mask.dtype != self.layout.mask_dtype:  # a cast would turn a uint8 mask's nodata (255) into a class
-            raise MosaicError(f"block {out.region}: a {out.mask.dtype} mask for a mosaic of {self.layout.mask_dtype} "
-                              "masks; derive it with summarise(..., layout.mask_dtype)")
         ys, xs = slice(y0, y0 + out.mask.shape[0]), slice(x0, x0 + out.mask.shape[1])
         stored = out.scores.astype(self.layout.scores_dtype)
         self.array("scores", level)[:, ys, xs] = stored
         self.array("confidence", level)[ys, xs] = out.confidence.astype(np.float16)
         self.array("mask", level)[ys, xs] = out.mask
         for name in self.layout.layers:
-            values = getattr(out, name)
-            if values is None:
-                raise MosaicError(f"block {out.region} has no {name} values, but the mosaic has the layer")
-            self.array(name, level)[ys, xs] = values.astype(np.float16)
+            self.array(name, level)[ys, xs] = getattr(out, name).astype(np.float16)
         return stored
 
     def build_pyramid(self, num_workers: int | None = None) -> None:
@@ -405,19 +409,20 @@ class Mosaic:
         import dask.array as da  # here: a second of imports that block workers and readers never need
 
         layout = self.layout
-        kind, dtype = layout.scores_kind, np.dtype(layout.mask_dtype)
+        kind, uncertain = layout.scores_kind, "uncertainty" in layout.layers
         for k in range(layout.block_levels + 1, layout.num_levels):
             shard = layout.level_shard(k)
             prev = da.from_zarr(self.array("scores", k - 1), chunks=(-1, 2 * shard, 2 * shard))
             out_chunks = (prev.chunks[0], _halved(prev.chunks[1]), _halved(prev.chunks[2]))
             pooled = prev.map_blocks(_pool2x2, chunks=out_chunks, dtype=np.float32)
-            mask = pooled.map_blocks(lambda b: summarise(b, kind, dtype)[0], drop_axis=0, dtype=dtype)
-            conf = pooled.map_blocks(lambda b: summarise(b, kind, dtype)[1], drop_axis=0, dtype=np.float32)
-            sources: list[Any] = [pooled.astype(layout.scores_dtype), conf, mask]
+            # One task per chunk derives mask, confidence (and uncertainty) in one argmax and one softmax pass.
+            summary = pooled.map_blocks(_summary_planes, kind, uncertain, dtype=np.float32,
+                                        chunks=((2 + uncertain,), *out_chunks[1:]))
+            sources: list[Any] = [pooled.astype(layout.scores_dtype), summary[1],
+                                  summary[0].astype(layout.mask_dtype)]
             targets: list[Any] = [self.array("scores", k), self.array("confidence", k), self.array("mask", k)]
-            if "uncertainty" in layout.layers:
-                sources.append(pooled.map_blocks(lambda b: entropy(b, kind).astype(np.float16), drop_axis=0,
-                                                 dtype=np.float16))
+            if uncertain:
+                sources.append(summary[2].astype(np.float16))
                 targets.append(self.array("uncertainty", k))
             if "spread" in layout.layers:
                 above = da.from_zarr(self.array("spread", k - 1), chunks=(2 * shard, 2 * shard))
@@ -559,6 +564,13 @@ def _lay_out(group: zarr.Group, layout: MosaicLayout, lineage: Mapping[str, Any]
 def _crc(mask: np.ndarray, scores: np.ndarray) -> str:
     crc = zlib.crc32(np.ascontiguousarray(mask).tobytes())
     return f"{zlib.crc32(np.ascontiguousarray(scores).tobytes(), crc):08x}"
+
+
+def _summary_planes(scores: np.ndarray, kind: str, uncertainty: bool) -> np.ndarray:
+    """(2 or 3, h, w) float32: the mask (class ids are exact in float32), confidence and, when asked, uncertainty."""
+    out = derive(Rect(0, 0, *scores.shape[1:]), scores, kind, uncertainty=uncertainty)
+    extra = () if out.uncertainty is None else (out.uncertainty,)
+    return np.stack([out.mask, out.confidence, *extra]).astype(np.float32)
 
 
 def _halved(chunks: Sequence[int]) -> tuple[int, ...]:

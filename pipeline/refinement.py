@@ -164,9 +164,7 @@ class RefineRunner:
         inner = (slice(None), slice(region.y0 - outer.y0, region.y1 - outer.y0),
                  slice(region.x0 - outer.x0, region.x1 - outer.x0))
         probabilities = np.ascontiguousarray(q[inner])
-        layout = image.out.layout
-        out = derive(region, probabilities, "probabilities", dtype=layout.mask_dtype,
-                     uncertainty="uncertainty" in layout.layers)
+        out = derive(region, probabilities, "probabilities", uncertainty="uncertainty" in image.out.layout.layers)
         image.out.mark_done(block, region, image.out.write_block(out))
         return UnitReport.since(outer.area, start)
 

@@ -99,32 +99,18 @@ def blend_tiles(
     return accs
 
 
-def summarise(scores: np.ndarray, kind: str, dtype: np.dtype | str = "uint8") -> tuple[np.ndarray, np.ndarray]:
-    """Class mask (argmax, of `dtype`) and confidence (float32 top-class probability) of blended scores.
+def summarise(scores: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Class mask (argmax, of `mask_dtype(C)`) and confidence (float32 top-class probability) of blended scores.
 
-    Nodata pixels (NaN scores) get the nodata class of `dtype` and NaN. One running max over the classes
+    Nodata pixels (NaN scores) get the mask's nodata class and NaN. One running max over the classes
     gives both: contiguous per-class passes are several times faster than argmax along the class axis.
 
     Args:
         scores: (C, h, w) blended logits or probabilities.
         kind: "logits" (confidence is the softmax's top probability) or "probabilities".
-        dtype: the mask's data type, `mask_dtype(C)`.
     """
-    best = scores[0].astype(np.float32, copy=True)
-    mask = np.zeros(best.shape, dtype)
-    for c in range(1, len(scores)):
-        better = scores[c] > best
-        mask[better] = c
-        np.maximum(best, scores[c], out=best)
-    nodata = np.isnan(best)
-    mask[nodata] = nodata_class(mask.dtype)
-    if kind == "logits":
-        # softmax top = exp(top - top) / sum exp(s - top) = 1 / sum exp(s - top); NaN stays NaN.
-        total = np.zeros_like(best)
-        for c in range(len(scores)):
-            total += np.exp(scores[c] - best)
-        return mask, (1.0 / total).astype(np.float32)
-    return mask, best
+    mask, confidence, _ = _summary(scores, kind, uncertainty=False)
+    return mask, confidence
 
 
 def entropy(scores: np.ndarray, kind: str) -> np.ndarray:
@@ -138,48 +124,79 @@ def entropy(scores: np.ndarray, kind: str) -> np.ndarray:
         scores: (C, h, w) blended logits or probabilities.
         kind: "logits" or "probabilities".
     """
-    classes = len(scores)
     if kind == "logits":
-        top = scores.max(axis=0).astype(np.float32)
-        total = np.zeros_like(top)
-        weighted = np.zeros_like(top)
-        for c in range(classes):
-            shifted = scores[c] - top
-            e = np.exp(shifted)
-            total += e
-            weighted += e * shifted
-        h = np.log(total) - weighted / total
-    else:
-        h = np.zeros(scores.shape[1:], np.float32)
-        for c in range(classes):
-            p = scores[c].astype(np.float32)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                h -= np.where(p > 0, p * np.log(p), np.float32(0) * p)  # NaN stays NaN
+        total, weighted = _exp_sums(scores, scores.max(axis=0).astype(np.float32), weighted=True)
+        return _normalised_entropy(np.log(total) - weighted / total, len(scores))
+    return _normalised_entropy(_probability_entropy(scores), len(scores))
+
+
+def _summary(scores: np.ndarray, kind: str, uncertainty: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Mask, confidence and (when asked) normalised entropy, sharing one softmax pass for logits."""
+    best = scores[0].astype(np.float32, copy=True)
+    mask = np.zeros(best.shape, mask_dtype(len(scores)))
+    for c in range(1, len(scores)):
+        better = scores[c] > best
+        mask[better] = c
+        np.maximum(best, scores[c], out=best)
+    nodata = np.isnan(best)
+    mask[nodata] = nodata_class(mask.dtype)
+    if kind != "logits":
+        return mask, best, _normalised_entropy(_probability_entropy(scores), len(scores)) if uncertainty else None
+    # softmax top = exp(top - top) / sum exp(s - top) = 1 / sum exp(s - top); NaN stays NaN. The entropy
+    # needs the same sum (see `entropy`): one pass over the classes gives both.
+    total, weighted = _exp_sums(scores, best, weighted=uncertainty)
+    h = _normalised_entropy(np.log(total) - weighted / total, len(scores)) if weighted is not None else None
+    return mask, (1.0 / total).astype(np.float32), h
+
+
+def _exp_sums(scores: np.ndarray, top: np.ndarray, weighted: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Z = sum_c exp(s_c - top) and, when `weighted`, sum_c exp(s_c - top) (s_c - top)."""
+    total = np.zeros_like(top)
+    moment = np.zeros_like(top) if weighted else None
+    for c in range(len(scores)):
+        shifted = scores[c] - top
+        e = np.exp(shifted)
+        total += e
+        if moment is not None:
+            moment += e * shifted
+    return total, moment
+
+
+def _probability_entropy(scores: np.ndarray) -> np.ndarray:
+    """-sum_c p_c log p_c of probabilities (0 log 0 = 0), NaN where they are NaN."""
+    h = np.zeros(scores.shape[1:], np.float32)
+    for c in range(len(scores)):
+        p = scores[c].astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            h -= np.where(p > 0, p * np.log(p), np.float32(0) * p)  # NaN stays NaN
+    return h
+
+
+def _normalised_entropy(h: np.ndarray, classes: int) -> np.ndarray:
+    """H / log(C), clipped to [0, 1]; 0 for a single class (nothing to be unsure of), NaN kept."""
     if classes < 2:
         return np.where(np.isnan(h), np.float32(np.nan), np.float32(0))
     return np.clip(h / np.float32(np.log(classes)), 0, 1).astype(np.float32)
 
 
-def derive(region: Rect, scores: np.ndarray, kind: str, *, dtype: np.dtype | str = "uint8",
-           uncertainty: bool = False, spread: np.ndarray | None = None) -> BlockOutput:
+def derive(region: Rect, scores: np.ndarray, kind: str, *, uncertainty: bool = False,
+           spread: np.ndarray | None = None) -> BlockOutput:
     """A block's output from its blended scores (NaN = nodata): mask, confidence and, when asked, uncertainty."""
-    mask, top = summarise(scores, kind, dtype)
-    return BlockOutput(region, scores, mask, top, entropy(scores, kind) if uncertainty else None, spread)
+    return BlockOutput(region, scores, *_summary(scores, kind, uncertainty), spread)
 
 
-def finish_block(acc: Accumulator, valid: np.ndarray, scores_kind: str, *, dtype: np.dtype | str = "uint8",
-                 uncertainty: bool = False, spread: bool = False) -> BlockOutput:
+def finish_block(acc: Accumulator, valid: np.ndarray, scores_kind: str, *, uncertainty: bool = False,
+                 spread: bool = False) -> BlockOutput:
     """Normalise a block's sums, in place (`acc` is spent); NaN where the source has no data or no tile contributed.
 
     Args:
         acc: every contribution to the block, merged.
         valid: (h, w) bool, where the source has data.
         scores_kind: "logits" or "probabilities", what was blended.
-        dtype: the mask's data type (`mask_dtype`).
         uncertainty: derive the normalised entropy too.
         spread: the last channel of `acc` is the blended TTA spread (see `Predictor`), not a class.
     """
     blended = acc.normalised(in_place=True)
     blended[:, ~valid] = np.nan
     scores, tta_spread = (blended[:-1], blended[-1]) if spread else (blended, None)
-    return derive(acc.region, scores, scores_kind, dtype=dtype, uncertainty=uncertainty, spread=tta_spread)
+    return derive(acc.region, scores, scores_kind, uncertainty=uncertainty, spread=tta_spread)

@@ -480,7 +480,7 @@ def write_label_mosaic(
             else:
                 values = scores[:, region.y0 : region.y1, region.x0 : region.x1].astype(np.float32)
             values[:, block == 255] = np.nan
-            mask, confidence = summarise(values, "logits", layout.mask_dtype)
+            mask, confidence = summarise(values, "logits")
             mosaic.write_block(BlockOutput(region, values, mask, confidence))
     mosaic.build_pyramid()
     mosaic.finish({})

@@ -176,8 +176,8 @@ def test_the_mask_type_follows_the_classes_and_is_recorded_only_when_it_changes(
     before = layout().to_dict()  # what a mosaic made before the uint16 mask and the layers records
     assert "mask_dtype" not in before and "layers" not in before and MosaicLayout.from_dict(before) == layout()
     assert layout(classes=many[:254]).mask_dtype == "uint8" and layout(classes=many[:255]).mask_dtype == "uint16"
-    with pytest.raises(MosaicError, match="cannot hold 300 classes"):
-        layout(classes=many, mask_dtype="uint8")
+    with pytest.raises(MosaicError, match="does not fit 300 classes"):  # the type follows the classes
+        MosaicLayout.from_dict({**wide.to_dict(), "mask_dtype": "uint8"})
     with pytest.raises(MosaicError, match="optional layers are uncertainty, spread"):
         layout(layers=("variance",))
 
@@ -187,7 +187,9 @@ def test_a_block_without_a_layer_or_with_another_mask_type_is_refused(tmp_path: 
     out = block(Rect(0, 0, 256, 256))
     with pytest.raises(MosaicError, match="has no uncertainty values"):
         m.write_block(out)  # type: ignore[arg-type]
-    wide = Mosaic.create(tmp_path / "wide.zarr", layout(mask_dtype="uint16"), {})
+    assert np.isnan(m.read("scores")).all() and (m.read("mask") == 255).all()  # refused before any write
+    many = tuple(ClassInfo(f"c{i}", (i % 256, 0, 0)) for i in range(300))
+    wide = Mosaic.create(tmp_path / "wide.zarr", layout(classes=many), {})
     with pytest.raises(MosaicError, match="a uint8 mask for a mosaic of uint16 masks"):
         wide.write_block(out)  # type: ignore[arg-type]
     with pytest.raises(MosaicError, match="no spread layer: segment the image with --uncertainty --tta"):

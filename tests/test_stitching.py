@@ -68,6 +68,6 @@ def test_entropy_is_normalised_and_agrees_for_logits_and_probabilities() -> None
         assert h.dtype == np.float32 and np.isnan(h[1, 1]) and abs(h[0, 0] - 1) < 1e-6 and h[0, 1] < 1e-6
         np.testing.assert_allclose(h, direct, atol=1e-5)
     assert entropy(logits[:1], "logits")[0, 0] == 0  # one class: nothing to be unsure of
-    mask, _ = summarise(np.pad(logits, ((297, 0), (0, 0), (0, 0)), constant_values=-9), "logits", mask_dtype(302))
-    assert mask.dtype == np.uint16 and mask[1, 1] == 65535
+    mask, _ = summarise(np.pad(logits, ((297, 0), (0, 0), (0, 0)), constant_values=-9), "logits")
+    assert mask.dtype == mask_dtype(302) == np.uint16 and mask[1, 1] == 65535
     np.testing.assert_array_equal(mask[2:], 297 + logits[:, 2:].argmax(0))
