@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import re
 import runpy
@@ -65,23 +66,35 @@ def nothing_starts() -> Iterator[None]:
         return refused
 
     children = {p.pid for p in psutil.Process().children(recursive=True)}
+    ray_before = ray.is_initialized()
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(subprocess, "Popen", refuse("a process"))
         monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse("a process"))
         monkeypatch.setattr(socket.socket, "listen", refuse("a server"))
         monkeypatch.setattr(ray, "init", refuse("Ray"))
         yield
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_before  # an earlier test's session Ray may already run in this process
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= children
 
 
 @pytest.fixture
 def fresh_hydra() -> Iterator[None]:
-    """Hydra's --help leaves its global state set, which a later `initialize_config_dir` refuses."""
+    """Hydra's --help leaves its global state set, which a later `initialize_config_dir` refuses, and
+    configures logging (the jobs' `disabled` logging: root at ERROR, every existing logger disabled),
+    which would hide later tests' warnings from caplog: both are put back."""
     from hydra.core.global_hydra import GlobalHydra
 
+    root = logging.getLogger()
+    level = root.level
+    loggers = {name: (logger.disabled, logger.level) for name, logger in logging.root.manager.loggerDict.items()
+               if isinstance(logger, logging.Logger)}
     yield
     GlobalHydra.instance().clear()
+    root.setLevel(level)
+    for name, logger in logging.root.manager.loggerDict.items():
+        if isinstance(logger, logging.Logger):
+            logger.disabled, was = loggers.get(name, (False, logging.NOTSET))
+            logger.setLevel(was)
 
 
 @pytest.mark.parametrize("module", MODULES)
