@@ -101,6 +101,7 @@ def test_geo_viewer_classes_overlay_scale_and_coordinates(served: Served, geo_mo
     page, errors = open_viewer(browser, f"{served.url}/view/scene.zarr")
     wait_loaded(page, "layer=source")
     wait_loaded(page, "layer=mask")
+    page.wait_for_function(SETTLED, timeout=30_000)  # every tile of the view, not only the first one in
     water = CLASSES[WATER].color
     assert colour_count(loaded(page, "layer=mask"), water) > 0
 
