@@ -44,11 +44,12 @@ demo: $(STAMP) $(VIEWER_STAMP)
 	$(BIN)/tessera demo --workdir demo
 
 # Two pytest workers: most slow tests wait on process starts (Ray, MLflow, servers) as much as they compute.
+# Modules in the order tests/conftest.py gives (longest first), not xdist's (most tests first).
 test: $(STAMP) $(VIEWER_STAMP) $(SERVERS_STAMP) | debian
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP) $(VIEWER_STAMP) $(SERVERS_STAMP) | debian
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline jobs tests bench

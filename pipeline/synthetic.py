@@ -223,6 +223,7 @@ def write_scene(
     pixel_size: float = 0.5,
     crs: str = "EPSG:32632",
     origin: tuple[float, float] = (500000.0, 5200000.0),
+    grey: bool = False,
 ) -> None:
     """Write a scene as two tiled GeoTIFFs on the same grid.
 
@@ -238,6 +239,8 @@ def write_scene(
         pixel_size: Pixel side in CRS units (metres for the default UTM CRS).
         crs: Anything rasterio accepts as a CRS, e.g. ``"EPSG:32632"``.
         origin: (x, y) of the upper-left corner of the upper-left pixel.
+        grey: Write one grey band (the rounded mean of red, green and blue), as a panchromatic sensor
+            would, instead of the three colour bands.
 
     Raises:
         ConfigError: If ``pixel_size`` is not positive or the scene's arrays do not match.
@@ -266,9 +269,14 @@ def write_scene(
         "compress": "deflate",
         "predictor": 2,
     }
-    with rasterio.open(image_path, "w", count=3, photometric="RGB", **profile) as dst:
-        dst.write(scene.image)
-        dst.descriptions = ("red", "green", "blue")
+    if grey:
+        with rasterio.open(image_path, "w", count=1, photometric="MINISBLACK", **profile) as dst:
+            dst.write(scene.image.mean(axis=0, dtype=np.float32).round().astype(np.uint8), 1)
+            dst.set_band_description(1, "grey")
+    else:
+        with rasterio.open(image_path, "w", count=3, photometric="RGB", **profile) as dst:
+            dst.write(scene.image)
+            dst.descriptions = ("red", "green", "blue")
     with rasterio.open(labels_path, "w", count=1, **profile) as dst:
         dst.write(scene.labels, 1)
         dst.set_band_description(1, "class")

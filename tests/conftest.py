@@ -34,15 +34,23 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with the most slow tests first: `make test` runs two workers, one module at a time each
-    (`--dist loadfile`), and the long modules must not be the last ones handed out."""
+    """The longest modules first: `make test` runs two workers, one module at a time each (`--dist
+    loadfile --no-loadscope-reorder`), and a long module handed out last keeps one worker busy while the
+    other has nothing left to do. A module's length is the sum of its tests': `slow(seconds=N)` where
+    measured (N: its time in `make test`), 10 s for another slow test, 1 s for the rest."""
 
     def module(item: pytest.Item) -> str:
         return item.nodeid.split("::")[0]
 
-    slow = Counter(module(i) for i in items if i.get_closest_marker("slow"))
+    def seconds(item: pytest.Item) -> float:
+        slow = item.get_closest_marker("slow")
+        return 1.0 if slow is None else float(slow.kwargs.get("seconds", 10))
+
+    length: Counter[str] = Counter()
+    for item in items:
+        length[module(item)] += seconds(item)
     first_seen = {name: k for k, name in enumerate(dict.fromkeys(module(i) for i in items))}
-    items.sort(key=lambda i: (-slow[module(i)], first_seen[module(i)]))
+    items.sort(key=lambda i: (-length[module(i)], first_seen[module(i)]))
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 from pipeline.demo import run_demo
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 @pytest.mark.usefixtures("ray_session")
 def test_demo_runs_end_to_end_and_scores_the_mosaic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     summary, miou = run_demo(tmp_path, size=768, train_size=384, steps=20)

@@ -60,7 +60,7 @@ def block_workers(node: object) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=65)
 def test_a_worker_node_killed_mid_job_the_job_completes_to_the_undisturbed_mosaic(
     cluster: object, s3_bucket: str, tmp_path: Path, ray_session: None
 ) -> None:

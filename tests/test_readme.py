@@ -38,7 +38,7 @@ def test_make_targets_exist_and_ci_runs_make_test() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=65)
 def test_the_readme_training_command_trains_in_a_fresh_folder_with_the_default_tracking_store(tmp_path: Path) -> None:
     """Run as a new user would: a fresh folder, no tracking or Ray variables, the command as the README
     writes it (only shortened to 10 steps), on the default Ray Train worker and the default ./mlflow.db."""

@@ -104,6 +104,17 @@ def test_write_scene_defaults_are_utm_32n_half_metre(scene: Scene, tmp_path: Pat
             assert src.transform == Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 5200000.0)
 
 
+def test_write_scene_grey_is_one_band_the_mean_of_the_colours(scene: Scene, tmp_path: Path) -> None:
+    write_scene(scene, tmp_path / "grey.tif", tmp_path / "labels.tif", grey=True)
+    with rasterio.open(tmp_path / "grey.tif") as src:
+        assert src.count == 1 and src.descriptions == ("grey",) and src.dtypes == ("uint8",)
+        grey = src.read(1)
+    expected = np.round(scene.image.astype(np.float32).mean(axis=0)).astype(np.uint8)
+    np.testing.assert_array_equal(grey, expected)
+    with rasterio.open(tmp_path / "labels.tif") as src:
+        np.testing.assert_array_equal(src.read(1), scene.labels)
+
+
 def test_write_scene_rejects_mismatched_arrays(tmp_path: Path) -> None:
     bad = Scene(image=np.zeros((3, 4, 4), np.uint8), labels=np.zeros((4, 5), np.uint8))
     with pytest.raises(ConfigError, match="do not match"):

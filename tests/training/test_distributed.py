@@ -30,7 +30,7 @@ def config(scene_files: tuple[str, str], output: Path, **overrides: object) -> T
     return TrainConfig(image=scene_files[0], labels=scene_files[1], output=str(output), **settings)  # type: ignore[arg-type]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)
 @pytest.mark.usefixtures("ray_session")
 def test_two_workers_killed_after_an_epoch_resume_and_reach_the_quality_of_one(
     scene_files: tuple[str, str], s3_bucket: str, tmp_path: Path

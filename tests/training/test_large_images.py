@@ -39,7 +39,7 @@ def peak_of_training(args: list[str], cwd: Path) -> float:
     return peak.peak_mib
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_a_16384_px_geotiff_and_slide_train_in_the_memory_of_a_2048_px_image(tmp_path: Path) -> None:
     write_large_scene(tmp_path / "small.tif", tmp_path / "small_labels.tif", 2048, seed=1, compress=False)
     write_large_scene(tmp_path / "large.tif", tmp_path / "large_labels.tif", 16384, seed=1, compress=False)

@@ -1,5 +1,6 @@
 """Training on the real SpaceNet Atlanta sample (image + GeoJSON buildings) at the defaults, scored on a
-held-out area through the production tiling and blending."""
+held-out area through the production tiling and blending; and fine-tuning there from a bundle trained on
+generated scenes (`init=`), against training from scratch."""
 
 from __future__ import annotations
 
@@ -7,20 +8,37 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.training import TrainConfig, train
+from bench.finetune import FINE_TUNE, SAMPLE, pretrain
+from pipeline.training import TrainConfig, TrainResult, train
+
+# SAMPLE: conf/data/spacenet_atlanta.yaml, the 900 x 900 px, 0.5 m panchromatic sample and its 43
+# footprints, burnt onto the image window by window, rows split 60 / 20 / 20: train, validation, holdout.
+# Nothing but the catalog and the holdout is set: what `tessera train catalog=spacenet_atlanta
+# holdout_fraction=0.2` trains (in this process rather than a Ray worker).
 
 
-@pytest.mark.slow
-def test_buildings_are_found_on_the_held_out_area_at_the_defaults(shared_data: Path, tmp_path: Path) -> None:
-    # conf/data/spacenet_atlanta.yaml: the 900 x 900 px, 0.5 m panchromatic sample and its 43
-    # footprints, burnt onto the image window by window. Rows split 60 / 20 / 20: train, validation,
-    # holdout. Nothing but the catalog and the holdout is set: what `tessera train
-    # catalog=spacenet_atlanta holdout_fraction=0.2` trains (in this process rather than a Ray worker).
-    config = TrainConfig(image=None, labels=None, output=str(tmp_path / "buildings.bundle"),
-                         catalog="spacenet_atlanta", holdout_fraction=0.2)
-    result = train(config, progress=False)
+def building_curve(result: TrainResult) -> list[tuple[int, float]]:
+    """(step, holdout building IoU of the model at that step) after every epoch."""
+    return [(int(h["step"]), round(h["holdout_iou_building"], 3)) for h in result.history]
+
+
+def holdout_building_iou(result: TrainResult) -> float:
+    """The best-by-validation model's building IoU on the holdout: what the run reports."""
     assert result.holdout is not None
-    background, building = result.holdout["iou"]
+    return float(result.holdout["iou"][1])
+
+
+@pytest.fixture(scope="module")
+def scratch(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """The defaults from scratch: 300 steps."""
+    output = tmp_path_factory.mktemp("scratch") / "buildings.bundle"
+    return train(TrainConfig(output=str(output), **SAMPLE), progress=False)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow(seconds=100)
+def test_buildings_are_found_on_the_held_out_area_at_the_defaults(scratch: TrainResult) -> None:
+    assert scratch.holdout is not None
+    background, building = scratch.holdout["iou"]
     # Predicting background everywhere scores a building IoU of 0, and predicting buildings everywhere
     # 0.024 (3,828 of 162,000 holdout pixels: six buildings, most under trees). At the defaults (the
     # small U-Net from scratch, 300 steps of 16 windows of 128 px, balanced class weights) this run
@@ -31,3 +49,30 @@ def test_buildings_are_found_on_the_held_out_area_at_the_defaults(shared_data: P
     assert building > 0.10
     # A background IoU above 0.85 rules out a model that finds buildings by painting everything.
     assert background > 0.85
+
+
+@pytest.mark.slow(seconds=250)
+def test_fine_tuning_from_generated_scenes_gets_there_in_fewer_steps(
+    scratch: TrainResult, tmp_path: Path
+) -> None:
+    # The benchmark's recipe (bench/finetune.py), seed 0: a bundle trained at the defaults on a generated
+    # scene in grey levels; then the sample at the defaults for half the steps, from that bundle (a fresh
+    # head for the sample's two classes, the encoder at a fifth of the learning rate) and from scratch.
+    generated = pretrain(tmp_path)
+    half = int(scratch.history[-1]["step"]) // 2
+    tuned = train(TrainConfig(output=str(tmp_path / "tuned.bundle"), steps=half, init=str(generated),
+                              **FINE_TUNE, **SAMPLE), progress=False)  # type: ignore[arg-type]
+    short = train(TrainConfig(output=str(tmp_path / "short.bundle"), steps=half, **SAMPLE),
+                  progress=False)  # type: ignore[arg-type]
+    for name, result in ((f"scratch, {2 * half} steps", scratch), (f"scratch, {half} steps", short),
+                         (f"init=, {half} steps", tuned)):
+        print(f"{name}: holdout building IoU {holdout_building_iou(result):.3f}, "
+              f"after each epoch {building_curve(result)}")
+    # Measured on this machine, seeds 0, 1, 2 (docs/training.md): init= 0.172, 0.148, 0.180 against
+    # 0.140, 0.145, 0.138 from scratch with the same 150 steps, and 0.205, 0.131, 0.126 from scratch with
+    # 300. The bundle from generated scenes is ahead at equal steps in every seed; so it is asserted here,
+    # with the bar the scratch test sets after twice the steps. The holdout holds six buildings: which of
+    # init= at 150 and scratch at 300 is ahead changes with the seed (scratch in seed 0, this one), so
+    # that comparison is the benchmark's, over the seeds' medians (0.172 against 0.131).
+    assert holdout_building_iou(tuned) >= holdout_building_iou(short)
+    assert holdout_building_iou(tuned) > 0.10
