@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,13 +69,15 @@ def colour_count(urls: list[str], colour: tuple[int, int, int]) -> int:
 
 
 @pytest.fixture(scope="module")
-def refined(served: Served) -> str:
-    """A second mosaic of the scene (a 'refined' copy: every building relabelled road), served beside it."""
+def refined(served: Served) -> Iterator[str]:
+    """A second mosaic of the scene (a 'refined' copy: every building relabelled road), served beside it
+    while this module runs (the server is the session's: other modules list its folder)."""
     labels = geo_labels()
     labels[labels == BUILDING] = 2
     lineage = {"source": {"path": str(served.root / "scene.tif"), "level": 0}}
     write_label_mosaic(labels, served.root / "refined.zarr", crs=GEO_CRS, transform=GEO_TRANSFORM, lineage=lineage)
-    return "refined.zarr"
+    yield "refined.zarr"
+    shutil.rmtree(served.root / "refined.zarr")
 
 
 @pytest.fixture(scope="module")
