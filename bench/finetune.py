@@ -1,7 +1,7 @@
 """Fine-tuning on real data: SpaceNet Atlanta from scratch against `init=` a bundle trained on
 generated scenes, holdout building IoU over several seeds.
 
-    python -m bench.finetune [--seeds 0 1 2] [--steps 300] [--pretrain-steps 600] [--pretrain-size 1536]
+    python -m bench.finetune [--seeds 0 1 2] [--steps 300] [--pretrain-steps 400] [--pretrain-size 1536]
 
 The pretrained bundle: a generated scene (pipeline.synthetic) in grey levels (the sample is
 panchromatic), its five classes, trained at the defaults (`TrainConfig`'s: the small U-Net, 16 windows
@@ -34,7 +34,7 @@ SAMPLE = dict(image=None, labels=None, catalog="spacenet_atlanta", holdout_fract
 FINE_TUNE = dict(encoder_lr_scale=0.2)
 
 
-def pretrain(folder: Path, size: int = 1536, steps: int = 600) -> Path:
+def pretrain(folder: Path, size: int = 1536, steps: int = 400) -> Path:
     """A bundle trained at the defaults on a generated scene in grey levels (the sample is panchromatic),
     validated once at the end; its path."""
     write_scene(generate_scene(size, size, seed=5), folder / "grey.tif", folder / "labels.tif", grey=True)
@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: %(default)s")
     parser.add_argument("--steps", type=int, default=300, help="default: %(default)s")
-    parser.add_argument("--pretrain-steps", type=int, default=600, help="default: %(default)s")
+    parser.add_argument("--pretrain-steps", type=int, default=400, help="default: %(default)s")
     parser.add_argument("--pretrain-size", type=int, default=1536, help="default: %(default)s")
     args = parser.parse_args()
     os.chdir(REPO)  # the catalog's paths are relative to the repository
