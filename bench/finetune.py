@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.common import save, table_row
 from pipeline.synthetic import CLASSES, generate_scene, write_scene
-from pipeline.training import TrainConfig, train
+from pipeline.training import TrainConfig, TrainResult, train
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = dict(image=None, labels=None, catalog="spacenet_atlanta", holdout_fraction=0.2)  # the defaults otherwise
@@ -34,7 +34,10 @@ SAMPLE = dict(image=None, labels=None, catalog="spacenet_atlanta", holdout_fract
 FINE_TUNE = dict(encoder_lr_scale=0.2)
 
 
-def pretrain(folder: Path, size: int = 1536, steps: int = 400) -> Path:
+PRETRAIN_SIZE, PRETRAIN_STEPS = 1536, 400
+
+
+def pretrain(folder: Path, size: int = PRETRAIN_SIZE, steps: int = PRETRAIN_STEPS) -> Path:
     """A bundle trained at the defaults on a generated scene in grey levels (the sample is panchromatic),
     validated once at the end; its path."""
     write_scene(generate_scene(size, size, seed=5), folder / "grey.tif", folder / "labels.tif", grey=True)
@@ -45,26 +48,33 @@ def pretrain(folder: Path, size: int = 1536, steps: int = 400) -> Path:
     return folder / "generated.bundle"
 
 
+def figures(result: TrainResult) -> dict[str, Any]:
+    """A run's holdout building IoU (the bundle validation picked) and its curves (the current model on
+    the holdout and on validation after every epoch)."""
+    assert result.holdout is not None
+    return {"holdout_building_iou": result.holdout["iou"][1],
+            "holdout_curve": [(int(h["step"]), round(h["holdout_iou_building"], 4)) for h in result.history],
+            "val_curve": [(int(h["step"]), round(h["val_iou_building"], 4)) for h in result.history],
+            "seconds": result.seconds}
+
+
 def run(folder: Path, arm: str, seed: int, steps: int, init: Path | None) -> dict[str, Any]:
+    """The sample at the defaults for `steps`, from scratch or fine-tuned from `init`; its row."""
     settings: dict[str, Any] = {**SAMPLE, "steps": steps, "seed": seed, "threads": 2}
     if init is not None:
         settings.update(init=str(init), **FINE_TUNE)
     result = train(TrainConfig(output=str(folder / f"{arm}-{seed}.bundle"), **settings), progress=False)
-    assert result.holdout is not None
-    row = {"arm": arm, "seed": seed, "steps": steps, "holdout_building_iou": result.holdout["iou"][1],
-           "holdout_curve": [(int(h["step"]), round(h["holdout_iou_building"], 4)) for h in result.history],
-           "val_curve": [(int(h["step"]), round(h["val_iou_building"], 4)) for h in result.history],
-           "seconds": result.seconds}
+    row = {"arm": arm, "seed": seed, "steps": steps, **figures(result)}
     print(row, flush=True)
     return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: %(default)s")
     parser.add_argument("--steps", type=int, default=300, help="default: %(default)s")
-    parser.add_argument("--pretrain-steps", type=int, default=400, help="default: %(default)s")
-    parser.add_argument("--pretrain-size", type=int, default=1536, help="default: %(default)s")
+    parser.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS, help="default: %(default)s")
+    parser.add_argument("--pretrain-size", type=int, default=PRETRAIN_SIZE, help="default: %(default)s")
     args = parser.parse_args()
     os.chdir(REPO)  # the catalog's paths are relative to the repository
     rows = []
