@@ -20,7 +20,6 @@ from rasterio.windows import Window
 from pipeline.memory import PeakMemory
 from pipeline.models.bundle import BundleSpec, ClassInfo, ModelBundle, Normalization
 from pipeline.synthetic import CLASSES, generate_scene
-from pipeline.training.loop import DEFAULT_ARCH_ARGS
 
 RESULTS = Path(__file__).parent / "results"
 TABLE = Path(__file__).parents[1] / "docs" / "benchmarks.md"
@@ -29,15 +28,21 @@ CPUS = os.cpu_count() or 1
 QUICK = os.environ.get("TESSERA_BENCH_QUICK") == "1"  # `python -m bench --quick`: check only, record nothing
 
 
+SMALL_UNET = {"encoder_name": "tu-mobilenetv3_small_100", "encoder_depth": 3, "decoder_channels": (32, 16, 8)}
+"""The small U-Net (a MobileNetV3-small encoder cut after stride 8, from scratch): the training default until
+2026-11-30, and still the segment benchmarks' model, so that their rows stay comparable ("demo U-Net" in
+docs/benchmarks.md)."""
+
+
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     return f"{platform.machine()}, {CPUS} cores, torch {torch.__version__}, {gpu}"
 
 
 def demo_like_bundle(path: Path) -> Path:
-    """The demo's architecture, freshly initialised (speed does not depend on the weights)."""
+    """The benchmarks' demo U-Net (`SMALL_UNET`), freshly initialised (speed does not depend on the weights)."""
     spec = BundleSpec(
-        architecture="unet", arch_args=DEFAULT_ARCH_ARGS, classes=CLASSES, bands=(1, 2, 3),
+        architecture="unet", arch_args=SMALL_UNET, classes=CLASSES, bands=(1, 2, 3),
         normalization=Normalization(), tile_size=512, overlap=64,
     )
     ModelBundle.create(spec).save(path)

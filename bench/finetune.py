@@ -3,10 +3,11 @@ generated scenes, holdout building IoU over several seeds.
 
     python -m bench.finetune [--seeds 0 1 2] [--steps 300] [--pretrain-steps 400] [--pretrain-size 1536]
 
-The pretrained bundle: a generated scene (pipeline.synthetic) in grey levels (the sample is
-panchromatic), its five classes, trained at the defaults (`TrainConfig`'s: the small U-Net, 16 windows
-of 128 px a step, balanced class weights). Then, for each seed, the sample's catalog
-(conf/data/spacenet_atlanta.yaml, rows 60/20/20) at the defaults, three ways: from scratch for `--steps`,
+The model is the small U-Net from scratch (bench.common.SMALL_UNET, the training default until an ImageNet
+encoder became it), the other settings `TrainConfig`'s defaults (16 windows of 128 px a step, balanced
+class weights). The pretrained bundle: a generated scene (pipeline.synthetic) in grey levels (the sample is
+panchromatic), its five classes. Then, for each seed, the sample's catalog
+(conf/data/spacenet_atlanta.yaml, rows 60/20/20), three ways: from scratch for `--steps`,
 from scratch for half of that, and from the bundle (`init=`, the encoder at `FINE_TUNE`'s share of the
 learning rate) for half of that. Each run's holdout curve (the current model scored on the holdout after
 every epoch) and its best-by-validation holdout IoU are recorded. tests/training/test_spacenet.py runs
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import save, table_row
+from bench.common import SMALL_UNET, save, table_row
 from pipeline.synthetic import CLASSES, generate_scene, write_scene
 from pipeline.training import TrainConfig, TrainResult, train
 
@@ -38,12 +39,12 @@ PRETRAIN_SIZE, PRETRAIN_STEPS = 1536, 400
 
 
 def pretrain(folder: Path, size: int = PRETRAIN_SIZE, steps: int = PRETRAIN_STEPS) -> Path:
-    """A bundle trained at the defaults on a generated scene in grey levels (the sample is panchromatic),
-    validated once at the end; its path."""
+    """The small U-Net trained on a generated scene in grey levels (the sample is panchromatic), validated
+    once at the end; its path."""
     write_scene(generate_scene(size, size, seed=5), folder / "grey.tif", folder / "labels.tif", grey=True)
     result = train(TrainConfig(image=str(folder / "grey.tif"), labels=str(folder / "labels.tif"),
-                               output=str(folder / "generated.bundle"), classes=CLASSES, steps=steps,
-                               steps_per_epoch=steps, val_fraction=0.05, threads=2), progress=False)
+                               output=str(folder / "generated.bundle"), classes=CLASSES, arch_args=SMALL_UNET,
+                               steps=steps, steps_per_epoch=steps, val_fraction=0.05, threads=2), progress=False)
     print(f"pretrained on generated scenes: val IoU {[round(v, 3) for v in result.val_iou]}", flush=True)
     return folder / "generated.bundle"
 
@@ -59,8 +60,8 @@ def figures(result: TrainResult) -> dict[str, Any]:
 
 
 def run(folder: Path, arm: str, seed: int, steps: int, init: Path | None) -> dict[str, Any]:
-    """The sample at the defaults for `steps`, from scratch or fine-tuned from `init`; its row."""
-    settings: dict[str, Any] = {**SAMPLE, "steps": steps, "seed": seed, "threads": 2}
+    """The small U-Net on the sample for `steps`, from scratch or fine-tuned from `init`; its row."""
+    settings: dict[str, Any] = {**SAMPLE, "arch_args": SMALL_UNET, "steps": steps, "seed": seed, "threads": 2}
     if init is not None:
         settings.update(init=str(init), **FINE_TUNE)
     result = train(TrainConfig(output=str(folder / f"{arm}-{seed}.bundle"), **settings), progress=False)
@@ -90,7 +91,7 @@ def main() -> None:
     for arm, steps, start in (("scratch", args.steps, "from scratch"),
                               ("scratch-half", args.steps // 2, "from scratch"), ("init", args.steps // 2, init)):
         ious = [r["holdout_building_iou"] for r in rows if r["arm"] == arm]
-        table_row("fine-tuning, SpaceNet Atlanta sample", f"{start}, the training defaults, "
+        table_row("fine-tuning, SpaceNet Atlanta sample", f"{start}, the small U-Net, "
                   f"{steps} steps, seeds {args.seeds}",
                   f"holdout building IoU median {statistics.median(ious):.3f} "
                   f"({', '.join(f'{v:.3f}' for v in ious)})")

