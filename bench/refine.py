@@ -123,7 +123,7 @@ def demo_model() -> dict[str, Any] | None:
                                              tracking=Tracking(enabled=False)))
         before = scores(truth, Mosaic.open(DEMO / "scene.zarr").read("mask", 0), len(CLASSES))
         after = scores(truth, Mosaic.open(out).read("mask", 0), len(CLASSES))
-    print("demo U-Net, 6000² scene:", ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in before),
+    print("the demo's trained U-Net, 6000² scene:", ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in before),
           f"({summary.wall_seconds:.0f} s)", flush=True)
     return {"before": before, "after": after, "summary": summary.as_dict()}
 

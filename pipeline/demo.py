@@ -1,4 +1,4 @@
-"""`make demo`: generate a scene, fit a small model on another, segment it, score it against the truth.
+"""`make demo`: generate a scene, fit the default model on another, segment it, score it against the truth.
 
 Everything goes through the same code a user runs: the scene is a tiled GeoTIFF, the model a bundle
 file, and segmentation is the real `segment` job (embedded Ray, blocks, Zarr mosaic, pyramid).
@@ -81,7 +81,7 @@ def run_demo(
     train_image, train_truth = ensure_scene(workdir, "train_scene", train_size, TRAIN_SEED)
     image, truth = ensure_scene(workdir, "scene", size, SCENE_SEED)
 
-    print("2/4 training a small model on the training scene")
+    print("2/4 training the default U-Net on the training scene")
     bundle = workdir / "model.bundle"
     config = TrainConfig(image=str(train_image), labels=str(train_truth), output=str(bundle))
     if steps is not None:
