@@ -10,7 +10,7 @@ panchromatic), its five classes. Then, for each seed, the sample's catalog
 (conf/data/spacenet_atlanta.yaml, rows 60/20/20), three ways: from scratch for `--steps`,
 from scratch for half of that, and from the bundle (`init=`, the encoder at `FINE_TUNE`'s share of the
 learning rate) for half of that. Each run's holdout curve (the current model scored on the holdout after
-every epoch) and its best-by-validation holdout IoU are recorded. tests/training/test_spacenet.py runs
+every epoch) and its best-by-validation holdout IoU are recorded. tests/training/test_finetune.py runs
 seed 0 of the same recipe. Needs ../shared/data. Results go to bench/results/finetune.json and rows in
 docs/benchmarks.md.
 """

@@ -507,7 +507,10 @@ class _Run:
             raise ConfigError(f"class_weights {list(weights)} are invalid; give one number >= 0 per class, "
                               f"{len(classes)} in all ({[c.name for c in classes]}), or 'balanced'.")
         self.loss = SegmentationLoss(config.loss, class_weights=weights).to(session.device)
-        self.model = session.prepare(self.bundle.model)
+        # channels_last: a training step on 2 CPU cores measured 1.45x faster for the default U-Net (0.37 s
+        # against 0.53 s, 16 windows of 128 px), 1.57x for a small FCN, 1.32x for a ResNet-18 U-Net and 1.09x
+        # for SegFormer; on GPUs it is the layout mixed precision wants. The weights are the same either way.
+        self.model = session.prepare(self.bundle.model.to(memory_format=torch.channels_last))
         # Two parameter groups, the encoder's first, so that it can learn slower or wait (frozen epochs).
         encoder = {id(p) for p in encoder_parameters(self.bundle.model)}
         groups = [[p for p in self.model.parameters() if id(p) in encoder],
@@ -592,7 +595,8 @@ class _Run:
             encoder.eval()  # its batch-norm statistics stay those it started with
         losses = []
         for x, y in loader:
-            x, y = x.to(session.device, non_blocking=True), y.to(session.device, non_blocking=True)
+            x = x.to(session.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(session.device, non_blocking=True)
             with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = self.loss(self.model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
