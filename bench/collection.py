@@ -2,8 +2,8 @@
 
     python -m bench.collection [--images 32] [--size 2048] [--memory-counts 8 16 32]
 
-N generated RGB GeoTIFFs of size² px (one seed each, written once) and the demo's architecture (U-Net,
-MobileNetV3 encoder, 512 tiles, overlap 64, batch 8), all measured in one run:
+N generated RGB GeoTIFFs of size² px (one seed each, written once) and the benchmarks' demo U-Net
+(bench.common.SMALL_UNET, MobileNetV3 encoder, 512 tiles, overlap 64, batch 8), all measured in one run:
 
 - job: one `segment_collection` over the N images in a fresh process, so that the embedded Ray start,
   the workers' start and each image's MLflow run (a sqlite store, created before the run) are counted;

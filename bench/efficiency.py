@@ -2,7 +2,8 @@
 
     python -m bench.efficiency [--size 4096] [--workers 1 2] [--repeats 3] [--other-repeats 1]
 
-All on one GeoTIFF with the demo's architecture (U-Net, MobileNetV3 encoder, 512 tiles, overlap 64),
+All on one GeoTIFF with the benchmarks' demo U-Net (bench.common.SMALL_UNET, MobileNetV3 encoder, 512
+tiles, overlap 64),
 medians of `repeats` runs (`other-repeats` for worker counts other than the default, which is what
 the plain job picks here), in this process:
 

@@ -8,9 +8,9 @@ Default: a seeded synthetic 256 px scene, the tiny FCN, 3 epochs; the global bat
 every number of workers (DDP splits it), so the runs have the same budget. One thread per worker; Ray is
 started once and shared, so the wall time of a run is Ray Train's start plus the epochs.
 
-`--loading`: steps/s of the default U-Net (batch 16, 128 px windows, elastic deformation and jitter) on a
-2048 px scene, with 0, 1 and 2 loader processes beside a step of 1 and 2 torch threads (the second of
-two epochs, so that start-up is left out).
+`--loading`: steps/s of the small U-Net (bench.common.SMALL_UNET; batch 16, 128 px windows, elastic
+deformation and jitter) on a 2048 px scene, with 0, 1 and 2 loader processes beside a step of 1 and 2
+torch threads (the second of two epochs, so that start-up is left out).
 
 `--memory`: the training job (tiny FCN, the same settings for every size) in its own process on
 generated tiled GeoTIFFs of each size, and on a pyramidal OME-TIFF slide of the largest; its peak PSS
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import save, table_row
+from bench.common import SMALL_UNET, save, table_row
 from pipeline.memory import PeakMemory
 from pipeline.synthetic import CLASSES, generate_scene, write_large_scene, write_large_slide, write_scene
 from pipeline.training import TrainConfig, train
@@ -108,8 +108,8 @@ def loading(steps: int) -> None:
         write_large_scene(d / "scene.tif", d / "labels.tif", 2048, seed=1)
         for threads, loaders in ((2, 0), (2, 1), (2, 2), (1, 0), (1, 1)):
             config = TrainConfig(image=str(d / "scene.tif"), labels=str(d / "labels.tif"), output=str(d / "m.bundle"),
-                                 steps=2 * steps, steps_per_epoch=steps, val_fraction=0.02, threads=threads,
-                                 loader_workers=loaders)
+                                 arch_args=SMALL_UNET, steps=2 * steps, steps_per_epoch=steps, val_fraction=0.02,
+                                 threads=threads, loader_workers=loaders)
             result = train(config, progress=False)
             first, second = (h["seconds"] for h in result.history)
             rows.append({"threads": threads, "loader_workers": loaders, "steps_per_second": steps / (second - first),
@@ -119,7 +119,7 @@ def loading(steps: int) -> None:
     for r in rows:
         base = next(b for b in rows if b["threads"] == r["threads"] and b["loader_workers"] == 0)
         table_row("training, loading beside compute",
-                  f"default U-Net, batch 16 of 128 px windows (elastic, jitter), 2048 px scene, {r['threads']} torch "
+                  f"small U-Net, batch 16 of 128 px windows (elastic, jitter), 2048 px scene, {r['threads']} torch "
                   f"thread(s), {r['loader_workers']} loader process(es), second epoch of {r['steps']} steps, 1 run",
                   f"{r['steps_per_second']:.2f} steps/s ({r['steps_per_second'] / base['steps_per_second']:.2f}x "
                   "no loader at the same threads)")

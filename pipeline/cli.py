@@ -179,7 +179,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the scenes, model, mosaic and preview.")] = Path("demo"),
     size: Annotated[int, typer.Option(help="Edge of the scene to segment, px.")] = 6000,
 ) -> None:
-    """Generate a scene, fit a small model on another, segment the scene, print summary and mIoU."""
+    """Generate a scene, fit the default U-Net on another, segment the scene, print summary and mIoU."""
     from pipeline.demo import run_demo
 
     with user_errors():

@@ -486,7 +486,7 @@ class _Run:
             input_range=(float(low), float(high)),
         )
         self.bundle = ModelBundle.create(spec)
-        if weights is not None and config.init is None:  # init= replaces every weight that fits
+        if weights is not None:  # then init= copies a bundle's weights over them, where they fit
             load_encoder_weights(self.bundle.model, config.architecture, arch_args, str(weights), spec.in_channels)
         if config.init is not None:
             init_from_bundle(self.bundle.model, config.init)
@@ -509,7 +509,7 @@ class _Run:
         self.loss = SegmentationLoss(config.loss, class_weights=weights).to(session.device)
         # channels_last: a training step on 2 CPU cores measured 1.45x faster for the default U-Net (0.37 s
         # against 0.53 s, 16 windows of 128 px), 1.57x for a small FCN, 1.32x for a ResNet-18 U-Net and 1.09x
-        # for SegFormer; on GPUs it is the layout mixed precision wants. The weights are the same either way.
+        # for SegFormer; on GPUs it is the layout mixed precision wants. (A run takes another float path.)
         self.model = session.prepare(self.bundle.model.to(memory_format=torch.channels_last))
         # Two parameter groups, the encoder's first, so that it can learn slower or wait (frozen epochs).
         encoder = {id(p) for p in encoder_parameters(self.bundle.model)}

@@ -8,14 +8,14 @@
 - ``arch_args.encoder_weights=PATH`` loads a local encoder checkpoint: the encoder's state dict, a whole
   model's whose encoder keys start with ``encoder.``, or a timm network's (for the ``tu-`` encoders);
   a classifier's extra tensors are left out.
-
-Pretrained weights made for another number of bands have their first convolution adapted the way smp
-adapts its own: one band takes the sum of the kernels over the checkpoint's bands, more bands take
-them in turn, scaled by old bands / new bands.
 - ``init=BUNDLE`` starts from a bundle's weights: every tensor whose name and shape match is copied; a
   first convolution made for another number of bands is adapted (its kernels summed over the old bands
   and spread over the new), and whatever else differs (the head, when the classes differ) keeps its
   fresh initialisation.
+
+Pretrained encoder weights made for another number of bands have their first convolution adapted the
+way smp adapts its own: one band takes the sum of the kernels over the checkpoint's bands, more bands
+take them in turn, scaled by old bands / new bands.
 
 The bundle written after training never names the weights it started from: its state dict holds them.
 """
@@ -82,20 +82,21 @@ def fit_encoder(encoder: nn.Module, state: Mapping[str, torch.Tensor], what: str
         ConfigError: a tensor of the encoder is missing, or has another shape (one line, `what` first).
     """
     target = encoder.state_dict()
+    attempts = []
     for prefix in ("", "model."):
         named = {prefix + k: v for k, v in state.items()}
-        missing = [k for k in target if k not in named]
-        if not missing:
-            break
-    else:
+        attempts.append((named, [k for k in target if k not in named]))
+    named, missing = min(attempts, key=lambda attempt: len(attempt[1]))
+    if missing:
         raise ConfigError(f"{what} lacks {len(missing)} of the encoder's {len(target)} tensors (e.g. {missing[0]!r}); "
                           "give a checkpoint of this encoder (its state dict, or a whole model's with keys "
                           "'encoder.*').")
+    stem = next(k for k, v in target.items() if v.ndim == 4)  # the first convolution, the one that sees the bands
     fitted = {}
     for key, tensor in target.items():
         value = named[key]
         if value.shape != tensor.shape:
-            if not _other_bands(value, tensor):
+            if key != stem or not _other_bands(value, tensor):
                 raise ConfigError(f"{what} does not fit the encoder: {key!r} is {tuple(value.shape)} there and "
                                   f"{tuple(tensor.shape)} here; give a checkpoint of this encoder.")
             value = spread_bands(value, tensor.shape[1])
@@ -166,11 +167,12 @@ def init_from_bundle(model: nn.Module, path: str) -> list[str]:
 
     Raises:
         BundleError: the bundle cannot be read.
-        ConfigError: nothing at all matches (another architecture).
+        ConfigError: fewer than half of the model's weight tensors match (another architecture).
     """
     from pipeline.models import ModelBundle
 
-    source = ModelBundle.load(path).model.state_dict()
+    bundle = ModelBundle.load(path)
+    source = bundle.model.state_dict()
     target = model.state_dict()
     copied, fresh = {}, []
     for name, tensor in target.items():
@@ -181,9 +183,12 @@ def init_from_bundle(model: nn.Module, path: str) -> list[str]:
             copied[name] = old.sum(dim=1, keepdim=True).repeat(1, tensor.shape[1], 1, 1) / tensor.shape[1]
         else:
             fresh.append(name)
-    if not any(tensor.is_floating_point() and tensor.ndim > 1 for tensor in copied.values()):
-        raise ConfigError(f"init={path!r}: none of its weights fit this model; fine-tune from a bundle of the same "
-                          "architecture and arch_args.")
+    fitted, weights = _kernels(copied), _kernels(target)
+    if 2 * fitted < weights:  # fine-tuning renews a head and a first convolution, not most of the model
+        spec = bundle.spec
+        raise ConfigError(f"init={path!r}: only {fitted} of this model's {weights} weight tensors fit the bundle's; "
+                          f"it is {spec.architecture!r} with arch_args {dict(spec.arch_args)}: give those "
+                          "(architecture=..., arch_args=...).")
     model.load_state_dict({**target, **copied})
     return fresh
 
@@ -192,6 +197,11 @@ def encoder_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The encoder's parameters (empty for architectures without one)."""
     encoder = getattr(model, "encoder", None)
     return list(encoder.parameters()) if isinstance(encoder, nn.Module) else []
+
+
+def _kernels(state: Mapping[str, torch.Tensor]) -> int:
+    """How many of a state dict's tensors are weights (floating point, more than one dimension)."""
+    return sum(1 for tensor in state.values() if tensor.is_floating_point() and tensor.ndim > 1)
 
 
 def _other_bands(old: torch.Tensor, new: torch.Tensor) -> bool:

@@ -112,7 +112,9 @@ def test_a_few_steps_on_a_generated_scene_lower_the_loss(architecture: str) -> N
     truth = torch.from_numpy(scene.labels).long()[None]
     windows = torch.cat([image[..., :64, :64], image[..., 64:, 64:], image[..., :64, 64:], image[..., 64:, :64]])
     labels = torch.cat([truth[..., :64, :64], truth[..., 64:, 64:], truth[..., :64, 64:], truth[..., 64:, :64]])
-    model = build_model(architecture, in_channels=3, classes=len(CLASSES))
+    # In the memory layout training uses (pipeline.training.loop: channels_last, model and windows).
+    model = build_model(architecture, in_channels=3, classes=len(CLASSES)).to(memory_format=torch.channels_last)
+    windows = windows.contiguous(memory_format=torch.channels_last)
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(12):
