@@ -49,14 +49,16 @@ def test_second_job_on_the_same_output_is_refused(out: Location) -> None:
 def test_a_lock_left_to_go_stale_keeps_other_jobs_out_until_it_is(out: Location) -> None:
     """A job that could not confirm its writers stopped leaves its lock (one writer per block): another job
     is refused while the lock's last heartbeat is fresh, and takes it over once it is stale."""
-    first = OutputLock(out, stale_after=1.0, heartbeat=0.2)
+    # stale_after 4 s: the refusal must come while the heartbeat is fresh, and on a loaded machine an
+    # object store's round trips took over a second (1 s made this test fail once in `make test`).
+    first = OutputLock(out, stale_after=4.0, heartbeat=0.2)
     first.acquire()
     first.release(leave_stale=True)
     assert holder(out)["token"] == first.owner["token"]
     with pytest.raises(OutputLockedError):
-        OutputLock(out, stale_after=1.0).acquire()
-    time.sleep(1.2)
-    with OutputLock(out, stale_after=1.0) as second:
+        OutputLock(out, stale_after=4.0).acquire()
+    time.sleep(4.2)
+    with OutputLock(out, stale_after=4.0) as second:
         assert holder(out)["token"] == second.owner["token"]
 
 
