@@ -121,24 +121,32 @@ def packaged_imagenet(name: str) -> dict[str, torch.Tensor] | None:
     Raises:
         ConfigError: the package's file does not follow the timm network tensor for tensor.
     """
-    if name not in PACKAGED_IMAGENET:
-        return None
-    module, file, network = PACKAGED_IMAGENET[name]
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
+    path = _packaged_file(name)
+    if path is None:
         return None
     import timm
 
     from pipeline.models.interchange import read_state_dict
 
-    path = Path(next(iter(spec.submodule_search_locations))) / file
+    module, _, network = PACKAGED_IMAGENET[name]
     shipped = read_state_dict(path)
     names = timm.create_model(network, pretrained=False).state_dict()
-    shapes = [(tuple(t.shape), tuple(names[k].shape)) for t, k in zip(shipped.values(), names, strict=False)]
-    if len(shipped) != len(names) or any(a != b for a, b in shapes):
+    pairs = zip(shipped.values(), names.values(), strict=False)  # lengths compared first
+    if len(shipped) != len(names) or any(a.shape != b.shape for a, b in pairs):
         raise ConfigError(f"{str(path)!r} does not hold the tensors of timm's {network!r} in order; reinstall "
                           f"{module.replace('_', '-')} or give encoder_weights=PATH.")
     return dict(zip(names, shipped.values(), strict=True))
+
+
+def _packaged_file(name: str) -> Path | None:
+    """Where the installed package of `PACKAGED_IMAGENET` keeps encoder `name`'s weights; None if none does."""
+    if name not in PACKAGED_IMAGENET:
+        return None
+    module, file, _ = PACKAGED_IMAGENET[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / file
 
 
 def check_encoder_weights(architecture: str, arch_args: Mapping[str, Any]) -> None:
@@ -156,8 +164,8 @@ def check_encoder_weights(architecture: str, arch_args: Mapping[str, Any]) -> No
     if architecture not in ARCHITECTURES:
         return
     named = {**ARCHITECTURES[architecture].defaults, **arch_args}
-    if weights == "imagenet" and packaged_imagenet(str(named.get("encoder_name", "resnet18"))) is not None:
-        return
+    if weights == "imagenet" and _packaged_file(str(named.get("encoder_name", "resnet18"))) is not None:
+        return  # read from the installed package where it is used (no need to load 18 MB here)
     if not hub.reachable():
         _hub_encoder(named, weights, 3)  # from the cache only
 
