@@ -1,7 +1,7 @@
 """Training: Ray Train workers, loading beside compute, and peak memory against the image's size.
 
     python -m bench.training [--workers 1 2] [--steps-per-epoch 50] [--batch 16] [--window 128]
-    python -m bench.training --loading [--steps 60]
+    python -m bench.training --loading [--steps 60] [--device cuda]
     python -m bench.training --memory [--sizes 2048 8192 16384]
 
 Default: a seeded synthetic 256 px scene, the tiny FCN, 3 epochs; the global batch is the same for
@@ -10,7 +10,10 @@ started once and shared, so the wall time of a run is Ray Train's start plus the
 
 `--loading`: steps/s of the small U-Net (bench.common.SMALL_UNET; batch 16, 128 px windows, elastic
 deformation and jitter) on a 2048 px scene, with 0, 1 and 2 loader processes beside a step of 1 and 2
-torch threads (the second of two epochs, so that start-up is left out).
+torch threads (the second of two epochs, so that start-up is left out). With `--device cuda`: on the GPU
+(bf16 autocast, as the loop does there), the default U-Net (DEFAULT_ARCH_ARGS without ImageNet weights:
+speed does not depend on them) and the small U-Net, batches of 16 and 64 windows, with 0, 2 and 4 loader
+processes; results in bench/results/training_loading_cuda.json.
 
 `--memory`: the training job (tiny FCN, the same settings for every size) in its own process on
 generated tiled GeoTIFFs of each size, and on a pyramidal OME-TIFF slide of the largest; its peak PSS
@@ -34,8 +37,7 @@ from typing import Any
 from bench.common import SMALL_UNET, save, table_row
 from pipeline.memory import PeakMemory
 from pipeline.synthetic import CLASSES, generate_scene, write_large_scene, write_large_slide, write_scene
-from pipeline.training import TrainConfig, train
-from pipeline.training.distributed import Distributed, fit
+from pipeline.training import DEFAULT_ARCH_ARGS, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 # The memory runs' settings: the same for every image size (the test in tests/training/test_large_images.py
@@ -54,11 +56,14 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=128, help="default: %(default)s")
     parser.add_argument("--loading", action="store_true", help="steps/s with and without loader processes")
     parser.add_argument("--steps", type=int, default=60, help="--loading: steps per epoch (2 epochs)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="--loading: where the steps run")
     parser.add_argument("--memory", action="store_true", help="peak memory against the image's size")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384],
                         help="edges of the generated images, px (default: %(default)s)")
     args = parser.parse_args()
-    if args.loading:
+    if args.loading and args.device == "cuda":
+        loading_device(args.steps, "cuda")
+    elif args.loading:
         loading(args.steps)
     elif args.memory:
         memory(args.sizes)
@@ -67,7 +72,9 @@ def main() -> None:
 
 
 def distributed(args: argparse.Namespace) -> None:
-    import ray
+    import ray  # here: --loading and --memory need no Ray
+
+    from pipeline.training.distributed import Distributed, fit
 
     ray.init(address="local", num_cpus=max(4, 2 * max(args.workers)), include_dashboard=False, logging_level=30)
     rows = []
@@ -123,6 +130,48 @@ def loading(steps: int) -> None:
                   f"thread(s), {r['loader_workers']} loader process(es), second epoch of {r['steps']} steps, 1 run",
                   f"{r['steps_per_second']:.2f} steps/s ({r['steps_per_second'] / base['steps_per_second']:.2f}x "
                   "no loader at the same threads)")
+
+
+def loading_device(steps: int, device: str) -> None:
+    """`--loading` on the GPU: steps/s of two models at two batch sizes with 0, 2 and 4 loader processes (the
+    second of two epochs, its validation included, as on CPU). `device` "cpu" only checks this code."""
+    import torch
+
+    from pipeline.training.loop import LocalSession, run_loop
+
+    models = {"default U-Net (no ImageNet weights)": {**DEFAULT_ARCH_ARGS, "encoder_weights": None},
+              "small U-Net": dict(SMALL_UNET)}
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        write_large_scene(d / "scene.tif", d / "labels.tif", 2048, seed=1)
+        for model, arch_args in models.items():
+            for batch in (16, 64):
+                for loaders in (0, 2, 4):
+                    config = TrainConfig(image=str(d / "scene.tif"), labels=str(d / "labels.tif"),
+                                         output=str(d / "m.bundle"), arch_args=arch_args, batch_size=batch,
+                                         steps=2 * steps, steps_per_epoch=steps, val_fraction=0.02,
+                                         loader_workers=loaders)
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    metrics = run_loop(config, LocalSession(device), d / "m.bundle")
+                    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+                    first, second = (h["seconds"] for h in metrics["history"])
+                    rows.append({"model": model, "batch": batch, "window": config.tile_size, "loader_workers": loaders,
+                                 "steps_per_second": steps / (second - first),
+                                 "windows_per_second": steps * batch / (second - first), "steps": steps,
+                                 "first_epoch_seconds": first, "torch_threads": torch.get_num_threads(),
+                                 "peak_gpu_mib": peak})
+                    print(rows[-1], flush=True)
+    save(f"training_loading_{device}", rows)
+    for r in rows:
+        base = next(b for b in rows if (b["model"], b["batch"], b["loader_workers"]) == (r["model"], r["batch"], 0))
+        table_row("training on the GPU, loading beside compute",
+                  f"{r['model']}, batch {r['batch']} of {r['window']} px windows (elastic, jitter), bf16 autocast, "
+                  f"2048 px scene, {r['torch_threads']} torch threads, {r['loader_workers']} loader process(es), "
+                  f"second epoch of {r['steps']} steps, 1 run",
+                  f"{r['steps_per_second']:.2f} steps/s, {r['windows_per_second']:.0f} windows/s "
+                  f"({r['steps_per_second'] / base['steps_per_second']:.2f}x no loader)")
 
 
 def memory(sizes: list[int]) -> None:
