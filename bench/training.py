@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench.common import SMALL_UNET, save, table_row
 from pipeline.memory import PeakMemory
 from pipeline.synthetic import CLASSES, generate_scene, write_large_scene, write_large_slide, write_scene
@@ -61,6 +63,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384],
                         help="edges of the generated images, px (default: %(default)s)")
     args = parser.parse_args()
+    if args.device == "cuda" and not args.loading:
+        parser.error("--device cuda goes with --loading: the other measurements run on CPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU is visible here; run it on a GPU machine, or leave --device out")
     if args.loading and args.device == "cuda":
         loading_device(args.steps, "cuda")
     elif args.loading:
@@ -135,8 +141,6 @@ def loading(steps: int) -> None:
 def loading_device(steps: int, device: str) -> None:
     """`--loading` on the GPU: steps/s of two models at two batch sizes with 0, 2 and 4 loader processes (the
     second of two epochs, its validation included, as on CPU). `device` "cpu" only checks this code."""
-    import torch
-
     from pipeline.training.loop import LocalSession, run_loop
 
     models = {"default U-Net (no ImageNet weights)": {**DEFAULT_ARCH_ARGS, "encoder_weights": None},
