@@ -1,8 +1,9 @@
 """Run batches of tiles through a model on a device; logits (or probabilities) at tile resolution.
 
 The predictor owns everything between raw source pixels and per-tile class scores: band selection,
-normalisation, device placement (AMP and channels_last on GPU), bilinear upsampling of outputs that a
-model produces at lower resolution, and optional D4 test-time augmentation.
+normalisation, device placement (AMP on GPU; channels_last on every device: a batch of 8 tiles of
+512 px through the default U-Net took 1.73 s against 2.93 s on 2 CPU cores), bilinear upsampling of
+outputs that a model produces at lower resolution, and optional D4 test-time augmentation.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class InferenceOptions:
     tta: bool = False
     scores: str = "logits"  # what is blended: "logits" or "probabilities"
     amp: bool = True  # bf16/fp16 autocast on GPU; ignored on CPU, where float32 keeps results exact
-    channels_last: bool = True  # on GPU only
+    channels_last: bool = True  # the NHWC memory layout, faster for convolutions on CPUs and GPUs
     compile: bool = False  # torch.compile the model: slower first batches, faster after
     spread: bool = False  # with tta: one more channel, the views' spread (see `Predictor`)
 
@@ -90,7 +91,7 @@ class Predictor:
         self.band_index = np.asarray(bundle.spec.bands, dtype=np.int64) - 1
         self.model = bundle.model.to(self.device).eval()
         on_gpu = self.device.type == "cuda"
-        if on_gpu and options.channels_last:
+        if options.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if options.compile and bundle.spec.runtime == "torch":  # programs are compiled already, or not torch's
             self.model = torch.compile(self.model)  # type: ignore[assignment]
@@ -122,7 +123,7 @@ class Predictor:
     def _batch(self, tiles: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, torch.float32)
         x = self.bundle.spec.normalization.apply(x)
-        if self.device.type == "cuda" and self.options.channels_last:
+        if self.options.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.options.tta:
             views = torch.stack(d4_inverse([self._forward(v) for v in d4_transforms(x)]))

@@ -39,9 +39,9 @@ def tile_grid(bundle: ModelBundle, height: int, width: int) -> TileGrid:
 
 
 def scoring_predictor(bundle: ModelBundle, device: str = "cpu") -> Predictor:
-    """The production Predictor for scoring, leaving the model's memory format alone (channels_last on a GPU
-    would change the format of a model being trained; the scores are the same)."""
-    return Predictor(bundle, InferenceOptions(device=device, channels_last=False))
+    """The production Predictor for scoring, with the segment job's options (a model being trained is in
+    channels_last already, so converting it changes nothing)."""
+    return Predictor(bundle, InferenceOptions(device=device))
 
 
 def predict_region(predictor: Predictor, image: LabelledImage, grid: TileGrid, region: Rect) -> np.ndarray:
