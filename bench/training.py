@@ -143,6 +143,7 @@ def loading_device(steps: int, device: str) -> None:
     second of two epochs, its validation included, as on CPU). `device` "cpu" only checks this code."""
     from pipeline.training.loop import LocalSession, run_loop
 
+    gpu = device == "cuda"
     models = {"default U-Net (no ImageNet weights)": {**DEFAULT_ARCH_ARGS, "encoder_weights": None},
               "small U-Net": dict(SMALL_UNET)}
     rows: list[dict[str, Any]] = []
@@ -156,10 +157,10 @@ def loading_device(steps: int, device: str) -> None:
                                          output=str(d / "m.bundle"), arch_args=arch_args, batch_size=batch,
                                          steps=2 * steps, steps_per_epoch=steps, val_fraction=0.02,
                                          loader_workers=loaders)
-                    if device == "cuda":
+                    if gpu:
                         torch.cuda.reset_peak_memory_stats()
                     metrics = run_loop(config, LocalSession(device), d / "m.bundle")
-                    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+                    peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else None
                     first, second = (h["seconds"] for h in metrics["history"])
                     rows.append({"model": model, "batch": batch, "window": config.tile_size, "loader_workers": loaders,
                                  "steps_per_second": steps / (second - first),
