@@ -154,8 +154,8 @@ def loading_device(steps: int, device: str) -> None:
             for batch in (16, 64):
                 for loaders in (0, 2, 4):
                     config = TrainConfig(image=str(d / "scene.tif"), labels=str(d / "labels.tif"),
-                                         output=str(d / "m.bundle"), arch_args=arch_args, batch_size=batch,
-                                         steps=2 * steps, steps_per_epoch=steps, val_fraction=0.02,
+                                         output=str(d / "m.bundle"), arch_args=arch_args, tile_size=128,
+                                         batch_size=batch, steps=2 * steps, steps_per_epoch=steps, val_fraction=0.02,
                                          loader_workers=loaders)
                     if gpu:
                         torch.cuda.reset_peak_memory_stats()

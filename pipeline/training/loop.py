@@ -88,6 +88,7 @@ _TILE_MULTIPLE = 32
 # augmenting; on CPU the step's threads take the cores, and a loader beside them was measured to slow
 # training on 2 cores (2.33 steps/s without, 1.90 and 2.20 with one and two; docs/training.md).
 LOADER_WORKERS_GPU = 2
+PRECISIONS = ("auto", "bf16", "fp32")
 CHECKPOINT_STATE = "state.pt"
 CHECKPOINT_BUNDLE = "best.bundle"
 
@@ -146,6 +147,9 @@ class TrainConfig:
         encoder_lr_scale: The encoder's learning rate as a share of ``lr`` (e.g. 0.1 when fine-tuning).
         label_map: Label values to class ids, applied as the labels are read: ``{255: 1}`` for a 0/255
             mask (255 otherwise marks unlabelled pixels), ``{3: 255}`` to leave a value unlabelled.
+        precision: The training step's arithmetic: ``"bf16"`` (bfloat16 autocast, float32 weights),
+            ``"fp32"``, or ``"auto"``: bf16 on GPUs and on CPUs with bfloat16 instructions
+            (AVX512-BF16 or AMX), fp32 on other CPUs. Scoring and the segment job are not affected.
     """
 
     image: str | None
@@ -157,10 +161,10 @@ class TrainConfig:
     arch_args: Mapping[str, Any] | None = None
     classes: tuple[ClassInfo, ...] | None = None
     bands: tuple[int, ...] | None = None
-    tile_size: int = 128
+    tile_size: int = 256
     inference_tile_size: int = 512
     overlap: int = 64
-    batch_size: int = 16
+    batch_size: int = 8
     steps: int = 300
     lr: float = 5e-3
     weight_decay: float = 1e-4
@@ -180,6 +184,7 @@ class TrainConfig:
     freeze_encoder_epochs: int = 0
     encoder_lr_scale: float = 1.0
     label_map: Mapping[int, int] | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.label_map is not None:
@@ -190,6 +195,8 @@ class TrainConfig:
         elif self.image is None or (self.labels is None) == (self.polygons is None):
             raise ConfigError("Give an image and exactly one of labels (a label raster) and polygons (GeoJSON), "
                               "or a catalog of labelled pairs (catalog=NAME for conf/data/NAME.yaml).")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} is invalid; use one of {', '.join(PRECISIONS)}.")
         if isinstance(self.class_weights, str) and self.class_weights != "balanced":
             raise ConfigError(f"class_weights={self.class_weights!r} is invalid; use 'balanced', a list, or null.")
         SegmentationLoss(self.loss)  # unknown presets and terms fail here, before any data is read
@@ -530,7 +537,7 @@ class _Run:
         self.epoch = 0  # epochs completed
         self.resumed_from: int | None = None
         self.stopped = False  # by patience
-        self.autocast = session.device.type == "cuda"  # bf16 autocast on GPUs (no loss scaling needed)
+        self.autocast = uses_bf16(config.precision, session.device)  # bf16 needs no loss scaling
 
     @property
     def epochs(self) -> int:
@@ -716,6 +723,18 @@ class EpochWindows(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Te
             chosen = batches[rng.choice(len(batches), p=self.odds)]
             chosen.reseed(rng)
             yield next(chosen)
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a training step runs in bfloat16 autocast: ``precision`` "auto" takes it on GPUs and on
+    CPUs with bfloat16 instructions, where it is faster; elsewhere bf16 is emulated, and slower."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return True
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return device.type == "cpu" and any(check is not None and check() for check in (native, amx))
 
 
 def _plain(scores: Mapping[str, Any]) -> dict[str, Any]:

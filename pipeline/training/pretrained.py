@@ -171,7 +171,8 @@ def check_encoder_weights(architecture: str, arch_args: Mapping[str, Any]) -> No
 
 
 def init_from_bundle(model: nn.Module, path: str) -> list[str]:
-    """Copy a bundle's weights into `model` where names and shapes match; the names left as initialised.
+    """Copy a bundle's weights into `model` where names and shapes match, the first convolution adapted to
+    other bands as pretrained encoders are (`spread_bands`); the names left as initialised.
 
     Raises:
         BundleError: the bundle cannot be read.
@@ -182,13 +183,14 @@ def init_from_bundle(model: nn.Module, path: str) -> list[str]:
     bundle = ModelBundle.load(path)
     source = bundle.model.state_dict()
     target = model.state_dict()
+    stem = next((k for k, v in target.items() if v.ndim == 4), None)  # the first convolution sees the bands
     copied, fresh = {}, []
     for name, tensor in target.items():
         old = source.get(name)
         if old is not None and old.shape == tensor.shape:
             copied[name] = old
-        elif old is not None and _other_bands(old, tensor):
-            copied[name] = old.sum(dim=1, keepdim=True).repeat(1, tensor.shape[1], 1, 1) / tensor.shape[1]
+        elif old is not None and name == stem and _other_bands(old, tensor):
+            copied[name] = spread_bands(old, tensor.shape[1])
         else:
             fresh.append(name)
     fitted, weights = _kernels(copied), _kernels(target)

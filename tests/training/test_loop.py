@@ -32,6 +32,7 @@ from pipeline.training import (
     split_by_area,
     train,
 )
+from pipeline.training.loop import uses_bf16
 from tests.servers.ports import start_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,6 +138,17 @@ def test_labels_beyond_the_synthetic_classes_get_generic_ones(tmp_path: Path) ->
         train(tiny_config(files, tmp_path / "m.bundle", classes=CLASSES), progress=False)
 
 
+def test_precision_sets_the_arithmetic_of_the_step(scene_files: tuple[str, str], tmp_path: Path) -> None:
+    runs = {p: train(tiny_config(scene_files, tmp_path / f"{p}.bundle", steps=2, steps_per_epoch=2, precision=p),
+                     progress=False) for p in ("fp32", "bf16")}
+    losses = {p: run.history[-1]["loss"] for p, run in runs.items()}
+    assert all(np.isfinite(loss) for loss in losses.values())
+    assert losses["fp32"] != losses["bf16"]  # bf16 autocast took effect (on CPU too)
+    assert ModelBundle.load(runs["bf16"].bundle_path).model.state_dict()["head.weight"].dtype == torch.float32
+    # auto: bf16 on GPUs (no GPU needed to ask); on a CPU, where it has bfloat16 instructions.
+    assert uses_bf16("auto", torch.device("cuda")) and not uses_bf16("fp32", torch.device("cuda"))
+
+
 def test_missing_raster_is_source_not_found(scene_files: tuple[str, str], tmp_path: Path) -> None:
     with pytest.raises(SourceNotFoundError):
         train(tiny_config((str(tmp_path / "nope.tif"), scene_files[1]), tmp_path / "m.bundle"))
@@ -167,6 +179,7 @@ def test_unlabelled_validation_area_is_a_config_error(tmp_path: Path) -> None:
         ({"loss": "hybrid"}, "Unknown loss preset"),
         ({"holdout_fraction": 1.5}, "holdout_fraction=1.5"),
         ({"holdout_fraction": 0.5, "val_fraction": 0.5}, "leave no training rows"),
+        ({"precision": "fp16"}, "precision='fp16' is invalid; use one of auto, bf16, fp32"),
     ],
 )
 def test_config_is_validated(overrides: dict[str, object], message: str) -> None:

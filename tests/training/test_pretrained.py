@@ -76,6 +76,11 @@ def test_fine_tuning_starts_from_the_bundle_with_a_fresh_head_and_adapted_bands(
     assert torch.allclose(state[stem], start[stem].sum(dim=1, keepdim=True))
     kept = [k for k in start if k != stem and not k.startswith("segmentation_head")]
     assert kept and all(torch.equal(state[k], start[k]) for k in kept)
+    # Four bands: the three kernels in turn, scaled by 3 / 4, as smp adapts pretrained encoders.
+    four = build_model("unet", in_channels=4, classes=2, **ARCH)
+    init_from_bundle(four, first.bundle_path)
+    expected = torch.cat([start[stem], start[stem][:, :1]], dim=1) * 3 / 4
+    assert torch.allclose(four.state_dict()[stem], expected)
     # Another model (the default U-Net, whose decoder shares a few shapes with this one): refused in one
     # line naming the bundle's arch_args, rather than fine-tuned from a handful of tensors.
     other = build_model("unet", in_channels=3, classes=2,

@@ -16,7 +16,7 @@ from pipeline.training import TrainConfig, train
 # holdout_fraction=0.2` trains (in this process rather than a Ray worker).
 
 
-@pytest.mark.slow(seconds=200)
+@pytest.mark.slow(seconds=270)
 def test_buildings_are_found_on_the_held_out_area_at_the_defaults(tmp_path: Path, shared_data: Path) -> None:
     result = train(TrainConfig(output=str(tmp_path / "buildings.bundle"), **SAMPLE), progress=False)  # type: ignore[arg-type]
     print("the defaults:", figures(result))
@@ -24,15 +24,13 @@ def test_buildings_are_found_on_the_held_out_area_at_the_defaults(tmp_path: Path
     background, building = result.holdout["iou"]
     # Predicting background everywhere scores a building IoU of 0, and predicting buildings everywhere
     # 0.024 (3,828 of 162,000 holdout pixels: six buildings, most under trees). At the defaults (a U-Net
-    # whose EfficientNet-Lite0 encoder starts from ImageNet, 300 steps of 16 windows of 128 px, balanced
-    # class weights, channels_last) this run measured 0.351 on this machine, seeds 1 to 4 0.312, 0.339,
-    # 0.300 and 0.323 (median 0.323; in the default memory layout 0.310, 0.375, 0.335: docs/training.md
-    # "Quality at defaults"). The target is 0.35; this machine's 0.351 is not asserted, because
-    # another CPU takes another path through training and the seeds show how far that moves the figure.
-    # The old default, the small U-Net from scratch, measured 0.205, 0.131 and 0.126, and a ResNet-18
-    # U-Net from scratch 0.251, 0.196 and 0.241. 0.28 is above all of those and below every seed at the
-    # defaults on CPU in either layout, so the test fails if the defaults lose what the ImageNet start
-    # gained.
-    assert building > 0.28
+    # whose EfficientNet-Lite0 encoder starts from ImageNet, 300 steps of 8 windows of 256 px, balanced
+    # class weights, channels_last, bf16 on a CPU with bfloat16 instructions) this run measured 0.373 on
+    # this machine; seeds 1 to 4 0.259, 0.422, 0.318, 0.388 (median 0.373), and the same seed in float32,
+    # the path of a CPU without bfloat16 instructions, 0.353 (docs/training.md "Quality at defaults").
+    # The target, 0.35, is asserted: both CPU paths of this seed reach it. The seeds show how far
+    # another path through training can move the figure (another CPU, another thread count); the small
+    # U-Net from scratch, the old default, measured 0.205, 0.131 and 0.126.
+    assert building >= 0.35
     # A background IoU above 0.85 rules out a model that finds buildings by painting everything.
     assert background > 0.85
