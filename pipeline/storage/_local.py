@@ -2,18 +2,24 @@
 
 Whole-object writes go through a temporary file and a rename. Creating only where nothing is links a
 finished temporary file into place (``link`` fails if the name exists, also over NFS, unlike a
-check-then-write). The conditional replace and delete first rename the object aside, which only one
-caller can do; whoever moved it compares it with the tag it read and puts it back if it changed. The
-object is absent for that moment, so a ``create`` racing it may win; the conditional call then fails.
+check-then-write). The conditional create, replace and delete hold an exclusive ``flock`` of the
+object's folder, so they run one at a time, across processes; the replace and delete look at the
+object and leave another version alone, else rename it aside, checking by its inode that the file moved
+is the one they looked at. Where folders cannot be locked (NFS), that protocol alone decides: a writer
+replacing the object between the look and the move has it put back, and for that moment a racing
+``create`` may win (the owner of the version put back then learns at its next conditional write, as a
+lock's heartbeat does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,20 @@ from pipeline.storage.location import Location
 
 def _tag(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """One conditional write at a time in `folder`, across threads and processes: an exclusive ``flock`` of
+    the folder itself, so no file is added. Where the file system has no such locks for folders (NFS
+    among them), the rename protocol alone decides, and its one moment of absence remains."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 class LocalStorage(Storage):
@@ -69,7 +89,8 @@ class LocalStorage(Storage):
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = write_beside(path, data)
         try:
-            os.link(temporary, path)
+            with _exclusive(path.parent):
+                os.link(temporary, path)
         except FileExistsError:
             return None
         finally:
@@ -86,21 +107,30 @@ class LocalStorage(Storage):
 
     def replace_if(self, location: Location, data: bytes, tag: str) -> str | None:
         path = location.local_path()
-        aside = self._take(path, tag)
-        if aside is None:
+        if not path.parent.is_dir():
             return None
         temporary = write_beside(path, data)
         try:
-            os.link(temporary, path)
-        except FileExistsError:  # created by someone else while ours was aside: theirs stands
-            return None
+            with _exclusive(path.parent):
+                aside = self._take(path, tag)
+                if aside is None:
+                    return None
+                try:
+                    os.link(temporary, path)
+                except FileExistsError:  # created by someone else while ours was aside: theirs stands
+                    return None
+                finally:
+                    aside.unlink()
         finally:
             temporary.unlink()
-            aside.unlink()
         return _tag(data)
 
     def delete_if(self, location: Location, tag: str) -> bool:
-        aside = self._take(location.local_path(), tag)
+        path = location.local_path()
+        if not path.parent.is_dir():
+            return False
+        with _exclusive(path.parent):
+            aside = self._take(path, tag)
         if aside is None:
             return False
         aside.unlink()
@@ -124,13 +154,26 @@ class LocalStorage(Storage):
 
     @staticmethod
     def _take(path: Path, tag: str) -> Path | None:
-        """Rename the object aside if it is still version `tag`: the aside path, or None (it is put back)."""
+        """Move the object aside if it is still version `tag`: the aside path, or None.
+
+        The object is looked at before it is moved, and another version is left where it is, so that
+        callers who come late (their version was replaced already) never take the object away even for
+        a moment. Objects are never changed in place (every write links a new file), so the file looked
+        at is the one moved when its inode is the same; if a writer replaced it between the look and the
+        move, that version is put back (the one moment a racing ``create`` may slip in)."""
+        try:
+            with path.open("rb") as file:
+                data, inode = file.read(), os.fstat(file.fileno()).st_ino
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        if _tag(data) != tag:
+            return None
         aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}.aside")
         try:
             os.replace(path, aside)
         except FileNotFoundError:
             return None
-        if _tag(aside.read_bytes()) == tag:
+        if aside.stat().st_ino == inode:
             return aside
         with contextlib.suppress(FileExistsError):  # a third writer created one meanwhile: theirs stands
             os.link(aside, path)
