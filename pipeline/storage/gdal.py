@@ -16,10 +16,11 @@ import os
 import threading
 import urllib.parse
 from collections.abc import Mapping
+from typing import Any
 
 from pipeline.storage.location import Location
 
-__all__ = ["configure_for", "gdal_options"]
+__all__ = ["configure_for", "gdal_options", "local_env"]
 
 _lock = threading.Lock()
 _done = False
@@ -57,3 +58,14 @@ def configure_for(path: str) -> None:
             if key not in os.environ:  # the user's own GDAL settings win
                 set_gdal_config(key, value)
         _done = True
+
+
+def local_env() -> Any:
+    """A GDAL environment for work that reads no cloud object (burning polygons, say): rasterio's functions
+    that make sure of an environment (``rasterize``, ``shapes``, ``transform``...) otherwise start one at
+    each call with a session from the process environment, and where AWS credentials are set that is a
+    boto3 session each time (about 15 ms: a quarter of a training run on polygons, measured)."""
+    import rasterio
+    from rasterio.session import DummySession
+
+    return rasterio.Env(session=DummySession())

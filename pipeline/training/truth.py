@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,8 +36,12 @@ from rasterio.windows import Window
 
 from pipeline.errors import ConfigError, SourceNotFoundError, SourceReadError
 from pipeline.storage import Location, stamp, storage_for
-from pipeline.storage.gdal import configure_for
+from pipeline.storage.gdal import configure_for, local_env
 from pipeline.training.metrics import IGNORE_INDEX
+
+# Polygons are burnt in tiles of POLYGON_TILE px on a fixed grid, of which the last POLYGON_CACHE used are
+# kept (16 MiB): a training window reads from up to four.
+POLYGON_TILE, POLYGON_CACHE = 512, 64
 
 __all__ = ["PolygonTruth", "RasterTruth", "as_class_ids", "as_label_map", "map_labels", "open_raster"]
 
@@ -105,21 +110,47 @@ class PolygonTruth:
         key: What identifies these polygons (their file and version, the classes).
     """
 
-    def __init__(self, shapes: Sequence[tuple[Mapping[str, Any], int]], transform: Affine, key: str) -> None:
+    def __init__(self, shapes: Sequence[tuple[Mapping[str, Any], int]], transform: Affine, key: str,
+                 tile: int = POLYGON_TILE) -> None:
         self.shapes = list(shapes)
         self.transform = transform
         self.key = _digest("polygons", key, tuple(transform))
+        self.tile = tile
         self._tree: Any = None
         self._geometries: list[Any] = []
+        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        """(h, w) uint8 class ids of a window of the image's grid."""
-        hits = self._touching(y0, x0, h, w)
-        if not hits:
-            return np.zeros((h, w), np.uint8)
-        return rasterio.features.rasterize([(self._geometries[i], self.shapes[i][1]) for i in hits],
-                                           out_shape=(h, w), transform=self.transform * Affine.translation(x0, y0),
-                                           fill=0, dtype="uint8")
+        """(h, w) uint8 class ids of a window of the image's grid, cut from tiles of a fixed grid burnt once
+        each and kept in a small cache (`POLYGON_CACHE` tiles): windows drawn near each other burn nothing
+        again, and a burn costs a GDAL environment, which is a boto3 session where AWS credentials are set."""
+        out = np.zeros((h, w), np.uint8)
+        t = self.tile
+        for ty in range(y0 // t * t, y0 + h, t):
+            for tx in range(x0 // t * t, x0 + w, t):
+                top, left = max(y0, ty), max(x0, tx)
+                bottom, right = min(y0 + h, ty + t), min(x0 + w, tx + t)
+                out[top - y0 : bottom - y0, left - x0 : right - x0] = self._tile(ty, tx)[
+                    top - ty : bottom - ty, left - tx : right - tx]
+        return out
+
+    def _tile(self, y0: int, x0: int) -> np.ndarray:
+        """The burnt tile whose corner is (y0, x0), from the cache or burnt now."""
+        tile = self._tiles.pop((y0, x0), None)
+        if tile is None:
+            t = self.tile
+            hits = self._touching(y0, x0, t, t)
+            if not hits:
+                tile = np.zeros((t, t), np.uint8)
+            else:
+                with local_env():
+                    tile = rasterio.features.rasterize(
+                        [(self._geometries[i], self.shapes[i][1]) for i in hits], out_shape=(t, t),
+                        transform=self.transform * Affine.translation(x0, y0), fill=0, dtype="uint8")
+            while len(self._tiles) >= POLYGON_CACHE:
+                self._tiles.popitem(last=False)  # the least recently used
+        self._tiles[(y0, x0)] = tile
+        return tile
 
     def reopened(self) -> PolygonTruth:
         """Itself: polygons hold no file handle."""
@@ -142,7 +173,7 @@ class PolygonTruth:
         return sorted(int(i) for i in self._tree.query(shapely.box(min(xs), min(ys), max(xs), max(ys))))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tree": None, "_geometries": []}
+        return {**self.__dict__, "_tree": None, "_geometries": [], "_tiles": OrderedDict()}
 
 
 def open_raster(path: str | os.PathLike[str], role: str) -> rasterio.DatasetReader:

@@ -6,6 +6,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pytest
 import rasterio
 import rasterio.features
 from rasterio.transform import Affine
@@ -31,7 +32,7 @@ def test_a_label_raster_at_another_size_is_scaled_by_nearest_neighbour(tmp_path:
     np.testing.assert_array_equal(again.read(8, 8, 16, 16), expected[8:24, 8:24])
 
 
-def test_polygons_burnt_window_by_window_equal_the_whole_burnt_at_once() -> None:
+def test_polygons_burnt_window_by_window_equal_the_whole_burnt_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(1)
     transform = Affine(0.5, 0, 1000, 0, -0.5, 2000)  # image pixels to the polygons' coordinates
     shapes = []
@@ -49,5 +50,18 @@ def test_polygons_burnt_window_by_window_equal_the_whole_burnt_at_once() -> None
             tiled[y : y + h, x : x + w] = truth.read(y, x, h, w)
     assert whole.any() and len(np.unique(whole)) == 4
     np.testing.assert_array_equal(tiled, whole)
+    # Burnt in a grid of small tiles, cached (two at most here, so most are burnt again): any window,
+    # across tiles and past the edges, is the same as the whole burnt at once.
+    monkeypatch.setattr("pipeline.training.truth.POLYGON_CACHE", 2)
+    small = PolygonTruth(shapes, transform, key="test", tile=40)
+    padded = rasterio.features.rasterize(shapes, out_shape=(260, 360), fill=0, dtype="uint8",
+                                         transform=transform * Affine.translation(-30, -30))  # and 30 px around
+    np.testing.assert_array_equal(padded[30:-30, 30:-30], whole)
+    for _ in range(60):
+        y, x = int(rng.integers(-30, 200)), int(rng.integers(-30, 300))
+        h, w = int(rng.integers(1, 90)), int(rng.integers(1, 90))
+        expected = padded[y + 30 : y + 30 + h, x + 30 : x + 30 + w]
+        np.testing.assert_array_equal(small.read(y, x, *expected.shape), expected)
+    assert len(small._tiles) <= 2
     assert truth.overlaps(200, 300) and not PolygonTruth(shapes, transform * Affine.translation(5000, 0),
                                                           "far").overlaps(200, 300)
