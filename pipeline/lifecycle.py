@@ -28,7 +28,7 @@ from typing import Any
 from pipeline.errors import ConfigError
 from pipeline.tracking import RunLogger, Tracking, check_reachable, mlflow_client, open_run
 from pipeline.training.catalog import load_catalog
-from pipeline.training.distributed import Distributed, fit
+from pipeline.training.distributed import Distributed, check_paths, fit
 from pipeline.training.loop import TrainConfig, TrainResult, score_holdout, train
 
 __all__ = ["NightlyConfig", "NightlyOutcome", "Trained", "nightly", "train_tracked"]
@@ -67,6 +67,7 @@ def train_tracked(
     """
     if not tracking.enabled:
         return Trained(_train(config, distributed, None, progress))
+    check_paths(config)  # a missing input fails before the run is opened: no store is created for it
     name = Path(config.output).stem
     with open_run(tracking, name, _params(config, distributed)) as (run_id, uri, _):
         logger = RunLogger(run_id, uri)

@@ -301,9 +301,9 @@ def _input_stamps(config: TrainConfig) -> list[tuple[str, str]]:
             if (version := stamp(place)) is not None]
 
 
-def _check_inputs(config: TrainConfig) -> None:
-    """The error a worker would raise for a missing image, truth or catalog, or for labels that do not fit the
-    classes, raised here at once."""
+def check_paths(config: TrainConfig) -> None:
+    """The error a worker would raise for a missing image, truth, catalog or init bundle, raised at once
+    (before a tracking run or Ray starts, so that nothing is left behind)."""
     from pipeline.errors import SourceNotFoundError
     from pipeline.training.catalog import load_catalog
 
@@ -315,6 +315,12 @@ def _check_inputs(config: TrainConfig) -> None:
         if location is not None and not storage_for(location).exists(location):
             raise SourceNotFoundError(f"The {role} {path!r} does not exist; check the path (relative paths are "
                                       f"relative to {os.getcwd()!r}).")
+
+
+def _check_inputs(config: TrainConfig) -> None:
+    """The error a worker would raise for a missing image, truth or catalog, or for labels that do not fit the
+    classes, raised here at once."""
+    check_paths(config)
     # The label checks (a 0/255 mask, values beyond the classes, an area with no labelled pixel) now, not
     # after the workers start; the class indexes built for them are cached for the workers on this machine.
     open_data(config)

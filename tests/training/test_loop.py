@@ -249,8 +249,10 @@ def test_default_arch_args_depend_on_the_architecture() -> None:
 # The job
 
 
-def run_job(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_job(args: list[str], cwd: Path, default_store: bool = False) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if default_store:  # tracking to ./mlflow.db, as a user's first run does
+        env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(
         [sys.executable, "-m", "jobs.train", *args], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=300,
@@ -272,11 +274,12 @@ def test_job_trains_and_leaves_nothing_else_behind(scene_files: tuple[str, str],
 
 
 def test_job_reports_user_errors_on_one_line(scene_files: tuple[str, str], tmp_path: Path) -> None:
-    run = run_job([f"image={tmp_path / 'nope.tif'}", f"labels={scene_files[1]}", "output=m.bundle"], tmp_path)
+    run = run_job([f"image={tmp_path / 'nope.tif'}", f"labels={scene_files[1]}", "output=m.bundle"], tmp_path,
+                  default_store=True)
     assert run.returncode == 2
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "nope.tif" in errors[0] and "does not exist" in errors[0]
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == []  # no ./mlflow.db, no mlruns: the run is not opened for it
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
