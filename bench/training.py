@@ -121,8 +121,9 @@ def loading(steps: int) -> None:
         write_large_scene(d / "scene.tif", d / "labels.tif", 2048, seed=1)
         for threads, loaders in ((2, 0), (2, 1), (2, 2), (1, 0), (1, 1)):
             config = TrainConfig(image=str(d / "scene.tif"), labels=str(d / "labels.tif"), output=str(d / "m.bundle"),
-                                 arch_args=SMALL_UNET, steps=2 * steps, steps_per_epoch=steps, val_fraction=0.02,
-                                 threads=threads, loader_workers=loaders)
+                                 arch_args=SMALL_UNET, tile_size=128, batch_size=16, precision="fp32",
+                                 steps=2 * steps, steps_per_epoch=steps, val_fraction=0.02, threads=threads,
+                                 loader_workers=loaders)
             result = train(config, progress=False)
             first, second = (h["seconds"] for h in result.history)
             rows.append({"threads": threads, "loader_workers": loaders, "steps_per_second": steps / (second - first),

@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,17 +35,34 @@ def _tag(data: bytes) -> str:
 
 
 @contextlib.contextmanager
-def _exclusive(folder: Path) -> Iterator[None]:
+def _exclusive(folder: Path, wait: float = 10.0) -> Iterator[None]:
     """One conditional write at a time in `folder`, across threads and processes: an exclusive ``flock`` of
-    the folder itself, so no file is added. Where the file system has no such locks for folders (NFS
-    among them), the rename protocol alone decides, and its one moment of absence remains."""
-    descriptor = os.open(folder, os.O_RDONLY)
+    the folder itself, so no file is added. Where the folder cannot be locked (a file system without such
+    locks, NFS among them, or a folder that cannot be opened), or the lock is not had within `wait`
+    seconds (a lock server that does not answer), the rename protocol alone decides, and its one moment
+    of absence remains."""
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    locked, deadline = False, time.monotonic() + wait
+    try:
+        while not locked:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.001)
+            except OSError:
+                break
         yield
     finally:
-        os.close(descriptor)  # releases the lock
+        if locked:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)  # before close: a forked child shares the descriptor
+        os.close(descriptor)
 
 
 class LocalStorage(Storage):
@@ -161,17 +179,14 @@ class LocalStorage(Storage):
         a moment. Objects are never changed in place (every write links a new file), so the file looked
         at is the one moved when its inode is the same; if a writer replaced it between the look and the
         move, that version is put back (the one moment a racing ``create`` may slip in)."""
-        try:
-            with path.open("rb") as file:
-                data, inode = file.read(), os.fstat(file.fileno()).st_ino
-        except (FileNotFoundError, IsADirectoryError):
-            return None
-        if _tag(data) != tag:
-            return None
         aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}.aside")
         try:
-            os.replace(path, aside)
-        except FileNotFoundError:
+            with path.open("rb") as file:  # held open, so its inode cannot be reused before the move
+                if _tag(file.read()) != tag:
+                    return None
+                inode = os.fstat(file.fileno()).st_ino
+                os.replace(path, aside)
+        except (FileNotFoundError, IsADirectoryError):
             return None
         if aside.stat().st_ino == inode:
             return aside

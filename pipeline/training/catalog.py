@@ -47,6 +47,7 @@ from pipeline.errors import ConfigError, SourceNotFoundError, SourceReadError
 from pipeline.models import ClassInfo
 from pipeline.sources import RasterSource, open_source
 from pipeline.storage import Location, stamp, storage_for
+from pipeline.storage.gdal import local_env
 from pipeline.training.data import LabelledImage, Truth, open_labelled_image, select_bands
 from pipeline.training.metrics import IGNORE_INDEX
 from pipeline.training.truth import PolygonTruth, RasterTruth, map_labels
@@ -318,10 +319,11 @@ def _polygons(pair: LabelledPair, classes: Sequence[ClassInfo], source: RasterSo
                 f"A feature of {path} has class id {value}, outside the {len(classes)} configured classes "
                 f"0..{len(classes) - 1} ({[c.name for c in classes]}); fix the data or add the class."
             )
-        geometry = feature["geometry"]
-        if georeferenced:
-            geometry = rasterio.warp.transform_geom(src_crs, source.crs, geometry)
-        shapes.append((geometry, value))
+        shapes.append((feature["geometry"], value))
+    if georeferenced and shapes:
+        with local_env():  # one GDAL environment, not one (and a boto3 session) per feature
+            moved = rasterio.warp.transform_geom(src_crs, source.crs, [g for g, _ in shapes])
+        shapes = [(g, v) for g, (_, v) in zip(moved, shapes, strict=True)]
     # A slide's polygons are in level-0 pixels: scaled to the working level.
     transform = source.transform if source.transform is not None and georeferenced \
         else Affine.scale(source.levels[source.level].downsample)

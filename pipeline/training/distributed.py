@@ -307,10 +307,12 @@ def check_paths(config: TrainConfig) -> None:
     from pipeline.errors import SourceNotFoundError
     from pipeline.training.catalog import load_catalog
 
+    paths = [("image", config.image), ("labels", config.labels), ("polygons", config.polygons),
+             ("init bundle", config.init)]
     if config.catalog is not None:
-        load_catalog(config.catalog)
-    paths = {"image": config.image, "labels": config.labels, "polygons": config.polygons, "init bundle": config.init}
-    for role, path in paths.items():
+        pairs = load_catalog(config.catalog).pairs
+        paths += [(f"catalog's {role}", path) for p in pairs for role, path in (("image", p.image), ("truth", p.truth))]
+    for role, path in paths:
         location = None if path is None else Location.parse(path)
         if location is not None and not storage_for(location).exists(location):
             raise SourceNotFoundError(f"The {role} {path!r} does not exist; check the path (relative paths are "

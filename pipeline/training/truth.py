@@ -39,9 +39,20 @@ from pipeline.storage import Location, stamp, storage_for
 from pipeline.storage.gdal import configure_for, local_env
 from pipeline.training.metrics import IGNORE_INDEX
 
-# Polygons are burnt in tiles of POLYGON_TILE px on a fixed grid, of which the last POLYGON_CACHE used are
-# kept (16 MiB): a training window reads from up to four.
+# Polygons are burnt in tiles of POLYGON_TILE px on a fixed grid, of which the last POLYGON_CACHE used in a
+# process are kept (16 MiB at most, whatever the number of images): a training window reads from up to four.
 POLYGON_TILE, POLYGON_CACHE = 512, 64
+_TILES: OrderedDict[tuple[str, int, int, int], np.ndarray] = OrderedDict()
+_EMPTY: dict[int, np.ndarray] = {}
+
+
+def _empty(side: int) -> np.ndarray:
+    """A read-only tile of class 0, one per side, shared by every tile without polygons (so costs no memory)."""
+    tile = _EMPTY.get(side)
+    if tile is None:
+        tile = _EMPTY[side] = np.zeros((side, side), np.uint8)
+        tile.flags.writeable = False
+    return tile
 
 __all__ = ["PolygonTruth", "RasterTruth", "as_class_ids", "as_label_map", "map_labels", "open_raster"]
 
@@ -101,7 +112,7 @@ class RasterTruth:
 
 
 class PolygonTruth:
-    """Class ids burnt from polygons, window by window (class 0 outside every polygon).
+    """Class ids burnt from polygons in cached tiles, read window by window (class 0 outside every polygon).
 
     Args:
         shapes: (GeoJSON geometry, class id) pairs in the coordinates `transform` maps pixels to.
@@ -118,12 +129,12 @@ class PolygonTruth:
         self.tile = tile
         self._tree: Any = None
         self._geometries: list[Any] = []
-        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """(h, w) uint8 class ids of a window of the image's grid, cut from tiles of a fixed grid burnt once
-        each and kept in a small cache (`POLYGON_CACHE` tiles): windows drawn near each other burn nothing
-        again, and a burn costs a GDAL environment, which is a boto3 session where AWS credentials are set."""
+        each and kept in a small cache (the last `POLYGON_CACHE` tiles of the process, whatever the number of
+        images): windows drawn near each other burn nothing again, and a burn costs a GDAL environment,
+        which is a boto3 session where AWS credentials are set."""
         out = np.zeros((h, w), np.uint8)
         t = self.tile
         for ty in range(y0 // t * t, y0 + h, t):
@@ -135,21 +146,23 @@ class PolygonTruth:
         return out
 
     def _tile(self, y0: int, x0: int) -> np.ndarray:
-        """The burnt tile whose corner is (y0, x0), from the cache or burnt now."""
-        tile = self._tiles.pop((y0, x0), None)
+        """The burnt tile whose corner is (y0, x0), from the process's cache or burnt now (read only)."""
+        key = (self.key, self.tile, y0, x0)
+        tile = _TILES.pop(key, None)
         if tile is None:
             t = self.tile
             hits = self._touching(y0, x0, t, t)
             if not hits:
-                tile = np.zeros((t, t), np.uint8)
+                tile = _empty(t)
             else:
                 with local_env():
                     tile = rasterio.features.rasterize(
                         [(self._geometries[i], self.shapes[i][1]) for i in hits], out_shape=(t, t),
                         transform=self.transform * Affine.translation(x0, y0), fill=0, dtype="uint8")
-            while len(self._tiles) >= POLYGON_CACHE:
-                self._tiles.popitem(last=False)  # the least recently used
-        self._tiles[(y0, x0)] = tile
+                tile.flags.writeable = False
+            while len(_TILES) >= POLYGON_CACHE:
+                _TILES.popitem(last=False)  # the least recently used
+        _TILES[key] = tile
         return tile
 
     def reopened(self) -> PolygonTruth:
@@ -173,7 +186,7 @@ class PolygonTruth:
         return sorted(int(i) for i in self._tree.query(shapely.box(min(xs), min(ys), max(xs), max(ys))))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tree": None, "_geometries": [], "_tiles": OrderedDict()}
+        return {**self.__dict__, "_tree": None, "_geometries": []}
 
 
 def open_raster(path: str | os.PathLike[str], role: str) -> rasterio.DatasetReader:
