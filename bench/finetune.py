@@ -11,8 +11,8 @@ the sample's catalog (conf/data/spacenet_atlanta.yaml, rows 60/20/20), three way
 from scratch for half of that, and from the bundle (`init=`, the encoder at `FINE_TUNE`'s share of the
 learning rate) for half of that. Each run's holdout curve (the current model scored on the holdout after
 every epoch) and its best-by-validation holdout IoU are recorded. tests/training/test_finetune.py runs
-seed 0 of the same recipe. Needs ../shared/data. Results go to bench/results/finetune.json and rows in
-docs/benchmarks.md.
+seed 0 of the same recipe with a shorter pretraining (1024 px, 200 steps). Needs ../shared/data.
+Results go to bench/results/finetune.json and rows in docs/benchmarks.md.
 """
 
 from __future__ import annotations
