@@ -61,10 +61,11 @@ def configure_for(path: str) -> None:
 
 
 def local_env() -> Any:
-    """A GDAL environment for work that reads no cloud object (burning polygons, say): rasterio's functions
-    that make sure of an environment (``rasterize``, ``shapes``, ``transform``...) otherwise start one at
+    """A GDAL environment for work that reads no cloud object (reprojecting geometries, say): rasterio's
+    functions that make sure of an environment (``transform``, ``transform_geom``...) otherwise start one at
     each call with a session from the process environment, and where AWS credentials are set that is a
-    boto3 session each time (about 15 ms: a quarter of a training run on polygons, measured)."""
+    boto3 session each time (14 ms a call against 0.02 ms, measured). ``rasterize``, ``shapes`` and
+    ``geometry_mask`` start their own inside, whatever the caller's, so it does not help them."""
     import rasterio
     from rasterio.session import DummySession
 

@@ -36,7 +36,7 @@ from rasterio.windows import Window
 
 from pipeline.errors import ConfigError, SourceNotFoundError, SourceReadError
 from pipeline.storage import Location, stamp, storage_for
-from pipeline.storage.gdal import configure_for, local_env
+from pipeline.storage.gdal import configure_for
 from pipeline.training.metrics import IGNORE_INDEX
 
 # Polygons are burnt in tiles of POLYGON_TILE px on a fixed grid, of which the last POLYGON_CACHE used in a
@@ -154,11 +154,10 @@ class PolygonTruth:
             hits = self._touching(y0, x0, t, t)
             if not hits:
                 tile = _empty(t)
-            else:
-                with local_env():
-                    tile = rasterio.features.rasterize(
-                        [(self._geometries[i], self.shapes[i][1]) for i in hits], out_shape=(t, t),
-                        transform=self.transform * Affine.translation(x0, y0), fill=0, dtype="uint8")
+            else:  # rasterize starts a GDAL environment of its own whatever the caller's: hence the cache
+                tile = rasterio.features.rasterize(
+                    [(self._geometries[i], self.shapes[i][1]) for i in hits], out_shape=(t, t),
+                    transform=self.transform * Affine.translation(x0, y0), fill=0, dtype="uint8")
                 tile.flags.writeable = False
             while len(_TILES) >= POLYGON_CACHE:
                 _TILES.popitem(last=False)  # the least recently used
